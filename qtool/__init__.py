@@ -1,0 +1,59 @@
+"""qtool: ONNX post-processing for quantization.
+
+Load a float ONNX model, clean it, fold BatchNorm, place QuantizeLinear/DequantizeLinear by the
+rules of one inference engine, calibrate ranges through onnxruntime and write the files that
+engine consumes.
+
+Example:
+    >>> import qtool
+    >>> g = qtool.load("model.onnx")
+    >>> g, report = qtool.Pipeline(["cleanup", "fold_bn"]).run(g)
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+__version__ = "0.1.0"
+
+# In the repository, backends/, calibration/ and cli.py sit beside qtool/ (the design card's
+# layout); the wheel installs them inside this package. From a checkout (editable install or
+# tests run in place) extend the package path to the checkout root so that qtool.backends,
+# qtool.calibration and qtool.cli resolve there. The check on pyproject.toml + cli.py keeps an
+# installed qtool from ever searching site-packages itself.
+_checkout_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isfile(os.path.join(_checkout_root, "pyproject.toml")) and os.path.isfile(
+    os.path.join(_checkout_root, "cli.py")
+):
+    __path__.append(_checkout_root)  # type: ignore[name-defined]  # noqa: F821
+
+# Public names resolved on first use, so `import qtool` stays cheap and optional parts
+# (onnxruntime sessions, torch for QAT) load only when asked for.
+_LAZY = {
+    "load": "qtool.io",
+    "save": "qtool.io",
+    "to_model": "qtool.io",
+    "Pipeline": "qtool.pipeline",
+    "PassReport": "qtool.pipeline",
+    "register_pass": "qtool.pipeline",
+    "QuantScheme": "qtool.scheme",
+    "QtoolError": "qtool.errors",
+    "QuantPlan": "qtool.plan",
+    "build_plan": "qtool.planner",
+    "quantize": "qtool.quantize",
+    "calibrate": "qtool.calibration",
+    "data": "qtool.calibration.data",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qtool' has no attribute {name!r}")
+    mod = importlib.import_module(module)
+    return mod if module.endswith("." + name) else getattr(mod, name)
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

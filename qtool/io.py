@@ -1,0 +1,276 @@
+"""Reading and writing ONNX models: the one module that touches protobuf files directly.
+
+Everything else works on an onnx-graphsurgeon ``Graph``. Writes are atomic (a temporary file
+in the target folder, then ``os.replace``) and deterministic (same graph, same bytes), and a
+model over 2 GB goes out with its weights in one external data file beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from qtool.errors import InvalidModelError, ModelLoadError, OutputError, UnsupportedModelError
+
+MIN_OPSET = 11
+MAX_OPSET = 21
+DEFAULT_DOMAINS = ("", "ai.onnx")
+_TWO_GB = 2**31 - 1
+
+ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto, gs.Graph]
+
+
+def load_model(source: ModelSource) -> onnx.ModelProto:
+    """Read a model from a path, bytes or a ModelProto, with its external data loaded.
+
+    Args:
+        source: A file path, the serialized bytes, a ModelProto or a graphsurgeon Graph.
+
+    Returns:
+        The ModelProto, external tensors loaded into memory.
+
+    Raises:
+        ModelLoadError: The file is missing, not ONNX, truncated, or its external data is
+            missing or points outside the model's folder.
+    """
+    if isinstance(source, gs.Graph):
+        return to_model(source)
+    if isinstance(source, onnx.ModelProto):
+        return source
+    if isinstance(source, (bytes, bytearray)):
+        model = _parse(bytes(source), "<bytes>")
+        if _external_tensors(model):
+            raise ModelLoadError(
+                "model given as bytes refers to external data files",
+                "load it from its path so the data files next to it can be found",
+            )
+        return model
+    path = Path(source)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file", "check the path")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a folder, not an ONNX file", "give the .onnx file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read ({exc.strerror})") from exc
+    model = _parse(data, str(path))
+    external = _external_tensors(model)
+    if external:
+        _load_external_data(model, path.parent.resolve(), external, str(path))
+    return model
+
+
+def load(source: ModelSource, *, check: bool = True) -> gs.Graph:
+    """Load a model as an onnx-graphsurgeon Graph.
+
+    Args:
+        source: A file path, the serialized bytes, a ModelProto or a Graph (returned as is).
+        check: Run onnx.checker and refuse opsets outside 11..21 and nodes of unknown domains.
+
+    Returns:
+        The graph; its ``opset`` is the default-domain opset of the model.
+
+    Raises:
+        ModelLoadError: The source cannot be read as ONNX.
+        InvalidModelError: The checker rejects the model.
+        UnsupportedModelError: Opset or domain out of qtool's range.
+    """
+    if isinstance(source, gs.Graph):
+        return source
+    model = load_model(source)
+    if check:
+        check_supported(model)
+        check_model(model)
+    try:
+        return gs.import_onnx(model)
+    except Exception as exc:  # graphsurgeon raises bare exceptions on malformed graphs
+        raise InvalidModelError(f"cannot import the graph: {exc}") from exc
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    """The model's opset of the default ONNX domain, or None if it imports none."""
+    for entry in model.opset_import:
+        if entry.domain in DEFAULT_DOMAINS:
+            return int(entry.version)
+    return None
+
+
+def check_supported(model: onnx.ModelProto) -> None:
+    """Refuse what qtool cannot process: opsets outside 11..21, nodes of other domains.
+
+    Raises:
+        UnsupportedModelError: With the offending opset or node named.
+    """
+    opset = default_opset(model)
+    if opset is None:
+        raise UnsupportedModelError("the model imports no opset of the default ONNX domain")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UnsupportedModelError(
+            f"opset {opset} is outside the supported range {MIN_OPSET}..{MAX_OPSET}",
+            "re-export the model at an opset between 11 and 21, or convert it with "
+            "onnx.version_converter",
+        )
+    for node in model.graph.node:
+        if node.domain not in DEFAULT_DOMAINS:
+            raise UnsupportedModelError(
+                f"node {node.name or '<unnamed>'} ({node.op_type}) is in domain "
+                f"'{node.domain}', which qtool cannot quantize or run through",
+                "export the model with standard ONNX ops only",
+            )
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """Run onnx.checker on the model (without external data limits).
+
+    Raises:
+        InvalidModelError: With the checker's first line.
+    """
+    try:
+        if model.ByteSize() > _TWO_GB:
+            return  # the checker cannot take a >2 GB proto in memory; shape inference does
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        raise InvalidModelError(f"the ONNX checker rejects the model: {first}") from exc
+    except Exception as exc:  # the C++ checker can raise other error types on odd protos
+        raise InvalidModelError(f"the ONNX checker rejects the model: {exc}") from exc
+
+
+def to_model(graph: gs.Graph | onnx.ModelProto) -> onnx.ModelProto:
+    """Export a Graph to a ModelProto with the lowest IR version its opset needs.
+
+    The lowest IR version keeps the file loadable by older runtimes and makes the export
+    independent of the installed onnx release, so the bytes do not drift between machines.
+    """
+    if isinstance(graph, onnx.ModelProto):
+        return graph
+    model = gs.export_onnx(graph, do_type_check=True)
+    opsets = [onnx.helper.make_opsetid(e.domain, e.version) for e in model.opset_import]
+    model.ir_version = max(onnx.helper.find_min_ir_version_for(opsets), 7)
+    # graphsurgeon stamps its own producer; keep the exporter's name for provenance.
+    model.producer_name = graph.producer_name or "qtool"
+    model.producer_version = graph.producer_version or ""
+    return model
+
+
+def serialize(graph: gs.Graph | onnx.ModelProto) -> bytes:
+    """Deterministic bytes of a model under 2 GB."""
+    return to_model(graph).SerializeToString(deterministic=True)
+
+
+def save(graph: gs.Graph | onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write a model atomically; over 2 GB, with one external data file ``<name>.data``.
+
+    Args:
+        graph: A Graph or a ModelProto.
+        path: The .onnx file to write. Its folder must exist.
+
+    Returns:
+        The path written.
+
+    Raises:
+        OutputError: The folder does not exist or is not writable.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"{folder}: folder does not exist", "create it first")
+    model = to_model(graph)
+    if model.ByteSize() <= _TWO_GB:
+        atomic_write_bytes(path, model.SerializeToString(deterministic=True))
+        return path
+    data_name = path.name + ".data"
+    external = onnx.ModelProto()
+    external.CopyFrom(model)
+    onnx.external_data_helper.convert_model_to_external_data(
+        external, all_tensors_to_one_file=True, location=data_name, size_threshold=1024
+    )
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".qtool-") as tmp:
+        tmp_model = Path(tmp) / path.name
+        onnx.save_model(external, tmp_model)  # writes tmp/<name> and tmp/<name>.data
+        os.replace(Path(tmp) / data_name, folder / data_name)
+        os.replace(tmp_model, path)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename.
+
+    A reader sees the old file or the new one, never a partial write.
+
+    Raises:
+        OutputError: The folder cannot be written.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot write here ({exc.strerror})") from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 text atomically (see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _parse(data: bytes, name: str) -> onnx.ModelProto:
+    if not data:
+        raise ModelLoadError(f"{name}: the file is empty")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except Exception as exc:  # protobuf's DecodeError, or a RuntimeWarning-turned-error
+        raise ModelLoadError(f"{name}: not an ONNX model (protobuf parse failed)") from exc
+    if not model.HasField("graph") or not model.opset_import:
+        raise ModelLoadError(f"{name}: not an ONNX model (no graph or no opset import)")
+    return model
+
+
+def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [
+        t
+        for t in onnx.external_data_helper._get_all_tensors(model)
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    ]
+
+
+def _load_external_data(
+    model: onnx.ModelProto, base: Path, tensors: list[onnx.TensorProto], name: str
+) -> None:
+    for tensor in tensors:
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        target = (base / location).resolve()
+        if not location or os.path.isabs(location) or base not in target.parents:
+            raise ModelLoadError(
+                f"{name}: tensor {tensor.name} points to external data '{location}' outside "
+                "the model's folder",
+                "refusing to read it; keep the data file next to the model",
+            )
+        if not target.is_file():
+            raise ModelLoadError(
+                f"{name}: external data file '{location}' for tensor {tensor.name} is missing",
+                "copy the data file next to the model",
+            )
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(base))
+    except Exception as exc:
+        raise ModelLoadError(f"{name}: cannot read external data ({exc})") from exc
