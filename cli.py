@@ -1,13 +1,274 @@
-"""The qtool command line (installed as ``qtool.cli``; console script ``qtool``)."""
+"""The qtool command line (installed as ``qtool.cli``; console script ``qtool``).
+
+This module only parses options and prints: each command calls one library function. A
+:class:`~qtool.errors.QtoolError` becomes two lines on stderr (``error: ...`` and
+``hint: ...``) and the error's exit code; a traceback appears only with ``--debug``.
+"""
 
 from __future__ import annotations
+
+import logging
+import sys
+import traceback
 
 import click
 
 import qtool
+from qtool.errors import QtoolError
+
+INTERNAL_ERROR_EXIT = 70  # EX_SOFTWARE: an exception qtool did not expect (a bug)
+_DEBUG_KEY = "qtool.debug"
+_ERROR_EXIT_KEY = "qtool.error_exit"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _backend_names() -> list[str]:
+    from qtool.backends import backend_names
+
+    return list(backend_names())
+
+
+def _observer_names() -> list[str]:
+    from qtool.calibration.observers import OBSERVERS
+
+    return list(OBSERVERS)
+
+
+class QtoolGroup(click.Group):
+    """A group that turns QtoolError into ``error:``/``hint:`` lines and an exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except QtoolError as exc:
+            if ctx.meta.get(_DEBUG_KEY):
+                traceback.print_exc()
+            click.echo(f"error: {exc.message}", err=True)
+            if exc.hint:
+                click.echo(f"hint: {exc.hint}", err=True)
+            ctx.exit(ctx.meta.get(_ERROR_EXIT_KEY, exc.exit_code))
+        except Exception as exc:
+            if ctx.meta.get(_DEBUG_KEY):
+                raise
+            click.echo(f"error: unexpected {type(exc).__name__}: {exc}", err=True)
+            click.echo("hint: this is a bug in qtool; rerun with --debug and report it", err=True)
+            ctx.exit(ctx.meta.get(_ERROR_EXIT_KEY, INTERNAL_ERROR_EXIT))
+
+
+def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta[_DEBUG_KEY] = True
+        logging.getLogger("qtool").setLevel(logging.DEBUG)
+    return value
+
+
+def debug_option(fn):
+    """``--debug``: tracebacks and debug logging."""
+    return click.option(
+        "--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+        help="Show debug logs, and a traceback on errors.",
+    )(fn)
+
+
+def _configure_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("qtool")
+    if not root.handlers:
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
+EXISTING_FILE = click.Path(exists=True, dir_okay=False, readable=True)
+EXISTING_PATH = click.Path(exists=True, readable=True)
+
+
+@click.group(cls=QtoolGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(qtool.__version__, prog_name="qtool")
+@debug_option
 def main() -> None:
-    """Quantize ONNX models by the rules of an inference engine."""
+    """Quantize ONNX models by the rules of an inference engine.
+
+    \b
+    Example:
+      qtool calibrate model.onnx --backend snpe --data calib.npz -o out/
+      qtool lint model.onnx --backend tensorrt --format sarif -o lint.sarif
+    """
+    _configure_logging()
+
+
+@main.command()
+@click.argument("model", type=EXISTING_FILE)
+@click.option("--backend", "-b", required=True, type=click.Choice(_backend_names()),
+              help="Inference engine whose rules place and shape the quantization.")
+@click.option("--data", "data_path", type=EXISTING_PATH,
+              help="Calibration data: .npz/.npy or an image folder. Without it: random inputs "
+                   "(smoke tests only, the ranges are unfit for deployment).")
+@click.option("--eval-data", "eval_path", type=EXISTING_PATH,
+              help="Held-out data to compare float and quantized outputs on (labels from the "
+                   "'labels' key of an .npz). Default: the calibration data.")
+@click.option("--method", default="minmax", show_default=True, type=click.Choice(_observer_names()),
+              help="Observer that sets activation ranges.")
+@click.option("--weight-method", default="minmax", show_default=True,
+              type=click.Choice(_observer_names()), help="Observer that sets weight ranges.")
+@click.option("--num-samples", type=click.IntRange(min=1), help="Use at most this many samples.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Samples per onnxruntime run.")
+@click.option("--bits", type=click.IntRange(2, 16), help="Bits of weights and activations.")
+@click.option("--weight-bits", type=click.IntRange(2, 16), help="Bits of weights (over --bits).")
+@click.option("--act-bits", type=click.IntRange(2, 16), help="Bits of activations (over --bits).")
+@click.option("--skip", multiple=True, metavar="NAME|OP|REGEX",
+              help="Keep matching nodes float: a node name, an op type or a regex. Repeatable.")
+@click.option("--plan", "plan_path", type=EXISTING_FILE,
+              help="Use this (edited) plan JSON instead of the backend's placement.")
+@click.option("--save-plan", "save_plan_path", type=click.Path(dir_okay=False, writable=True),
+              help="Only write the backend's plan JSON to this file (edit it, pass it to --plan).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Processes that calibrate shards of the data in parallel.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of random inputs.")
+@click.option("-o", "--output", type=click.Path(file_okay=False),
+              help="Output folder (default: <model>-<backend>/ next to the current folder).")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--layerwise", is_flag=True, help="Add per-tensor SQNR (worst first) to the report.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
+@debug_option
+def calibrate(model, backend, data_path, eval_path, method, weight_method, num_samples,
+              batch_size, bits, weight_bits, act_bits, skip, plan_path, save_plan_path, workers,
+              seed, output, force, layerwise, quiet):
+    """Quantize MODEL for a backend: calibrate, write the model, vendor files and a report.
+
+    The output folder gets the quantized model, the backend's files (encodings, calibration
+    cache, ...), plan.json, report.json and report.md; it is written whole or not at all.
+
+    \b
+    Example:
+      qtool calibrate examples/digits_cnn.onnx --backend snpe \\
+          --data examples/digits_calib.npz --eval-data examples/digits_val.npz -o out/
+    """
+    from qtool.report import summary_table
+    from qtool.workflow import CalibrateOptions, calibrate_to_folder
+
+    options = CalibrateOptions(
+        data=data_path, eval_data=eval_path, method=method, weight_method=weight_method,
+        num_samples=num_samples, batch_size=batch_size,
+        weight_bits=weight_bits or bits, act_bits=act_bits or bits, skip=tuple(skip),
+        plan=plan_path, workers=workers, seed=seed, layerwise=layerwise, progress=False if quiet else None,
+    )
+    result = calibrate_to_folder(model, backend, output, options, force=force,
+                                 save_plan=save_plan_path)
+    if quiet:
+        return
+    if result.report is None:
+        click.echo(f"plan written to {result.output}")
+    else:
+        click.echo(summary_table(result.report, str(result.output)), nl=False)
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--backend", "-b", type=click.Choice(_backend_names()),
+              help="Also check the backend's rules (schemes, shared scales, float ops).")
+@click.option("--format", "fmt", default="text", show_default=True,
+              type=click.Choice(["text", "json", "sarif", "junit"]), help="Output format.")
+@click.option("--fail-on", default="error", show_default=True,
+              type=click.Choice(["error", "warning", "note"]),
+              help="Exit 1 when a finding is at or above this severity.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write the report to this file instead of stdout.")
+@debug_option
+@click.pass_context
+def lint(ctx, model, backend, fmt, fail_on, output):
+    """Check MODEL: float readiness and QDQ validity. Exit 0 clean, 1 findings, 2 cannot run.
+
+    \b
+    Example:
+      qtool lint model.onnx --backend tensorrt --format sarif -o qtool.sarif
+    """
+    from qtool.lint_format import lint_and_render
+
+    ctx.meta[_ERROR_EXIT_KEY] = 2
+    text, code = lint_and_render(model, backend=backend, fmt=fmt, fail_on=fail_on, output=output)
+    if output is None:
+        click.echo(text, nl=False)
+    ctx.exit(code)
+
+
+@main.command()
+@click.argument("model", type=EXISTING_FILE)
+@click.option("--backend", "-b", "backends", multiple=True, type=click.Choice(_backend_names()),
+              help="Only these backends (repeatable; default: all).")
+@click.option("--format", "fmt", default="text", show_default=True,
+              type=click.Choice(["text", "json"]), help="Output format.")
+@debug_option
+def inspect(model, backends, fmt):
+    """Show MODEL's opset, inputs/outputs, op histogram and what each backend would quantize.
+
+    \b
+    Example:
+      qtool inspect examples/digits_cnn.onnx
+    """
+    from qtool.inspection import inspect_model
+
+    click.echo(inspect_model(model, backends=backends or None).render(fmt), nl=False)
+
+
+@main.command()
+@click.argument("float_model", metavar="FLOAT", type=EXISTING_FILE)
+@click.argument("quant_model", metavar="QUANT", type=EXISTING_FILE)
+@click.option("--data", "data_path", required=True, type=EXISTING_PATH,
+              help="Evaluation data: .npz/.npy (labels from the 'labels' key) or image folder.")
+@click.option("--layerwise", is_flag=True, help="Per-tensor SQNR, worst layers first.")
+@click.option("--num-samples", type=click.IntRange(min=1), help="Use at most this many samples.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Samples per onnxruntime run.")
+@click.option("--format", "fmt", default="text", show_default=True,
+              type=click.Choice(["text", "json"]), help="Output format.")
+@debug_option
+def evaluate(float_model, quant_model, data_path, layerwise, num_samples, batch_size, fmt):
+    """Compare QUANT with FLOAT: SQNR, cosine, max abs error, top-1 agreement per output.
+
+    \b
+    Example:
+      qtool evaluate examples/digits_cnn.onnx out/digits_cnn.onnx \\
+          --data examples/digits_val.npz --layerwise
+    """
+    from qtool.workflow import evaluate_files
+
+    evaluation = evaluate_files(float_model, quant_model, data_path, layerwise=layerwise,
+                                num_samples=num_samples, batch_size=batch_size)
+    click.echo(evaluation.render(fmt), nl=False)
+
+
+@main.command()
+@click.argument("recipe", type=EXISTING_FILE)
+@click.argument("model", required=False, type=EXISTING_FILE)
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Output .onnx file (over the recipe's 'output').")
+@click.option("--list-passes", is_flag=True, help="List the passes and their options, then exit.")
+@debug_option
+def run(recipe, model, output, list_passes):
+    """Run the pass pipeline of a RECIPE (YAML/JSON) on a model.
+
+    The recipe has ``passes`` (names, or {name: {option: value}}) and optionally ``model``
+    and ``output`` (paths relative to the recipe's folder); MODEL and -o override them.
+
+    \b
+    Example recipe (prepare.yaml):
+      model: model.onnx
+      output: model.prepared.onnx
+      passes: [cleanup, fold_bn, {upgrade_opset: {target: 13}}]
+    Example:
+      qtool run prepare.yaml
+    """
+    from qtool.workflow import describe_passes, run_recipe
+
+    if list_passes:
+        click.echo(describe_passes(), nl=False)
+        return
+    result = run_recipe(recipe, model=model, output=output)
+    click.echo(result.render(), nl=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

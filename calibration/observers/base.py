@@ -4,9 +4,14 @@ An observer sees a tensor batch by batch and never keeps the batches. Its state 
 numpy arrays and numbers (picklable, so shards can be observed in other processes and
 merged). ``range()`` returns the clip range ``(lo, hi)`` the scheme turns into a scale:
 scalars for per-tensor schemes, one value per channel when ``scheme.per_channel_axis`` is set.
+
+Observers are handed around as constructors (a class, or ``Cls.with_args(...)``), never as
+instances: each tensor gets its own fresh observer, as torch.ao's ``QConfig`` does.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -26,6 +31,14 @@ class Observer:
     def __init__(self, scheme: QuantScheme | None = None, name: str = "<tensor>"):
         self.scheme = scheme or QuantScheme()
         self.name = name
+
+    @classmethod
+    def with_args(cls, **options) -> functools.partial:
+        """A constructor with options bound, e.g. ``KLDObserver.with_args(bins=1024)``.
+
+        The result is called like the class (``ctor(scheme, name)``) for every tensor.
+        """
+        return functools.partial(cls, **options)
 
     def update(self, x: np.ndarray) -> None:
         """Observe one batch."""
@@ -50,6 +63,11 @@ class Observer:
     def _check_mergeable(self, other: Observer) -> None:
         if type(other) is not type(self):
             raise TypeError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
+        if other.scheme.per_channel_axis != self.scheme.per_channel_axis:
+            raise TypeError(
+                f"cannot merge observers of {self.name} with different per-channel axes "
+                f"({other.scheme.per_channel_axis} into {self.scheme.per_channel_axis})"
+            )
 
     def _empty_error(self) -> CalibrationError:
         return CalibrationError(
@@ -58,17 +76,51 @@ class Observer:
         )
 
     def _channels_first(self, x: np.ndarray) -> np.ndarray:
-        """``x`` as float64 rows: one row per channel (per-channel) or a single row."""
+        """``x`` as rows: one row per channel (per-channel) or a single row."""
         x = np.asarray(x)
-        if self.scheme.per_channel_axis is None:
+        if not np.issubdtype(x.dtype, np.floating):
+            x = x.astype(np.float64)
+        axis = self.scheme.per_channel_axis
+        if axis is None:
             return x.reshape(1, -1)
-        return np.moveaxis(x, self.scheme.per_channel_axis, 0).reshape(x.shape[self.scheme.per_channel_axis], -1)
-
-    def _check_finite(self, x: np.ndarray, sample: str | None = None) -> None:
-        if not np.all(np.isfinite(x)):
-            bad = "NaN" if np.isnan(x).any() else "Inf"
-            where = f" in {sample}" if sample else ""
+        if not -x.ndim <= axis < x.ndim:
             raise CalibrationError(
-                f"tensor {self.name} contains {bad}{where}",
-                "check the model and the input data for values that overflow",
+                f"tensor {self.name} has rank {x.ndim}, no per-channel axis {axis}",
+                "check the scheme's per_channel_axis",
             )
+        return np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
+
+    def _row_extremes(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-row min and max (float64), refusing NaN/Inf.
+
+        NaN propagates through ``min``/``max`` and Inf shows as an extreme, so checking the
+        two extremes finds every non-finite value without another pass over the batch.
+
+        Raises:
+            NonFiniteError: The batch holds NaN or Inf.
+        """
+        lo = rows.min(axis=1).astype(np.float64)
+        hi = rows.max(axis=1).astype(np.float64)
+        if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+            bad = "NaN" if np.isnan(lo).any() or np.isnan(hi).any() else "Inf"
+            raise NonFiniteError(self.name, bad)
+        return lo, hi
+
+    def _per_tensor(self, lo: np.ndarray, hi: np.ndarray):
+        """Scalars for per-tensor schemes, arrays for per-channel ones."""
+        if self.scheme.per_channel_axis is None:
+            return np.float64(lo[0]), np.float64(hi[0])
+        return lo, hi
+
+
+class NonFiniteError(CalibrationError):
+    """NaN or Inf reached an observer; the collector adds which sample produced it."""
+
+    def __init__(self, tensor: str, kind: str, where: str = ""):
+        self.tensor = tensor
+        self.kind = kind
+        suffix = f" {where}" if where else ""
+        super().__init__(
+            f"tensor {tensor} contains {kind}{suffix}",
+            "check the model and the input data for values that overflow",
+        )

@@ -1,4 +1,10 @@
-"""MinMax: the clip range is the smallest and largest value seen."""
+"""MinMax: the clip range is the smallest and largest value seen.
+
+    lo = min over all batches of min(x),   hi = max over all batches of max(x)
+
+(per tensor, or per channel along the scheme's axis). Merging shards is exact: the min of
+the shards' minima is the minimum of the whole data.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +18,16 @@ class MinMaxObserver(Observer):
 
     def __init__(self, scheme=None, name="<tensor>"):
         super().__init__(scheme, name)
-        self.min_val: np.ndarray | None = None
-        self.max_val: np.ndarray | None = None
+        self.min_val = np.full(0, np.inf)
+        self.max_val = np.full(0, -np.inf)
 
     def update(self, x: np.ndarray) -> None:
         """Fold one batch into the running min and max."""
         rows = self._channels_first(x)
         if rows.size == 0:
             return
-        self._check_finite(rows)
-        lo, hi = rows.min(axis=1).astype(np.float64), rows.max(axis=1).astype(np.float64)
-        if self.min_val is None:
+        lo, hi = self._row_extremes(rows)
+        if self.min_val.size == 0:
             self.min_val, self.max_val = lo, hi
         else:
             self.min_val = np.minimum(self.min_val, lo)
@@ -31,9 +36,9 @@ class MinMaxObserver(Observer):
     def merge(self, other: MinMaxObserver) -> None:
         """Min of mins, max of maxes."""
         self._check_mergeable(other)
-        if other.min_val is None:
+        if other.min_val.size == 0:
             return
-        if self.min_val is None:
+        if self.min_val.size == 0:
             self.min_val, self.max_val = other.min_val.copy(), other.max_val.copy()
             return
         self.min_val = np.minimum(self.min_val, other.min_val)
@@ -41,8 +46,6 @@ class MinMaxObserver(Observer):
 
     def range(self) -> tuple[np.ndarray, np.ndarray]:
         """The observed extremes; scalars for per-tensor schemes."""
-        if self.min_val is None:
+        if self.min_val.size == 0:
             raise self._empty_error()
-        if self.scheme.per_channel_axis is None:
-            return self.min_val[0], self.max_val[0]
-        return self.min_val, self.max_val
+        return self._per_tensor(self.min_val, self.max_val)

@@ -1,0 +1,246 @@
+"""The Backend description: one inference engine's quantization rules as data, plus its emitter.
+
+A backend says *what* an engine runs in integers and *how* the integers look:
+
+* ``weight_scheme`` / ``activation_scheme``: bits, signed, symmetric, narrow range, power of
+  two. Per-channel weights are a flag (``per_channel_weights``): the axis depends on the op
+  (Conv 0, ConvTranspose 1, Gemm by ``transB``, MatMul the last axis) and the planner picks it.
+* ``bias_mode``: ``"int32"`` (bias stored as int32 with scale ``s_in * s_w``, zero point 0) or
+  ``"float"`` (the engine adds a float bias itself).
+* ``placement``: where QuantizeLinear/DequantizeLinear go, MQBench's Fig. 4 graphs written as op
+  sets (see :class:`Placement`).
+* ``pass_through``: ops that only move data and keep their input's scale (Reshape, Transpose,
+  MaxPool, ...), and ``sharing_ops`` whose inputs and output share one scale (Concat). The
+  planner joins both with one union-find; no op is special-cased anywhere else.
+* ``options``: typed options with their defaults (FBGEMM's ``reduce_range``, the TensorRT cache
+  header's version). :meth:`Backend.with_options` validates them and lets the backend module's
+  ``configure`` hook turn them into rules.
+* ``emitter``: ``emit(result) -> {file name: bytes}``, the engine's files for a
+  :class:`qtool.quantize.QuantizedModel`.
+
+A new engine is one module in ``backends/`` holding one :class:`Backend` named ``BACKEND`` and
+its emitter, plus one entry in the registry tuple of ``backends/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from qtool.errors import BackendError
+from qtool.scheme import QuantScheme
+
+if TYPE_CHECKING:
+    from qtool.quantize import QuantizedModel
+
+#: Ops with a weight input (index 1) that engines run as integer matrix products.
+WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+#: Ops that only move or select data: their output keeps the input's scale and zero point,
+#: mapped to the attribute values under which that holds (Resize only in nearest mode).
+PASS_THROUGH_OPS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {
+        "Reshape": {},
+        "Transpose": {},
+        "Flatten": {},
+        "Squeeze": {},
+        "Unsqueeze": {},
+        "MaxPool": {},
+        "Slice": {},
+        "Split": {},
+        "Pad": {},
+        "Identity": {},
+        "Resize": {"mode": "nearest"},
+    }
+)
+
+#: Default values of the attributes PASS_THROUGH_OPS conditions on (ONNX defaults).
+ATTRIBUTE_DEFAULTS: Mapping[tuple[str, str], Any] = MappingProxyType(
+    {("Resize", "mode"): "nearest"}
+)
+
+#: Ops whose inputs and output must all share one scale and zero point.
+SHARING_OPS = frozenset({"Concat"})
+
+#: Pointwise activations every engine fuses into the op before them: not float, not quantized.
+FUSED_ACTIVATIONS = frozenset({"Relu", "Clip", "LeakyRelu", "PRelu", "HardSigmoid", "HardSwish"})
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where Q/DQ pairs go, as op sets (MQBench Fig. 4, engines.md section 2.4).
+
+    Attributes:
+        graph: MQBench's graph number: 1 academic (inputs of weighted ops only), 2 TensorRT
+            (also pooling inputs and the shortcut of a residual Add), 3 every quantizable op.
+        weighted_ops: Ops whose activation inputs are quantized and whose constant weight
+            (input 1) is quantized offline.
+        activation_ops: Ops all of whose activation inputs are quantized.
+        shortcut_ops: Elementwise ops fused into the producer of one input (TensorRT's
+            Conv+Add fusion): every activation input is quantized except the last one produced
+            by a ``fusable_producers`` op that feeds nothing else.
+        fusable_producers: Ops a ``shortcut_ops`` node can fuse into.
+        requires_weight: A weighted op without a constant weight stays float (ACL/AMCT
+            quantizes layers with weights only).
+    """
+
+    graph: int
+    weighted_ops: frozenset[str] = WEIGHTED_OPS
+    activation_ops: frozenset[str] = frozenset()
+    shortcut_ops: frozenset[str] = frozenset()
+    fusable_producers: frozenset[str] = frozenset()
+    requires_weight: bool = False
+
+    @property
+    def quantizable_ops(self) -> frozenset[str]:
+        """Every op type that gets at least one quantized input under this placement."""
+        return self.weighted_ops | self.activation_ops | self.shortcut_ops
+
+
+#: Fig. 4(a): only the inputs of Conv/ConvTranspose/Gemm/MatMul and their weights.
+GRAPH_1 = Placement(graph=1)
+
+#: Fig. 4(b): TensorRT. Weighted-op inputs, pooling inputs, and the shortcut of a residual
+#: Add (the conv branch is fused into the conv's output and stays float).
+GRAPH_2 = Placement(
+    graph=2,
+    activation_ops=frozenset({"AveragePool", "GlobalAveragePool"}),
+    shortcut_ops=frozenset({"Add"}),
+    fusable_producers=WEIGHTED_OPS,
+)
+
+#: Fig. 4(c): FBGEMM, TVM, SNPE. Every input of every quantizable op, all Add inputs included.
+GRAPH_3 = Placement(
+    graph=3,
+    activation_ops=frozenset(
+        {"Add", "Sum", "Mul", "Concat", "AveragePool", "GlobalAveragePool"}
+    ),
+)
+
+BIAS_MODES = ("float", "int32")
+
+
+def _no_configuration(backend: Backend) -> Backend:
+    return backend
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One inference engine's rules and emitter.
+
+    Attributes:
+        name: Registry name (``--backend``).
+        summary: One line for ``--help`` and reports.
+        weight_scheme: Scheme of weights; its ``per_channel_axis`` is ignored, see
+            ``per_channel_weights``.
+        per_channel_weights: One scale per output channel (axis chosen per op by the planner).
+        activation_scheme: Scheme of activations (always per tensor).
+        bias_mode: ``"int32"`` or ``"float"``.
+        placement: Where Q/DQ go.
+        emitter: ``emitter(result) -> {file name: bytes}``.
+        pass_through: Data-movement ops (op -> attribute values required) keeping the scale.
+        sharing_ops: Ops whose inputs and output share one scale.
+        fused_activations: Activations fused into the op before them.
+        options: Option names and their current values (defaults in the module's BACKEND).
+        configure: Hook turning ``options`` into rules; returns the configured backend.
+    """
+
+    name: str
+    summary: str
+    weight_scheme: QuantScheme
+    per_channel_weights: bool
+    activation_scheme: QuantScheme
+    bias_mode: str
+    placement: Placement
+    emitter: Callable[[QuantizedModel], dict[str, bytes]]
+    pass_through: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: PASS_THROUGH_OPS)
+    sharing_ops: frozenset[str] = SHARING_OPS
+    fused_activations: frozenset[str] = FUSED_ACTIVATIONS
+    options: Mapping[str, Any] = field(default_factory=dict)
+    configure: Callable[[Backend], Backend] = _no_configuration
+
+    def __post_init__(self):
+        if self.bias_mode not in BIAS_MODES:
+            raise BackendError(
+                f"backend {self.name}: bias_mode {self.bias_mode!r} is not one of {BIAS_MODES}"
+            )
+        if self.activation_scheme.per_channel:
+            raise BackendError(f"backend {self.name}: activations must be per tensor")
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+
+    @property
+    def placement_graph(self) -> int:
+        """MQBench graph number (1, 2 or 3)."""
+        return self.placement.graph
+
+    @property
+    def quantizable_ops(self) -> frozenset[str]:
+        """Op types that get quantized inputs."""
+        return self.placement.quantizable_ops
+
+    def emit(self, result: QuantizedModel) -> dict[str, bytes]:
+        """The engine's files for a quantized model: ``{file name: bytes}``."""
+        return self.emitter(result)
+
+    def with_options(self, **options: Any) -> Backend:
+        """A copy with some options changed, validated against the known ones.
+
+        Raises:
+            BackendError: An unknown option, or a value of the wrong type.
+        """
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            known = ", ".join(sorted(self.options)) or "none"
+            raise BackendError(
+                f"backend {self.name} has no option {', '.join(unknown)}", f"its options: {known}"
+            )
+        for key, value in options.items():
+            expected = type(self.options[key])
+            if type(value) is not expected:
+                raise BackendError(
+                    f"backend {self.name}: option {key}={value!r} must be {expected.__name__}"
+                )
+        merged = {**self.options, **options}
+        return self.configure(dataclasses.replace(self, options=merged))
+
+    def passes_scale_through(self, op: str, attrs: Mapping[str, Any]) -> bool:
+        """True if ``op`` with ``attrs`` only moves data (its output keeps the input scale)."""
+        required = self.pass_through.get(op)
+        if required is None:
+            return False
+        for key, value in required.items():
+            actual = attrs.get(key, ATTRIBUTE_DEFAULTS.get((op, key)))
+            if isinstance(actual, bytes):
+                actual = actual.decode()
+            if actual != value:
+                return False
+        return True
+
+
+# ----------------------------------------------------------------- helpers for emitters
+
+QDQ_MODEL_FILE = "model.qdq.onnx"
+
+
+def qdq_model_file(result: QuantizedModel) -> dict[str, bytes]:
+    """``{"model.qdq.onnx": bytes}``: the QDQ graph, serialized deterministically."""
+    from qtool.io import serialize
+
+    return {QDQ_MODEL_FILE: serialize(result.graph)}
+
+
+def json_bytes(data: Any) -> bytes:
+    """Deterministic JSON (insertion order, two-space indent, trailing newline)."""
+    import json
+
+    return (json.dumps(data, indent=2) + "\n").encode("utf-8")
+
+
+def scalar(value: Any) -> float:
+    """A 0-d or 1-element array as a Python float (exactly the float32 value)."""
+    import numpy as np
+
+    return float(np.asarray(value, dtype=np.float32).reshape(-1)[0])

@@ -1,0 +1,439 @@
+"""The collector: stream calibration data through the float graph in onnxruntime.
+
+One ``InferenceSession`` of the float graph, with the tensors to observe added as graph
+outputs and only those fetched, runs batch by batch. Each batch's outputs go to every
+observer at once and are dropped before the next batch runs, so memory is one batch of the
+observed tensors plus the observers' fixed-size state, whatever the number of samples.
+
+Batching: samples (``dict[input, ndarray]``, batch axis first) are concatenated along axis
+0 into batches of ``batch_size`` rows; a sample whose other dims differ from the pending
+ones (dynamic shapes) starts a new batch. A model with a fixed batch dim ``B`` runs batches
+of exactly ``B``; a remainder of fewer than ``B`` rows is dropped with a warning.
+
+Observed tensors that are graph inputs are read from the feeds, initializers once from the
+model. NaN or Inf raises :class:`qtool.errors.CalibrationError` naming the tensor and the
+sample. With ``workers > 1`` the batches are dealt to spawned processes, each with its own
+session and observers, and the observers are merged at the end (see :func:`calibrate`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import os
+import queue
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from qtool.calibration.data import InputSpec, check_inputs, model_inputs
+from qtool.calibration.observers import NonFiniteError, Observer, get_observer
+from qtool.errors import CalibrationError, DataError, QtoolError
+from qtool.scheme import QuantScheme
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 16
+# Graph optimizations of the calibration session. "basic" keeps every node's arithmetic
+# (constant folding, dead-node removal) so ranges match the QDQ model run with optimizations
+# off; "all" adds layout changes and fusions (faster on CPU, ranges equal to float rounding).
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+DEFAULT_OPTIMIZATION = "basic"
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Rows ``first .. first + rows - 1`` of the data stream, as session feeds."""
+
+    first: int
+    rows: int
+    feeds: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ObservePlan:
+    """Where each observed tensor comes from: session outputs, feeds, or constants."""
+
+    model_bytes: bytes
+    outputs: tuple[str, ...]
+    feeds: tuple[str, ...]
+    constants: dict[str, np.ndarray]
+
+
+def plan_observation(model, tensors: Iterable[str]) -> ObservePlan:
+    """Add the tensors to observe as graph outputs and serialize the model once.
+
+    Args:
+        model: Path, ModelProto or Graph of the float model.
+        tensors: Names of the tensors to observe.
+
+    Raises:
+        CalibrationError: A tensor the graph does not have.
+    """
+    from qtool.io import load_model
+
+    proto = onnx.ModelProto()
+    proto.CopyFrom(load_model(model))
+    graph = proto.graph
+    initializers = {t.name: t for t in graph.initializer}
+    inputs = {i.name for i in graph.input} - set(initializers)
+    produced = {name for node in graph.node for name in node.output if name}
+    existing_outputs = {o.name for o in graph.output}
+    outputs, feeds, constants = [], [], {}
+    for name in dict.fromkeys(tensors):
+        if name in inputs:
+            feeds.append(name)
+        elif name in initializers:
+            constants[name] = onnx.numpy_helper.to_array(initializers[name])
+        elif name in produced:
+            outputs.append(name)
+            if name not in existing_outputs:
+                graph.output.append(onnx.ValueInfoProto(name=name))
+        else:
+            raise CalibrationError(
+                f"tensor {name} to calibrate is not in the model",
+                "the plan and the model disagree: build the plan from this model",
+            )
+    return ObservePlan(proto.SerializeToString(), tuple(outputs), tuple(feeds), constants)
+
+
+def make_session(model_bytes: bytes, *, intra_op_threads: int | None = None,
+                 optimization: str = DEFAULT_OPTIMIZATION):
+    """A CPU onnxruntime session with the given threads and optimization level."""
+    import onnxruntime as ort
+
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise CalibrationError(
+            f"unknown optimization level {optimization!r}",
+            f"choose one of: {', '.join(OPTIMIZATION_LEVELS)}",
+        )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    if intra_op_threads:
+        options.intra_op_num_threads = int(intra_op_threads)
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def resolve_batch_size(specs: list[InputSpec], batch_size: int | None) -> tuple[int, bool]:
+    """The batch size to run and whether the model fixes it.
+
+    Returns:
+        ``(batch_size, fixed)``: the model's fixed batch dim if it has one (a different
+        request is logged and ignored), else ``batch_size`` or :data:`DEFAULT_BATCH_SIZE`.
+    """
+    if batch_size is not None and batch_size < 1:
+        raise DataError(f"batch_size={batch_size}: must be a positive number")
+    fixed = {s.shape[0] for s in specs if s.shape and s.shape[0] is not None}
+    if fixed:
+        size = min(fixed)
+        if batch_size is not None and batch_size != size:
+            log.warning("the model fixes the batch dim to %d; batch_size=%d ignored",
+                        size, batch_size)
+        return size, True
+    return batch_size or DEFAULT_BATCH_SIZE, False
+
+
+def batches(data: Iterable[Mapping[str, np.ndarray]], specs: list[InputSpec], batch_size: int,
+            *, fixed: bool = False, num_samples: int | None = None) -> Iterator[Batch]:
+    """Concatenate samples into batches of ``batch_size`` rows (see the module docstring).
+
+    Every sample is checked against the model (:func:`check_inputs`) and for NaN/Inf.
+
+    Raises:
+        DataError: A sample that does not fit the model, or holds NaN/Inf.
+    """
+    names = [s.name for s in specs]
+    pending: list[dict[str, np.ndarray]] = []
+    pending_rows = 0
+    first = 0
+    seen = 0
+
+    def emit(rows: int) -> Batch:
+        nonlocal pending, pending_rows, first
+        joined = {n: np.concatenate([p[n] for p in pending]) if len(pending) > 1
+                  else pending[0][n] for n in names}
+        batch = Batch(first, rows, {n: np.ascontiguousarray(a[:rows]) for n, a in joined.items()})
+        rest = {n: a[rows:] for n, a in joined.items()}
+        pending_rows -= rows
+        pending = [rest] if pending_rows else []
+        first += rows
+        return batch
+
+    for sample in data:
+        check_inputs(specs, sample)
+        rows = int(np.asarray(sample[names[0]]).shape[0])
+        if any(np.asarray(sample[n]).shape[0] != rows for n in names):
+            raise DataError(f"sample {seen}: inputs disagree on the number of rows")
+        if num_samples is not None:
+            rows = min(rows, num_samples - seen)
+            if rows <= 0:
+                break
+        sample = {n: np.asarray(sample[n])[:rows] for n in names}
+        _check_finite_inputs(sample, seen)
+        if pending and any(sample[n].shape[1:] != pending[0][n].shape[1:] for n in names):
+            if fixed:
+                raise DataError(f"sample {seen}: shape changes in a model with fixed dims")
+            yield emit(pending_rows)
+        pending.append(sample)
+        pending_rows += rows
+        seen += rows
+        while pending_rows >= batch_size:
+            yield emit(batch_size)
+    if pending_rows:
+        if fixed and pending_rows < batch_size:
+            log.warning(
+                "the model's batch dim is fixed to %d: the last %d sample(s) were not used "
+                "(give a multiple of %d samples)", batch_size, pending_rows, batch_size,
+            )
+        else:
+            yield emit(pending_rows)
+
+
+def _check_finite_inputs(sample: Mapping[str, np.ndarray], index: int) -> None:
+    for name, array in sample.items():
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise DataError(
+                f"input {name} of sample {index} contains NaN or Inf",
+                "clean the calibration data",
+            )
+
+
+class Collector:
+    """One session and the observers it feeds.
+
+    Args:
+        plan: What to fetch (from :func:`plan_observation`).
+        observers: Observer per tensor name.
+        intra_op_threads: onnxruntime intra-op threads (None: onnxruntime's default).
+        optimization: Session graph optimization level (see :data:`OPTIMIZATION_LEVELS`).
+    """
+
+    def __init__(self, plan: ObservePlan, observers: Mapping[str, Observer], *,
+                 intra_op_threads: int | None = None,
+                 optimization: str = DEFAULT_OPTIMIZATION):
+        self.plan = plan
+        self.observers = dict(observers)
+        self.intra_op_threads = intra_op_threads
+        self.optimization = optimization
+        self._session = None
+
+    def observe_constants(self) -> None:
+        """Feed initializers that are observed (once, they do not change with the data)."""
+        for name, array in self.plan.constants.items():
+            self._feed(name, array, None)
+
+    def run(self, batch: Batch) -> None:
+        """Run one batch and feed every observed tensor to its observer; keep nothing."""
+        if self._session is None:
+            self._session = make_session(self.plan.model_bytes,
+                                         intra_op_threads=self.intra_op_threads,
+                                         optimization=self.optimization)
+        if self.plan.outputs:
+            values = self._session.run(list(self.plan.outputs), batch.feeds)
+            for name, value in zip(self.plan.outputs, values):
+                self._feed(name, value, batch)
+            del values
+        for name in self.plan.feeds:
+            self._feed(name, batch.feeds[name], batch)
+
+    def _feed(self, name: str, value: np.ndarray, batch: Batch | None) -> None:
+        try:
+            self.observers[name].update(value)
+        except NonFiniteError as exc:
+            raise NonFiniteError(name, exc.kind, _where(value, batch)) from None
+
+
+def _where(value: np.ndarray, batch: Batch | None) -> str:
+    """Which sample produced the non-finite value (rows along axis 0 when it is the batch)."""
+    if batch is None:
+        return "(an initializer)"
+    if value.ndim and value.shape[0] == batch.rows:
+        bad = ~np.isfinite(value.reshape(batch.rows, -1)).all(axis=1)
+        return f"at sample {batch.first + int(np.flatnonzero(bad)[0])}"
+    return f"in the batch of samples {batch.first}..{batch.first + batch.rows - 1}"
+
+
+def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[str, np.ndarray]],
+              *, method="minmax", batch_size: int | None = None, num_samples: int | None = None,
+              workers: int = 1, intra_op_threads: int | None = None,
+              progress: bool | None = None) -> dict[str, tuple]:
+    """Observe the float model's activations over the data and return their clip ranges.
+
+    Args:
+        model: Path, ModelProto or Graph of the float (prepared) model.
+        schemes: The tensors to observe and the scheme each range is for.
+        data: Iterable of samples ``dict[input_name, ndarray]`` (see ``qtool.calibration.data``).
+        method: Observer name (``minmax``, ``mse``, ``kld``, ``quantile``, ``norm``,
+            ``meanstd``), an observer class, or ``Cls.with_args(...)``; not an instance.
+        batch_size: Rows per session run (default 16; a fixed batch dim wins).
+        num_samples: Use at most this many samples.
+        workers: Processes to split the batches over; their observers are merged. The result
+            equals one process exactly for MinMax and the histogram methods, and to float64
+            rounding for MeanStd and Norm.
+        intra_op_threads: onnxruntime intra-op threads per process (default: onnxruntime's
+            choice with one worker, cores / workers with several).
+        progress: Show a progress bar; None shows one when stderr is a terminal.
+
+    Returns:
+        ``{tensor: (lo, hi)}`` per observed tensor (floats, or arrays for per-channel schemes).
+
+    Raises:
+        DataError: The data does not fit the model (checked on the first sample, before any
+            session is built) or is empty.
+        CalibrationError: NaN/Inf in an activation (naming tensor and sample), an unknown
+            tensor or method.
+    """
+    ctor = get_observer(method)
+    if workers < 1:
+        raise CalibrationError(f"workers={workers}: must be at least 1")
+    specs = model_inputs(model)
+    stream = iter(data)
+    head = next(stream, None)
+    if head is None:
+        raise DataError("the calibration data is empty", "give at least one sample")
+    check_inputs(specs, head)
+    observers = {name: ctor(scheme, name) for name, scheme in schemes.items()}
+    if not observers:
+        return {}
+    plan = plan_observation(model, observers)
+    size, fixed = resolve_batch_size(specs, batch_size)
+    stream = batches(itertools.chain([head], stream), specs, size, fixed=fixed,
+                     num_samples=num_samples)
+    total = _length(data, num_samples)
+    with _progress_bar(total, progress) as bar:
+        if workers == 1:
+            collector = Collector(plan, observers, intra_op_threads=intra_op_threads)
+            collector.observe_constants()
+            for batch in stream:
+                collector.run(batch)
+                bar.update(batch.rows)
+        else:
+            threads = intra_op_threads or max(1, (os.cpu_count() or 1) // workers)
+            _run_workers(plan, ctor, schemes, observers, stream, workers, threads, bar)
+    return {name: _as_range(obs.range()) for name, obs in observers.items()}
+
+
+def _as_range(lo_hi) -> tuple:
+    lo, hi = lo_hi
+    if np.ndim(lo) == 0:
+        return float(lo), float(hi)
+    return np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+
+
+def _length(data, num_samples: int | None) -> int | None:
+    try:
+        total = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return num_samples
+    return min(total, num_samples) if num_samples is not None else total
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int) -> None:
+        pass
+
+
+def _progress_bar(total: int | None, progress: bool | None):
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    if not show:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="sample", desc="calibrating", leave=False)
+
+
+# -- worker processes --------------------------------------------------------------------
+
+
+def _run_workers(plan: ObservePlan, ctor: Callable[..., Observer],
+                 schemes: Mapping[str, QuantScheme], observers: dict[str, Observer],
+                 stream: Iterator[Batch], workers: int, threads: int, bar) -> None:
+    """Deal batches to spawned processes and merge their observers into ``observers``."""
+    context = multiprocessing.get_context("spawn")
+    tasks = context.Queue(maxsize=2 * workers)
+    results = context.Queue()
+    processes = [
+        context.Process(target=_worker, args=(index, plan, ctor, dict(schemes), threads,
+                                              tasks, results), daemon=True)
+        for index in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    shards: dict[int, dict[str, Observer]] = {}
+    try:
+        for batch in stream:
+            _put(tasks, batch, processes, results, shards)
+            bar.update(batch.rows)
+        for _ in processes:
+            _put(tasks, None, processes, results, shards)
+        while len(shards) < workers:
+            _receive(results, shards, processes, timeout=None)
+    finally:
+        for process in processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+    for index in sorted(shards):
+        for name, observer in shards[index].items():
+            observers[name].merge(observer)
+
+
+def _put(tasks, item, processes, results, shards) -> None:
+    while True:
+        try:
+            tasks.put(item, timeout=0.5)
+            return
+        except queue.Full:
+            _receive(results, shards, processes, timeout=0)
+
+
+def _receive(results, shards, processes, timeout) -> None:
+    """Take one worker result; re-raise a worker's error; notice a dead worker."""
+    try:
+        index, status, payload = results.get(timeout=timeout if timeout else 1.0)
+    except queue.Empty:
+        dead = [p for i, p in enumerate(processes) if i not in shards and not p.is_alive()]
+        if dead:
+            raise CalibrationError(
+                f"a calibration worker died (exit code {dead[0].exitcode})",
+                "retry with workers=1 to see the error",
+            ) from None
+        return
+    if status == "error":
+        cls, message, hint = payload
+        error = cls.__new__(cls)
+        QtoolError.__init__(error, message, hint)
+        raise error
+    shards[index] = payload
+
+
+def _worker(index: int, plan: ObservePlan, ctor, schemes, threads: int, tasks, results) -> None:
+    observers = {name: ctor(scheme, name) for name, scheme in schemes.items()}
+    collector = Collector(plan, observers, intra_op_threads=threads)
+    try:
+        if index == 0:
+            collector.observe_constants()
+        while (batch := tasks.get()) is not None:
+            collector.run(batch)
+    except QtoolError as exc:
+        results.put((index, "error", (CalibrationError if type(exc) is NonFiniteError
+                                      else type(exc), exc.message, exc.hint)))
+        return
+    results.put((index, "ok", observers))

@@ -1,0 +1,411 @@
+r"""Compare a quantized model with its float model, streaming over the data.
+
+Both models run in onnxruntime with graph optimizations off (the QDQ graph is simulated as
+written). Each batch goes through both, updates running sums, and is dropped: memory does
+not grow with the number of samples. For an output with float values ``x`` and quantized
+values ``q`` (all elements of all batches):
+
+    SQNR (dB)          = 10 * log10( sum(x^2) / sum((x - q)^2) )     (None when q == x exactly)
+    cosine similarity  = sum(x * q) / sqrt( sum(x^2) * sum(q^2) )   (1 when both are all zero)
+    max abs error      = max |x - q|
+
+For a classifier output (rank 2, more than one class) ``top-1 agreement`` is the fraction of
+rows whose argmax is the same in both models, and with labels (a ``labels`` key in the data,
+one integer per row) the top-1 accuracy of each model.
+
+``layerwise=True`` also compares every intermediate tensor the two graphs share by name (the
+outputs of ordinary nodes of the quantized graph, which hold the error accumulated up to that
+layer) and lists them worst SQNR first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from qtool.errors import DataError
+from qtool.io import ModelSource, load_model, serialize
+
+log = logging.getLogger(__name__)
+
+LABELS_KEY = "labels"
+_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+class _ErrorSums:
+    """Running sums of one tensor's float-vs-quantized error."""
+
+    def __init__(self) -> None:
+        self.signal = 0.0  # sum x^2
+        self.noise = 0.0  # sum (x - q)^2
+        self.dot = 0.0  # sum x q
+        self.quant = 0.0  # sum q^2
+        self.max_abs = 0.0
+        self.elements = 0
+
+    def update(self, x: np.ndarray, q: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float64)
+        q = np.asarray(q, dtype=np.float64)
+        diff = x - q
+        self.signal += float(np.sum(x * x))
+        self.noise += float(np.sum(diff * diff))
+        self.dot += float(np.sum(x * q))
+        self.quant += float(np.sum(q * q))
+        if diff.size:
+            self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))))
+        self.elements += int(x.size)
+
+    @property
+    def sqnr_db(self) -> float | None:
+        if self.noise == 0.0:
+            return None
+        if self.signal == 0.0:
+            return -math.inf
+        return 10.0 * math.log10(self.signal / self.noise)
+
+    @property
+    def cosine(self) -> float:
+        if self.signal == 0.0 and self.quant == 0.0:
+            return 1.0
+        if self.signal == 0.0 or self.quant == 0.0:
+            return 0.0
+        return self.dot / math.sqrt(self.signal * self.quant)
+
+
+@dataclass
+class OutputMetrics:
+    """Float-vs-quantized error of one graph output.
+
+    Attributes:
+        name: Output tensor name.
+        sqnr_db: Signal to quantization noise ratio in dB; None when the outputs are equal.
+        cosine: Cosine similarity of the flattened outputs.
+        max_abs_error: Largest absolute difference.
+        top1_agreement: Fraction of rows with the same argmax (classifier outputs only).
+        float_accuracy: Top-1 accuracy of the float model (with labels, classifier only).
+        quant_accuracy: Top-1 accuracy of the quantized model (with labels, classifier only).
+    """
+
+    name: str
+    sqnr_db: float | None
+    cosine: float
+    max_abs_error: float
+    top1_agreement: float | None = None
+    float_accuracy: float | None = None
+    quant_accuracy: float | None = None
+
+
+@dataclass
+class LayerMetrics:
+    """Float-vs-quantized error of one intermediate tensor (``--layerwise``)."""
+
+    tensor: str
+    op: str
+    sqnr_db: float | None
+    cosine: float
+    max_abs_error: float
+
+
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` measured.
+
+    Attributes:
+        samples: Number of rows (first-axis entries) evaluated.
+        outputs: One entry per graph output, in graph order.
+        layers: Per-tensor metrics, worst SQNR first (empty unless ``layerwise``).
+        labelled: Whether the data had labels.
+    """
+
+    samples: int
+    outputs: list[OutputMetrics]
+    layers: list[LayerMetrics] = field(default_factory=list)
+    labelled: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict with floats rounded to 6 significant digits (stable report bytes)."""
+        return _rounded(asdict(self))
+
+    def render(self, fmt: str = "text") -> str:
+        """A text table (outputs, accuracy, layers worst first) or JSON."""
+        import json
+
+        if fmt == "json":
+            return json.dumps(self.to_dict(), indent=2) + "\n"
+        from qtool.report import evaluation_table
+
+        return evaluation_table(self.to_dict())
+
+    @property
+    def accuracy(self) -> tuple[float, float] | None:
+        """``(float, quantized)`` top-1 accuracy of the first classifier output with labels."""
+        for out in self.outputs:
+            if out.float_accuracy is not None and out.quant_accuracy is not None:
+                return out.float_accuracy, out.quant_accuracy
+        return None
+
+
+class _Classifier:
+    """Running top-1 counts of one classifier output."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.agree = 0
+        self.float_correct = 0
+        self.quant_correct = 0
+
+    def update(self, x: np.ndarray, q: np.ndarray, labels: np.ndarray | None) -> None:
+        fx, fq = np.argmax(x, axis=-1), np.argmax(q, axis=-1)
+        self.rows += int(fx.shape[0])
+        self.agree += int(np.sum(fx == fq))
+        if labels is not None:
+            self.float_correct += int(np.sum(fx == labels))
+            self.quant_correct += int(np.sum(fq == labels))
+
+
+def evaluate(
+    float_model: ModelSource,
+    quant_model: ModelSource,
+    data: Iterable[Mapping[str, np.ndarray]],
+    *,
+    layerwise: bool = False,
+    intra_op_threads: int | None = None,
+) -> Evaluation:
+    """Run both models over ``data`` and measure how far the quantized outputs drift.
+
+    Args:
+        float_model: The float reference (path, bytes, ModelProto or Graph).
+        quant_model: The quantized (QDQ) model with the same inputs and outputs.
+        data: Batches: dicts from input name to an array whose first axis is the batch (a
+            single sample without the batch axis is accepted too). An optional ``labels``
+            entry holds one class index per row.
+        layerwise: Also compare the intermediate tensors both graphs share by name.
+        intra_op_threads: onnxruntime threads per session (None: onnxruntime's default).
+
+    Returns:
+        The metrics.
+
+    Raises:
+        DataError: No data, a missing input, or arrays that do not fit the model's inputs.
+    """
+    float_proto = load_model(float_model)
+    quant_proto = load_model(quant_model)
+    input_specs = _input_specs(quant_proto)
+    output_names = [o.name for o in quant_proto.graph.output]
+    float_outputs = {o.name for o in float_proto.graph.output}
+    missing = [n for n in output_names if n not in float_outputs]
+    if missing:
+        raise DataError(
+            f"the float model has no output {missing[0]!r} that the quantized model has",
+            "compare a quantized model with the float model it was made from",
+        )
+    layers_shared: dict[str, tuple[str, str]] = {}
+    if layerwise:
+        layers_shared = _shared_layer_tensors(float_proto, quant_proto, set(output_names))
+        float_proto = _with_outputs(float_proto, list(layers_shared))
+        quant_proto = _with_outputs(quant_proto, sorted({q for q, _ in layers_shared.values()}))
+    float_session = _session(float_proto, intra_op_threads)
+    quant_session = _session(quant_proto, intra_op_threads)
+    fetch = output_names + list(layers_shared)
+    quant_fetch = output_names + [q for q, _ in layers_shared.values()]
+
+    sums = {name: _ErrorSums() for name in fetch}
+    classifiers: dict[str, _Classifier] = {}
+    samples = 0
+    labelled = False
+    for index, batch in enumerate(data):
+        feeds, labels = _feeds(batch, input_specs, index)
+        labelled = labelled or labels is not None
+        float_values = float_session.run(fetch, feeds)
+        quant_values = quant_session.run(quant_fetch, feeds)
+        rows = int(next(iter(feeds.values())).shape[0])
+        if labels is not None and labels.shape[0] != rows:
+            raise DataError(
+                f"batch {index}: {labels.shape[0]} labels for {rows} inputs",
+                "give one label per sample under the 'labels' key",
+            )
+        samples += rows
+        for name, x, q in zip(fetch, float_values, quant_values):
+            if x.shape != q.shape:
+                raise DataError(f"output {name}: float shape {x.shape}, quantized {q.shape}")
+            sums[name].update(x, q)
+            if name in layers_shared or not _is_classifier(x):
+                continue
+            classifiers.setdefault(name, _Classifier()).update(x, q, labels)
+    if samples == 0:
+        raise DataError("the evaluation data is empty", "give at least one sample")
+
+    outputs = []
+    for name in output_names:
+        s = sums[name]
+        metrics = OutputMetrics(name, s.sqnr_db, s.cosine, s.max_abs)
+        counts = classifiers.get(name)
+        if counts is not None and counts.rows:
+            metrics.top1_agreement = counts.agree / counts.rows
+            if labelled:
+                metrics.float_accuracy = counts.float_correct / counts.rows
+                metrics.quant_accuracy = counts.quant_correct / counts.rows
+        outputs.append(metrics)
+    layers = [
+        LayerMetrics(name, op, sums[name].sqnr_db, sums[name].cosine, sums[name].max_abs)
+        for name, (_, op) in layers_shared.items()
+    ]
+    layers.sort(key=lambda m: (math.inf if m.sqnr_db is None else m.sqnr_db, m.tensor))
+    return Evaluation(samples, outputs, layers, labelled)
+
+
+def rebatch(
+    samples: Iterable[Mapping[str, np.ndarray]], batch_size: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Group batches (or single samples with a batch axis of 1) into batches of ``batch_size``.
+
+    Each key's arrays are concatenated along the first axis; at most ``batch_size`` rows are
+    held at a time.
+    """
+    pending: list[Mapping[str, np.ndarray]] = []
+    rows = 0
+    for item in samples:
+        pending.append(item)
+        rows += int(np.shape(next(iter(item.values())))[0]) if item else 0
+        if rows >= batch_size:
+            yield {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+            pending, rows = [], 0
+    if pending:
+        yield {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+
+
+def _is_classifier(x: np.ndarray) -> bool:
+    return x.ndim == 2 and x.shape[1] > 1
+
+
+def _input_specs(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
+    initializers = {t.name for t in model.graph.initializer}
+    specs = {}
+    for inp in model.graph.input:
+        if inp.name in initializers:
+            continue
+        dims = []
+        for d in inp.type.tensor_type.shape.dim:
+            dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+        specs[inp.name] = dims
+    return specs
+
+
+def _feeds(
+    batch: Mapping[str, np.ndarray], specs: Mapping[str, list], index: int
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    labels = batch.get(LABELS_KEY)
+    feeds = {}
+    for name, dims in specs.items():
+        if name not in batch:
+            raise DataError(
+                f"batch {index} has no array for input {name!r} (it has: "
+                f"{', '.join(sorted(batch)) or 'nothing'})",
+                "key the arrays by the model's input names",
+            )
+        array = np.asarray(batch[name])
+        if array.ndim == len(dims) - 1:
+            array = array[None]
+        if array.ndim != len(dims) or any(
+            isinstance(d, int) and d > 0 and d != s for d, s in zip(dims, array.shape)
+        ):
+            shown = ["?" if not isinstance(d, int) else str(d) for d in dims]
+            raise DataError(
+                f"input {name!r} expects shape [{', '.join(shown)}], the data has "
+                f"{list(array.shape)}",
+                "resize or reshape the data to the model's input",
+            )
+        if array.dtype == np.float64:
+            array = array.astype(np.float32)
+        feeds[name] = array
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    return feeds, labels
+
+
+def _shared_layer_tensors(
+    float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto, outputs: set[str]
+) -> dict[str, tuple[str, str]]:
+    """Tensors produced by ordinary nodes in both graphs.
+
+    Returns:
+        Float tensor name -> (name to fetch from the quantized graph, op of its producer). The
+        fetched name is the DequantizeLinear output when the tensor goes through Q -> DQ (the
+        value the next layer sees, quantization error included), else the tensor itself.
+    """
+    float_graph = gs.import_onnx(onnx.shape_inference.infer_shapes(float_proto))
+    quant_graph = gs.import_onnx(onnx.shape_inference.infer_shapes(quant_proto))
+    float_produced = {
+        out.name
+        for node in float_graph.nodes
+        for out in node.outputs
+        if node.op not in _QDQ_OPS and out.dtype in (np.float32, np.float16)
+    }
+    shared = {}
+    for node in quant_graph.nodes:
+        if node.op in _QDQ_OPS:
+            continue
+        for out in node.outputs:
+            if out.name in float_produced and out.name not in outputs:
+                shared[out.name] = (_dequantized_name(out), node.op)
+    if not shared:
+        log.warning("the two graphs share no intermediate tensor names; no layerwise metrics")
+    return shared
+
+
+def _dequantized_name(tensor: gs.Variable) -> str:
+    for q in tensor.outputs:
+        if q.op != "QuantizeLinear":
+            continue
+        for dq in q.outputs[0].outputs:
+            if dq.op == "DequantizeLinear":
+                return dq.outputs[0].name
+    return tensor.name
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of the model with ``names`` appended to its graph outputs (dtypes inferred)."""
+    if not names:
+        return model
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
+    tensors = graph.tensors()
+    for name in names:
+        graph.outputs.append(tensors[name])
+    return onnx.load_from_string(serialize(graph))
+
+
+def _session(model: onnx.ModelProto, intra_op_threads: int | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    if intra_op_threads:
+        options.intra_op_num_threads = intra_op_threads
+    try:
+        return ort.InferenceSession(serialize(model), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        from qtool.errors import InvalidModelError
+
+        raise InvalidModelError(
+            f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}"
+        ) from exc
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        if math.isinf(value) or math.isnan(value):
+            return str(value)
+        return float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value

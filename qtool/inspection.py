@@ -1,0 +1,164 @@
+"""``qtool inspect``: what a model is, and what each backend would make of it.
+
+Reports the opset, IR version and producer, the inputs and outputs with dtypes and shapes
+(symbolic dims by name), the op histogram, the number of weights, and for every backend (or
+the ones asked for) how many tensors its plan quantizes and which nodes stay float and why.
+The per-backend part plans the prepared graph (cleanup, BN folding, opset >= 13) with
+:func:`qtool.planner.build_plan`, exactly as ``qtool calibrate`` would.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from qtool.io import ModelSource, default_opset, load, load_model
+from qtool.pipeline import op_histogram
+
+
+@dataclass
+class TensorInfo:
+    """A graph input or output: name, element type and shape (str for a symbolic dim)."""
+
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+@dataclass
+class BackendView:
+    """What one backend's plan does with the model."""
+
+    backend: str
+    quantized_tensors: int
+    float_nodes: dict[str, str]
+
+
+@dataclass
+class Inspection:
+    """The facts ``qtool inspect`` prints."""
+
+    model: str
+    opset: int | None
+    ir_version: int
+    producer: str
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    op_histogram: dict[str, int]
+    nodes: int
+    weights: int
+    backends: list[BackendView] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict."""
+        return asdict(self)
+
+    def render(self, fmt: str = "text") -> str:
+        """Text for a terminal, or JSON."""
+        if fmt == "json":
+            return json.dumps(self.to_dict(), indent=2) + "\n"
+        lines = [
+            f"{self.model}: opset {self.opset}, IR {self.ir_version}, producer "
+            f"{self.producer or '?'}",
+            f"  {self.nodes} nodes, {self.weights} weights",
+        ]
+        for label, tensors in (("input ", self.inputs), ("output", self.outputs)):
+            for t in tensors:
+                lines.append(f"  {label} {t.name}: {t.dtype}[{', '.join(map(str, t.shape))}]")
+        lines.append("  ops: " + ", ".join(f"{op} {n}" for op, n in self.op_histogram.items()))
+        if self.backends:
+            lines.append("")
+            width = max(len(b.backend) for b in self.backends)
+            lines.append(f"  {'backend'.ljust(width)}  quantized tensors  float nodes")
+            for b in self.backends:
+                lines.append(
+                    f"  {b.backend.ljust(width)}  {str(b.quantized_tensors).rjust(17)}  "
+                    f"{len(b.float_nodes)}"
+                )
+            for b in self.backends:
+                for node, why in b.float_nodes.items():
+                    lines.append(f"  {b.backend}: float {node}: {why}")
+        return "\n".join(lines) + "\n"
+
+
+def inspect_model(source: ModelSource, *, backends: Sequence[str] | None = None) -> Inspection:
+    """Describe a model and plan it for each backend.
+
+    Args:
+        source: The model.
+        backends: Backend names to plan for; None for every registered backend.
+
+    Raises:
+        ModelLoadError, InvalidModelError, UnsupportedModelError: The model cannot be read.
+        BackendError: An unknown backend name.
+    """
+    from qtool.backends import backend_names
+
+    model = load_model(source)
+    graph = load(model)
+    names = list(backend_names()) if backends is None else list(backends)
+    prepared = _prepared(model) if names else None
+    views = [_backend_view(prepared, name) for name in names]
+    return Inspection(
+        model=str(source) if isinstance(source, (str,)) or hasattr(source, "__fspath__")
+        else "<model>",
+        opset=default_opset(model),
+        ir_version=int(model.ir_version),
+        producer=" ".join(p for p in (model.producer_name, model.producer_version) if p),
+        inputs=[_info(v) for v in _real_inputs(model)],
+        outputs=[_info(v) for v in model.graph.output],
+        op_histogram=op_histogram(graph),
+        nodes=len(graph.nodes),
+        weights=_weight_count(graph),
+        backends=views,
+    )
+
+
+def float_nodes_for_backend(source: ModelSource, backend: str) -> dict[str, str]:
+    """Nodes of the prepared model that ``backend``'s plan keeps float, with the reason."""
+    return _backend_view(_prepared(load_model(source)), backend).float_nodes
+
+
+def _prepared(model: onnx.ModelProto) -> gs.Graph:
+    from qtool.workflow import prepare
+
+    graph, _ = prepare(load(model))
+    return graph
+
+
+def _backend_view(prepared: gs.Graph, backend: str) -> BackendView:
+    from qtool.planner import build_plan
+    from qtool.workflow import _quantized_tensor_count
+
+    plan = build_plan(prepared.copy(), backend)
+    float_nodes = dict(sorted(plan.float_nodes.items()))
+    return BackendView(backend, _quantized_tensor_count(plan), float_nodes)
+
+
+def _real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    initializers = {t.name for t in model.graph.initializer}
+    return [v for v in model.graph.input if v.name not in initializers]
+
+
+def _info(value: onnx.ValueInfoProto) -> TensorInfo:
+    tensor_type = value.type.tensor_type
+    dtype = onnx.TensorProto.DataType.Name(tensor_type.elem_type).lower()
+    shape: list[int | str] = [
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+        for d in tensor_type.shape.dim
+    ]
+    return TensorInfo(value.name, dtype, shape)
+
+
+def _weight_count(graph: gs.Graph) -> int:
+    constants = {
+        t.name: t for t in graph.tensors().values()
+        if isinstance(t, gs.Constant) and np.issubdtype(t.dtype, np.floating)
+    }
+    return int(sum(int(np.prod(t.shape)) for t in constants.values()))

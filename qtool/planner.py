@@ -1,0 +1,472 @@
+"""Build a :class:`qtool.plan.QuantPlan` from a float graph and a backend's rules.
+
+Three steps, each a plain walk over the graph:
+
+1. **Shape and index tensors are never quantized.** A tensor is a shape tensor if
+   (a) it feeds a shape/index input (the shape of Reshape/Expand/ConstantOfShape/Tile, every
+   input of Range, Slice starts/ends/axes/steps, Resize roi/scales/sizes, Gather indices, TopK
+   k, ... see :data:`SHAPE_INPUTS`); or (b) every value-reading consumer of it is on the shape
+   path (walking back from (a): the computation that produced a Range step, even when it
+   starts from a float feature map, stops where a tensor also feeds real data consumers); or
+   (c) it is the output of Shape/Size, or of a node all of whose non-constant inputs are shape
+   tensors (what is computed from shapes). Rules (a)-(c) run to a fixed point. Shape/Size read
+   no values, so their input edges count for neither side. Integer tensors are never
+   quantized either.
+2. **Placement** follows ``backend.placement`` (MQBench Fig. 4): weighted ops get their
+   activation inputs and their constant weight quantized (a per-channel weight's axis is Conv 0,
+   ConvTranspose 1, Gemm 0 if ``transB`` else 1, MatMul the last), ``activation_ops`` get
+   every activation input quantized, ``shortcut_ops`` (TensorRT's residual Add) every input
+   except the branch fused into its producer: walking the inputs from last to first, the
+   first produced by a fusable op and read by nothing else (MQBench's choice). Where the
+   backend wants an int32 bias, a Conv/ConvTranspose/Gemm bias whose input and weight are both
+   quantized gets one. Every other compute node goes to ``float_nodes`` with its reason.
+3. **Sharing** is one union-find over tensors: a sharing op (Concat) joins its inputs and
+   output; a pass-through op (Reshape, Transpose, Flatten, Squeeze, Unsqueeze, MaxPool, Slice,
+   Split, Pad, Resize nearest) joins its data input and outputs. Quantized activations with
+   one root share one scale (a group of two or more gets an id).
+
+Node names are the plan's handles: unnamed or duplicate node names are replaced in the given
+graph by ``<op>_<index>`` before planning (the same renaming quantize() applies).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qtool.errors import PlanError
+from qtool.plan import QuantPlan, TensorPlan
+from qtool.scheme import QuantScheme
+
+log = logging.getLogger(__name__)
+
+#: Inputs (by index) that carry shapes, sizes, indices or counts, per op type.
+SHAPE_INPUTS: Mapping[str, tuple[int, ...]] = {
+    "Reshape": (1,),
+    "Expand": (1,),
+    "ConstantOfShape": (0,),
+    "Tile": (1,),
+    "Range": (0, 1, 2),
+    "Slice": (1, 2, 3, 4),
+    "Resize": (1, 2, 3),
+    "Upsample": (1,),
+    "Gather": (1,),
+    "GatherElements": (1,),
+    "GatherND": (1,),
+    "ScatterND": (1,),
+    "ScatterElements": (1,),
+    "TopK": (1,),
+    "Pad": (1, 3),
+    "Squeeze": (1,),
+    "Unsqueeze": (1,),
+    "Split": (1,),
+    "OneHot": (1,),
+    "CumSum": (1,),
+    "Trilu": (1,),
+    "Compress": (1,),
+    "ReduceMean": (1,),
+    "ReduceSum": (1,),
+    "ReduceMax": (1,),
+    "ReduceMin": (1,),
+    "ReduceProd": (1,),
+    "ReduceL1": (1,),
+    "ReduceL2": (1,),
+    "ReduceLogSumExp": (1,),
+    "ReduceSumSquare": (1,),
+    "RoiAlign": (2,),
+    "NonMaxSuppression": (2, 3, 4),
+}
+
+#: Ops whose outputs are shapes or sizes of their input (they read no values).
+SHAPE_SOURCES = frozenset({"Shape", "Size"})
+
+#: Index of the weight input of each weighted op.
+WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+
+#: Ops that take a bias as input 2.
+BIAS_INPUT = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
+
+
+def build_plan(
+    graph: gs.Graph,
+    backend,
+    *,
+    skip: Sequence[str] = (),
+    weight_bits: int | None = None,
+    act_bits: int | None = None,
+) -> QuantPlan:
+    """Plan where and how ``graph`` is quantized for ``backend``.
+
+    Args:
+        graph: The float graph, prepared (cleanup, BN folded, opset >= 13).
+        backend: A backend name or :class:`qtool.backends.base.Backend`.
+        skip: Nodes to keep in float: names, op types or regexes (see QuantPlan.skip).
+        weight_bits: Force the weight bit width (e.g. 4 for W4A8).
+        act_bits: Force the activation bit width.
+
+    Returns:
+        The plan.
+
+    Raises:
+        PlanError: A skip pattern matches no node.
+        BackendError: Unknown backend name.
+    """
+    from qtool.backends import resolve_backend
+
+    backend = resolve_backend(backend)
+    name_nodes(graph)
+    nodes = list(graph.nodes)
+    consumers = _consumers(nodes)
+    graph_outputs = {t.name for t in graph.outputs}
+    constant = _constant_tensors(nodes)
+    shape = shape_tensors(graph)
+    shape_nodes = {
+        n.name
+        for n in nodes
+        if n.outputs and all(o.name in shape for o in n.outputs)
+    }
+
+    def is_activation(tensor: gs.Tensor) -> bool:
+        return (
+            bool(tensor.name)
+            and not isinstance(tensor, gs.Constant)
+            and tensor.name not in constant
+            and tensor.name not in shape
+            and _is_float(tensor)
+        )
+
+    placement = backend.placement
+    act_consumers: dict[str, list[str]] = {}
+    weights: dict[str, TensorPlan] = {}
+    biases: dict[str, TensorPlan] = {}
+    float_nodes: dict[str, str] = {}
+    order: list[str] = []
+
+    def quantize_input(tensor: gs.Tensor, node: gs.Node) -> None:
+        users = act_consumers.setdefault(tensor.name, [])
+        if tensor.name not in order:
+            order.append(tensor.name)
+        if node.name not in users:
+            users.append(node.name)
+
+    for node in nodes:
+        op = node.op
+        if node.name in shape_nodes:
+            float_nodes[node.name] = "shape/index computation: never quantized"
+            continue
+        if op == "Constant" or op in SHAPE_SOURCES:
+            continue
+        if op in placement.weighted_ops:
+            weight = _weight_of(node)
+            if weight is None and placement.requires_weight:
+                float_nodes[node.name] = (
+                    f"{op} without a constant weight: {backend.name} quantizes only layers "
+                    "with weights"
+                )
+                continue
+            inputs = [t for t in node.inputs[:2] if is_activation(t)]
+            for tensor in inputs:
+                quantize_input(tensor, node)
+            if weight is not None:
+                entry = weights.get(weight.name)
+                if entry is None:
+                    scheme = backend.weight_scheme.with_(
+                        per_channel_axis=_weight_axis(node, weight)
+                        if backend.per_channel_weights
+                        else None
+                    )
+                    entry = TensorPlan(weight.name, "weight", scheme, ())
+                    order.append(weight.name)
+                weights[weight.name] = _add_consumer(entry, node.name)
+            bias = _bias_of(node)
+            if (
+                backend.bias_mode == "int32"
+                and bias is not None
+                and weight is not None
+                and inputs
+                and inputs[0] is node.inputs[0]
+            ):
+                scheme = QuantScheme(
+                    bits=32,
+                    signed=True,
+                    symmetric=True,
+                    per_channel_axis=0 if weights[weight.name].scheme.per_channel else None,
+                )
+                biases[bias.name] = TensorPlan(
+                    bias.name, "bias", scheme, (node.name,),
+                    bias_inputs=(node.inputs[0].name, weight.name),
+                )
+                order.append(bias.name)
+        elif op in placement.shortcut_ops:
+            inputs = [(i, t) for i, t in enumerate(node.inputs) if is_activation(t)]
+            fused = next(
+                (
+                    i
+                    for i, t in reversed(inputs)
+                    if t.inputs
+                    and t.inputs[0].op in placement.fusable_producers
+                    and len(consumers[t.name]) == 1
+                    and t.name not in graph_outputs
+                ),
+                None,
+            )
+            for i, tensor in inputs:
+                if i != fused:
+                    quantize_input(tensor, node)
+        elif op in placement.activation_ops:
+            for tensor in node.inputs:
+                if is_activation(tensor):
+                    quantize_input(tensor, node)
+        elif backend.passes_scale_through(op, node.attrs) or op in backend.fused_activations:
+            continue
+        else:
+            float_nodes[node.name] = (
+                f"{op} has no integer kernel under the {backend.name} rules "
+                f"(MQBench graph {placement.graph}); it runs in float"
+            )
+
+    groups = _sharing_groups(nodes, backend, shape, constant)
+    group_ids = _group_ids(order, act_consumers, groups)
+    tensors: dict[str, TensorPlan] = {}
+    for name in order:
+        if name in act_consumers:
+            tensors[name] = TensorPlan(
+                name,
+                "activation",
+                backend.activation_scheme,
+                tuple(act_consumers[name]),
+                group=group_ids.get(name),
+            )
+        elif name in weights:
+            tensors[name] = weights[name]
+        else:
+            tensors[name] = biases[name]
+
+    plan = QuantPlan(
+        backend=backend.name,
+        placement_graph=placement.graph,
+        tensors=tensors,
+        float_nodes=float_nodes,
+        nodes={n.name: n.op for n in nodes},
+    )
+    if weight_bits is not None or act_bits is not None:
+        plan = plan.with_bits(weight_bits, act_bits)
+    if skip:
+        plan = plan.skip(*skip)
+    log.info(
+        "plan for %s: %d activations, %d weights, %d biases, %d float nodes",
+        backend.name,
+        len(plan.entries("activation")),
+        len(plan.entries("weight")),
+        len(plan.entries("bias")),
+        len(plan.float_nodes),
+    )
+    return plan
+
+
+def name_nodes(graph: gs.Graph) -> None:
+    """Give every node a unique name (``<op>_<index>`` for unnamed or repeated ones), in place."""
+    seen: set[str] = set()
+    renamed = 0
+    for index, node in enumerate(graph.nodes):
+        if not node.name or node.name in seen:
+            base = f"{node.op}_{index}"
+            candidate, suffix = base, 0
+            while candidate in seen:
+                suffix += 1
+                candidate = f"{base}_{suffix}"
+            node.name = candidate
+            renamed += 1
+        seen.add(node.name)
+    if renamed:
+        log.info("named %d unnamed or duplicate nodes", renamed)
+
+
+def shape_tensors(graph: gs.Graph) -> set[str]:
+    """Names of the tensors on shape/index paths (rules (a)-(c) of the module docstring)."""
+    nodes = list(graph.nodes)
+    consumers = _consumers(nodes)
+    constant = _constant_tensors(nodes)
+    graph_outputs = {t.name for t in graph.outputs}
+    shape: set[str] = set()
+
+    def add(name: str) -> bool:
+        if name and name not in shape:
+            shape.add(name)
+            return True
+        return False
+
+    changed = True
+    while changed:
+        changed = False
+        for node in nodes:
+            # (a) shape/index inputs.
+            for index in SHAPE_INPUTS.get(node.op, ()):
+                if index < len(node.inputs) and not isinstance(node.inputs[index], gs.Constant):
+                    changed |= add(node.inputs[index].name)
+            # (c) computed from shapes only.
+            if node.op in SHAPE_SOURCES:
+                for out in node.outputs:
+                    changed |= add(out.name)
+                continue
+            variables = [
+                t for t in node.inputs
+                if t.name and not isinstance(t, gs.Constant) and t.name not in constant
+            ]
+            if variables and all(t.name in shape for t in variables):
+                for out in node.outputs:
+                    changed |= add(out.name)
+        # (b) every value-reading consumer is on the shape path.
+        for name, uses in consumers.items():
+            if name in shape or name in constant or name in graph_outputs:
+                continue
+            reads = [(n, i) for n, i in uses if n.op not in SHAPE_SOURCES]
+            if reads and all(_is_shape_edge(n, i, shape) for n, i in reads):
+                changed |= add(name)
+    return shape
+
+
+def _is_shape_edge(node: gs.Node, index: int, shape: set[str]) -> bool:
+    if index in SHAPE_INPUTS.get(node.op, ()):
+        return True
+    return bool(node.outputs) and all(o.name in shape for o in node.outputs)
+
+
+def _consumers(nodes: Iterable[gs.Node]) -> dict[str, list[tuple[gs.Node, int]]]:
+    uses: dict[str, list[tuple[gs.Node, int]]] = collections.defaultdict(list)
+    for node in nodes:
+        for index, tensor in enumerate(node.inputs):
+            if tensor.name:
+                uses[tensor.name].append((node, index))
+    return uses
+
+
+def _constant_tensors(nodes: Sequence[gs.Node]) -> set[str]:
+    """Tensors whose value is fixed: initializers, Constant outputs, and what only they feed."""
+    constant: set[str] = set()
+    for node in nodes:  # topological order: producers first
+        if node.op == "Constant" or (
+            node.inputs
+            and node.op not in SHAPE_SOURCES
+            and all(
+                isinstance(t, gs.Constant) or t.name in constant or not t.name
+                for t in node.inputs
+            )
+        ):
+            constant.update(o.name for o in node.outputs)
+        for tensor in node.inputs:
+            if isinstance(tensor, gs.Constant):
+                constant.add(tensor.name)
+    return constant
+
+
+def _is_float(tensor: gs.Tensor) -> bool:
+    dtype = tensor.dtype
+    if dtype is None:
+        return True
+    try:
+        return np.issubdtype(np.dtype(dtype), np.floating)
+    except TypeError:
+        return False
+
+
+def _weight_of(node: gs.Node) -> gs.Constant | None:
+    index = WEIGHT_INPUT[node.op]
+    if index < len(node.inputs) and isinstance(node.inputs[index], gs.Constant):
+        return node.inputs[index]
+    return None
+
+
+def _bias_of(node: gs.Node) -> gs.Constant | None:
+    index = BIAS_INPUT.get(node.op)
+    if index is None or index >= len(node.inputs):
+        return None
+    bias = node.inputs[index]
+    if isinstance(bias, gs.Constant) and len(bias.shape) == 1:
+        return bias
+    return None
+
+
+def _weight_axis(node: gs.Node, weight: gs.Constant) -> int | None:
+    """Output-channel axis of a weight: Conv 0, ConvTranspose 1, Gemm by transB, MatMul last."""
+    rank = len(weight.shape)
+    if node.op == "Conv":
+        return 0
+    if node.op == "ConvTranspose":
+        return 1
+    if node.op == "Gemm":
+        return 0 if node.attrs.get("transB", 0) else 1
+    if node.op == "MatMul":
+        return rank - 1 if rank >= 2 else None
+    raise PlanError(f"node {node.name}: no weight axis rule for {node.op}")
+
+
+def _add_consumer(entry: TensorPlan, node_name: str) -> TensorPlan:
+    if node_name in entry.consumers:
+        return entry
+    return TensorPlan(
+        entry.tensor, entry.role, entry.scheme, entry.consumers + (node_name,),
+        entry.group, entry.pinned_range, entry.bias_inputs,
+    )
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent: dict[str, str] = {}
+
+    def find(self, item: str) -> str:
+        self.parent.setdefault(item, item)
+        root = item
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[item] != root:
+            self.parent[item], item = root, self.parent[item]
+        return root
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+
+def _sharing_groups(nodes, backend, shape: set[str], constant: set[str]) -> _UnionFind:
+    """Union-find over data tensors: sharing ops join all, pass-through ops join input/outputs."""
+    groups = _UnionFind()
+
+    def data(t: gs.Tensor) -> bool:
+        return (
+            bool(t.name) and not isinstance(t, gs.Constant)
+            and t.name not in shape and t.name not in constant
+        )
+
+    for node in nodes:
+        if any(o.name in shape for o in node.outputs):
+            continue
+        if node.op in backend.sharing_ops:
+            members = [t for t in list(node.inputs) + list(node.outputs) if data(t)]
+        elif backend.passes_scale_through(node.op, node.attrs) and node.inputs:
+            members = [t for t in [node.inputs[0], *node.outputs] if data(t)]
+        else:
+            continue
+        for other in members[1:]:
+            groups.union(members[0].name, other.name)
+    return groups
+
+
+def _group_ids(
+    order: list[str], act_consumers: Mapping[str, list[str]], groups: _UnionFind
+) -> dict[str, str]:
+    """Group id per quantized activation, for roots with two or more quantized members."""
+    members: dict[str, list[str]] = {}
+    for name in order:
+        if name in act_consumers:
+            members.setdefault(groups.find(name), []).append(name)
+    ids: dict[str, str] = {}
+    for index, names in enumerate(m for m in members.values() if len(m) > 1):
+        for name in names:
+            ids[name] = f"group{index}"
+    return ids

@@ -1,0 +1,359 @@
+r"""Apply a quantization plan: scales from ranges, Q/DQ into the graph, weights quantized offline.
+
+For every planned tensor:
+
+* **activation**: ``(lo, hi)`` is the pinned range or the given one; members of a shared group
+  use the union ``(min lo, max hi)`` of their group, so they get one scale and zero point
+  (one pair of initializers, named after the group's first tensor). The tensor gets
+  ``QuantizeLinear -> DequantizeLinear`` and only the plan's consumers read the dequantized
+  value.
+* **weight**: the range comes from the initializer through the observer ``weight_method``
+  (``qtool.calibration.observers.get_observer``), per channel along the scheme's axis. The
+  integers are stored as an initializer ``<w>_quantized`` feeding ``DequantizeLinear``.
+* **bias** (backends with ``bias_mode="int32"``): ``scale = s_in * s_w`` (float32 product,
+  per channel when the weight is; a grouped ConvTranspose's per-channel weight scales repeat
+  once per group), zero point 0, ``q = clip(round(b / scale), int32)``.
+
+Storage: ``onnx_dtype(scheme, opset)``: 4-bit schemes use INT4/UINT4 from opset 21 and 8-bit
+storage with the 4-bit range below it; FBGEMM's reduce_range (7-bit unsigned) is uint8 with
+levels 0..127. QuantizeLinear itself saturates at the storage type's limits, so a value beyond
+the calibrated range of such a narrower scheme saturates at the storage limit in this
+simulation. The graph is raised to opset 13 first if needed (per-axis DequantizeLinear).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from qtool.errors import OutputError, PlanError
+from qtool.io import atomic_write_bytes, load, to_model
+from qtool.plan import QuantPlan, TensorPlan
+from qtool.planner import build_plan, name_nodes
+from qtool.scheme import QuantScheme, onnx_dtype
+
+log = logging.getLogger(__name__)
+
+QDQ_MIN_OPSET = 13
+_INT32 = QuantScheme(bits=32, signed=True, symmetric=True)
+
+
+@dataclass(frozen=True)
+class TensorQParams:
+    """The numbers one planned tensor was quantized with.
+
+    Attributes:
+        tensor: Tensor name in the float graph.
+        role: ``activation``, ``weight`` or ``bias``.
+        scheme: Its scheme.
+        scale: float32, 0-d per tensor or 1-d per channel.
+        zero_point: int64, same shape as ``scale``.
+        lo: Range low end used (the group's union for shared activations); None for a bias.
+        hi: Range high end used.
+        group: Shared-scale group id, or None.
+    """
+
+    tensor: str
+    role: str
+    scheme: QuantScheme
+    scale: np.ndarray
+    zero_point: np.ndarray
+    lo: Any = None
+    hi: Any = None
+    group: str | None = None
+
+    @property
+    def axis(self) -> int | None:
+        """Per-channel axis, None per tensor."""
+        return self.scheme.per_channel_axis if self.scale.ndim else None
+
+
+@dataclass
+class QuantizedModel:
+    """The result of :func:`quantize`.
+
+    Attributes:
+        graph: The QDQ graph (runs in onnxruntime; the reference for every backend).
+        float_graph: The float graph the plan was applied to (opset >= 13, nodes named).
+        plan: The plan applied.
+        backend: The :class:`qtool.backends.base.Backend`.
+        qparams: Scale and zero point per planned tensor.
+        weight_method: Observer used for the weights.
+    """
+
+    graph: gs.Graph
+    float_graph: gs.Graph
+    plan: QuantPlan
+    backend: Any
+    qparams: dict[str, TensorQParams]
+    weight_method: str = "minmax"
+
+    def files(self) -> dict[str, bytes]:
+        """The backend's files (model and vendor files) plus ``plan.json``, sorted by name."""
+        files = dict(self.backend.emit(self))
+        files["plan.json"] = self.plan.to_json().encode("utf-8")
+        return dict(sorted(files.items()))
+
+    def save(self, folder: str | os.PathLike) -> list[Path]:
+        """Write :meth:`files` into ``folder`` (created if missing), each atomically.
+
+        Raises:
+            OutputError: The folder cannot be created or written.
+        """
+        folder = Path(folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{folder}: cannot create the folder ({exc.strerror})") from exc
+        written = []
+        for name, data in self.files().items():
+            atomic_write_bytes(folder / name, data)
+            written.append(folder / name)
+        return written
+
+
+def quantize(
+    graph,
+    backend,
+    ranges: Mapping[str, tuple[Any, Any]],
+    *,
+    plan: QuantPlan | None = None,
+    weight_method: str = "minmax",
+) -> QuantizedModel:
+    """Quantize a prepared float graph for one backend.
+
+    Args:
+        graph: The float graph (gs.Graph, ModelProto or path), prepared by
+            ``Pipeline(["cleanup", "fold_bn", "upgrade_opset"])``. It is not modified.
+        backend: Backend name or :class:`qtool.backends.base.Backend`.
+        ranges: ``{tensor: (lo, hi)}`` for every tensor of ``plan.activation_schemes()``
+            (from :func:`qtool.calibration.calibrate`); extra entries are ignored.
+        plan: The plan to apply; built with :func:`qtool.planner.build_plan` if None.
+        weight_method: Observer name for the weight ranges (``minmax``, ``mse``, ...).
+
+    Returns:
+        The :class:`QuantizedModel`.
+
+    Raises:
+        PlanError: The plan is for another backend, names tensors or nodes the graph lacks,
+            or ranges are missing or invalid.
+        BackendError: Unknown backend.
+    """
+    from qtool.backends import resolve_backend
+    from qtool.passes.opset import ensure_opset
+
+    backend = resolve_backend(backend)
+    float_graph = ensure_opset(_copy(load(graph)), QDQ_MIN_OPSET)
+    name_nodes(float_graph)
+    if plan is None:
+        plan = build_plan(float_graph, backend)
+    elif plan.backend != backend.name:
+        raise PlanError(
+            f"the plan was built for backend {plan.backend}, not {backend.name}",
+            f"build a plan for {backend.name}, or quantize with backend={plan.backend!r}",
+        )
+    _check_plan_fits(plan, float_graph)
+    _check_ranges(plan, ranges)
+    qparams = compute_qparams(float_graph, plan, ranges, weight_method)
+    qdq = _copy(float_graph)
+    _insert_qdq(qdq, plan, qparams)
+    qdq.cleanup().toposort()
+    log.info(
+        "quantized for %s: %d Q/DQ activations, %d weights, %d int32 biases",
+        backend.name,
+        len(plan.entries("activation")),
+        len(plan.entries("weight")),
+        len(plan.entries("bias")),
+    )
+    return QuantizedModel(qdq, float_graph, plan, backend, qparams, weight_method)
+
+
+def compute_qparams(
+    graph: gs.Graph,
+    plan: QuantPlan,
+    ranges: Mapping[str, tuple[Any, Any]],
+    weight_method: str = "minmax",
+) -> dict[str, TensorQParams]:
+    """Scale and zero point of every planned tensor (see the module docstring)."""
+    from qtool.calibration.observers import get_observer
+
+    tensors = graph.tensors()
+    result: dict[str, TensorQParams] = {}
+
+    # Activations: one range per shared group, the union of its members' ranges.
+    group_range: dict[str, tuple[float, float]] = {}
+    for entry in plan.entries("activation"):
+        lo, hi = _activation_range(entry, ranges)
+        key = entry.group or entry.tensor
+        if key in group_range:
+            old_lo, old_hi = group_range[key]
+            lo, hi = min(lo, old_lo), max(hi, old_hi)
+        group_range[key] = (lo, hi)
+    for entry in plan.entries("activation"):
+        lo, hi = group_range[entry.group or entry.tensor]
+        scale, zero_point = entry.scheme.qparams(lo, hi)
+        result[entry.tensor] = TensorQParams(
+            entry.tensor, "activation", entry.scheme, scale, zero_point, lo, hi, entry.group
+        )
+
+    observer_class = get_observer(weight_method)
+    for entry in plan.entries("weight"):
+        values = np.asarray(tensors[entry.tensor].values, dtype=np.float32)
+        if entry.pinned_range is not None:
+            lo, hi = entry.pinned_range
+            if entry.scheme.per_channel:
+                channels = values.shape[entry.scheme.per_channel_axis]
+                lo, hi = np.full(channels, lo), np.full(channels, hi)
+        else:
+            observer = observer_class(entry.scheme, entry.tensor)
+            observer.update(values)
+            lo, hi = observer.range()
+        scale, zero_point = entry.scheme.qparams(lo, hi)
+        result[entry.tensor] = TensorQParams(
+            entry.tensor, "weight", entry.scheme, scale, zero_point, lo, hi
+        )
+
+    for entry in plan.entries("bias"):
+        act, weight = (result[name] for name in entry.bias_inputs)
+        bias = np.asarray(tensors[entry.tensor].values)
+        weight_scale = weight.scale
+        if weight_scale.ndim:
+            if bias.shape[0] % weight_scale.shape[0]:
+                raise PlanError(
+                    f"bias {entry.tensor}: {bias.shape[0]} channels do not repeat the "
+                    f"{weight_scale.shape[0]} weight scales of {weight.tensor}"
+                )
+            weight_scale = np.tile(weight_scale, bias.shape[0] // weight_scale.shape[0])
+        scale = (act.scale * weight_scale).astype(np.float32)
+        scheme = entry.scheme.with_(per_channel_axis=0 if scale.ndim else None)
+        result[entry.tensor] = TensorQParams(
+            entry.tensor, "bias", scheme, scale, np.zeros(scale.shape, dtype=np.int64)
+        )
+    return result
+
+
+def _activation_range(entry: TensorPlan, ranges: Mapping[str, tuple[Any, Any]]):
+    if entry.pinned_range is not None:
+        return entry.pinned_range
+    lo, hi = ranges[entry.tensor]
+    if np.ndim(lo) or np.ndim(hi):
+        raise PlanError(f"range of activation {entry.tensor} must be two scalars")
+    lo, hi = float(lo), float(hi)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise PlanError(
+            f"range of activation {entry.tensor} is not finite: ({lo}, {hi})",
+            "check the calibration data for NaN/Inf",
+        )
+    return min(lo, hi), max(lo, hi)
+
+
+def _check_ranges(plan: QuantPlan, ranges: Mapping[str, tuple[Any, Any]]) -> None:
+    missing = [name for name in plan.activation_schemes() if name not in ranges]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise PlanError(
+            f"no range for {len(missing)} planned activation(s): {shown}",
+            "calibrate plan.activation_schemes() (qtool.calibration.calibrate) or pin them",
+        )
+
+
+def _check_plan_fits(plan: QuantPlan, graph: gs.Graph) -> None:
+    tensors = graph.tensors()
+    node_names = {n.name for n in graph.nodes}
+    for entry in plan.tensors.values():
+        tensor = tensors.get(entry.tensor)
+        if tensor is None:
+            raise PlanError(
+                f"plan tensor {entry.tensor} is not in the graph",
+                "build the plan from the same prepared graph",
+            )
+        if entry.role != "activation" and not isinstance(tensor, gs.Constant):
+            raise PlanError(f"plan {entry.role} {entry.tensor} is not an initializer")
+        if entry.role == "activation" and isinstance(tensor, gs.Constant):
+            raise PlanError(f"plan activation {entry.tensor} is an initializer")
+        for consumer in entry.consumers:
+            if consumer not in node_names:
+                raise PlanError(
+                    f"plan node {consumer} (a consumer of {entry.tensor}) is not in the graph",
+                    "build the plan from the same prepared graph",
+                )
+
+
+def _insert_qdq(graph: gs.Graph, plan: QuantPlan, qparams: Mapping[str, TensorQParams]) -> None:
+    tensors = graph.tensors()
+    by_name = {n.name: n for n in graph.nodes}
+    opset = graph.opset
+    shared: dict[str, tuple[gs.Constant, gs.Constant]] = {}
+    for entry in plan.tensors.values():
+        qp = qparams[entry.tensor]
+        tensor = tensors[entry.tensor]
+        key = entry.group or entry.tensor
+        if key not in shared:
+            shared[key] = _qparam_constants(entry.tensor, qp, opset)
+        scale, zero_point = shared[key]
+        attrs = {"axis": qp.axis} if qp.axis is not None else {}
+        dequantized = gs.Variable(f"{entry.tensor}_dequantized", dtype=np.float32)
+        if entry.role == "activation":
+            quantized = gs.Variable(f"{entry.tensor}_quantized")
+            graph.nodes.append(
+                gs.Node(
+                    "QuantizeLinear",
+                    name=f"{entry.tensor}_QuantizeLinear",
+                    inputs=[tensor, scale, zero_point],
+                    outputs=[quantized],
+                )
+            )
+        else:
+            levels = qp.scheme.quantize(tensor.values, qp.scale, qp.zero_point)
+            if entry.role == "bias":
+                levels = np.clip(levels, _INT32.qmin, _INT32.qmax)
+            quantized = _int_constant(
+                f"{entry.tensor}_quantized", levels, onnx_dtype(qp.scheme, opset)
+            )
+        graph.nodes.append(
+            gs.Node(
+                "DequantizeLinear",
+                name=f"{entry.tensor}_DequantizeLinear",
+                inputs=[quantized, scale, zero_point],
+                outputs=[dequantized],
+                attrs=attrs,
+            )
+        )
+        for consumer in entry.consumers:
+            node = by_name[consumer]
+            for index, inp in enumerate(node.inputs):
+                if inp is tensor:
+                    node.inputs[index] = dequantized
+
+
+def _qparam_constants(name: str, qp: TensorQParams, opset: int) -> tuple[gs.Constant, gs.Constant]:
+    scale = gs.Constant(f"{name}_scale", np.asarray(qp.scale, dtype=np.float32))
+    zero_point = _int_constant(f"{name}_zero_point", qp.zero_point, onnx_dtype(qp.scheme, opset))
+    return scale, zero_point
+
+
+def _int_constant(name: str, values: np.ndarray, data_type: int) -> gs.Constant:
+    """An integer initializer of ONNX type ``data_type`` (INT4/UINT4 packed two per byte)."""
+    np_dtype = onnx.helper.tensor_dtype_to_np_dtype(data_type)
+    array = np.asarray(values).astype(np_dtype)
+    if data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        # graphsurgeon writes one byte per element; onnx's own converter packs the nibbles.
+        return gs.Constant(name, LazyValues(onnx.numpy_helper.from_array(array, name)))
+    return gs.Constant(name, array)
+
+
+def _copy(graph: gs.Graph) -> gs.Graph:
+    """A deep copy through the model proto (graphsurgeon's copy shares constant arrays)."""
+    return gs.import_onnx(to_model(graph))
+
+
+__all__ = ["QuantizedModel", "TensorQParams", "compute_qparams", "quantize"]

@@ -1,0 +1,178 @@
+"""The report of ``qtool calibrate``: a JSON document, its markdown rendering, a summary table.
+
+The JSON report holds what was done and how well it went:
+
+* ``model``, ``backend``, ``qtool_version``;
+* ``calibration``: method, weight method, data source, sample count, and ``random_inputs``
+  (true when no data was given: the ranges are then unfit for deployment);
+* ``passes``: one line per preparation pass;
+* ``plan``: how many tensors are quantized, and every node left float with the reason;
+* ``evaluation``: per-output SQNR / cosine / max abs error / top-1 agreement (and accuracy
+  with labels) on the evaluation data, ``held_out`` saying whether that data differs from the
+  calibration data; per-layer SQNR when asked;
+* ``files``: the SHA-256 of every other file written;
+* ``warnings``: what a reader must know before trusting the numbers.
+
+No timestamps, absolute paths or host names go in: the same run gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+
+def to_json(report: Mapping[str, Any]) -> str:
+    """The report as stable JSON text."""
+    return json.dumps(report, indent=2, sort_keys=False) + "\n"
+
+
+def to_markdown(report: Mapping[str, Any]) -> str:
+    """The report as a markdown page."""
+    lines = [f"# qtool report: {report['model']} for {report['backend']}", ""]
+    for warning in report.get("warnings", []):
+        lines.append(f"> **Warning:** {warning}")
+        lines.append("")
+    cal = report["calibration"]
+    lines += [
+        "## Calibration",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| activation method | {cal['method']} |",
+        f"| weight method | {cal['weight_method']} |",
+        f"| data | {cal['data']} |",
+        f"| samples | {cal['samples']} |",
+        f"| random inputs | {'yes' if cal['random_inputs'] else 'no'} |",
+        "",
+    ]
+    ev = report.get("evaluation")
+    if ev:
+        held = "held-out" if ev["held_out"] else "the calibration data"
+        lines += [
+            "## Accuracy",
+            "",
+            f"Evaluated on {ev['data']} ({ev['samples']} samples, {held}).",
+            "",
+            "| output | SQNR (dB) | cosine | max abs error | top-1 agreement |",
+            "|---|---|---|---|---|",
+        ]
+        for out in ev["outputs"]:
+            lines.append(
+                f"| {out['name']} | {_db(out['sqnr_db'])} | {out['cosine']:.5f} | "
+                f"{out['max_abs_error']:.4g} | {_pct(out['top1_agreement'])} |"
+            )
+        accuracy = _accuracy(ev)
+        if accuracy:
+            lines += ["", f"Top-1 accuracy: float {_pct(accuracy[0])}, quantized "
+                      f"{_pct(accuracy[1])} ({_delta(accuracy)})."]
+        if ev.get("layers"):
+            lines += ["", "### Layers, worst first", "", "| tensor | op | SQNR (dB) | cosine |",
+                      "|---|---|---|---|"]
+            for layer in ev["layers"]:
+                lines.append(
+                    f"| {layer['tensor']} | {layer['op']} | {_db(layer['sqnr_db'])} | "
+                    f"{layer['cosine']:.5f} |"
+                )
+        lines.append("")
+    plan = report["plan"]
+    lines += ["## Plan", "", f"{plan['quantized_tensors']} tensors quantized; "
+              f"{len(plan['float_nodes'])} nodes stay float.", ""]
+    if plan["float_nodes"]:
+        lines += ["| node | why it stays float |", "|---|---|"]
+        lines += [f"| {node} | {why} |" for node, why in plan["float_nodes"].items()]
+        lines.append("")
+    lines += ["## Passes", ""] + [f"- {p}" for p in report["passes"]] + [""]
+    lines += ["## Files", "", "| file | sha256 |", "|---|---|"]
+    lines += [f"| {name} | `{digest}` |" for name, digest in report["files"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(report: Mapping[str, Any], output: str | None = None) -> str:
+    """The short text summary ``qtool calibrate`` prints."""
+    cal = report["calibration"]
+    target = f" -> {output}" if output else ""
+    lines = [f"{report['model']}{target}  [{report['backend']}, {cal['method']}]"]
+    for warning in report.get("warnings", []):
+        lines.append(f"WARNING: {warning}")
+    lines.append(f"  calibration data   {cal['data']} ({cal['samples']} samples)")
+    ev = report.get("evaluation")
+    if ev:
+        held = "held out" if ev["held_out"] else "calibration data"
+        lines.append(f"  evaluation data    {ev['data']} ({ev['samples']} samples, {held})")
+    plan = report["plan"]
+    lines.append(
+        f"  quantized tensors  {plan['quantized_tensors']}    float nodes  "
+        f"{len(plan['float_nodes'])}"
+    )
+    if ev:
+        lines.append("")
+        lines += _output_rows(ev)
+    if plan["float_nodes"]:
+        lines.append("")
+        shown = list(plan["float_nodes"].items())
+        for node, why in shown[:5]:
+            lines.append(f"  float: {node}: {why}")
+        if len(shown) > 5:
+            lines.append(f"  ... and {len(shown) - 5} more float nodes (see report.md)")
+    if report.get("files"):
+        lines.append("")
+        lines.append("  files: " + ", ".join(list(report["files"]) + ["report.json", "report.md"]))
+    return "\n".join(lines) + "\n"
+
+
+def evaluation_table(ev: Mapping[str, Any]) -> str:
+    """The text ``qtool evaluate`` prints: outputs, accuracy, and layers worst first."""
+    lines = [f"{ev['samples']} samples"] + _output_rows(ev)
+    if ev.get("layers"):
+        rows = [("tensor", "op", "SQNR dB", "cosine", "max abs err")]
+        for layer in ev["layers"]:
+            rows.append((layer["tensor"], layer["op"], _db(layer["sqnr_db"]),
+                         f"{layer['cosine']:.5f}", f"{layer['max_abs_error']:.4g}"))
+        lines += ["", "layers, worst first:"] + _table(rows)
+    return "\n".join(lines) + "\n"
+
+
+def _output_rows(ev: Mapping[str, Any]) -> list[str]:
+    rows = [("output", "SQNR dB", "cosine", "max abs err", "top-1 agree")]
+    for out in ev["outputs"]:
+        rows.append((out["name"], _db(out["sqnr_db"]), f"{out['cosine']:.5f}",
+                     f"{out['max_abs_error']:.4g}", _pct(out["top1_agreement"])))
+    lines = _table(rows)
+    accuracy = _accuracy(ev)
+    if accuracy:
+        lines.append("")
+        lines.append(
+            f"  top-1 accuracy     float {_pct(accuracy[0])}   quantized {_pct(accuracy[1])}"
+            f"   ({_delta(accuracy)})"
+        )
+    return lines
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def _accuracy(ev: Mapping[str, Any]) -> tuple[float, float] | None:
+    for out in ev["outputs"]:
+        if out.get("float_accuracy") is not None and out.get("quant_accuracy") is not None:
+            return out["float_accuracy"], out["quant_accuracy"]
+    return None
+
+
+def _db(value: float | str | None) -> str:
+    if value is None:
+        return "exact"
+    if isinstance(value, str):
+        return value
+    return f"{value:.2f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100.0 * value:.2f}%"
+
+
+def _delta(accuracy: tuple[float, float]) -> str:
+    return f"{100.0 * (accuracy[1] - accuracy[0]):+.2f} pts"

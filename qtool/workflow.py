@@ -1,0 +1,456 @@
+"""The jobs behind the CLI, as library functions: calibrate to a folder, evaluate, run a recipe.
+
+``qtool calibrate`` is :func:`calibrate_to_folder`:
+
+    load -> Pipeline(cleanup, fold_bn, upgrade_opset) -> build_plan (or a saved plan)
+         -> calibrate (streaming, onnxruntime) -> quantize -> evaluate on held-out data
+         -> files: quantized model + backend vendor files + plan.json + report.json + report.md
+
+The output folder is written whole or not at all: its files go into a temporary sibling
+folder which is renamed into place at the end, and an existing non-empty folder is only
+replaced with ``force``. The same inputs give the same bytes in every file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+import qtool
+from qtool.errors import DataError, OutputError, PlanError, RecipeError
+from qtool.io import atomic_write_text, load, save
+from qtool.pipeline import Pipeline, PassReport
+
+log = logging.getLogger(__name__)
+
+PREPARE_PASSES = ("cleanup", "fold_bn", "upgrade_opset")
+PLAN_FILE = "plan.json"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+RANDOM_SAMPLES = 16
+RECIPE_KEYS = frozenset({"model", "output", "passes"})
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    """Options of :func:`quantize_model` (the ``qtool calibrate`` flags).
+
+    Attributes:
+        data: Calibration data (folder, .npz, .npy); None: random inputs, marked unfit.
+        eval_data: Held-out data to evaluate on; None: the calibration data.
+        method: Observer name for activation ranges.
+        weight_method: Observer name for weight ranges.
+        num_samples: At most this many samples (calibration and evaluation each).
+        batch_size: Samples per onnxruntime run.
+        weight_bits: Override the backend's weight bits.
+        act_bits: Override the backend's activation bits.
+        skip: Node names, op types or regexes to keep float.
+        plan: A saved plan JSON to use instead of building one.
+        workers: Processes that calibrate shards of the data.
+        seed: Seed of random inputs.
+        layerwise: Add per-tensor SQNR to the report.
+        progress: Show a progress bar (None: when stderr is a terminal).
+    """
+
+    data: str | os.PathLike | None = None
+    eval_data: str | os.PathLike | None = None
+    method: str = "minmax"
+    weight_method: str = "minmax"
+    num_samples: int | None = None
+    batch_size: int = 32
+    weight_bits: int | None = None
+    act_bits: int | None = None
+    skip: tuple[str, ...] = ()
+    plan: str | os.PathLike | None = None
+    workers: int = 1
+    seed: int = 0
+    layerwise: bool = False
+    progress: bool | None = False
+
+
+@dataclass
+class CalibrationRun:
+    """What :func:`calibrate_to_folder` wrote.
+
+    Attributes:
+        output: The folder written (or the plan file, for a plan-only run).
+        files: File name -> bytes, as written.
+        report: The report (None for a plan-only run).
+    """
+
+    output: Path
+    files: dict[str, bytes] = field(default_factory=dict)
+    report: dict[str, Any] | None = None
+
+
+def prepare(graph: gs.Graph) -> tuple[gs.Graph, list[PassReport]]:
+    """Run the passes every backend expects first: cleanup, BN folding, opset >= 13."""
+    return Pipeline(PREPARE_PASSES).run(graph)
+
+
+def default_output(model: str | os.PathLike, backend: str) -> Path:
+    """``<model stem>-<backend>`` in the current folder."""
+    return Path(f"{Path(model).stem}-{backend}")
+
+
+def calibrate_to_folder(
+    model: str | os.PathLike,
+    backend: str,
+    output: str | os.PathLike | None,
+    options: CalibrateOptions = CalibrateOptions(),
+    *,
+    force: bool = False,
+    save_plan: str | os.PathLike | None = None,
+) -> CalibrationRun:
+    """Quantize a model for a backend and write the output folder atomically.
+
+    Args:
+        model: The float ONNX file.
+        backend: A registered backend name.
+        output: The folder to write (default :func:`default_output`).
+        options: Data, method and plan options.
+        force: Replace an existing non-empty output folder.
+        save_plan: Only build the plan and write it to this JSON file; nothing else runs.
+
+    Returns:
+        What was written.
+
+    Raises:
+        OutputError: The folder exists and is not empty (without ``force``), or cannot be
+            written; nothing is left behind.
+        QtoolError: Any error of loading, planning, calibration or quantization.
+    """
+    if save_plan is not None:
+        graph, _ = prepare(load(model))
+        plan = _build_plan(graph, backend, options)
+        atomic_write_text(save_plan, plan.to_json())
+        return CalibrationRun(Path(save_plan))
+    folder = Path(output) if output is not None else default_output(model, backend)
+    with _staging_folder(folder, force=force) as staging:
+        files, report = quantize_model(model, backend, options)
+        _fill(staging, files)
+    return CalibrationRun(folder, files, report)
+
+
+def quantize_model(
+    model: str | os.PathLike, backend: str, options: CalibrateOptions = CalibrateOptions()
+) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The main job in memory: the files of the output folder, and the report.
+
+    Returns:
+        ``(files, report)``: file name -> bytes (report.json and report.md included), and
+        the report as a dict.
+    """
+    from qtool.calibration import calibrate
+    from qtool.evaluate import evaluate
+    from qtool.quantize import quantize
+    from qtool.report import to_json, to_markdown
+
+    graph, pass_reports = prepare(load(model))
+    plan = _build_plan(graph, backend, options)
+    calib_data = _load_samples(options.data, graph, options.num_samples, options.seed)
+    ranges = calibrate(
+        graph, plan.activation_schemes(), calib_data, method=options.method,
+        batch_size=options.batch_size, workers=options.workers, progress=options.progress,
+    )
+    result = quantize(graph, backend, ranges, plan=plan, weight_method=options.weight_method)
+    files = dict(result.files())
+    files.setdefault(PLAN_FILE, result.plan.to_json().encode("utf-8"))
+
+    eval_path = options.eval_data if options.eval_data is not None else options.data
+    evaluation = evaluate(
+        load(model),
+        _simulation_graph(result),
+        _labelled_batches(eval_path, graph, options),
+        layerwise=options.layerwise,
+    )
+    warnings = []
+    if options.data is None:
+        warnings.append(
+            "calibrated on random inputs (no --data): the ranges and the numbers below say "
+            "nothing about real data; do not deploy this model"
+        )
+    if options.eval_data is None and options.data is not None:
+        warnings.append("evaluated on the calibration data: give --eval-data for held-out numbers")
+    report = {
+        "qtool_version": qtool.__version__,
+        "model": _display(model),
+        "backend": backend,
+        "calibration": {
+            "method": options.method,
+            "weight_method": options.weight_method,
+            "data": _display(options.data) if options.data is not None else "random inputs",
+            "samples": len(calib_data),
+            "random_inputs": options.data is None,
+            "batch_size": options.batch_size,
+            "seed": options.seed,
+        },
+        "passes": [r.summary() for r in pass_reports],
+        "plan": _plan_summary(result.plan),
+        "evaluation": {
+            "data": _display(eval_path) if eval_path is not None else "random inputs",
+            "held_out": options.eval_data is not None,
+            **evaluation.to_dict(),
+        },
+        "files": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())},
+        "warnings": warnings,
+    }
+    files[REPORT_JSON] = to_json(report).encode("utf-8")
+    files[REPORT_MD] = to_markdown(report).encode("utf-8")
+    return dict(sorted(files.items())), report
+
+
+def evaluate_files(
+    float_model: str | os.PathLike,
+    quant_model: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    layerwise: bool = False,
+    num_samples: int | None = None,
+    batch_size: int = 32,
+):
+    """``qtool evaluate``: compare two model files on a data set (labels from an .npz).
+
+    Returns:
+        A :class:`qtool.evaluate.Evaluation`.
+    """
+    from qtool.evaluate import evaluate
+
+    reference = load(float_model)
+    options = CalibrateOptions(num_samples=num_samples, batch_size=batch_size)
+    batches = _labelled_batches(data, reference, options)
+    return evaluate(reference, load(quant_model, check=False), batches, layerwise=layerwise)
+
+
+@dataclass
+class RecipeRun:
+    """What :func:`run_recipe` did: the file written and one report per pass."""
+
+    model: Path
+    output: Path
+    reports: list[PassReport]
+
+    def render(self) -> str:
+        """One line per pass, then where the model went."""
+        lines = [r.summary() for r in self.reports]
+        lines.append(f"wrote {self.output}")
+        return "\n".join(lines) + "\n"
+
+
+def run_recipe(
+    recipe: str | os.PathLike,
+    *,
+    model: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+) -> RecipeRun:
+    """``qtool run``: run a recipe's passes on a model and save the result.
+
+    The recipe's ``model`` and ``output`` are relative to the recipe's folder; the
+    arguments, relative to the current folder, override them. Without an output the model
+    is written beside the input as ``<stem>.out.onnx``.
+
+    Raises:
+        RecipeError: Unknown top-level keys, no model, or a bad pass list.
+    """
+    from qtool.pipeline import load_recipe
+
+    recipe_path = Path(recipe)
+    spec = load_recipe(recipe_path)
+    unknown = sorted(set(spec) - RECIPE_KEYS)
+    if unknown:
+        raise RecipeError(
+            f"{recipe_path}: unknown recipe key(s) {', '.join(unknown)}",
+            f"a recipe has: {', '.join(sorted(RECIPE_KEYS))}",
+        )
+    pipeline = Pipeline.from_recipe(spec)
+    base = recipe_path.parent
+    if model is not None:
+        model_path = Path(model)
+    elif spec.get("model"):
+        model_path = base / str(spec["model"])
+    else:
+        raise RecipeError(f"{recipe_path}: no model", "give MODEL or a 'model' key")
+    if output is not None:
+        output_path = Path(output)
+    elif spec.get("output"):
+        output_path = base / str(spec["output"])
+    else:
+        output_path = model_path.with_name(model_path.stem + ".out.onnx")
+    graph, reports = pipeline.run(load(model_path))
+    save(graph, output_path)
+    return RecipeRun(model_path, output_path, reports)
+
+
+def describe_passes() -> str:
+    """Every registered pass with its options and summary, one per line."""
+    from qtool.pipeline import available_passes
+
+    lines = []
+    for name, info in available_passes().items():
+        options = ", ".join(f"{k}={v!r}" for k, v in info.options.items())
+        lines.append(f"{name}({options}): {info.summary}")
+    return "\n".join(lines) + "\n"
+
+
+def _build_plan(graph: gs.Graph, backend: str, options: CalibrateOptions):
+    from qtool.planner import build_plan
+
+    if options.plan is None:
+        return build_plan(graph, backend, skip=options.skip, weight_bits=options.weight_bits,
+                          act_bits=options.act_bits)
+    if options.skip or options.weight_bits or options.act_bits:
+        raise PlanError(
+            "--skip and --bits shape a new plan; they cannot change a plan given with --plan",
+            "edit the plan file instead, or drop --plan",
+        )
+    from qtool.plan import QuantPlan
+
+    path = Path(options.plan)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PlanError(f"{path}: cannot read the plan ({exc.strerror})") from exc
+    return QuantPlan.from_json(text)
+
+
+def _load_samples(path, graph: gs.Graph, num_samples: int | None, seed: int):
+    from qtool.calibration.data import load_data
+
+    if path is None:
+        return load_data(None, graph, num_samples=num_samples or RANDOM_SAMPLES, seed=seed)
+    return load_data(path, graph, num_samples=num_samples)
+
+
+def _labelled_batches(path, graph: gs.Graph, options: CalibrateOptions) -> Iterator[dict]:
+    """Evaluation batches; an .npz's ``labels`` array rides along under the key ``labels``."""
+    from qtool.evaluate import LABELS_KEY, rebatch
+
+    samples = _load_samples(path, graph, options.num_samples, options.seed)
+    labels = _labels(path)
+    if labels is not None and len(labels) < len(samples):
+        raise DataError(
+            f"{path}: {len(labels)} labels for {len(samples)} samples",
+            "give one label per sample under the 'labels' key",
+        )
+
+    def with_labels() -> Iterator[dict]:
+        for index, sample in enumerate(samples):
+            if labels is None:
+                yield sample
+            else:
+                yield {**sample, LABELS_KEY: labels[index : index + 1]}
+
+    return rebatch(with_labels(), options.batch_size)
+
+
+def _labels(path) -> np.ndarray | None:
+    from qtool.evaluate import LABELS_KEY
+
+    if path is None or Path(path).suffix.lower() != ".npz":
+        return None
+    with np.load(path, allow_pickle=False) as archive:
+        if LABELS_KEY not in archive.files:
+            return None
+        return np.asarray(archive[LABELS_KEY]).reshape(-1).astype(np.int64)
+
+
+def _simulation_graph(result) -> gs.Graph:
+    """The graph that simulates the quantized model in onnxruntime (QDQ)."""
+    return getattr(result, "qdq_graph", None) or result.graph
+
+
+def _plan_summary(plan) -> dict[str, Any]:
+    float_nodes = dict(sorted(plan.float_nodes.items()))
+    return {"quantized_tensors": _quantized_tensor_count(plan), "float_nodes": float_nodes}
+
+
+def _quantized_tensor_count(plan) -> int:
+    tensors = getattr(plan, "tensors", None)
+    if tensors is not None:
+        return len(tensors)
+    return len(plan.activation_schemes())
+
+
+def _display(path) -> str:
+    return Path(path).as_posix()
+
+
+class _staging_folder:  # noqa: N801  (used as a context manager, reads like a function)
+    """A temporary sibling of ``folder`` that becomes ``folder`` on success.
+
+    Entering checks the target (refuses a non-empty one without ``force``) and creates the
+    staging folder at once, so an unwritable location fails before any work. Leaving with
+    an exception removes the staging folder; leaving normally renames it into place (an
+    existing folder is moved aside first and removed after the swap).
+    """
+
+    def __init__(self, folder: Path, *, force: bool):
+        self.folder = folder
+        self.force = force
+        self.path: Path | None = None
+
+    def __enter__(self) -> Path:
+        folder = self.folder
+        if folder.exists() and not folder.is_dir():
+            raise OutputError(f"{folder}: exists and is not a folder", "choose a folder path")
+        if folder.is_dir() and any(folder.iterdir()) and not self.force:
+            raise OutputError(
+                f"{folder}: output folder exists and is not empty",
+                "pass --force to replace it, or choose another folder",
+            )
+        parent = folder.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.path = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=parent))
+        except OSError as exc:
+            raise OutputError(
+                f"{folder}: cannot write the output folder ({exc.strerror})",
+                "choose a writable location with -o",
+            ) from exc
+        return self.path
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        staging = self.path
+        if staging is None:
+            return
+        if exc_type is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        try:
+            os.chmod(staging, 0o755)
+            if self.folder.exists():
+                aside = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.", suffix=".old",
+                                              dir=self.folder.parent))
+                os.rename(self.folder, aside / "old")
+                os.rename(staging, self.folder)
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                os.rename(staging, self.folder)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise OutputError(
+                f"{self.folder}: cannot move the output into place ({exc.strerror})"
+            ) from exc
+
+
+def _fill(folder: Path, files: Mapping[str, bytes]) -> None:
+    for name, data in sorted(files.items()):
+        target = folder / name
+        if target.resolve().parent != folder.resolve() and folder.resolve() not in target.resolve().parents:
+            raise OutputError(f"refusing to write {name!r} outside the output folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.write_bytes(data)
+            os.chmod(target, 0o644)
+        except OSError as exc:
+            raise OutputError(f"{target}: cannot write ({exc.strerror})") from exc
