@@ -8,7 +8,6 @@ This module only parses options and prints: each command calls one library funct
 from __future__ import annotations
 
 import logging
-import sys
 import traceback
 
 import click
@@ -37,6 +36,7 @@ class QtoolGroup(click.Group):
     """A group that turns QtoolError into ``error:``/``hint:`` lines and an exit code."""
 
     def invoke(self, ctx: click.Context):
+        """Run the command; report a QtoolError (or an unexpected error) and exit."""
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
@@ -59,7 +59,7 @@ class QtoolGroup(click.Group):
 def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
     if value:
         ctx.meta[_DEBUG_KEY] = True
-        logging.getLogger("qtool").setLevel(logging.DEBUG)
+    _configure_logging(bool(ctx.meta.get(_DEBUG_KEY)))
     return value
 
 
@@ -71,13 +71,20 @@ def debug_option(fn):
     )(fn)
 
 
-def _configure_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+class _StderrHandler(logging.Handler):
+    """Log records to the current stderr (resolved per record, as click.echo does)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
+
+
+def _configure_logging(debug: bool) -> None:
     root = logging.getLogger("qtool")
-    if not root.handlers:
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
-    root.setLevel(logging.WARNING)
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, readable=True)
@@ -94,8 +101,7 @@ def main() -> None:
     Example:
       qtool calibrate model.onnx --backend snpe --data calib.npz -o out/
       qtool lint model.onnx --backend tensorrt --format sarif -o lint.sarif
-    """
-    _configure_logging()
+    """  # noqa: D301  (click reads \b as a no-rewrap marker)
 
 
 @main.command()
@@ -145,7 +151,7 @@ def calibrate(model, backend, data_path, eval_path, method, weight_method, num_s
     Example:
       qtool calibrate examples/digits_cnn.onnx --backend snpe \\
           --data examples/digits_calib.npz --eval-data examples/digits_val.npz -o out/
-    """
+    """  # noqa: D301  (click reads \b as a no-rewrap marker)
     from qtool.report import summary_table
     from qtool.workflow import CalibrateOptions, calibrate_to_folder
 
@@ -153,7 +159,8 @@ def calibrate(model, backend, data_path, eval_path, method, weight_method, num_s
         data=data_path, eval_data=eval_path, method=method, weight_method=weight_method,
         num_samples=num_samples, batch_size=batch_size,
         weight_bits=weight_bits or bits, act_bits=act_bits or bits, skip=tuple(skip),
-        plan=plan_path, workers=workers, seed=seed, layerwise=layerwise, progress=False if quiet else None,
+        plan=plan_path, workers=workers, seed=seed, layerwise=layerwise,
+        progress=False if quiet else None,
     )
     result = calibrate_to_folder(model, backend, output, options, force=force,
                                  save_plan=save_plan_path)
@@ -166,7 +173,7 @@ def calibrate(model, backend, data_path, eval_path, method, weight_method, num_s
 
 
 @main.command()
-@click.argument("model", type=click.Path())
+@click.argument("models", metavar="MODEL...", nargs=-1, required=True, type=click.Path())
 @click.option("--backend", "-b", type=click.Choice(_backend_names()),
               help="Also check the backend's rules (schemes, shared scales, float ops).")
 @click.option("--format", "fmt", default="text", show_default=True,
@@ -178,17 +185,22 @@ def calibrate(model, backend, data_path, eval_path, method, weight_method, num_s
               help="Write the report to this file instead of stdout.")
 @debug_option
 @click.pass_context
-def lint(ctx, model, backend, fmt, fail_on, output):
-    """Check MODEL: float readiness and QDQ validity. Exit 0 clean, 1 findings, 2 cannot run.
+def lint(ctx, models, backend, fmt, fail_on, output):
+    """Check models: float readiness and QDQ validity. Exit 0 clean, 1 findings, 2 cannot run.
+
+    Float models are checked for what stops quantization (invalid graph, opset, custom
+    domains, dynamic dims, NaN/Inf or unused weights, and with --backend the nodes it would
+    leave float); QDQ models, from qtool or other tools, for Q/DQ structure, shared Concat
+    scales and, with --backend, the backend's zero points, integer types and scale forms.
 
     \b
     Example:
       qtool lint model.onnx --backend tensorrt --format sarif -o qtool.sarif
-    """
+    """  # noqa: D301  (click reads \b as a no-rewrap marker)
     from qtool.lint_format import lint_and_render
 
     ctx.meta[_ERROR_EXIT_KEY] = 2
-    text, code = lint_and_render(model, backend=backend, fmt=fmt, fail_on=fail_on, output=output)
+    text, code = lint_and_render(models, backend=backend, fmt=fmt, fail_on=fail_on, output=output)
     if output is None:
         click.echo(text, nl=False)
     ctx.exit(code)
@@ -207,7 +219,7 @@ def inspect(model, backends, fmt):
     \b
     Example:
       qtool inspect examples/digits_cnn.onnx
-    """
+    """  # noqa: D301  (click reads \b as a no-rewrap marker)
     from qtool.inspection import inspect_model
 
     click.echo(inspect_model(model, backends=backends or None).render(fmt), nl=False)
@@ -232,7 +244,7 @@ def evaluate(float_model, quant_model, data_path, layerwise, num_samples, batch_
     Example:
       qtool evaluate examples/digits_cnn.onnx out/digits_cnn.onnx \\
           --data examples/digits_val.npz --layerwise
-    """
+    """  # noqa: D301  (click reads \b as a no-rewrap marker)
     from qtool.workflow import evaluate_files
 
     evaluation = evaluate_files(float_model, quant_model, data_path, layerwise=layerwise,
@@ -241,7 +253,7 @@ def evaluate(float_model, quant_model, data_path, layerwise, num_samples, batch_
 
 
 @main.command()
-@click.argument("recipe", type=EXISTING_FILE)
+@click.argument("recipe", required=False, type=EXISTING_FILE)
 @click.argument("model", required=False, type=EXISTING_FILE)
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Output .onnx file (over the recipe's 'output').")
@@ -258,14 +270,17 @@ def run(recipe, model, output, list_passes):
       model: model.onnx
       output: model.prepared.onnx
       passes: [cleanup, fold_bn, {upgrade_opset: {target: 13}}]
+
     Example:
       qtool run prepare.yaml
-    """
+    """  # noqa: D301  (click reads \b as a no-rewrap marker)
     from qtool.workflow import describe_passes, run_recipe
 
     if list_passes:
         click.echo(describe_passes(), nl=False)
         return
+    if recipe is None:
+        raise click.UsageError("give a RECIPE file (or --list-passes)")
     result = run_recipe(recipe, model=model, output=output)
     click.echo(result.render(), nl=False)
 

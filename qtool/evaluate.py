@@ -232,7 +232,7 @@ def evaluate(
                 "give one label per sample under the 'labels' key",
             )
         samples += rows
-        for name, x, q in zip(fetch, float_values, quant_values):
+        for name, x, q in zip(fetch, float_values, quant_values, strict=True):
             if x.shape != q.shape:
                 raise DataError(f"output {name}: float shape {x.shape}, quantized {q.shape}")
             sums[name].update(x, q)
@@ -314,7 +314,8 @@ def _feeds(
         if array.ndim == len(dims) - 1:
             array = array[None]
         if array.ndim != len(dims) or any(
-            isinstance(d, int) and d > 0 and d != s for d, s in zip(dims, array.shape)
+            isinstance(d, int) and d > 0 and d != s
+            for d, s in zip(dims, array.shape, strict=True)
         ):
             shown = ["?" if not isinstance(d, int) else str(d) for d in dims]
             raise DataError(

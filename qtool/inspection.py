@@ -37,6 +37,9 @@ class BackendView:
 
     backend: str
     quantized_tensors: int
+    activations: int
+    weights: int
+    biases: int
     float_nodes: dict[str, str]
 
 
@@ -75,11 +78,13 @@ class Inspection:
         if self.backends:
             lines.append("")
             width = max(len(b.backend) for b in self.backends)
-            lines.append(f"  {'backend'.ljust(width)}  quantized tensors  float nodes")
+            lines.append(
+                f"  {'backend'.ljust(width)}  quantized  activations  weights  biases  float nodes"
+            )
             for b in self.backends:
                 lines.append(
-                    f"  {b.backend.ljust(width)}  {str(b.quantized_tensors).rjust(17)}  "
-                    f"{len(b.float_nodes)}"
+                    f"  {b.backend.ljust(width)}  {b.quantized_tensors:>9}  {b.activations:>11}  "
+                    f"{b.weights:>7}  {b.biases:>6}  {len(b.float_nodes):>11}"
                 )
             for b in self.backends:
                 for node, why in b.float_nodes.items():
@@ -134,11 +139,17 @@ def _prepared(model: onnx.ModelProto) -> gs.Graph:
 
 def _backend_view(prepared: gs.Graph, backend: str) -> BackendView:
     from qtool.planner import build_plan
-    from qtool.workflow import _quantized_tensor_count
 
     plan = build_plan(prepared.copy(), backend)
     float_nodes = dict(sorted(plan.float_nodes.items()))
-    return BackendView(backend, _quantized_tensor_count(plan), float_nodes)
+    return BackendView(
+        backend,
+        quantized_tensors=len(plan.tensors),
+        activations=len(plan.entries("activation")),
+        weights=len(plan.entries("weight")),
+        biases=len(plan.entries("bias")),
+        float_nodes=float_nodes,
+    )
 
 
 def _real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
 
 import onnx
+import onnx.inliner
 import onnx_graphsurgeon as gs
 
 from qtool.errors import InvalidModelError, ModelLoadError, OutputError, UnsupportedModelError
@@ -22,7 +22,7 @@ MAX_OPSET = 21
 DEFAULT_DOMAINS = ("", "ai.onnx")
 _TWO_GB = 2**31 - 1
 
-ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto, gs.Graph]
+ModelSource = str | os.PathLike | bytes | onnx.ModelProto | gs.Graph
 
 
 def load_model(source: ModelSource) -> onnx.ModelProto:
@@ -84,6 +84,10 @@ def load(source: ModelSource, *, check: bool = True) -> gs.Graph:
     if isinstance(source, gs.Graph):
         return source
     model = load_model(source)
+    if model.functions:
+        # torch's dynamo exporter (and others) wrap blocks in model-local functions; inline
+        # them so that every op is a plain node qtool can see, quantize and check.
+        model = onnx.inliner.inline_local_functions(model)
     if check:
         check_supported(model)
         check_model(model)
@@ -116,13 +120,25 @@ def check_supported(model: onnx.ModelProto) -> None:
             "re-export the model at an opset between 11 and 21, or convert it with "
             "onnx.version_converter",
         )
-    for node in model.graph.node:
+    for node in _all_nodes(model.graph):
         if node.domain not in DEFAULT_DOMAINS:
             raise UnsupportedModelError(
                 f"node {node.name or '<unnamed>'} ({node.op_type}) is in domain "
                 f"'{node.domain}', which qtool cannot quantize or run through",
                 "export the model with standard ONNX ops only",
             )
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    """Every node of ``graph``, including those inside If/Loop/Scan bodies."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _all_nodes(sub)
 
 
 def check_model(model: onnx.ModelProto) -> None:

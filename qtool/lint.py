@@ -127,7 +127,8 @@ class LintContext:
     @property
     def is_qdq(self) -> bool:
         """The model already holds QuantizeLinear or DequantizeLinear nodes."""
-        return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in self.model.graph.node)
+        qdq = ("QuantizeLinear", "DequantizeLinear")
+        return any(n.op_type in qdq for n in self.model.graph.node)
 
 
 @dataclass
@@ -149,7 +150,9 @@ class LintResult:
         return int(any(_RANK[f.severity] >= threshold for f in self.findings))
 
 
-def lint_model(source: ModelSource, *, backend: str | None = None, name: str | None = None) -> LintResult:
+def lint_model(
+    source: ModelSource, *, backend: str | None = None, name: str | None = None
+) -> LintResult:
     """Run every lint rule on a model.
 
     Args:

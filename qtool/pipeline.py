@@ -42,7 +42,9 @@ class PassInfo:
 
 
 _REGISTRY: dict[str, PassInfo] = {}
-_NOTES: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("notes", default=None)
+_NOTES: contextvars.ContextVar[list[tuple[str, bool]] | None] = contextvars.ContextVar(
+    "notes", default=None
+)
 
 
 def register_pass(name: str, *, changes_opset: bool = False) -> Callable[[PassFn], PassFn]:
@@ -64,11 +66,16 @@ def register_pass(name: str, *, changes_opset: bool = False) -> Callable[[PassFn
     return decorate
 
 
-def note(message: str) -> None:
-    """Record what the running pass changed; shown in its :class:`PassReport`."""
+def note(message: str, *, changed: bool = True) -> None:
+    """Record what the running pass did; shown in its :class:`PassReport`.
+
+    Args:
+        message: What happened, e.g. "20 BatchNormalization folded".
+        changed: False for notes that say why nothing was done ("already at opset 13").
+    """
     notes = _NOTES.get()
     if notes is not None:
-        notes.append(message)
+        notes.append((message, changed))
     log.info(message)
 
 
@@ -192,7 +199,7 @@ def run_pass(graph: gs.Graph, name: str, **options: Any) -> tuple[gs.Graph, Pass
     _check_options(info, options)
     before = op_histogram(graph)
     opset_before = graph.opset
-    notes: list[str] = []
+    notes: list[tuple[str, bool]] = []
     token = _NOTES.set(notes)
     try:
         result = info.fn(graph, **options)
@@ -208,8 +215,8 @@ def run_pass(graph: gs.Graph, name: str, **options: Any) -> tuple[gs.Graph, Pass
     if result.opset != opset_before and not info.changes_opset:
         raise PassError(f"pass {name} changed the opset from {opset_before} to {result.opset}")
     after = op_histogram(result)
-    changed = bool(notes) or before != after
-    report = PassReport(name, changed, notes, before, after)
+    changed = any(flag for _, flag in notes) or before != after
+    report = PassReport(name, changed, [message for message, _ in notes], before, after)
     log.info(report.summary())
     return result, report
 

@@ -221,8 +221,12 @@ def build_plan(
             for tensor in node.inputs:
                 if is_activation(tensor):
                     quantize_input(tensor, node)
-        elif backend.passes_scale_through(op, node.attrs) or op in backend.fused_activations:
-            continue
+        elif (
+            backend.passes_scale_through(op, node.attrs)
+            or op in backend.sharing_ops
+            or op in backend.fused_activations
+        ):
+            continue  # data movement keeps the scale; fused activations run with their producer
         else:
             float_nodes[node.name] = (
                 f"{op} has no integer kernel under the {backend.name} rules "

@@ -77,8 +77,9 @@ def to_markdown(report: Mapping[str, Any]) -> str:
                 )
         lines.append("")
     plan = report["plan"]
-    lines += ["## Plan", "", f"{plan['quantized_tensors']} tensors quantized; "
-              f"{len(plan['float_nodes'])} nodes stay float.", ""]
+    lines += ["## Plan", "", f"{plan['quantized_tensors']} tensors quantized "
+              f"({plan['activations']} activations, {plan['weights']} weights, "
+              f"{plan['biases']} biases); {len(plan['float_nodes'])} nodes stay float.", ""]
     if plan["float_nodes"]:
         lines += ["| node | why it stays float |", "|---|---|"]
         lines += [f"| {node} | {why} |" for node, why in plan["float_nodes"].items()]
@@ -103,7 +104,8 @@ def summary_table(report: Mapping[str, Any], output: str | None = None) -> str:
         lines.append(f"  evaluation data    {ev['data']} ({ev['samples']} samples, {held})")
     plan = report["plan"]
     lines.append(
-        f"  quantized tensors  {plan['quantized_tensors']}    float nodes  "
+        f"  quantized tensors  {plan['quantized_tensors']} ({plan['activations']} activations, "
+        f"{plan['weights']} weights, {plan['biases']} biases); float nodes "
         f"{len(plan['float_nodes'])}"
     )
     if ev:
@@ -152,7 +154,10 @@ def _output_rows(ev: Mapping[str, Any]) -> list[str]:
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines = []
+    for row in rows:
+        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    return [line.rstrip() for line in lines]
 
 
 def _accuracy(ev: Mapping[str, Any]) -> tuple[float, float] | None:

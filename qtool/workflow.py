@@ -28,8 +28,8 @@ import onnx_graphsurgeon as gs
 
 import qtool
 from qtool.errors import DataError, OutputError, PlanError, RecipeError
-from qtool.io import atomic_write_text, load, save
-from qtool.pipeline import Pipeline, PassReport
+from qtool.io import atomic_write_text, load, save, serialize
+from qtool.pipeline import PassReport, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,7 @@ def quantize_model(
         ``(files, report)``: file name -> bytes (report.json and report.md included), and
         the report as a dict.
     """
+    from qtool.backends.base import QDQ_MODEL_FILE
     from qtool.calibration import calibrate
     from qtool.evaluate import evaluate
     from qtool.quantize import quantize
@@ -166,12 +167,19 @@ def quantize_model(
     result = quantize(graph, backend, ranges, plan=plan, weight_method=options.weight_method)
     files = dict(result.files())
     files.setdefault(PLAN_FILE, result.plan.to_json().encode("utf-8"))
+    qdq_bytes = serialize(result.graph)
+    if qdq_bytes not in files.values():  # e.g. SNPE ships the float model + encodings
+        files[QDQ_MODEL_FILE] = qdq_bytes
 
     eval_path = options.eval_data if options.eval_data is not None else options.data
+    eval_samples = (
+        calib_data if options.eval_data is None
+        else _load_samples(eval_path, graph, options.num_samples, options.seed)
+    )
     evaluation = evaluate(
         load(model),
-        _simulation_graph(result),
-        _labelled_batches(eval_path, graph, options),
+        result.graph,
+        _labelled_batches(eval_samples, eval_path, options.batch_size),
         layerwise=options.layerwise,
     )
     warnings = []
@@ -227,8 +235,8 @@ def evaluate_files(
     from qtool.evaluate import evaluate
 
     reference = load(float_model)
-    options = CalibrateOptions(num_samples=num_samples, batch_size=batch_size)
-    batches = _labelled_batches(data, reference, options)
+    samples = _load_samples(data, reference, num_samples, seed=0)
+    batches = _labelled_batches(samples, data, batch_size)
     return evaluate(reference, load(quant_model, check=False), batches, layerwise=layerwise)
 
 
@@ -331,11 +339,14 @@ def _load_samples(path, graph: gs.Graph, num_samples: int | None, seed: int):
     return load_data(path, graph, num_samples=num_samples)
 
 
-def _labelled_batches(path, graph: gs.Graph, options: CalibrateOptions) -> Iterator[dict]:
-    """Evaluation batches; an .npz's ``labels`` array rides along under the key ``labels``."""
+def _labelled_batches(samples, path, batch_size: int) -> Iterator[dict]:
+    """Evaluation batches of ``samples`` (loaded from ``path``), with labels if it has any.
+
+    An .npz's ``labels`` array rides along under the key ``labels``, row for row (the
+    loaders keep the file's order).
+    """
     from qtool.evaluate import LABELS_KEY, rebatch
 
-    samples = _load_samples(path, graph, options.num_samples, options.seed)
     labels = _labels(path)
     if labels is not None and len(labels) < len(samples):
         raise DataError(
@@ -350,7 +361,7 @@ def _labelled_batches(path, graph: gs.Graph, options: CalibrateOptions) -> Itera
             else:
                 yield {**sample, LABELS_KEY: labels[index : index + 1]}
 
-    return rebatch(with_labels(), options.batch_size)
+    return rebatch(with_labels(), batch_size)
 
 
 def _labels(path) -> np.ndarray | None:
@@ -364,21 +375,14 @@ def _labels(path) -> np.ndarray | None:
         return np.asarray(archive[LABELS_KEY]).reshape(-1).astype(np.int64)
 
 
-def _simulation_graph(result) -> gs.Graph:
-    """The graph that simulates the quantized model in onnxruntime (QDQ)."""
-    return getattr(result, "qdq_graph", None) or result.graph
-
-
 def _plan_summary(plan) -> dict[str, Any]:
-    float_nodes = dict(sorted(plan.float_nodes.items()))
-    return {"quantized_tensors": _quantized_tensor_count(plan), "float_nodes": float_nodes}
-
-
-def _quantized_tensor_count(plan) -> int:
-    tensors = getattr(plan, "tensors", None)
-    if tensors is not None:
-        return len(tensors)
-    return len(plan.activation_schemes())
+    return {
+        "quantized_tensors": len(plan.tensors),
+        "activations": len(plan.entries("activation")),
+        "weights": len(plan.entries("weight")),
+        "biases": len(plan.entries("bias")),
+        "float_nodes": dict(sorted(plan.float_nodes.items())),
+    }
 
 
 def _display(path) -> str:
@@ -409,6 +413,12 @@ class _staging_folder:  # noqa: N801  (used as a context manager, reads like a f
                 "pass --force to replace it, or choose another folder",
             )
         parent = folder.parent
+        blocking = next((p for p in (parent, *parent.parents) if p.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            raise OutputError(
+                f"{folder}: cannot create the output folder: {blocking} is a file",
+                "choose an output folder whose parents are folders",
+            )
         try:
             parent.mkdir(parents=True, exist_ok=True)
             self.path = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=parent))
@@ -446,7 +456,7 @@ class _staging_folder:  # noqa: N801  (used as a context manager, reads like a f
 def _fill(folder: Path, files: Mapping[str, bytes]) -> None:
     for name, data in sorted(files.items()):
         target = folder / name
-        if target.resolve().parent != folder.resolve() and folder.resolve() not in target.resolve().parents:
+        if folder.resolve() not in target.resolve().parents:
             raise OutputError(f"refusing to write {name!r} outside the output folder")
         target.parent.mkdir(parents=True, exist_ok=True)
         try:

@@ -96,7 +96,7 @@ def test_streaming_equals_one_batch_and_single_samples():
     x, _ = _data(rows=50)
     whole = evaluate(float_model, quant_model, [{"x": x}])
     singles = evaluate(float_model, quant_model, ({"x": x[i]} for i in range(len(x))))
-    for a, b in zip(whole.outputs, singles.outputs):
+    for a, b in zip(whole.outputs, singles.outputs, strict=True):
         assert a.sqnr_db == pytest.approx(b.sqnr_db, rel=1e-12)
         assert a.cosine == pytest.approx(b.cosine, rel=1e-12)
         assert a.max_abs_error == b.max_abs_error
@@ -115,8 +115,8 @@ def test_identical_models_are_exact():
 def test_layerwise_compares_the_dequantized_tensor():
     float_model, quant_model = _pair()
     x, _ = _data(rows=100)
-    result = evaluate(float_model, quant_model, rebatch(({"x": x[i : i + 1]} for i in range(100)), 32),
-                      layerwise=True)
+    batches = rebatch(({"x": x[i : i + 1]} for i in range(100)), 32)
+    result = evaluate(float_model, quant_model, batches, layerwise=True)
     t, td, _, _ = _reference(x)
     (layer,) = result.layers
     assert (layer.tensor, layer.op) == ("t", "Mul")

@@ -251,3 +251,41 @@ def test_check_false_skips_the_support_checks():
     graph = load(model, check=False)
     assert graph.opset == 23
     assert default_opset(model) == 23
+
+
+def test_a_custom_domain_node_inside_a_subgraph_is_refused():
+    branch = helper.make_graph(
+        [helper.make_node("FancyRelu", ["x"], ["b"], domain="com.example")], "branch", [],
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, [2])],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13),
+                                                     helper.make_opsetid("com.example", 1)])
+    with pytest.raises(UnsupportedModelError, match="FancyRelu.*domain 'com.example'"):
+        load(model)
+
+
+def test_model_local_functions_are_inlined_on_load():
+    # Exporters such as torch's dynamo wrap blocks in model-local functions.
+    twice = helper.make_function(
+        "local", "Twice", ["x"], ["y"], [helper.make_node("Add", ["x", "x"], ["y"])],
+        [helper.make_opsetid("", 13)],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Twice", ["a"], ["b"], domain="local")], "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("local", 1)],
+        functions=[twice],
+    )
+    loaded = load(model)
+    assert [n.op for n in loaded.nodes] == ["Add"]
+    x = np.array([1.5, -2.0], dtype=np.float32)
+    np.testing.assert_array_equal(run(loaded, {"a": x})[0], 2 * x)

@@ -310,7 +310,12 @@ def ort_qdq_torch_concat(tmp_path_factory):
 
 
 def _ort_quantize(model_path, samples, tmp_path_factory, name):
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -320,7 +325,8 @@ def _ort_quantize(model_path, samples, tmp_path_factory, name):
             return next(self.rows, None)
 
     out = tmp_path_factory.mktemp("ortq") / f"{name}_qdq.onnx"
-    quantize_static(str(model_path), str(out), Reader(), quant_format=QuantFormat.QDQ)
+    quantize_static(str(model_path), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return out
 
 
@@ -384,7 +390,7 @@ def test_sarif_is_valid_and_complete(ort_qdq_digits):
     rule_ids_listed = [r["id"] for r in run["tool"]["driver"]["rules"]]
     assert rule_ids_listed == sorted(rule_ids_listed) and "QT104" in rule_ids_listed
     assert len(run["results"]) == len(result.findings)
-    for sarif_result, finding in zip(run["results"], result.findings):
+    for sarif_result, finding in zip(run["results"], result.findings, strict=True):
         assert sarif_result["ruleId"] == finding.rule_id
         assert sarif_result["level"] == finding.severity
         assert sarif_result["message"]["text"] == finding.message

@@ -223,7 +223,7 @@ def test_meanstd_matches_numpy():
 def test_kld_matches_reference_search():
     """Threshold equals an independent brute-force TensorRT-style search on the same bins."""
     x = laplace()
-    obs = observe(KLDObserver, SYM, x, bins=1024, max_candidates=10_000)
+    obs = observe(KLDObserver, SYM, x, bins=1024)
     counts, width = obs.abs_histogram(0)
     levels = 128
     best, best_i = np.inf, None

@@ -12,8 +12,9 @@ bins, ``i`` from the number of levels ``L`` to the last non-empty bin:
 and the threshold is ``t = i* x width`` for the best ``i*``. ``L`` is the number of levels
 covering ``[0, t]``: ``qmax + 1`` for symmetric schemes, ``qmax - qmin + 1`` for asymmetric
 ones on one-signed data and half of that when the data has both signs. The range is
-``(max(min, -t), min(max, t))``. At most ``max_candidates`` thresholds are tried, evenly
-spaced. Per-channel schemes get one histogram and one search per channel.
+``(max(min, -t), min(max, t))``. Every threshold is tried (or ``max_candidates`` evenly
+spaced ones): the divergences of all candidates come from cumulative sums in one vectorised
+step (:func:`kl_divergences`). Per-channel schemes get one histogram and search per channel.
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ class KLDObserver(HistogramObserver):
         scheme: The scheme the range is for.
         name: Tensor name.
         bins: Histogram bins (2048 by default).
-        max_candidates: Thresholds tried at most.
+        max_candidates: Thresholds tried at most (None: all).
     """
 
     def __init__(self, scheme=None, name="<tensor>", *, bins: int = 2048,
-                 max_candidates: int = 512):
+                 max_candidates: int | None = None):
         super().__init__(scheme, name, bins=bins)
-        self.max_candidates = int(max_candidates)
+        self.max_candidates = max_candidates
 
     def _levels(self, lo: float, hi: float) -> int:
         scheme = self.scheme
@@ -53,32 +54,47 @@ class KLDObserver(HistogramObserver):
         levels = self._levels(lo, hi)
         if len(counts) <= levels:
             return lo, hi
-        counts = counts.astype(np.float64)
         candidates = np.arange(levels, len(counts) + 1)
-        if len(candidates) > self.max_candidates:
+        if self.max_candidates and len(candidates) > self.max_candidates:
             pick = np.linspace(0, len(candidates) - 1, self.max_candidates).round()
             candidates = candidates[pick.astype(np.int64)]
-        divergences = [kl_divergence_at(counts, int(i), levels) for i in candidates]
+        divergences = kl_divergences(counts.astype(np.float64), candidates, levels)
         t = float(candidates[int(np.argmin(divergences))]) * width
         return max(lo, -t), min(hi, t)
 
 
-def kl_divergence_at(counts: np.ndarray, i: int, levels: int) -> float:
-    """KL(P || Q) for the threshold at ``i`` bins (see the module docstring)."""
-    reference = counts[:i].copy()
-    reference[-1] += counts[i:].sum()
-    sliced = counts[:i]
-    group = i // levels
-    starts = np.arange(levels) * group
-    lengths = np.diff(np.append(starts, i))
-    present = reference > 0
-    sums = np.add.reduceat(sliced, starts)
-    nonempty = np.add.reduceat(present.astype(np.float64), starts)
-    per_bin = np.divide(sums, nonempty, out=np.zeros_like(sums), where=nonempty > 0)
-    expanded = np.repeat(per_bin, lengths) * present
-    p = reference / reference.sum()
-    total = expanded.sum()
-    q = expanded / total if total > 0 else expanded
-    q = np.where(present & (q <= 0), _EPS, q)
-    mask = p > 0
-    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+def kl_divergences(counts: np.ndarray, candidates: np.ndarray, levels: int) -> np.ndarray:
+    """KL(P || Q) for every candidate threshold at once, from cumulative sums.
+
+    With ``N`` the total count, ``tail = sum(counts[i:])``, group sums ``S_g`` and numbers
+    of non-empty bins ``k_g``, ``q`` is constant on a group, ``q_g = S_g / (k_g (N - tail))``,
+    so ``KL = (1/N) sum_j P_j log P_j - log N - (1/N) sum_g (sum_{j in g} P_j) log q_g``:
+    a few gathers from cumulative arrays per candidate instead of a loop over bins.
+    """
+    total = counts.sum()
+    cumulative = np.concatenate([[0.0], np.cumsum(counts)])
+    nonempty = np.concatenate([[0], np.cumsum(counts > 0)])
+    plogp = np.where(counts > 0, counts * np.log(np.where(counts > 0, counts, 1.0)), 0.0)
+    cumulative_plogp = np.concatenate([[0.0], np.cumsum(plogp)])
+
+    i = candidates[:, None]
+    group = candidates[:, None] // levels
+    starts = np.arange(levels)[None, :] * group
+    ends = np.concatenate([starts[:, 1:], i], axis=1)
+    sums = cumulative[ends] - cumulative[starts]
+    present = (nonempty[ends] - nonempty[starts]).astype(np.float64)
+
+    tail = total - cumulative[candidates]
+    last = counts[candidates - 1]
+    last_p = last + tail  # P's last bin takes the clipped tail
+    present[:, -1] += (last == 0) & (tail > 0)
+    mass = sums.copy()
+    mass[:, -1] += tail  # sum of P over each group
+
+    p_log_p = cumulative_plogp[candidates - 1] + np.where(
+        last_p > 0, last_p * np.log(np.where(last_p > 0, last_p, 1.0)), 0.0)
+    kept = (total - tail)[:, None]
+    q = np.divide(sums, present * kept, out=np.zeros_like(sums), where=present > 0)
+    q = np.where((mass > 0) & (q <= 0), _EPS, q)
+    log_q = np.log(np.where(mass > 0, q, 1.0))
+    return p_log_p / total - np.log(total) - (mass * log_q).sum(axis=1) / total

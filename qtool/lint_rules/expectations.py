@@ -36,7 +36,7 @@ class BackendExpectations:
     static_shapes: bool = False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def backend_expectations(name: str) -> BackendExpectations:
     """The expectations of the registered backend ``name``.
 

@@ -32,6 +32,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from qtool.pipeline import note, register_pass
 
@@ -66,14 +67,17 @@ def cleanup(graph: gs.Graph, *, fold_constants: bool = True) -> gs.Graph:
         folded_shapes = fold_static_shapes(graph)
         graph.cleanup().toposort()
         count = len(graph.nodes)
-        graph.fold_constants(
-            fold_shapes=False,
-            recurse_subgraphs=False,
-            flatten_subgraphs=False,
-            partitioning="recursive",
-            should_exclude_node=lambda node: node.op in NONDETERMINISTIC_OPS
-            or any(out in graph.outputs for out in node.outputs),
-        )
+        # graphsurgeon prints its warnings (a partition onnxruntime cannot evaluate stays as
+        # it is); qtool only logs, so keep them quiet.
+        with G_LOGGER.suppress(G_LOGGER.CRITICAL):
+            graph.fold_constants(
+                fold_shapes=False,
+                recurse_subgraphs=False,
+                flatten_subgraphs=False,
+                partitioning="recursive",
+                should_exclude_node=lambda node: node.op in NONDETERMINISTIC_OPS
+                or any(out in graph.outputs for out in node.outputs),
+            )
         restore_constant_outputs(graph)
         graph.cleanup().toposort()
         folded_nodes = count - len(graph.nodes)

@@ -141,41 +141,44 @@ def _bn_statistics(graph: gs.Graph, bn: gs.Node) -> tuple[np.ndarray, np.ndarray
 
 
 def _fold_target(graph: gs.Graph, bn: gs.Node) -> tuple[gs.Node, gs.Node | None] | None:
-    """The (layer, optional bias Add) the BN folds into, or None with the reason logged."""
+    """The (layer, optional bias Add) the BN folds into, or None (the reason is logged)."""
+    target = _find_target(graph, bn)
+    if isinstance(target, str):
+        log.debug("BatchNormalization %s not folded: %s", bn.name, target)
+        return None
+    return target
+
+
+def _find_target(graph: gs.Graph, bn: gs.Node) -> tuple[gs.Node, gs.Node | None] | str:
     x = bn.inputs[0]
     add = None
     if len(x.inputs) == 1 and x.inputs[0].op == "Add" and _sole_consumer(graph, x, bn):
         add = x.inputs[0]
         matmul_outs = [t for t in add.inputs if len(t.inputs) == 1 and t.inputs[0].op == "MatMul"]
         if len(matmul_outs) != 1 or not _sole_consumer(graph, matmul_outs[0], add):
-            return None
+            return "its input is an Add that is not MatMul + bias"
         bias = next(t for t in add.inputs if t is not matmul_outs[0])
         if not isinstance(bias, gs.Constant):
-            return None
+            return "the Add before it adds a non-constant"
         x = matmul_outs[0]
-    if len(x.inputs) != 1 or not _sole_consumer(graph, x, add or bn):
-        return None
+    if len(x.inputs) != 1 or x.inputs[0].op not in CHANNEL_HOOKS:
+        return "its input is not made by Conv, ConvTranspose, Gemm or MatMul"
     layer = x.inputs[0]
-    if layer.op not in CHANNEL_HOOKS or len(layer.inputs) < 2:
-        return None
-    if not isinstance(layer.inputs[1], gs.Constant):
-        log.debug("%s: weight of %s is not a constant", bn.name, layer.name)
-        return None
-    if layer.op in ("Conv", "ConvTranspose", "Gemm") and len(layer.inputs) > 2:
-        if layer.inputs[2].name and not isinstance(layer.inputs[2], gs.Constant):
-            return None
-    if layer.op == "Gemm" and add is not None:
-        return None
+    if not _sole_consumer(graph, x, add or bn):
+        return f"the output of {layer.name} is also used elsewhere"
+    if len(layer.inputs) < 2 or not isinstance(layer.inputs[1], gs.Constant):
+        return f"the weight of {layer.name} is not a constant"
+    has_bias = len(layer.inputs) > 2 and layer.inputs[2].name
+    if has_bias and not isinstance(layer.inputs[2], gs.Constant):
+        return f"the bias of {layer.name} is not a constant"
     if layer.op == "MatMul":
-        out_rank = len(bn.inputs[0].shape) if bn.inputs[0].shape is not None else None
-        if out_rank != 2 or layer.inputs[1].values.ndim != 2:
-            log.debug("%s: MatMul output is not 2-D (N, C)", bn.name)
-            return None
+        rank = len(bn.inputs[0].shape) if bn.inputs[0].shape is not None else None
+        if rank != 2 or layer.inputs[1].values.ndim != 2:
+            return "the MatMul output is not 2-D (N, C), so BN's axis 1 is not its columns"
     elif add is not None:
-        return None
-    channels = bn.inputs[1].values.size
-    if output_channels(layer, layer.inputs[1].values) != channels:
-        return None
+        return "an Add sits between the layer and the BN"
+    if output_channels(layer, layer.inputs[1].values) != bn.inputs[1].values.size:
+        return f"{layer.name} and the BN disagree on the number of channels"
     return layer, add
 
 

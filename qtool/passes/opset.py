@@ -38,7 +38,7 @@ def upgrade_opset(graph: gs.Graph, *, target: int = 13) -> gs.Graph:
             "give an integer target such as 13",
         )
     if graph.opset >= target:
-        note(f"already at opset {graph.opset}")
+        note(f"already at opset {graph.opset}", changed=False)
         return graph
     before = graph.opset
     graph = ensure_opset(graph, target)
