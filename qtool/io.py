@@ -167,8 +167,14 @@ def to_model(graph: gs.Graph | onnx.ModelProto) -> onnx.ModelProto:
     if isinstance(graph, onnx.ModelProto):
         return graph
     model = gs.export_onnx(graph, do_type_check=True)
-    opsets = [onnx.helper.make_opsetid(e.domain, e.version) for e in model.opset_import]
-    model.ir_version = max(onnx.helper.find_min_ir_version_for(opsets), 7)
+    ir_version = 7
+    for entry in model.opset_import:
+        try:
+            opset = onnx.helper.make_opsetid(entry.domain, entry.version)
+            ir_version = max(ir_version, onnx.helper.find_min_ir_version_for([opset]))
+        except ValueError:  # a custom domain: no IR requirement of its own
+            continue
+    model.ir_version = ir_version
     # graphsurgeon stamps its own producer; keep the exporter's name for provenance.
     model.producer_name = graph.producer_name or "qtool"
     model.producer_version = graph.producer_version or ""
