@@ -43,7 +43,7 @@ class QtoolGroup(click.Group):
             raise
         except QtoolError as exc:
             if ctx.meta.get(_DEBUG_KEY):
-                traceback.print_exc()
+                click.echo(traceback.format_exc(), err=True, nl=False)
             click.echo(f"error: {exc.message}", err=True)
             if exc.hint:
                 click.echo(f"hint: {exc.hint}", err=True)
@@ -134,7 +134,7 @@ def main() -> None:
               help="Processes that calibrate shards of the data in parallel.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of random inputs.")
 @click.option("-o", "--output", type=click.Path(file_okay=False),
-              help="Output folder (default: <model>-<backend>/ next to the current folder).")
+              help="Output folder (default: <model>-<backend>/ in the current folder).")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--layerwise", is_flag=True, help="Add per-tensor SQNR (worst first) to the report.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
@@ -242,7 +242,7 @@ def evaluate(float_model, quant_model, data_path, layerwise, num_samples, batch_
 
     \b
     Example:
-      qtool evaluate examples/digits_cnn.onnx out/digits_cnn.onnx \\
+      qtool evaluate examples/digits_cnn.onnx out/model.qdq.onnx \\
           --data examples/digits_val.npz --layerwise
     """  # noqa: D301  (click reads \b as a no-rewrap marker)
     from qtool.workflow import evaluate_files
@@ -262,8 +262,9 @@ def evaluate(float_model, quant_model, data_path, layerwise, num_samples, batch_
 def run(recipe, model, output, list_passes):
     """Run the pass pipeline of a RECIPE (YAML/JSON) on a model.
 
-    The recipe has ``passes`` (names, or {name: {option: value}}) and optionally ``model``
-    and ``output`` (paths relative to the recipe's folder); MODEL and -o override them.
+    The recipe has 'passes' (names, or {name: {option: value}}) and optionally 'model'
+    and 'output' (paths relative to the recipe's folder); MODEL and -o override them.
+    Without an output the result goes beside the model as <stem>.out.onnx.
 
     \b
     Example recipe (prepare.yaml):
@@ -271,8 +272,10 @@ def run(recipe, model, output, list_passes):
       output: model.prepared.onnx
       passes: [cleanup, fold_bn, {upgrade_opset: {target: 13}}]
 
+    \b
     Example:
       qtool run prepare.yaml
+      qtool run prepare.yaml other.onnx -o other.prepared.onnx
     """  # noqa: D301  (click reads \b as a no-rewrap marker)
     from qtool.workflow import describe_passes, run_recipe
 

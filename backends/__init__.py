@@ -17,6 +17,7 @@ from typing import Any
 
 from qtool.backends import academic, acl, fbgemm, snpe, tensorrt, tvm
 from qtool.backends.base import Backend
+
 from qtool.errors import BackendError
 
 #: The backends, in the order ``--backend`` lists them.

@@ -10,6 +10,7 @@ Files: ``model.qdq.onnx`` (the QDQ graph).
 from __future__ import annotations
 
 from qtool.backends.base import GRAPH_1, Backend, qdq_model_file
+
 from qtool.scheme import QuantScheme
 
 BACKEND = Backend(

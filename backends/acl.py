@@ -29,8 +29,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
 from qtool.backends.base import GRAPH_1, Backend, Placement, qdq_model_file, scalar
+
 from qtool.scheme import QuantScheme
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from qtool.backends.base import GRAPH_3, Backend, qdq_model_file
+
 from qtool.scheme import QuantScheme
 
 ACTIVATIONS = QuantScheme(bits=8, signed=False, symmetric=False)

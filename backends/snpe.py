@@ -24,6 +24,7 @@ Files: ``model.onnx`` (the float graph, tensor names as in the encodings) and
 from __future__ import annotations
 
 from qtool.backends.base import GRAPH_3, Backend, json_bytes, scalar
+
 from qtool.scheme import QuantScheme
 
 ENCODING_VERSION = "0.6.1"

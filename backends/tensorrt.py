@@ -27,10 +27,10 @@ from __future__ import annotations
 import struct
 
 from qtool.backends.base import GRAPH_2, Backend, json_bytes, qdq_model_file, scalar
+
 from qtool.scheme import QuantScheme
 
 CACHE_ALGORITHM = "EntropyCalibration2"
-INT8_MAX = 127
 
 
 def calibration_cache(result, version: int) -> str:
@@ -43,9 +43,9 @@ def calibration_cache(result, version: int) -> str:
 
 
 def dynamic_ranges(result) -> dict[str, float]:
-    """``{tensor: amax}`` with ``amax = scale * 127`` (float32 scale)."""
+    """``{tensor: amax}`` with ``amax = scale * qmax`` (float32 scale; qmax 127 for int8)."""
     return {
-        entry.tensor: scalar(result.qparams[entry.tensor].scale) * INT8_MAX
+        entry.tensor: scalar(result.qparams[entry.tensor].scale) * entry.scheme.qmax
         for entry in result.plan.entries("activation")
     }
 

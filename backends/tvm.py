@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 from qtool.backends.base import GRAPH_3, Backend, json_bytes, qdq_model_file, scalar
+
 from qtool.errors import BackendError
 from qtool.scheme import QuantScheme
 

@@ -111,7 +111,7 @@ def check_inputs(model, sample: Mapping[str, np.ndarray]) -> None:
                 f"input {name}: data is {array.dtype}, the model expects {spec.dtype}",
                 f"convert the data with .astype(np.{spec.dtype})",
             )
-        for axis, (have, want) in enumerate(zip(array.shape, spec.shape)):
+        for axis, (have, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
             if axis > 0 and want is not None and have != want:
                 raise DataError(
                     f"input {name}: data shape {array.shape} does not fit the model's "
@@ -159,8 +159,9 @@ class ImageFolder(_Loader):
         size: Output height and width (an int for a square, or ``(h, w)``).
         resize: Shorter side before the centre crop; default ``round(size / 0.875)``
             (256 for 224); 0 resizes straight to ``size``.
-        mean: Per-channel mean subtracted after scaling to [0, 1].
-        std: Per-channel std divided by.
+        mean: Per-channel mean subtracted after scaling to [0, 1], in the output's channel
+            order (BGR order when ``bgr``, as Caffe-style means are given).
+        std: Per-channel std divided by, in the same order.
         channels: 3 (RGB/BGR) or 1 (grayscale).
         bgr: Channel order BGR instead of RGB.
         layout: "NCHW" or "NHWC".

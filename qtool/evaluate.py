@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from qtool.errors import DataError
+from qtool.errors import DataError, InvalidModelError
 from qtool.io import ModelSource, load_model, serialize
 
 log = logging.getLogger(__name__)
@@ -392,9 +392,7 @@ def _session(model: onnx.ModelProto, intra_op_threads: int | None):
         options.intra_op_num_threads = intra_op_threads
     try:
         return ort.InferenceSession(serialize(model), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        from qtool.errors import InvalidModelError
-
+    except Exception as exc:  # onnxruntime raises its own exception types
         raise InvalidModelError(
             f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}"
         ) from exc

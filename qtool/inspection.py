@@ -10,6 +10,7 @@ The per-backend part plans the prepared graph (cleanup, BN folding, opset >= 13)
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -111,8 +112,7 @@ def inspect_model(source: ModelSource, *, backends: Sequence[str] | None = None)
     prepared = _prepared(model) if names else None
     views = [_backend_view(prepared, name) for name in names]
     return Inspection(
-        model=str(source) if isinstance(source, (str,)) or hasattr(source, "__fspath__")
-        else "<model>",
+        model=str(source) if isinstance(source, (str, os.PathLike)) else "<model>",
         opset=default_opset(model),
         ir_version=int(model.ir_version),
         producer=" ".join(p for p in (model.producer_name, model.producer_version) if p),

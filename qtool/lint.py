@@ -186,8 +186,14 @@ def lint_model(
         context.rule = lint_rule
         try:
             findings.update(lint_rule.check(context))
-        except QtoolError:
-            raise
+        except QtoolError as exc:  # e.g. the passes a backend rule needs reject the graph
+            findings.add(
+                lint_rule.finding(
+                    f"rule {lint_rule.id} ({lint_rule.name}) could not check this model: "
+                    f"{exc.message}",
+                    severity="warning",
+                )
+            )
         except Exception as exc:  # a rule tripping over an odd graph must not hide the others
             log.debug("rule %s failed", lint_rule.id, exc_info=True)
             findings.add(

@@ -419,7 +419,8 @@ def _check_keys(data: Mapping[str, Any], known: Iterable[str], where: str) -> No
     unknown = sorted(set(data) - known)
     if unknown:
         raise PlanError(
-            f"{where}: unknown key(s) {', '.join(unknown)}", f"known keys: {', '.join(sorted(known))}"
+            f"{where}: unknown key(s) {', '.join(unknown)}",
+            f"known keys: {', '.join(sorted(known))}",
         )
     missing = sorted(known - set(data))
     if missing:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,7 +261,8 @@ def _activation_range(entry: TensorPlan, ranges: Mapping[str, tuple[Any, Any]]):
 def _check_ranges(plan: QuantPlan, ranges: Mapping[str, tuple[Any, Any]]) -> None:
     missing = [name for name in plan.activation_schemes() if name not in ranges]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        shown = ", ".join(missing[:5]) + more
         raise PlanError(
             f"no range for {len(missing)} planned activation(s): {shown}",
             "calibrate plan.activation_schemes() (qtool.calibration.calibrate) or pin them",
@@ -357,3 +360,15 @@ def _copy(graph: gs.Graph) -> gs.Graph:
 
 
 __all__ = ["QuantizedModel", "TensorQParams", "compute_qparams", "quantize"]
+
+
+class _CallableModule(types.ModuleType):
+    """Importing ``qtool.quantize`` binds this module to the name ``qtool.quantize``, which
+    hides the function of the same name; calling the module calls the function, so
+    ``qtool.quantize(graph, backend, ranges)`` works as documented."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> QuantizedModel:
+        return quantize(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

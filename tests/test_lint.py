@@ -183,6 +183,22 @@ def test_float_example_is_clean_and_only_notes_its_dynamic_batch():
     assert result.exit_code("note") == 1
 
 
+def test_float_model_nodes_a_backend_leaves_float():
+    from qtool.io import load
+    from qtool.planner import build_plan
+    from qtool.workflow import prepare
+
+    graph, _ = prepare(load(str(DIGITS)))
+    expected = build_plan(graph, "academic").float_nodes
+    assert expected  # graph 1 leaves the residual Add and the pooling in float
+    result = lint_model(str(DIGITS), backend="academic")
+    found = {f.node: f for f in result.findings if f.rule_id == "QT004"}
+    assert set(found) == set(expected)
+    assert all(f.severity == "warning" and expected[n] in f.message for n, f in found.items())
+    assert not [f for f in lint_model(str(DIGITS), backend="tensorrt").findings
+                if f.rule_id == "QT004"]
+
+
 def test_invalid_graph_is_a_finding_not_a_crash():
     # Relu reads a tensor nothing produces: the checker rejects the model.
     model = _model([helper.make_node("Relu", ["missing"], ["y"], name="relu")])

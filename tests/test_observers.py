@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from qtool.calibration.observers import (
     OBSERVERS,
     HistogramObserver,
@@ -21,6 +20,7 @@ from qtool.calibration.observers import (
     get_observer,
 )
 from qtool.calibration.observers.histogram import grid_exponent
+
 from qtool.errors import CalibrationError
 from qtool.scheme import QuantScheme
 

@@ -63,7 +63,7 @@ def test_json_layout():
     [
         (lambda d: d.update(extra=1), "unknown key(s) extra"),
         (lambda d: d["tensors"]["input"].update(scael=1), "unknown key(s) scael"),
-        (lambda d: d["tensors"]["input"]["scheme"].update(nbits=4), "unknown scheme field(s) nbits"),
+        (lambda d: d["tensors"]["input"]["scheme"].update(nbits=4), "unknown scheme field(s)"),
         (lambda d: d["tensors"]["input"].pop("group"), "missing key(s) group"),
         (lambda d: d.update(format="other/9"), "plan format"),
         (lambda d: d["tensors"]["input"].update(role="output"), "role 'output'"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import models
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -66,10 +67,12 @@ def test_per_channel_axis_by_op(model, backend, weight, axis, channels):
     dq = _weight_dq(result, weight)
     assert dq.attrs["axis"] == axis
     assert dq.inputs[1].values.shape == (channels,)
-    w = graph.tensors()[weight].values
-    amax = np.moveaxis(np.abs(w), axis, 0).reshape(channels, -1).max(axis=1)
-    if backend == "tensorrt":
-        assert np.allclose(dq.inputs[1].values, amax / 127, rtol=1e-6)
+    rows = np.moveaxis(graph.tensors()[weight].values, axis, 0).reshape(channels, -1)
+    if dq.inputs[2].values.any():  # fbgemm: asymmetric over the range widened to include 0
+        expected = (np.maximum(rows.max(axis=1), 0) - np.minimum(rows.min(axis=1), 0)) / 255
+    else:  # symmetric int8 (TensorRT narrow [-127, 127], ACL)
+        expected = np.abs(rows).max(axis=1) / 127
+    assert np.allclose(dq.inputs[1].values, expected, rtol=1e-6)
 
 
 def test_gemm_without_transb_uses_axis_1():
@@ -120,6 +123,25 @@ def test_convtranspose_grouped_bias_tiles_per_group_scales():
     assert np.array_equal(bias.scale[:4], (s_in * w_scale).astype(np.float32))
 
 
+@pytest.mark.parametrize("method", ["mse", "quantile"])
+def test_weight_method_selects_the_observer(method):
+    graph = prepared("resnet")
+    plan = build_plan(graph, "tensorrt")
+    ranges = minmax_ranges(graph, plan, feeds_for(graph))
+    minmax = quantize(graph, "tensorrt", ranges, plan=plan)
+    other = quantize(graph, "tensorrt", ranges, plan=plan, weight_method=method)
+    assert other.weight_method == method
+    for entry in plan.entries("weight"):
+        a, b = minmax.qparams[entry.tensor].scale, other.qparams[entry.tensor].scale
+        assert np.all(b <= a * (1 + 1e-6))  # a clip search never widens MinMax's range
+    assert any(
+        np.any(other.qparams[e.tensor].scale < minmax.qparams[e.tensor].scale)
+        for e in plan.entries("weight")
+    )
+    with pytest.raises(qtool.QtoolError, match="unknown calibration method"):
+        quantize(graph, "tensorrt", ranges, plan=plan, weight_method="average")
+
+
 # ---------------------------------------------------------------------------- activations
 
 
@@ -167,25 +189,34 @@ def test_reduce_range_uses_levels_0_to_127():
 # ------------------------------------------------------------------------------- storage
 
 
-def test_int4_storage_at_opset_21():
+@pytest.mark.parametrize(
+    "backend, weight_type, act_type, low, high",
+    [
+        ("tensorrt", TensorProto.INT4, TensorProto.INT4, -7, 7),  # narrow symmetric
+        ("snpe", TensorProto.UINT4, TensorProto.UINT4, 0, 15),
+    ],
+)
+def test_int4_storage_at_opset_21(backend, weight_type, act_type, low, high):
     graph = prepared("resnet", opset=21)
-    plan = build_plan(graph, "tensorrt").with_precision("W4A4")
+    plan = build_plan(graph, backend).with_precision("W4A4")
     feeds = feeds_for(graph)
-    result = quantize(graph, "tensorrt", minmax_ranges(graph, plan, feeds), plan=plan)
+    result = quantize(graph, backend, minmax_ranges(graph, plan, feeds), plan=plan)
     model = qtool.io.to_model(result.graph)
     onnx.checker.check_model(model)
     types = {t.name: t.data_type for t in model.graph.initializer}
-    assert types["fc.weight_quantized"] == TensorProto.INT4
-    assert types["input_zero_point"] == TensorProto.INT4
-    levels = nh.to_array(next(t for t in model.graph.initializer if t.name == "fc.weight_quantized"))
-    assert levels.astype(np.int8).min() >= -7 and levels.astype(np.int8).max() <= 7
+    assert types["fc.weight_quantized"] == weight_type
+    assert types["input_zero_point"] == act_type
+    stored = next(t for t in model.graph.initializer if t.name == "fc.weight_quantized")
+    levels = nh.to_array(stored).astype(np.int16)
+    assert levels.min() >= low and levels.max() <= high
+    assert levels.min() == low or levels.max() == high
     (want,), (got,) = run(graph, feeds), run(result.graph, feeds)
     assert got.shape == want.shape and np.isfinite(got).all()
     assert sqnr_db(want, got) > 5  # 4 bits: coarse but correlated
 
 
 def test_opset_below_13_is_raised():
-    graph = qtool.load(__import__("models").torch_model("resnet", 11))
+    graph = qtool.load(models.torch_model("resnet", 11))
     graph, _ = qtool.Pipeline(["cleanup", "fold_bn"]).run(graph)
     assert graph.opset == 11
     feeds = feeds_for(graph)
@@ -204,7 +235,7 @@ def test_missing_ranges_are_named():
     plan = build_plan(graph, "tensorrt")
     ranges = minmax_ranges(graph, plan, feeds_for(graph))
     del ranges["/Relu_1_output_0"]
-    with pytest.raises(PlanError, match=r"no range for 1 planned activation\(s\): /Relu_1_output_0"):
+    with pytest.raises(PlanError, match=r"activation\(s\): /Relu_1_output_0"):
         quantize(graph, "tensorrt", ranges, plan=plan)
 
 
@@ -233,6 +264,15 @@ def test_unknown_backend_lists_names():
 
 
 # ---------------------------------------------------------------------------- the result
+
+
+def test_top_level_api():
+    graph = prepared("resnet")
+    plan = qtool.build_plan(graph, "tensorrt")
+    ranges = {name: (-1.0, 1.0) for name in plan.activation_schemes()}
+    result = qtool.quantize(graph, backend="tensorrt", ranges=ranges)
+    assert isinstance(result.plan, qtool.QuantPlan) and result.plan == plan
+    assert float(result.qparams["input"].scale) == np.float32(1 / 127)
 
 
 def test_input_graph_is_not_modified_and_save_writes_files(tmp_path):

@@ -182,3 +182,24 @@ def test_recipe(tmp_path):
     unknown_pass.write_text("passes: [nope]\n")
     with pytest.raises(RecipeError, match="unknown pass 'nope'"):
         run_recipe(unknown_pass, model=DIGITS)
+
+
+def test_every_backends_output_passes_its_own_lint(tmp_path):
+    from qtool.backends import backend_names
+
+    from qtool.lint import lint_model
+
+    options = CalibrateOptions(data=CALIB, num_samples=32)
+    outputs = {}
+    for backend in backend_names():
+        run = calibrate_to_folder(DIGITS, backend, tmp_path / backend, options)
+        outputs[backend] = run.output / "model.qdq.onnx"
+        findings = lint_model(str(outputs[backend]), backend=backend).findings
+        assert {f.rule_id for f in findings} == {"QT005"}, (backend, findings)
+    # Cross-checks: another backend's rules do flag what differs.
+    tvm_rules_on_trt = {f.rule_id for f in lint_model(str(outputs["tensorrt"]), backend="tvm")
+                        .findings}
+    assert "QT108" in tvm_rules_on_trt  # TensorRT's scales are not powers of two
+    trt_rules_on_snpe = {f.rule_id for f in lint_model(str(outputs["snpe"]), backend="tensorrt")
+                         .findings}
+    assert {"QT106", "QT107"} <= trt_rules_on_snpe  # SNPE's uint8 asymmetric activations

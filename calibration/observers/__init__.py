@@ -19,6 +19,7 @@ from qtool.calibration.observers.minmax import MinMaxObserver
 from qtool.calibration.observers.mse import MSEObserver
 from qtool.calibration.observers.norm import NormObserver
 from qtool.calibration.observers.quantile import QuantileObserver
+
 from qtool.errors import CalibrationError
 
 OBSERVERS: dict[str, type[Observer]] = {
@@ -30,7 +31,7 @@ OBSERVERS: dict[str, type[Observer]] = {
     "meanstd": MeanStdObserver,
 }
 
-ObserverSpec = Union[str, type[Observer], Callable[..., Observer]]
+ObserverSpec = Union[str, type[Observer], Callable[..., Observer]]  # noqa: UP007 (py3.10 alias)
 
 
 def get_observer(spec: ObserverSpec) -> Callable[..., Observer]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 from qtool.calibration.observers.base import Observer
 
 _FLOAT32_MANTISSA = 24

@@ -2,7 +2,8 @@ r"""KLD: the clip threshold minimising KL(P || Q) between float and quantized hi
 
 The TensorRT entropy method (MQBench appendix C, 2048 bins by default) on the histogram of
 ``|x|`` (:meth:`HistogramObserver.abs_histogram`). For each candidate threshold of ``i``
-bins, ``i`` from the number of levels ``L`` to the last non-empty bin:
+bins, ``i`` from the number of levels ``L`` (and past the first non-empty bin) to the last
+non-empty bin:
 
     P = counts[:i], with the clipped tail counts[i:] added to its last bin
     Q = counts[:i] merged into L equal groups, each group's sum spread evenly over the
@@ -20,7 +21,6 @@ step (:func:`kl_divergences`). Per-channel schemes get one histogram and search 
 from __future__ import annotations
 
 import numpy as np
-
 from qtool.calibration.observers.histogram import HistogramObserver
 
 _EPS = 1e-10
@@ -54,7 +54,9 @@ class KLDObserver(HistogramObserver):
         levels = self._levels(lo, hi)
         if len(counts) <= levels:
             return lo, hi
-        candidates = np.arange(levels, len(counts) + 1)
+        # a threshold below the smallest |x| would clip every value onto one level
+        first = int(np.flatnonzero(counts)[0]) + 1
+        candidates = np.arange(max(levels, first), len(counts) + 1)
         if self.max_candidates and len(candidates) > self.max_candidates:
             pick = np.linspace(0, len(candidates) - 1, self.max_candidates).round()
             candidates = candidates[pick.astype(np.int64)]

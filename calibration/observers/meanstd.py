@@ -14,7 +14,6 @@ so a merged state equals a single pass up to float64 rounding.
 from __future__ import annotations
 
 import numpy as np
-
 from qtool.calibration.observers.base import Observer
 
 

@@ -9,7 +9,6 @@ the shards' minima is the minimum of the whole data.
 from __future__ import annotations
 
 import numpy as np
-
 from qtool.calibration.observers.base import Observer
 
 

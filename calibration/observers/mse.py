@@ -16,7 +16,6 @@ The scale math (power of two, narrow range) is the scheme's own ``qparams``.
 from __future__ import annotations
 
 import numpy as np
-
 from qtool.calibration.observers.histogram import HistogramObserver
 
 

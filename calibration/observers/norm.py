@@ -19,7 +19,6 @@ State: running ``sum |x|^p``, count, min and max (per channel); merging adds the
 from __future__ import annotations
 
 import numpy as np
-
 from qtool.calibration.observers.base import Observer
 
 

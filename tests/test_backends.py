@@ -1,0 +1,567 @@
+"""Every backend on every test model: placement, sharing, schemes, vendor files, fidelity.
+
+The placement rules are restated here independently of the planner (MQBench Fig. 4):
+graph 1 quantizes only the inputs and weights of Conv/ConvTranspose/Gemm/MatMul, graph 2 adds
+pooling inputs and the shortcut input of a residual Add (hand-listed per model below), graph 3
+every non-constant input of Add/Mul/Concat/pooling too. Every vendor file is parsed back with
+an independent reader (struct for the TensorRT cache, jsonschema for the encodings, protobuf's
+own text parser for the AMCT record) and compared with numbers computed from the ranges.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import struct
+from pathlib import Path
+
+import jsonschema
+import models
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
+from qdq_helpers import (
+    BACKENDS,
+    feeds_for,
+    is_power_of_two,
+    minmax_ranges,
+    prepared,
+    quantized_inputs,
+    run,
+    sqnr_db,
+)
+from qtool.backends import backend_names, get_backend
+
+import qtool
+from qtool.errors import BackendError
+from qtool.planner import build_plan, shape_tensors
+from qtool.quantize import quantize
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+GRAPH_3_ACTIVATION_OPS = {"Add", "Sum", "Mul", "Concat", "AveragePool", "GlobalAveragePool"}
+POOLING = {"AveragePool", "GlobalAveragePool"}
+WEIGHT_REQUIRED = {"acl"}  # AMCT quantizes layers with weights only
+
+#: TensorRT (graph 2): which inputs of each Add are quantized. The conv branch feeding only
+#: the Add is fused (MQBench keeps the last such input float); the shortcut is quantized.
+TRT_ADD_INPUTS = {
+    ("resnet", "/Add"): [0],  # both inputs are convs: the last (downsample) is fused
+    ("resnet", "/Add_1"): [1],  # shortcut /Relu_output_0
+    ("mobilenet_v2", "/Add"): [0],  # shortcut: the stem's ReLU6 output
+    ("attention", "/embed/Add"): [],  # bias add fused into its MatMul
+    ("attention", "/q/Add"): [],
+    ("attention", "/k/Add"): [],
+    ("attention", "/v/Add"): [],
+    ("attention", "/Add"): [0],  # residual: the embedding; attention @ v is fused
+}
+
+#: Q and DQ node counts on the ResNet block, derived by hand: 6 conv/gemm activation inputs
+#: (the stem ReLU feeds two convs through one pair), 7 weights; TensorRT adds the Add shortcut
+#: /a/a.2 output and the pooling input; graph 3 adds all four Add inputs and the pooling input
+#: (one of which, /Relu_output_0, is already quantized); acl/tvm add 7 int32 biases.
+RESNET_COUNTS = {
+    "academic": (6, 13),
+    "tensorrt": (8, 15),
+    "acl": (6, 20),
+    "tvm": (10, 24),
+    "snpe": (10, 17),
+    "fbgemm": (10, 17),
+}
+
+#: What each backend's integers look like.
+SCHEMES = {
+    #           activation dtype, act symmetric, weight dtype, weight sym, per-channel, int32 bias
+    "academic": (np.int8, True, np.int8, True, False, False),
+    "tensorrt": (np.int8, True, np.int8, True, True, False),
+    "acl": (np.int8, False, np.int8, True, True, True),
+    "tvm": (np.int8, True, np.int8, True, False, True),
+    "snpe": (np.uint8, False, np.uint8, False, False, False),
+    "fbgemm": (np.uint8, False, np.int8, False, True, False),
+}
+
+
+@functools.cache
+def _result(model: str, backend: str):
+    graph = prepared(model)
+    plan = build_plan(graph, backend)
+    feeds = feeds_for(graph)
+    ranges = minmax_ranges(graph, plan, feeds)
+    return graph, feeds, ranges, quantize(graph, backend, ranges, plan=plan)
+
+
+CASES = [(m, b) for m in models.MODEL_NAMES for b in BACKENDS]
+
+
+# ------------------------------------------------------------------------------ registry
+
+
+def test_registry_names_alias_and_errors():
+    assert backend_names() == ["academic", "tensorrt", "acl", "tvm", "snpe", "qnn", "fbgemm"]
+    qnn, snpe = get_backend("qnn"), get_backend("snpe")
+    assert qnn.name == "qnn" and qnn.placement == snpe.placement
+    assert qnn.activation_scheme == snpe.activation_scheme and qnn.emitter is snpe.emitter
+    with pytest.raises(BackendError, match="choose one of: academic, tensorrt, acl, tvm, snpe"):
+        get_backend("tflite")
+    with pytest.raises(BackendError, match="has no option reduce_range"):
+        get_backend("tensorrt", reduce_range=True)
+    with pytest.raises(BackendError, match="must be bool"):
+        get_backend("fbgemm", reduce_range="yes")
+    reduced = get_backend("fbgemm", reduce_range=True).activation_scheme
+    assert (reduced.bits, reduced.signed, reduced.symmetric) == (7, False, False)
+    assert (reduced.qmin, reduced.qmax) == (0, 127)
+    graphs = {name: get_backend(name).placement_graph for name in backend_names()}
+    assert graphs == {"academic": 1, "tensorrt": 2, "acl": 1, "tvm": 3, "snpe": 3, "qnn": 3,
+                      "fbgemm": 3}
+
+
+def test_qnn_alias_emits_snpe_files():
+    graph = prepared("resnet")
+    plan = build_plan(graph, "qnn")
+    assert plan.backend == "qnn"
+    ranges = minmax_ranges(graph, plan, feeds_for(graph))
+    files = quantize(graph, "qnn", ranges, plan=plan).files()
+    snpe = _result("resnet", "snpe")[3].files()
+    assert files["model.encodings"] == snpe["model.encodings"]
+    assert sorted(files) == ["model.encodings", "model.onnx", "plan.json"]
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+def _expected_inputs(model, backend, node: gs.Node, shape: set[str]) -> list[int]:
+    """Input indices that must be read through a DequantizeLinear (the rules restated)."""
+    rules = get_backend(backend)
+    if any(o.name in shape for o in node.outputs):
+        return []
+    variable = [i for i, t in enumerate(node.inputs) if not isinstance(t, gs.Constant)]
+    if node.op in WEIGHTED:
+        has_weight = isinstance(node.inputs[1], gs.Constant)
+        if backend in WEIGHT_REQUIRED and not has_weight:
+            return []
+        expected = [0, 1]
+        if len(node.inputs) > 2 and rules.bias_mode == "int32":
+            expected.append(2)
+        return expected
+    if rules.placement_graph == 2:
+        if node.op in POOLING:
+            return [0]
+        if node.op == "Add":
+            return TRT_ADD_INPUTS[(model, node.name)]
+        return []
+    if rules.placement_graph == 3 and node.op in GRAPH_3_ACTIVATION_OPS:
+        return variable
+    return []
+
+
+@pytest.mark.parametrize("model, backend", CASES)
+def test_placement_follows_the_graph_rules(model, backend):
+    graph, _, _, result = _result(model, backend)
+    shape = shape_tensors(graph)
+    got = quantized_inputs(result.graph)
+    float_nodes = {n.name: n for n in graph.nodes}
+    assert set(got) == set(float_nodes)  # no node lost or added besides Q/DQ
+    for name, node in float_nodes.items():
+        assert got[name] == _expected_inputs(model, backend, node, shape), name
+    # Every Q feeds exactly its DQ, and the two read the same scale and zero point.
+    quantizers = {}
+    for node in result.graph.nodes:
+        if node.op == "QuantizeLinear":
+            (dq,) = node.outputs[0].outputs
+            assert dq.op == "DequantizeLinear"
+            assert dq.inputs[1] is node.inputs[1] and dq.inputs[2] is node.inputs[2]
+            quantizers[node.inputs[0].name] = node
+    # Members of a sharing group read one scale and one zero-point initializer.
+    for members in result.plan.groups.values():
+        assert len({id(quantizers[m].inputs[1]) for m in members}) == 1
+        assert len({id(quantizers[m].inputs[2]) for m in members}) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resnet_qdq_counts_by_hand(backend):
+    result = _result("resnet", backend)[3]
+    ops = [n.op for n in result.graph.nodes]
+    assert (ops.count("QuantizeLinear"), ops.count("DequantizeLinear")) == RESNET_COUNTS[backend]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float_nodes_say_why(backend):
+    plan = _result("attention", backend)[3].plan
+    assert "Softmax has no integer kernel" in plan.float_nodes["/Softmax"]
+    assert "ReduceMean has no integer kernel" in plan.float_nodes["/ReduceMean"]
+    if backend in WEIGHT_REQUIRED:
+        assert plan.float_nodes["/MatMul"] == (
+            "MatMul without a constant weight: acl quantizes only layers with weights"
+        )
+    if get_backend(backend).placement_graph == 1:
+        assert "/Add" in plan.float_nodes
+    else:
+        assert "/Add" not in plan.float_nodes
+
+
+# ------------------------------------------------------------------------------- sharing
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concat_inputs_share_one_scale_in_the_model(backend):
+    graph, _, _, result = _result("concat", backend)
+    quantizers = {n.inputs[0].name: n for n in result.graph.nodes if n.op == "QuantizeLinear"}
+    placement = get_backend(backend).placement_graph
+    with_quantized_member = 0
+    for node in graph.nodes:
+        if node.op != "Concat":
+            continue
+        members = [t.name for t in [*node.inputs, *node.outputs]]
+        q_nodes = [quantizers[m] for m in members if m in quantizers]
+        if placement == 3:  # every input of a Concat is quantized
+            assert all(m in quantizers for m in members[:-1])
+        if q_nodes:
+            with_quantized_member += 1
+            # Exactly one scale and one zero point initializer for all of them.
+            assert len({q.inputs[1].name for q in q_nodes}) == 1
+            assert len({q.inputs[2].name for q in q_nodes}) == 1
+    # The first Concat's output (read by a conv) is an input of the second in every graph.
+    assert with_quantized_member == 2
+    # The MaxPool branch: its output shares the scale of the stem output it reads (graph 3).
+    if placement == 3:
+        stem, pooled = quantizers["/stem/stem.1/Relu_output_0"], quantizers[
+            "/bp/bp.0/MaxPool_output_0"]
+        assert stem.inputs[1] is pooled.inputs[1] and stem.inputs[2] is pooled.inputs[2]
+    for members in result.plan.groups.values():
+        assert len({float(result.qparams[m].scale) for m in members}) == 1
+
+
+# ------------------------------------------------------------------------------- schemes
+
+
+@pytest.mark.parametrize("model, backend", CASES)
+def test_scheme_of_every_qdq(model, backend):
+    graph, _, _, result = _result(model, backend)
+    act_dtype, act_sym, w_dtype, w_sym, per_channel, bias32 = SCHEMES[backend]
+    rules = get_backend(backend)
+    for node in result.graph.nodes:
+        if node.op == "QuantizeLinear":
+            scale, zero_point = node.inputs[1].values, node.inputs[2].values
+            assert scale.shape == () and zero_point.shape == () and "axis" not in node.attrs
+            assert zero_point.dtype == act_dtype
+            if act_sym:
+                assert zero_point == 0
+            if rules.activation_scheme.power_of_two:
+                assert is_power_of_two(scale)
+        elif node.op == "DequantizeLinear" and isinstance(node.inputs[0], gs.Constant):
+            levels, scale, zero_point = (t.values for t in node.inputs)
+            (user,) = node.outputs[0].outputs  # weights feed one node in the test models
+            index = user.inputs.index(node.outputs[0])
+            if index == 2:  # bias
+                assert bias32 and levels.dtype == np.int32 and not zero_point.any()
+                continue
+            assert levels.dtype == w_dtype and zero_point.dtype == w_dtype
+            if w_sym:
+                assert not zero_point.any()
+            if per_channel:
+                axis = {"Conv": 0, "ConvTranspose": 1, "MatMul": levels.ndim - 1}.get(
+                    user.op, 0 if user.attrs.get("transB", 0) else 1
+                )
+                assert node.attrs["axis"] == axis and scale.shape == (levels.shape[axis],)
+            else:
+                assert scale.shape == () and "axis" not in node.attrs
+            if rules.weight_scheme.narrow_range:
+                assert levels.min() >= -127
+            if rules.weight_scheme.power_of_two:
+                assert all(is_power_of_two(s) for s in np.ravel(scale))
+    if not bias32:  # TensorRT, SNPE, FBGEMM, academic: bias stays a float initializer
+        for node in result.graph.nodes:
+            if node.op in WEIGHTED and len(node.inputs) > 2:
+                assert isinstance(node.inputs[2], gs.Constant)
+                assert node.inputs[2].values.dtype == np.float32
+
+
+@pytest.mark.parametrize("model", models.MODEL_NAMES)
+def test_tvm_scales_are_exact_powers_of_two(model):
+    result = _result(model, "tvm")[3]
+    for qp in result.qparams.values():
+        assert all(is_power_of_two(s) for s in np.ravel(qp.scale)), qp.tensor
+    shifts = json.loads(result.files()["shifts.json"])
+    for table in ("activation_shifts", "param_shifts"):
+        for tensor, shift in shifts[table].items():
+            assert isinstance(shift, int)
+            assert 2.0**shift == float(result.qparams[tensor].scale)
+
+
+def test_tvm_power_of_two_choice_minimises_error():
+    """Not just the ceiling: the exponent (floor or ceil of log2(amax/127)) with the lower
+    squared error over values spread across the range, checked here by brute force."""
+    scheme = get_backend("tvm").activation_scheme
+    rng = np.random.default_rng(0)
+    picked_floor = 0
+    for amax in (0.3, 1.0, 1.1, 2.0, 5.0, 64.0, 100.0):
+        x = rng.uniform(-amax, amax, 50000)
+        errors = {}
+        low = math.floor(math.log2(amax / 127))
+        for k in (low, low + 1):
+            s = 2.0**k
+            errors[k] = float(((np.clip(np.round(x / s), -128, 127) * s - x) ** 2).mean())
+        scale, _ = scheme.qparams(-amax, amax)
+        best = min(errors, key=errors.get)
+        assert float(scale) == 2.0**best, amax
+        picked_floor += best == low
+    assert picked_floor >= 2  # 1.0 -> 2^-7 clips 1/128 of the range but halves the step
+
+
+# ------------------------------------------------------------------- vendor files: golden
+
+
+def _activation_amax(result, ranges, tensor):
+    members = result.plan.groups.get(result.plan.tensors[tensor].group, [tensor])
+    return max(max(abs(ranges[m][0]), abs(ranges[m][1])) for m in members)
+
+
+@pytest.mark.parametrize("model", models.MODEL_NAMES)
+def test_tensorrt_cache_and_dynamic_range_round_trip(model):
+    _, _, ranges, result = _result(model, "tensorrt")
+    files = result.files()
+    lines = files["calibration.cache"].decode().splitlines()
+    assert lines[0] == "TRT-8601-EntropyCalibration2"
+    parsed = {}
+    for line in lines[1:]:
+        name, _, hex_scale = line.rpartition(": ")
+        assert len(hex_scale) == 8
+        parsed[name] = struct.unpack("!f", bytes.fromhex(hex_scale))[0]
+    assert list(parsed) == [e.tensor for e in result.plan.entries("activation")]
+    dynamic = json.loads(files["dynamic_range.json"])
+    for tensor, scale in parsed.items():
+        amax = _activation_amax(result, ranges, tensor)
+        assert scale == np.float32(amax / 127)
+        assert math.isclose(dynamic[tensor], amax, rel_tol=1e-6)
+        assert dynamic[tensor] == scale * 127
+
+
+ENCODING = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["bitwidth", "dtype", "is_symmetric", "max", "min", "offset", "scale"],
+    "properties": {
+        "bitwidth": {"type": "integer", "minimum": 1, "maximum": 32},
+        "dtype": {"const": "int"},
+        "is_symmetric": {"enum": ["True", "False"]},
+        "max": {"type": "number"},
+        "min": {"type": "number"},
+        "offset": {"type": "integer"},
+        "scale": {"type": "number", "exclusiveMinimum": 0},
+    },
+}
+ENCODINGS_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["version", "activation_encodings", "param_encodings", "quantizer_args"],
+    "properties": {
+        "version": {"const": "0.6.1"},
+        "activation_encodings": {
+            "type": "object",
+            "additionalProperties": {"type": "array", "minItems": 1, "maxItems": 1,
+                                     "items": ENCODING},
+        },
+        "param_encodings": {
+            "type": "object",
+            "additionalProperties": {"type": "array", "minItems": 1, "items": ENCODING},
+        },
+        "quantizer_args": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["activation_bitwidth", "dtype", "is_symmetric", "param_bitwidth",
+                         "per_channel_quantization", "quant_scheme"],
+            "properties": {
+                "activation_bitwidth": {"type": "integer"},
+                "dtype": {"const": "int"},
+                "is_symmetric": {"type": "boolean"},
+                "param_bitwidth": {"type": "integer"},
+                "per_channel_quantization": {"type": "boolean"},
+                "quant_scheme": {"type": "string"},
+            },
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("model", models.MODEL_NAMES)
+def test_snpe_encodings_round_trip(model):
+    _, _, ranges, result = _result(model, "snpe")
+    files = result.files()
+    doc = json.loads(files["model.encodings"])
+    jsonschema.validate(doc, ENCODINGS_SCHEMA)
+    float_model = onnx.load_from_string(files["model.onnx"])
+    onnx.checker.check_model(float_model)
+    assert not [n for n in float_model.graph.node if "QuantizeLinear" in n.op_type]
+    names = {t for n in float_model.graph.node for t in list(n.input) + list(n.output)}
+    assert set(doc["activation_encodings"]) == {e.tensor for e in result.plan.entries("activation")}
+    assert set(doc["param_encodings"]) == {e.tensor for e in result.plan.entries("weight")}
+    assert set(doc["activation_encodings"]) | set(doc["param_encodings"]) <= names
+    for tensor, (enc,) in doc["activation_encodings"].items():
+        qp = result.qparams[tensor]
+        assert enc["bitwidth"] == 8 and enc["is_symmetric"] == "False"
+        assert enc["scale"] == float(qp.scale) and enc["offset"] == -int(qp.zero_point)
+        assert -255 <= enc["offset"] <= 0
+        assert math.isclose(enc["min"], enc["offset"] * enc["scale"], rel_tol=1e-12)
+        assert math.isclose(enc["max"], (enc["offset"] + 255) * enc["scale"], rel_tol=1e-12)
+        members = result.plan.groups.get(result.plan.tensors[tensor].group, [tensor])
+        lo = min(min(ranges[m][0] for m in members), 0.0)
+        hi = max(max(ranges[m][1] for m in members), 0.0)
+        step = enc["scale"]
+        assert enc["min"] <= lo + step and enc["min"] >= lo - step  # the grid spans the range
+        assert hi - step <= enc["max"] <= hi + step
+    tensors = result.graph.tensors()
+    for tensor, encs in doc["param_encodings"].items():
+        (enc,) = encs  # per tensor
+        levels = tensors[tensor + "_quantized"].values.astype(np.float64)
+        dequantized = (levels + enc["offset"]) * enc["scale"]  # QNN's formula
+        original = result.float_graph.tensors()[tensor].values
+        assert np.abs(dequantized - original).max() <= enc["scale"] / 2 * (1 + 1e-6)
+    args = doc["quantizer_args"]
+    assert (args["activation_bitwidth"], args["param_bitwidth"]) == (8, 8)
+    assert args["per_channel_quantization"] is False and args["is_symmetric"] is False
+
+
+def _amct_record_class():
+    """AMCT's scale_offset_record_onnx.proto, built from its field list (engines.md)."""
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name="scale_offset_record_onnx.proto", package="AMCTOnnx", syntax="proto2"
+    )
+    F = descriptor_pb2.FieldDescriptorProto
+    layer = fdp.message_type.add(name="SingleLayerRecord")
+    for name, number, kind, label in [
+        ("scale_d", 1, F.TYPE_FLOAT, F.LABEL_OPTIONAL),
+        ("offset_d", 2, F.TYPE_INT32, F.LABEL_OPTIONAL),
+        ("scale_w", 3, F.TYPE_FLOAT, F.LABEL_REPEATED),
+        ("offset_w", 4, F.TYPE_INT32, F.LABEL_REPEATED),
+        ("shift_bit", 5, F.TYPE_UINT32, F.LABEL_REPEATED),
+        ("skip_fusion", 6, F.TYPE_BOOL, F.LABEL_OPTIONAL),
+    ]:
+        layer.field.add(name=name, number=number, type=kind, label=label)
+    entry = fdp.message_type.add(name="MapFiledEntry")
+    entry.field.add(name="key", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
+    entry.field.add(name="value", number=2, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
+                    type_name=".AMCTOnnx.SingleLayerRecord")
+    record = fdp.message_type.add(name="ScaleOffsetRecord")
+    record.field.add(name="record", number=1, type=F.TYPE_MESSAGE, label=F.LABEL_REPEATED,
+                     type_name=".AMCTOnnx.MapFiledEntry")
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("AMCTOnnx.ScaleOffsetRecord"))
+
+
+@pytest.mark.parametrize("model", models.MODEL_NAMES)
+def test_acl_record_round_trip(model):
+    graph, _, ranges, result = _result(model, "acl")
+    text = result.files()["record.txt"].decode()
+    record = text_format.Parse(text, _amct_record_class()())
+    nodes = {n.name: n for n in graph.nodes}
+    layers = [n for n in graph.nodes
+              if n.op in WEIGHTED and isinstance(n.inputs[1], gs.Constant)]
+    assert [r.key for r in record.record] == [n.name for n in layers]  # keyed by node name
+    for entry in record.record:
+        node = nodes[entry.key]
+        data, weight = node.inputs[0].name, node.inputs[1].name
+        lo, hi = min(ranges[data][0], 0.0), max(ranges[data][1], 0.0)
+        scale_d = np.float32((hi - lo) / 255)  # asymmetric int8 over the widened range
+        assert np.float32(entry.value.scale_d) == scale_d
+        assert entry.value.offset_d == int(np.clip(np.round(-128 - lo / scale_d), -128, 127))
+        w = nodes[entry.key].inputs[1].values
+        axis = result.plan.tensors[weight].scheme.per_channel_axis
+        amax = np.moveaxis(np.abs(w), axis, 0).reshape(w.shape[axis], -1).max(axis=1)
+        assert np.array_equal(np.array(entry.value.scale_w, np.float32),
+                              (amax / 127).astype(np.float32))
+        assert list(entry.value.offset_w) == [0] * w.shape[axis]
+
+
+# ------------------------------------------------------------- files: checker, ORT, bytes
+
+
+@pytest.mark.parametrize("model, backend", CASES)
+def test_emitted_models_check_run_and_are_deterministic(model, backend):
+    graph, feeds, ranges, result = _result(model, backend)
+    files = result.files()
+    again = quantize(prepared(model), backend, ranges, plan=result.plan).files()
+    assert files == again  # byte-identical across runs
+    (want,) = run(graph, feeds)
+    onnx_files = [name for name in files if name.endswith(".onnx")]
+    assert onnx_files
+    for name in onnx_files:
+        proto = onnx.load_from_string(files[name])
+        onnx.checker.check_model(proto)
+        (got,) = run(files[name], feeds)
+        assert got.shape == want.shape
+        assert sqnr_db(want, got) > 20, f"{model}/{backend}/{name}"
+
+
+def _golden_ranges(plan):
+    """Fixed ranges, independent of onnxruntime, so the golden bytes are machine-independent."""
+    return {
+        name: (-0.25 * (index % 3), 1.0 + 0.5 * index)
+        for index, name in enumerate(plan.activation_schemes())
+    }
+
+
+GOLDEN_FILES = {
+    "academic": ["plan.json"],
+    "tensorrt": ["plan.json", "calibration.cache", "dynamic_range.json"],
+    "acl": ["plan.json", "record.txt"],
+    "tvm": ["plan.json", "shifts.json"],
+    "snpe": ["plan.json", "model.encodings"],
+    "fbgemm": ["plan.json"],
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_golden_vendor_files(backend):
+    """Vendor files of the digits CNN under fixed ranges match tests/golden byte for byte.
+
+    Regenerate after an intended format change with QTOOL_UPDATE_GOLDEN=1.
+    """
+    graph = prepared("digits")
+    plan = build_plan(graph, backend)
+    files = quantize(graph, backend, _golden_ranges(plan), plan=plan).files()
+    folder = GOLDEN / backend
+    for name in GOLDEN_FILES[backend]:
+        path = folder / name
+        if os.environ.get("QTOOL_UPDATE_GOLDEN"):
+            folder.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(files[name])
+        assert path.read_bytes() == files[name], f"{backend}/{name} differs from the golden file"
+
+
+# ------------------------------------------------------------------------------ fidelity
+
+
+@functools.lru_cache(maxsize=1)
+def _digits():
+    graph = prepared("digits")
+    calib = np.load(Path(__file__).resolve().parent.parent / "examples" / "digits_calib.npz")
+    val = np.load(Path(__file__).resolve().parent.parent / "examples" / "digits_val.npz")
+    (logits,) = run(graph, {"input": val["input"]})
+    return graph, calib["input"], val["input"], val["labels"], logits
+
+
+@pytest.mark.parametrize(
+    "backend, options",
+    [(b, {}) for b in BACKENDS] + [("fbgemm", {"reduce_range": True})],
+)
+def test_digits_accuracy_within_one_point_of_float(backend, options):
+    graph, calib, images, labels, float_logits = _digits()
+    rules = get_backend(backend, **options)
+    plan = build_plan(graph, rules)
+    ranges = qtool.calibrate(graph, plan.activation_schemes(), [{"input": calib}],
+                             method="minmax")
+    result = quantize(graph, rules, ranges, plan=plan)
+    (logits,) = run(result.graph, {"input": images})
+    float_accuracy = float((float_logits.argmax(1) == labels).mean())
+    accuracy = float((logits.argmax(1) == labels).mean())
+    sqnr = sqnr_db(float_logits, logits)
+    print(f"digits {backend}{options or ''}: top-1 {accuracy:.3f} (float {float_accuracy:.3f}), "
+          f"SQNR {sqnr:.1f} dB")
+    assert float_accuracy == pytest.approx(0.994)
+    assert accuracy >= float_accuracy - 0.01
+    assert sqnr > 20
