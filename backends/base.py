@@ -25,10 +25,13 @@ its emitter, plus one entry in the registry tuple of ``backends/__init__.py``.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from qtool.errors import BackendError
 from qtool.scheme import QuantScheme
@@ -234,13 +237,9 @@ def qdq_model_file(result: QuantizedModel) -> dict[str, bytes]:
 
 def json_bytes(data: Any) -> bytes:
     """Deterministic JSON (insertion order, two-space indent, trailing newline)."""
-    import json
-
     return (json.dumps(data, indent=2) + "\n").encode("utf-8")
 
 
 def scalar(value: Any) -> float:
     """A 0-d or 1-element array as a Python float (exactly the float32 value)."""
-    import numpy as np
-
     return float(np.asarray(value, dtype=np.float32).reshape(-1)[0])

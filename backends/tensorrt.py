@@ -7,7 +7,9 @@ Rules (engines.md section 2.4):
 * Q/DQ on every input of Conv/ConvTranspose/Gemm/MatMul and on their weights, on pooling
   inputs (AveragePool, GlobalAveragePool), and on the *shortcut* of a residual Add: the other
   input, produced by a Conv (BN folded) that feeds only the Add, stays float because TensorRT
-  fuses the Add into that conv's output. Weighted-op outputs are not quantized.
+  fuses the Add into that conv's output. When both inputs are such conv outputs (a
+  downsampling block), the last one is fused and the other quantized, as MQBench does. A bias
+  Add after a MatMul is fused the same way. Weighted-op outputs are not quantized.
 * Q/DQ commute through MaxPool, Reshape, Transpose, Concat, Slice; tensors joined by them
   share one scale (TensorRT compares merged scales and refuses to refit when they differ).
 * Bias stays float (TensorRT quantizes it internally).

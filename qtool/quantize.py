@@ -363,9 +363,12 @@ __all__ = ["QuantizedModel", "TensorQParams", "compute_qparams", "quantize"]
 
 
 class _CallableModule(types.ModuleType):
-    """Importing ``qtool.quantize`` binds this module to the name ``qtool.quantize``, which
-    hides the function of the same name; calling the module calls the function, so
-    ``qtool.quantize(graph, backend, ranges)`` works as documented."""
+    """A module that, called, runs :func:`quantize`.
+
+    Importing ``qtool.quantize`` binds this module to the name ``qtool.quantize``, which hides
+    the function of the same name; calling the module calls the function, so
+    ``qtool.quantize(graph, backend, ranges)`` works as documented.
+    """
 
     def __call__(self, *args: Any, **kwargs: Any) -> QuantizedModel:
         return quantize(*args, **kwargs)

@@ -225,6 +225,9 @@ def test_kld_matches_reference_search():
     x = laplace()
     obs = observe(KLDObserver, SYM, x, bins=1024)
     counts, width = obs.abs_histogram(0)
+    counts = counts.astype(float)
+    counts[0] = counts[1]  # pytorch-quantization's treatment of the zero bin
+    assert counts[1] > 0
     levels = 128
     best, best_i = np.inf, None
     for i in range(levels, len(counts) + 1):
@@ -246,6 +249,14 @@ def test_kld_matches_reference_search():
     assert best_i < len(counts)  # the search does clip this tail
     t = best_i * width
     assert obs.range() == (pytest.approx(max(-t, x.min())), pytest.approx(min(t, x.max())))
+
+
+@pytest.mark.parametrize("scheme", [SYM, UNSIGNED])
+def test_kld_keeps_the_bulk_of_a_relu_output(scheme):
+    # half the values are exact zeros; the threshold must still cover the positive bulk
+    x = half_normal()
+    lo, hi = observe(KLDObserver, scheme, x).range()
+    assert lo == 0.0 and 3.0 < hi <= x.max()
 
 
 # -- merging ------------------------------------------------------------------------------

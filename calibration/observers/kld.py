@@ -10,7 +10,11 @@ non-empty bin:
         bins of that group that are non-empty in P
     KL(P || Q) = sum_j p_j log(p_j / q_j)   (P, Q normalised; q_j = 0 smoothed to eps)
 
-and the threshold is ``t = i* x width`` for the best ``i*``. ``L`` is the number of levels
+and the threshold is ``t = i* x width`` for the best ``i*``. As in NVIDIA's
+pytorch-quantization, the first bin's count is replaced by the second's (when that one is
+not empty) before the search:
+the exact zeros of a ReLU output would otherwise dominate P and pull the threshold far
+below the bulk of the positive values. ``L`` is the number of levels
 covering ``[0, t]``: ``qmax + 1`` for symmetric schemes, ``qmax - qmin + 1`` for asymmetric
 ones on one-signed data and half of that when the data has both signs. The range is
 ``(max(min, -t), min(max, t))``. Every threshold is tried (or ``max_candidates`` evenly
@@ -60,7 +64,10 @@ class KLDObserver(HistogramObserver):
         if self.max_candidates and len(candidates) > self.max_candidates:
             pick = np.linspace(0, len(candidates) - 1, self.max_candidates).round()
             candidates = candidates[pick.astype(np.int64)]
-        divergences = kl_divergences(counts.astype(np.float64), candidates, levels)
+        counts = counts.astype(np.float64)
+        if len(counts) > 1 and counts[1] > 0:
+            counts[0] = counts[1]  # the zero spike (ReLU) must not dominate the divergence
+        divergences = kl_divergences(counts, candidates, levels)
         t = float(candidates[int(np.argmin(divergences))]) * width
         return max(lo, -t), min(hi, t)
 

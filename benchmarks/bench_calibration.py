@@ -1,0 +1,310 @@
+"""Calibration benchmark: qtool against onnxruntime.quantization on the same model and data.
+
+For each model and data size, in one run, every variant runs in its own subprocess (so peak
+RSS is that variant's own ``ru_maxrss``):
+
+* ``float``: plain onnxruntime inference over the data (default session options);
+* ``ort-minmax``, ``ort-entropy``, ``ort-percentile``: ``quantize_static`` with that method;
+* ``qtool-minmax``, ``qtool-mse``, ``qtool-kld``, ``qtool-quantile``: plan (academic backend),
+  ``qtool.calibration.calibrate``, ``qtool.quantize.quantize``.
+
+Both tools get the same prepared float graph (qtool's cleanup, fold_bn, upgrade_opset) and the
+same samples, generated on the fly from a seed so the data itself costs no memory. The
+schemes match: per-tensor symmetric int8 weights and activations, Q/DQ on the inputs of
+Conv/Gemm/MatMul only (qtool's ``academic`` backend; for onnxruntime ``op_types_to_quantize``
+Conv/Gemm/MatMul, symmetric activations and weights, no output quantization, float bias).
+SQNR (dB) compares each quantized model's outputs with the float model's on held-out samples,
+both in onnxruntime with graph optimizations off.
+
+Usage:
+    python benchmarks/bench_calibration.py --quick          # digits + resnet18, 64 images
+    python benchmarks/bench_calibration.py                  # all models, 256 and 1024 images
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = ROOT / "examples" / "digits_cnn.onnx"
+VARIANTS = ("float", "ort-minmax", "ort-entropy", "ort-percentile",
+            "qtool-minmax", "qtool-mse", "qtool-kld", "qtool-quantile")
+QUANTIZED_OPS = ["Conv", "Gemm", "MatMul"]
+
+
+# -- models and data --------------------------------------------------------------------
+
+
+def export_torchvision(name: str, path: Path) -> None:
+    """A torchvision architecture with seeded random weights and BN statistics, BN kept."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None)
+    gen = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            with torch.no_grad():
+                module.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=gen) * 0.5 + 0.75)
+    model.eval()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (torch.randn(1, 3, 224, 224),), buffer, dynamo=False, opset_version=13,
+            training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
+            input_names=["input"], output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    path.write_bytes(buffer.getvalue())
+
+
+def prepare(source: Path, target: Path) -> None:
+    """qtool's preparation (cleanup, BN folding, opset >= 13): the graph both tools get."""
+    import qtool
+    from qtool.io import save
+
+    graph, _ = qtool.Pipeline(["cleanup", "fold_bn", "upgrade_opset"]).run(qtool.load(source))
+    save(graph, target)
+
+
+def samples(model: str, count: int, held_out: bool = False):
+    """``count`` samples ``{"input": (1, C, H, W)}``, generated from seeds (nothing stored).
+
+    digits: the real calibration set (256 images; beyond that, the same images with seeded
+    noise), held out: the validation set. ImageNet-sized models: seeded random images.
+    """
+    if model == "digits":
+        if held_out:
+            with np.load(ROOT / "examples" / "digits_val.npz") as f:
+                data = f["input"][:count]
+            for i in range(len(data)):
+                yield {"input": data[i : i + 1]}
+            return
+        with np.load(ROOT / "examples" / "digits_calib.npz") as f:
+            data = f["input"]
+        for i in range(count):
+            x = data[i % len(data) : i % len(data) + 1]
+            if i >= len(data):
+                noise = np.random.default_rng(i).standard_normal(x.shape).astype(np.float32)
+                x = x + 0.05 * noise
+            yield {"input": x}
+        return
+    offset = 10_000_000 if held_out else 0
+    for i in range(count):
+        rng = np.random.default_rng(offset + i)
+        # smooth-ish random images: low-resolution noise upsampled, then normalised
+        low = rng.standard_normal((1, 3, 28, 28)).astype(np.float32)
+        yield {"input": np.repeat(np.repeat(low, 8, axis=2), 8, axis=3)}
+
+
+def batched(stream, batch_size: int):
+    pending = []
+    for sample in stream:
+        pending.append(sample["input"])
+        if len(pending) == batch_size:
+            yield {"input": np.concatenate(pending)}
+            pending = []
+    if pending:
+        yield {"input": np.concatenate(pending)}
+
+
+# -- one variant (runs in a subprocess) --------------------------------------------------
+
+
+def run_variant(variant: str, model: str, prepared: Path, count: int, batch_size: int,
+                out: Path) -> dict:
+    """Time one variant's work (imports done first: they cost the same to every variant)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    import qtool
+    from qtool.calibration import calibrate
+    from qtool.io import save
+    from qtool.planner import build_plan
+    from qtool.quantize import quantize
+
+    result: dict = {}
+    start = time.perf_counter()
+    if variant == "float":
+        session = ort.InferenceSession(str(prepared), providers=["CPUExecutionProvider"])
+        for feeds in batched(samples(model, count), batch_size):
+            session.run(None, feeds)
+    elif variant.startswith("ort-"):
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.batches = batched(samples(model, count), batch_size)
+
+            def get_next(self):
+                return next(self.batches, None)
+
+        method = {"ort-minmax": CalibrationMethod.MinMax,
+                  "ort-entropy": CalibrationMethod.Entropy,
+                  "ort-percentile": CalibrationMethod.Percentile}[variant]
+        quantize_static(
+            str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=QUANTIZED_OPS, per_channel=False,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            calibrate_method=method,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                           "QuantizeBias": False,
+                           "OpTypesToExcludeOutputQuantization": QUANTIZED_OPS},
+        )
+    else:
+        graph = qtool.load(prepared)
+        plan = build_plan(graph, "academic")
+        calibration_start = time.perf_counter()
+        ranges = calibrate(graph, plan.activation_schemes(), samples(model, count),
+                           method=variant.split("-", 1)[1], batch_size=batch_size,
+                           progress=False)
+        result["calibrate_s"] = time.perf_counter() - calibration_start
+        save(quantize(graph, "academic", ranges, plan=plan).graph, out)
+    result["wall_s"] = time.perf_counter() - start
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def spawn(variant, model, prepared, count, batch_size, out, mem_limit_gb) -> dict:
+    command = [sys.executable, __file__, "--one", variant, model, str(prepared), str(count),
+               str(batch_size), str(out), str(mem_limit_gb)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["?"])[-1]
+        return {"error": f"exit {done.returncode}: {tail[:160]}"}
+    return json.loads(lines[-1])
+
+
+# -- SQNR ---------------------------------------------------------------------------------
+
+
+def sqnr_db(float_model: Path, quant_model: Path, model: str, count: int) -> float:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    f = ort.InferenceSession(str(float_model), options, providers=["CPUExecutionProvider"])
+    q = ort.InferenceSession(str(quant_model), options, providers=["CPUExecutionProvider"])
+    signal = noise = 0.0
+    for feeds in batched(samples(model, count, held_out=True), 16):
+        for a, b in zip(f.run(None, feeds), q.run(None, feeds), strict=True):
+            a = a.astype(np.float64)
+            signal += float(np.sum(a * a))
+            noise += float(np.sum((a - b) ** 2))
+    return 10 * np.log10(signal / max(noise, 1e-30))
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="digits + resnet18, 64 images")
+    parser.add_argument("--models", nargs="*", default=None)
+    parser.add_argument("--sizes", nargs="*", type=int, default=None)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--held-out", type=int, default=64, help="samples for SQNR")
+    parser.add_argument("--mem-limit-gb", type=float, default=8.0,
+                        help="address-space cap per variant (protects a shared machine)")
+    parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    args = parser.parse_args()
+    models = args.models or (["digits", "resnet18"] if args.quick
+                             else ["digits", "resnet18", "mobilenet_v2"])
+    sizes = args.sizes or ([64] if args.quick else [256, 1024])
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="qtool-bench-") as tmp:
+        tmp = Path(tmp)
+        for model in models:
+            raw = tmp / f"{model}.onnx"
+            if model == "digits":
+                raw.write_bytes(DIGITS.read_bytes())
+            else:
+                export_torchvision(model, raw)
+            prepared = tmp / f"{model}.prepared.onnx"
+            prepare(raw, prepared)
+            held_out = 500 if model == "digits" else args.held_out  # digits: the val set
+            for count in sizes:
+                for variant in args.variants:
+                    out = tmp / f"{model}-{count}-{variant}.onnx"
+                    row = {"model": model, "images": count, "variant": variant}
+                    row.update(spawn(variant, model, prepared, count, args.batch_size, out,
+                                     args.mem_limit_gb))
+                    if variant != "float" and "error" not in row:
+                        row["sqnr_db"] = sqnr_db(prepared, out, model, held_out)
+                    results.append(row)
+                    print(format_row(row, results), flush=True)
+    print()
+    print(markdown(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+def format_row(row: dict, results: list[dict]) -> str:
+    if "error" in row:
+        return f"{row['model']:>12} {row['images']:>5} {row['variant']:<15} {row['error']}"
+    base = next((r for r in results if r["model"] == row["model"] and r["images"] ==
+                 row["images"] and r["variant"] == "float" and "wall_s" in r), None)
+    ratio = (f" ({row['wall_s'] / base['wall_s']:.2f}x time, "
+             f"{row['peak_rss_mb'] / base['peak_rss_mb']:.2f}x RSS)") if base else ""
+    sqnr = f" SQNR {row['sqnr_db']:.2f} dB" if "sqnr_db" in row else ""
+    return (f"{row['model']:>12} {row['images']:>5} {row['variant']:<15} "
+            f"{row['wall_s']:7.2f} s {row['peak_rss_mb']:8.0f} MB{ratio}{sqnr}")
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| model | images | variant | wall s | x float | peak RSS MB | x float | "
+             "calibrate s | SQNR dB |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in results:
+        base = next((r for r in results if r["model"] == row["model"] and r["images"] ==
+                     row["images"] and r["variant"] == "float" and "wall_s" in r), None)
+        if "error" in row:
+            lines.append(f"| {row['model']} | {row['images']} | {row['variant']} | "
+                         f"failed: {row['error']} | | | | | |")
+            continue
+        t = f"{row['wall_s'] / base['wall_s']:.2f}" if base else ""
+        m = f"{row['peak_rss_mb'] / base['peak_rss_mb']:.2f}" if base else ""
+        c = f"{row['calibrate_s']:.2f}" if "calibrate_s" in row else ""
+        s = f"{row['sqnr_db']:.2f}" if "sqnr_db" in row else ""
+        lines.append(f"| {row['model']} | {row['images']} | {row['variant']} | "
+                     f"{row['wall_s']:.2f} | {t} | {row['peak_rss_mb']:.0f} | {m} | {c} | {s} |")
+    return "\n".join(lines)
+
+
+def one() -> None:
+    variant, model, prepared, count, batch_size, out, limit = sys.argv[2:9]
+    cap = int(float(limit) * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    sys.path.insert(0, str(ROOT))
+    result = run_variant(variant, model, Path(prepared), int(count), int(batch_size), Path(out))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--one":
+        one()
+    else:
+        main()
