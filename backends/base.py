@@ -16,7 +16,7 @@ A backend says *what* an engine runs in integers and *how* the integers look:
   header's version). :meth:`Backend.with_options` validates them and lets the backend module's
   ``configure`` hook turn them into rules.
 * ``emitter``: ``emit(result) -> {file name: bytes}``, the engine's files for a
-  :class:`qtool.quantize.QuantizedModel`.
+  :class:`qtool.qdq.QuantizedModel`.
 
 A new engine is one module in ``backends/`` holding one :class:`Backend` named ``BACKEND`` and
 its emitter, plus one entry in the registry tuple of ``backends/__init__.py``.
@@ -37,7 +37,7 @@ from qtool.errors import BackendError
 from qtool.scheme import QuantScheme
 
 if TYPE_CHECKING:
-    from qtool.quantize import QuantizedModel
+    from qtool.qdq import QuantizedModel
 
 #: Ops with a weight input (index 1) that engines run as integer matrix products.
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})

@@ -6,7 +6,7 @@ RSS is that variant's own ``ru_maxrss``):
 * ``float``: plain onnxruntime inference over the data (default session options);
 * ``ort-minmax``, ``ort-entropy``, ``ort-percentile``: ``quantize_static`` with that method;
 * ``qtool-minmax``, ``qtool-mse``, ``qtool-kld``, ``qtool-quantile``: plan (academic backend),
-  ``qtool.calibration.calibrate``, ``qtool.quantize.quantize``.
+  ``qtool.calibration.calibrate``, ``qtool.qdq.quantize``.
 
 Both tools get the same prepared float graph (qtool's cleanup, fold_bn, upgrade_opset) and the
 same samples, generated on the fly from a seed so the data itself costs no memory. The
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -138,12 +137,12 @@ def run_variant(variant: str, model: str, prepared: Path, count: int, batch_size
         QuantType,
         quantize_static,
     )
+    from qtool.calibration import calibrate
 
     import qtool
-    from qtool.calibration import calibrate
     from qtool.io import save
     from qtool.planner import build_plan
-    from qtool.quantize import quantize
+    from qtool.qdq import quantize
 
     result: dict = {}
     start = time.perf_counter()

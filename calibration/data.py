@@ -339,6 +339,21 @@ class RandomData(_Loader):
             yield sample
 
 
+def image_folder(path, size, **options: Any) -> ImageFolder:
+    """An :class:`ImageFolder` (``qtool.data.image_folder("calib/", size=224)``)."""
+    return ImageFolder(path, size, **options)
+
+
+def array_file(path, **options: Any) -> ArrayData:
+    """An :class:`ArrayData` over an ``.npz`` (or ``.npy`` with ``input_name``)."""
+    return ArrayData(path, **options)
+
+
+def random_inputs(model, **options: Any) -> RandomData:
+    """A :class:`RandomData` for smoke tests (logs that it is unfit for calibration)."""
+    return RandomData(model, **options)
+
+
 def load_data(path: str | os.PathLike | None, model, **options: Any):
     """The loader for a path: a folder of images, an ``.npz``/``.npy`` file, or None (random).
 

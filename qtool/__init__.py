@@ -31,28 +31,29 @@ if os.path.isfile(os.path.join(_checkout_root, "pyproject.toml")) and os.path.is
 # Public names resolved on first use, so `import qtool` stays cheap and optional parts
 # (onnxruntime sessions, torch for QAT) load only when asked for.
 _LAZY = {
-    "load": "qtool.io",
-    "save": "qtool.io",
-    "to_model": "qtool.io",
-    "Pipeline": "qtool.pipeline",
-    "PassReport": "qtool.pipeline",
-    "register_pass": "qtool.pipeline",
-    "QuantScheme": "qtool.scheme",
-    "QtoolError": "qtool.errors",
-    "QuantPlan": "qtool.plan",
-    "build_plan": "qtool.planner",
-    "quantize": "qtool.quantize",
-    "calibrate": "qtool.calibration",
-    "data": "qtool.calibration.data",
+    # name: (module, attribute); attribute None means the module itself.
+    "load": ("qtool.io", "load"),
+    "save": ("qtool.io", "save"),
+    "to_model": ("qtool.io", "to_model"),
+    "Pipeline": ("qtool.pipeline", "Pipeline"),
+    "PassReport": ("qtool.pipeline", "PassReport"),
+    "register_pass": ("qtool.pipeline", "register_pass"),
+    "QuantScheme": ("qtool.scheme", "QuantScheme"),
+    "QtoolError": ("qtool.errors", "QtoolError"),
+    "QuantPlan": ("qtool.plan", "QuantPlan"),
+    "build_plan": ("qtool.planner", "build_plan"),
+    "quantize": ("qtool.qdq", "quantize"),
+    "calibrate": ("qtool.calibration", "calibrate"),
+    "data": ("qtool.calibration.data", None),
 }
 
 
 def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
+    if name not in _LAZY:
         raise AttributeError(f"module 'qtool' has no attribute {name!r}")
-    mod = importlib.import_module(module)
-    return mod if module.endswith("." + name) else getattr(mod, name)
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    return module if attribute is None else getattr(module, attribute)
 
 
 def __dir__():

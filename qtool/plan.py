@@ -2,7 +2,7 @@
 
 A plan is data. :func:`qtool.planner.build_plan` writes it from a graph and a backend's rules;
 the user can print it, save it as JSON, edit it (skip nodes, force bits, pin ranges) and hand
-it back to :func:`qtool.quantize.quantize`.
+it back to :func:`qtool.qdq.quantize`.
 
 Each :class:`TensorPlan` entry is one tensor with
 

@@ -151,7 +151,7 @@ def quantize_model(
     from qtool.backends.base import QDQ_MODEL_FILE
     from qtool.calibration import calibrate
     from qtool.evaluate import evaluate
-    from qtool.quantize import quantize
+    from qtool.qdq import quantize
     from qtool.report import build_report, to_json, to_markdown
 
     graph, pass_reports = prepare(load(model))

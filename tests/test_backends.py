@@ -39,7 +39,7 @@ from qtool.backends import backend_names, get_backend
 import qtool
 from qtool.errors import BackendError
 from qtool.planner import build_plan, shape_tensors
-from qtool.quantize import quantize
+from qtool.qdq import quantize
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}

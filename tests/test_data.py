@@ -267,3 +267,15 @@ def test_model_inputs_skips_initializers():
     specs = model_inputs(model)
     assert [s.name for s in specs] == ["input"]
     assert specs[0].shape == (None, 1, 8, 8) and specs[0].dtype == np.float32
+
+
+def test_public_names_through_qtool(png_folder, tmp_path):
+    import qtool
+
+    folder, _ = png_folder
+    loader = qtool.data.image_folder(folder, size=8)
+    assert isinstance(loader, ImageFolder) and len(loader) == 5
+    np.savez(tmp_path / "a.npz", input=np.zeros((3, 1, 8, 8), np.float32))
+    assert len(list(qtool.data.array_file(tmp_path / "a.npz"))) == 3
+    assert qtool.data.random_inputs(DIGITS, num_samples=2).fit_for_calibration is False
+    assert qtool.calibrate is calibrate

@@ -21,7 +21,7 @@ from qdq_helpers import (
 from qtool.errors import PlanError
 from qtool.plan import QuantPlan, TensorPlan, parse_precision
 from qtool.planner import build_plan, shape_tensors
-from qtool.quantize import quantize
+from qtool.qdq import quantize
 
 # ------------------------------------------------------------------------- JSON round trip
 

@@ -18,7 +18,7 @@ import qtool
 from qtool.errors import BackendError, PlanError
 from qtool.io import serialize
 from qtool.planner import build_plan
-from qtool.quantize import quantize
+from qtool.qdq import quantize
 
 
 def _quantize(name, backend, opset=13, plan=None):

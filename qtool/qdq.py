@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,18 +358,3 @@ def _copy(graph: gs.Graph) -> gs.Graph:
 
 
 __all__ = ["QuantizedModel", "TensorQParams", "compute_qparams", "quantize"]
-
-
-class _CallableModule(types.ModuleType):
-    """A module that, called, runs :func:`quantize`.
-
-    Importing ``qtool.quantize`` binds this module to the name ``qtool.quantize``, which hides
-    the function of the same name; calling the module calls the function, so
-    ``qtool.quantize(graph, backend, ranges)`` works as documented.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> QuantizedModel:
-        return quantize(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
