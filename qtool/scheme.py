@@ -16,7 +16,7 @@ A scheme says how real values map to integers:
   spread uniformly over the observed range:
   E = s^2/12 * (c/a) + (a - c)^3 / (3a), with a the observed amax and c = s * qmax the clip.
 
-A zero range (a constant tensor) gets the smallest positive scale, never 0 or NaN.
+A zero range (a constant tensor) gets ``MIN_SCALE`` (2^-100), never 0 or NaN.
 Per-channel schemes take arrays of lo/hi, one entry per channel along ``per_channel_axis``.
 """
 
@@ -31,8 +31,11 @@ import numpy as np
 
 from qtool.errors import PlanError
 
-# The smallest scale handed out: float32 eps, as torch.ao's observers use.
-MIN_SCALE = float(np.finfo(np.float32).eps)
+# The smallest scale handed out. torch.ao clamps at float32 eps (1.2e-7), which wipes out
+# tensors whose amax is below ~1.5e-5 (deep layers of randomly initialised nets live there).
+# 2^-100 keeps such tensors, is a normal float32 and a power of two, and x / scale stays
+# finite in float32 for any |x| < 1e8, so a constant (zero-range) tensor still quantizes.
+MIN_SCALE = 2.0**-100
 
 
 @dataclass(frozen=True)

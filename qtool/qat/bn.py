@@ -62,17 +62,18 @@ class QuantWeight(nn.Module):
     Args:
         name: The initializer's name in the ONNX graph.
         values: Its float values (ONNX layout).
-        quantizer: The fake-quant of the weight (of the folded weight when BN is kept).
+        quantizer: The fake-quant of the weight (of the folded weight when BN is kept);
+            None for a layer the plan keeps float.
     """
 
-    def __init__(self, name: str, values: np.ndarray, quantizer: FakeQuantize):
+    def __init__(self, name: str, values: np.ndarray, quantizer: FakeQuantize | None):
         super().__init__()
         self.name = name
         self.weight = nn.Parameter(torch.as_tensor(np.array(values, dtype=np.float32)))
         self.quantizer = quantizer
 
     def forward(self) -> torch.Tensor:
-        return self.quantizer(self.weight)
+        return self.weight if self.quantizer is None else self.quantizer(self.weight)
 
     def effective(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The float weight the layer uses before rounding (DoReFa's transform applied)."""
