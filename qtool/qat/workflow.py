@@ -1,0 +1,238 @@
+"""``qtool qat`` as a library function: PTQ, import, (BN re-calibration), training, export.
+
+    load -> Pipeline(cleanup, fold_bn, upgrade_opset) -> build_plan -> calibrate (the first
+    ``calib_samples`` training samples) -> quantize (PTQ) -> to_torch -> [recalibrate_bn]
+    -> fit -> export -> the backend's files + plan.json + qat_report.json
+
+The training data is one ``.npz`` with one array per model input (keyed by input name) and
+optionally ``labels``: with labels the loss is cross-entropy on the first output; without,
+the QAT model is distilled from the float model's outputs (mean squared error), computed
+once in onnxruntime. ``eval_data`` (an ``.npz`` with labels) gives the report's float, PTQ
+and QAT accuracies (top-1 of the first output, onnxruntime with optimizations off). The
+output folder is written whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import torch
+
+from qtool.errors import DataError
+
+LABELS_KEY = "labels"
+REPORT_FILE = "qat_report.json"
+
+
+@dataclass(frozen=True)
+class QatOptions:
+    """Options of :func:`qat_model` (the ``qtool qat`` flags).
+
+    Attributes:
+        algorithm: ``lsq``, ``lsq+``, ``pact``, ``dorefa``, ``dsq``.
+        epochs: Training epochs.
+        lr: Peak learning rate.
+        batch_size: Training batch size.
+        optimizer: ``adam`` or ``sgd``.
+        weight_decay: L2 on all parameters.
+        warmup_epochs: Linear learning-rate warm-up.
+        bn_strategy: MQBench BN folding strategy 0-4 (1-4 keep the BN of the float model).
+        recalibrate_bn: Re-estimate BN statistics after PTQ, before training (strategies 1-4).
+        method: Calibration observer for the activation ranges that initialise QAT.
+        weight_method: Observer for the initial weight ranges.
+        calib_samples: Training samples used for calibration (and BN re-calibration).
+        weight_bits: Override the backend's weight bits (e.g. 4).
+        act_bits: Override the backend's activation bits.
+        skip: Node names, op types or regexes kept float.
+        eval_data: An ``.npz`` with labels for the report's accuracies, or None.
+        seed: Seed of torch and of the data order.
+    """
+
+    algorithm: str = "lsq"
+    epochs: int = 5
+    lr: float = 1e-3
+    batch_size: int = 64
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    warmup_epochs: float = 1.0
+    bn_strategy: int = 0
+    recalibrate_bn: bool = False
+    method: str = "minmax"
+    weight_method: str = "minmax"
+    calib_samples: int = 256
+    weight_bits: int | None = None
+    act_bits: int | None = None
+    skip: tuple[str, ...] = ()
+    eval_data: str | os.PathLike | None = None
+    seed: int = 0
+
+
+def qat_model(model: str | os.PathLike, backend: str, data: str | os.PathLike,
+              options: QatOptions = QatOptions()) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The whole QAT job in memory: the output folder's files and the report.
+
+    Raises:
+        DataError: The data file lacks a model input, or labels do not match the samples.
+        QtoolError: Any error of loading, planning, calibration, quantization or training.
+    """
+    from qtool.calibration import calibrate
+    from qtool.io import load
+    from qtool.pipeline import Pipeline
+    from qtool.planner import build_plan
+    from qtool.qat.bn import recalibrate_bn
+    from qtool.qat.export import export
+    from qtool.qat.importer import to_torch
+    from qtool.qat.train import fit
+    from qtool.quantize import quantize
+    from qtool.workflow import prepare
+
+    torch.manual_seed(options.seed)
+    graph, _ = prepare(load(model))
+    plan = build_plan(graph, backend, skip=options.skip, weight_bits=options.weight_bits,
+                      act_bits=options.act_bits)
+    names = [t.name for t in graph.inputs]
+    inputs, labels = read_arrays(data, names)
+    count = len(inputs[0])
+    calib = [{n: a[i : i + 1] for n, a in zip(names, inputs, strict=True)}
+             for i in range(min(count, options.calib_samples))]
+    ranges = calibrate(graph, plan.activation_schemes(), calib, method=options.method,
+                       progress=False)
+    ptq = quantize(graph, backend, ranges, plan=plan, weight_method=options.weight_method)
+    bn_graph = None
+    if options.bn_strategy:
+        bn_graph, _ = Pipeline(["cleanup", "upgrade_opset"]).run(load(model))
+    qat = to_torch(ptq, options.algorithm, bn_graph=bn_graph, bn_strategy=options.bn_strategy)
+    if options.recalibrate_bn:
+        recalibrate_bn(qat, [tuple(a[: options.calib_samples] for a in inputs)])
+
+    if labels is not None:
+        targets = torch.as_tensor(labels)
+        loss_fn = _first_output(torch.nn.functional.cross_entropy)
+    else:
+        targets = torch.as_tensor(run_onnx(graph, dict(zip(names, inputs, strict=True)))[0])
+        loss_fn = _first_output(torch.nn.functional.mse_loss)
+    loader = torch.utils.data.DataLoader(
+        _Samples([torch.as_tensor(a) for a in inputs], targets),
+        batch_size=options.batch_size, shuffle=True,
+        generator=torch.Generator().manual_seed(options.seed),
+    )
+    history = fit(qat, loader, loss_fn, epochs=options.epochs, lr=options.lr,
+                  optimizer=options.optimizer, weight_decay=options.weight_decay,
+                  warmup_epochs=options.warmup_epochs)
+    result = export(qat)
+    files = dict(result.files())
+    report: dict[str, Any] = {
+        "model": Path(model).as_posix(),
+        "backend": backend,
+        "data": Path(data).as_posix(),
+        "samples": count,
+        "loss": "cross_entropy on labels" if labels is not None else "mse to the float outputs",
+        "options": {k: (list(v) if isinstance(v, tuple) else
+                        (Path(v).as_posix() if isinstance(v, os.PathLike) else v))
+                    for k, v in asdict(options).items()},
+        "epoch_losses": [round(x, 6) for x in history],
+    }
+    if options.eval_data is not None:
+        eval_inputs, eval_labels = read_arrays(options.eval_data, names)
+        if eval_labels is None:
+            raise DataError(f"{options.eval_data}: no '{LABELS_KEY}' array to score against")
+        feeds = dict(zip(names, eval_inputs, strict=True))
+        report["accuracy"] = {
+            name: accuracy(g, feeds, eval_labels)
+            for name, g in (("float", graph), ("ptq", ptq.graph), ("qat", result.graph))
+        }
+    files[REPORT_FILE] = (json.dumps(report, indent=2) + "\n").encode("utf-8")
+    return dict(sorted(files.items())), report
+
+
+def qat_to_folder(model: str | os.PathLike, backend: str, data: str | os.PathLike,
+                  output: str | os.PathLike, options: QatOptions = QatOptions(), *,
+                  force: bool = False) -> tuple[Path, dict[str, Any]]:
+    """:func:`qat_model`, written atomically into ``output`` (replaced only with ``force``).
+
+    Returns:
+        ``(folder, report)``.
+
+    Raises:
+        OutputError: The folder exists and is not empty (without ``force``) or cannot be
+            written; nothing is left behind.
+    """
+    from qtool.workflow import _fill, _staging_folder
+
+    folder = Path(output)
+    with _staging_folder(folder, force=force) as staging:
+        files, report = qat_model(model, backend, data, options)
+        _fill(staging, files)
+    return folder, report
+
+
+def read_arrays(path: str | os.PathLike, names: list[str]):
+    """``([one array per input], labels or None)`` from an ``.npz``.
+
+    Raises:
+        DataError: Not an .npz, an input missing, or sample counts that differ.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".npz" or not path.is_file():
+        raise DataError(f"{path}: QAT data must be an .npz file",
+                        "save one array per model input (and 'labels') with numpy.savez")
+    with np.load(path, allow_pickle=False) as archive:
+        missing = [n for n in names if n not in archive.files]
+        if missing:
+            raise DataError(f"{path}: no array for model input(s) {', '.join(missing)}",
+                            f"the archive has {', '.join(archive.files) or 'nothing'}")
+        inputs = [np.ascontiguousarray(archive[n], dtype=np.float32) for n in names]
+        labels = archive[LABELS_KEY].reshape(-1).astype(np.int64) if LABELS_KEY in archive.files \
+            else None
+    counts = {len(a) for a in inputs} | ({len(labels)} if labels is not None else set())
+    if len(counts) != 1 or 0 in counts:
+        raise DataError(f"{path}: the arrays hold different or zero numbers of samples",
+                        "give every input and the labels the same first dimension")
+    return inputs, labels
+
+
+def run_onnx(graph: gs.Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Outputs of a graph in onnxruntime with graph optimizations off."""
+    import onnxruntime as ort
+
+    from qtool.io import serialize
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(serialize(graph), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def accuracy(graph: gs.Graph, feeds: dict[str, np.ndarray], labels: np.ndarray) -> float:
+    """Top-1 accuracy of the first output in onnxruntime (optimizations off)."""
+    logits = run_onnx(graph, feeds)[0]
+    return float((logits.argmax(axis=1) == labels).mean())
+
+
+class _Samples(torch.utils.data.Dataset):
+    def __init__(self, inputs: list[torch.Tensor], targets: torch.Tensor):
+        self.inputs, self.targets = inputs, targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        return tuple(a[index] for a in self.inputs), self.targets[index]
+
+
+def _first_output(loss):
+    def loss_fn(output, target):
+        if isinstance(output, (tuple, list)):
+            output = output[0]
+        return loss(output, target)
+
+    return loss_fn
+
+
+__all__ = ["QatOptions", "accuracy", "qat_model", "qat_to_folder", "read_arrays", "run_onnx"]
