@@ -32,7 +32,8 @@ def build_model():
     from torch import nn
 
     def conv_bn(cin, cout, k=3):
-        return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout))
+        conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False)
+        return nn.Sequential(conv, nn.BatchNorm2d(cout))
 
     class DigitsCNN(nn.Module):
         def __init__(self):
@@ -103,6 +104,7 @@ def export(model) -> bytes:
 
 
 def main() -> None:
+    """Train, report float accuracy, write the model and the two data files."""
     import torch
 
     torch.manual_seed(SEED)

@@ -81,7 +81,9 @@ class DataError(QtoolError):
     """Calibration or evaluation data missing, empty, or not matching the model's inputs."""
 
     exit_code = 6
-    default_hint = "give .npz/.npy arrays keyed by input name, or an image folder that fits the input"
+    default_hint = (
+        "give .npz/.npy arrays keyed by input name, or an image folder that fits the input"
+    )
 
 
 class CalibrationError(QtoolError):

@@ -150,7 +150,7 @@ def _blocks():
 MODEL_NAMES = ("resnet", "mobilenet_v2", "concat", "attention", "convtranspose")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _export_bytes(name: str, opset: int, dynamic_batch: bool, var_scale: float, seed: int) -> bytes:
     torch = _torch()
     cls, shape = _blocks()[name]
@@ -204,7 +204,10 @@ def random_inputs(model: onnx.ModelProto, batch: int = 2, seed: int = 0) -> dict
     for inp in model.graph.input:
         if inp.name in initializers:
             continue
-        dims = [d.dim_value if d.HasField("dim_value") else batch for d in inp.type.tensor_type.shape.dim]
+        dims = [
+            d.dim_value if d.HasField("dim_value") else batch
+            for d in inp.type.tensor_type.shape.dim
+        ]
         feeds[inp.name] = rng.standard_normal(dims).astype(np.float32)
     return feeds
 
@@ -230,7 +233,7 @@ def run(model, feeds: dict[str, np.ndarray], optimize: bool = False) -> list[np.
 def assert_close(a: list[np.ndarray], b: list[np.ndarray], rtol: float = 1e-5) -> None:
     """Outputs agree to ``rtol`` relative to each output's scale."""
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.shape == y.shape
         scale = max(float(np.abs(x).max()), 1e-12)
         err = float(np.abs(x.astype(np.float64) - y).max())

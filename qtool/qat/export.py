@@ -1,6 +1,6 @@
 """Learned scales, zero points and weights back into the ONNX QDQ graph and the backend's files.
 
-:func:`export` builds a new :class:`qtool.quantize.QuantizedModel` from a trained
+:func:`export` builds a new :class:`qtool.qdq.QuantizedModel` from a trained
 :class:`qtool.qat.QatModel`:
 
 * the float graph (the one the plan was made for, BN folded) gets every trained layer's
@@ -9,7 +9,7 @@
   the tanh-normalised weight the layer actually uses;
 * every planned tensor gets its quantizer's effective scale and zero point (powers of two
   stay powers of two); an int32 bias gets ``s_in * s_w`` (float32 product), as
-  :func:`qtool.quantize.compute_qparams` computes it;
+  :func:`qtool.qdq.compute_qparams` computes it;
 * Q/DQ go in by the same code as post-training quantization, so the QDQ graph, the plan and
   the backend's emitter (``.files()`` / ``.save()``) work unchanged.
 
@@ -28,7 +28,7 @@ import torch
 
 from qtool.errors import PlanError
 from qtool.io import to_model
-from qtool.quantize import QuantizedModel, TensorQParams, _insert_qdq
+from qtool.qdq import QuantizedModel, TensorQParams, _insert_qdq
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def export(model) -> QuantizedModel:
             ``.module`` first).
 
     Returns:
-        The :class:`qtool.quantize.QuantizedModel`; ``.save(folder)`` writes the backend's
+        The :class:`qtool.qdq.QuantizedModel`; ``.save(folder)`` writes the backend's
         files and ``plan.json``.
     """
     model = getattr(model, "module", model)  # DDP

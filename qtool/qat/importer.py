@@ -1,7 +1,7 @@
 """The QDQ ONNX graph into torch through onnx2torch, with learnable fake-quant modules.
 
 :func:`to_torch` rewrites a copy of the quantized graph (``QuantizedModel.graph``) before
-onnx2torch sees it, into nodes of the private domain ``qtool.qat`` whose converters (registered
+onnx2torch sees it, into nodes of the private domain ``qtool_qat`` whose converters (registered
 with onnx2torch's ``add_converter``) hand over modules built here:
 
 * each activation ``QuantizeLinear -> DequantizeLinear`` pair becomes one ``FakeQuantize``
@@ -48,7 +48,7 @@ from qtool.qat.fake_quant import FakeQuantize, get_algorithm
 log = logging.getLogger(__name__)
 
 #: Domain of the rewritten nodes; private to the import (never written to a file).
-DOMAIN = "qtool.qat"
+DOMAIN = "qtool_qat"
 _OPS = ("FakeQuantize", "QuantConv", "QuantGemm", "QuantWeight")
 #: Relative tolerance of the check that raw weights + BN fold to the graph's folded weights.
 FOLD_RTOL = 1e-4
@@ -63,7 +63,7 @@ _BUILD: contextvars.ContextVar[_Build] = contextvars.ContextVar("qtool_qat_build
 
 
 def _prebuilt(node, graph) -> OperationConverterResult:
-    """onnx2torch converter of the ``qtool.qat`` nodes: the module built for its key."""
+    """onnx2torch converter of the ``qtool_qat`` nodes: the module built for its key."""
     module = _BUILD.get().modules[node.attributes["key"]]
     return OperationConverterResult(
         torch_module=module,
@@ -82,7 +82,7 @@ class QatModel(nn.Module):
 
     Attributes:
         graph_module: The torch.fx GraphModule from onnx2torch.
-        source: The :class:`qtool.quantize.QuantizedModel` it was imported from.
+        source: The :class:`qtool.qdq.QuantizedModel` it was imported from.
         algorithm: QAT algorithm name.
         bn_strategy: MQBench BN folding strategy (0-4).
         activation_quantizers: Planned activation tensor -> its fake-quant (shared per group).
@@ -145,7 +145,7 @@ def to_torch(
     """Import a quantized model into torch for QAT.
 
     Args:
-        result: The :class:`qtool.quantize.QuantizedModel` (QDQ graph, float graph, plan,
+        result: The :class:`qtool.qdq.QuantizedModel` (QDQ graph, float graph, plan,
             scales and zero points).
         algorithm: ``lsq``, ``lsq+``, ``pact``, ``dorefa`` or ``dsq``.
         bn_graph: The float model prepared *without* BN folding (path, ModelProto or
@@ -233,7 +233,8 @@ def to_torch(
         layers[node.name] = build.modules[node.name] = layer
         node.op, node.domain = ("QuantConv" if node.op == "Conv" else "QuantGemm"), DOMAIN
         node.attrs = {"key": node.name}
-        del node.inputs[1:]
+        while len(node.inputs) > 1:
+            node.inputs.pop()
 
     # the other readers of a quantized weight (MatMul ...): a QuantWeight node
     for node in list(graph.nodes):

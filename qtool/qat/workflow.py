@@ -89,7 +89,7 @@ def qat_model(model: str | os.PathLike, backend: str, data: str | os.PathLike,
     from qtool.qat.export import export
     from qtool.qat.importer import to_torch
     from qtool.qat.train import fit
-    from qtool.quantize import quantize
+    from qtool.qdq import quantize
     from qtool.workflow import prepare
 
     torch.manual_seed(options.seed)
