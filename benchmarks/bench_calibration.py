@@ -144,7 +144,6 @@ def run_variant(variant: str, model: str, prepared: Path, count: int, batch_size
     import qtool
     from qtool.io import save
     from qtool.planner import build_plan
-    from qtool.qdq import quantize
 
     result: dict = {}
     start = time.perf_counter()
@@ -181,7 +180,7 @@ def run_variant(variant: str, model: str, prepared: Path, count: int, batch_size
                            method=variant.split("-", 1)[1], batch_size=batch_size,
                            progress=False)
         result["calibrate_s"] = time.perf_counter() - calibration_start
-        save(quantize(graph, "academic", ranges, plan=plan).graph, out)
+        save(qtool.quantize(graph, "academic", ranges, plan=plan).graph, out)
     result["wall_s"] = time.perf_counter() - start
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
@@ -227,7 +226,6 @@ def ort_ranges_on_qtool_graph(prepared: Path, ort_model: Path, out: Path) -> Pat
     qtool's own plan: the SQNR of that graph isolates the calibration method.
     """
     import onnx
-    from qtool.quantize import quantize
 
     import qtool
     from qtool.io import save
@@ -241,7 +239,7 @@ def ort_ranges_on_qtool_graph(prepared: Path, ort_model: Path, out: Path) -> Pat
     plan = build_plan(graph, "academic")
     ranges = {name: (-127 * scales[name], 127 * scales[name])
               for name in plan.activation_schemes()}
-    save(quantize(graph, "academic", ranges, plan=plan).graph, out)
+    save(qtool.quantize(graph, "academic", ranges, plan=plan).graph, out)
     return out
 
 

@@ -10,6 +10,8 @@ Batching: samples (``dict[input, ndarray]``, batch axis first) are concatenated 
 ones (dynamic shapes) starts a new batch. A model with a fixed batch dim ``B`` runs batches
 of exactly ``B``; a remainder of fewer than ``B`` rows is dropped with a warning.
 
+After the first batch of a given input shape, the session writes the observed tensors into
+output buffers bound once (onnxruntime IO binding) instead of allocating them per run.
 Observed tensors that are graph inputs are read from the feeds, initializers once from the
 model. NaN or Inf raises :class:`qtool.errors.CalibrationError` naming the tensor and the
 sample. With ``workers > 1`` the batches are dealt to spawned processes, each with its own

@@ -10,6 +10,10 @@ The JSON report holds what was done and how well it went:
 * ``evaluation``: per-output SQNR / cosine / max abs error / top-1 agreement (and accuracy
   with labels) on the evaluation data, ``held_out`` saying whether that data differs from the
   calibration data; per-layer SQNR when asked;
+* ``analysis`` (:mod:`qtool.analysis`, on the calibration data): accumulated SQNR / cosine of
+  every quantized tensor, histograms of the worst activations with their clip ranges, and
+  when asked the sensitivity of each layer quantized alone, the float fallback search and
+  ``--method auto``'s choice per tensor;
 * ``files``: the SHA-256 of every other file written;
 * ``warnings``: what a reader must know before trusting the numbers.
 
@@ -37,6 +41,7 @@ def build_report(
     evaluation: Any,
     eval_data: str | None,
     files: Mapping[str, bytes],
+    analysis: Any = None,
 ) -> dict[str, Any]:
     """The report of one ``qtool calibrate`` run (see the module docstring for its keys).
 
@@ -50,6 +55,7 @@ def build_report(
         evaluation: The :class:`qtool.evaluate.Evaluation` on the evaluation data.
         eval_data: The evaluation data path as given (None: random inputs).
         files: The other files of the output folder, by name.
+        analysis: The :class:`qtool.analysis.Analysis` of the run, or None.
     """
     random_inputs = options.data is None
     warnings = []
@@ -60,7 +66,15 @@ def build_report(
         )
     elif options.eval_data is None:
         warnings.append("evaluated on the calibration data: give --eval-data for held-out numbers")
-    return {
+    fallback = analysis.fallback if analysis is not None else None
+    if fallback is not None and not fallback.met:
+        warnings.append("the fallback target was not met even with every layer float")
+    if fallback is not None and fallback.max_accuracy_drop is not None:
+        warnings.append(
+            "the float fallback was chosen on the evaluation data: its accuracy is not a "
+            "held-out number"
+        )
+    report = {
         "qtool_version": qtool.__version__,
         "model": model,
         "backend": backend,
@@ -89,6 +103,9 @@ def build_report(
         "files": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())},
         "warnings": warnings,
     }
+    if analysis is not None:
+        report["analysis"] = analysis.to_dict()
+    return report
 
 
 def to_json(report: Mapping[str, Any]) -> str:
@@ -144,6 +161,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
                     f"{layer['cosine']:.5f} |"
                 )
         lines.append("")
+    lines += _analysis_markdown(report.get("analysis"))
     plan = report["plan"]
     lines += ["## Plan", "", f"{plan['quantized_tensors']} tensors quantized "
               f"({plan['activations']} activations, {plan['weights']} weights, "
@@ -156,6 +174,49 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     lines += ["## Files", "", "| file | sha256 |", "|---|---|"]
     lines += [f"| {name} | `{digest}` |" for name, digest in report["files"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _analysis_markdown(analysis: Mapping[str, Any] | None) -> list[str]:
+    """The analysis sections of report.md (the same numbers as report.html)."""
+    if not analysis:
+        return []
+    lines: list[str] = []
+    fallback = analysis.get("fallback")
+    if fallback:
+        goals = []
+        if fallback["target_sqnr_db"] is not None:
+            goals.append(f"output SQNR >= {fallback['target_sqnr_db']:g} dB")
+        if fallback["max_accuracy_drop"] is not None:
+            goals.append(f"accuracy drop <= {fallback['max_accuracy_drop']:g} pts")
+        kept = ", ".join(fallback["float_layers"]) or "none"
+        lines += ["## Float fallback", "",
+                  f"Target {' and '.join(goals)}: {'met' if fallback['met'] else 'NOT met'}; "
+                  f"kept float: {kept}.", "",
+                  "| float layers | SQNR (dB) | accuracy drop (pts) | met |", "|---|---|---|---|"]
+        for step in fallback["steps"]:
+            drop = step["accuracy_drop"]
+            lines.append(f"| {', '.join(step['float_layers']) or '(none)'} | "
+                         f"{_db(step['sqnr_db'])} | {'-' if drop is None else f'{drop:.2f}'} | "
+                         f"{'yes' if step['met'] else 'no'} |")
+        lines.append("")
+    if analysis.get("layers"):
+        lines += ["## Layer sensitivity (each layer quantized alone), worst first", "",
+                  "| layer | op | output SQNR (dB) | cosine |", "|---|---|---|---|"]
+        lines += [f"| {s['node']} | {s['op']} | {_db(s['sqnr_db'])} | {s['cosine']:.5f} |"
+                  for s in analysis["layers"]]
+        lines.append("")
+    if analysis.get("tensors"):
+        lines += ["## Quantized tensors (accumulated error, calibration data)", "",
+                  "| tensor | role | SQNR (dB) | cosine |", "|---|---|---|---|"]
+        lines += [f"| {t['tensor']} | {t['role']} | {_db(t['sqnr_db'])} | {t['cosine']:.5f} |"
+                  for t in analysis["tensors"]]
+        lines.append("")
+    choice = analysis.get("method_choice")
+    if choice:
+        lines += ["## Method per tensor (--method auto)", "", "| tensor | method |", "|---|---|"]
+        lines += [f"| {name} | {info['method']} |" for name, info in choice["tensors"].items()]
+        lines.append("")
+    return lines
 
 
 def summary_table(report: Mapping[str, Any], output: str | None = None) -> str:
@@ -179,6 +240,11 @@ def summary_table(report: Mapping[str, Any], output: str | None = None) -> str:
     if ev:
         lines.append("")
         lines += _output_rows(ev)
+    fallback = (report.get("analysis") or {}).get("fallback")
+    if fallback:
+        kept = ", ".join(fallback["float_layers"]) or "none"
+        lines.append(f"  float fallback     {'met' if fallback['met'] else 'NOT met'}; "
+                     f"kept float: {kept}")
     if plan["float_nodes"]:
         lines.append("")
         shown = list(plan["float_nodes"].items())
@@ -188,7 +254,8 @@ def summary_table(report: Mapping[str, Any], output: str | None = None) -> str:
             lines.append(f"  ... and {len(shown) - 5} more float nodes (see report.md)")
     if report.get("files"):
         lines.append("")
-        lines.append("  files: " + ", ".join(list(report["files"]) + ["report.json", "report.md"]))
+        lines.append("  files: " + ", ".join(
+            list(report["files"]) + ["report.html", "report.json", "report.md"]))
     return "\n".join(lines) + "\n"
 
 

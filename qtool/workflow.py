@@ -3,8 +3,11 @@
 ``qtool calibrate`` is :func:`calibrate_to_folder`:
 
     load -> Pipeline(cleanup, fold_bn, upgrade_opset) -> build_plan (or a saved plan)
-         -> calibrate (streaming, onnxruntime) -> quantize -> evaluate on held-out data
-         -> files: quantized model + backend vendor files + plan.json + report.json + report.md
+         -> calibrate (streaming, onnxruntime; ``auto``: qtool.autoselect) -> quantize
+         -> [sensitivity per layer, float fallback to a target: qtool.analysis]
+         -> accumulated error per quantized tensor -> evaluate on held-out data
+         -> files: quantized model + backend vendor files + plan.json + report.json
+            + report.md + report.html
 
 The output folder is written whole or not at all: its files go into a temporary sibling
 folder which is renamed into place at the end, and an existing non-empty folder is only
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 PREPARE_PASSES = ("cleanup", "fold_bn", "upgrade_opset")
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+AUTO_METHOD = "auto"
 RANDOM_SAMPLES = 16
 RECIPE_KEYS = frozenset({"model", "output", "passes"})
 
@@ -45,7 +50,8 @@ class CalibrateOptions:
     Attributes:
         data: Calibration data (folder, .npz, .npy); None: random inputs, marked unfit.
         eval_data: Held-out data to evaluate on; None: the calibration data.
-        method: Observer name for activation ranges.
+        method: Observer name for activation ranges, or ``auto`` (the least-error
+            observer per tensor, :mod:`qtool.autoselect`).
         weight_method: Observer name for weight ranges.
         num_samples: At most this many samples (calibration and evaluation each).
         batch_size: Samples per onnxruntime run.
@@ -57,6 +63,11 @@ class CalibrateOptions:
         seed: Seed of random inputs.
         layerwise: Add per-tensor SQNR to the report.
         progress: Show a progress bar (None: when stderr is a terminal).
+        sensitivity: Measure each layer quantized alone (one pass over the data per layer).
+        target_sqnr: Keep the most sensitive layers float until the output SQNR (dB, on the
+            calibration data) reaches this.
+        max_accuracy_drop: Keep the most sensitive layers float until the top-1 accuracy on
+            the (labelled) evaluation data is at most this many points below float.
     """
 
     data: str | os.PathLike | None = None
@@ -73,6 +84,9 @@ class CalibrateOptions:
     seed: int = 0
     layerwise: bool = False
     progress: bool | None = False
+    sensitivity: bool = False
+    target_sqnr: float | None = None
+    max_accuracy_drop: float | None = None
 
 
 @dataclass
@@ -152,26 +166,43 @@ def quantize_model(
     from qtool.calibration import calibrate
     from qtool.evaluate import evaluate
     from qtool.qdq import quantize
+    from qtool.html_report import render_html
     from qtool.report import build_report, to_json, to_markdown
 
     graph, pass_reports = prepare(load(model))
     plan = _build_plan(graph, backend, options)
     calib_data = _load_samples(options.data, graph, options.num_samples, options.seed)
-    ranges = calibrate(
-        graph, plan.activation_schemes(), calib_data, method=options.method,
-        batch_size=options.batch_size, workers=options.workers, progress=options.progress,
-    )
+    method_choice = None
+    if options.method == AUTO_METHOD:
+        from qtool.autoselect import select_ranges
+
+        method_choice = select_ranges(graph, plan, calib_data, batch_size=options.batch_size)
+        ranges = method_choice.ranges
+    else:
+        ranges = calibrate(
+            graph, plan.activation_schemes(), calib_data, method=options.method,
+            batch_size=options.batch_size, workers=options.workers, progress=options.progress,
+        )
     result = quantize(graph, backend, ranges, plan=plan, weight_method=options.weight_method)
-    files = dict(result.files())
-    qdq_bytes = serialize(result.graph)
-    if qdq_bytes not in files.values():  # e.g. SNPE ships the float model + encodings
-        files[QDQ_MODEL_FILE] = qdq_bytes
 
     eval_path = options.eval_data if options.eval_data is not None else options.data
     eval_samples = (
         calib_data if options.eval_data is None
         else _load_samples(eval_path, graph, options.num_samples, options.seed)
     )
+    analysis = _analyze(graph, backend, result, ranges, calib_data, eval_samples, eval_path,
+                        options)
+    if analysis.fallback is not None:
+        result = quantize(graph, backend, ranges, plan=analysis.fallback.plan,
+                          weight_method=options.weight_method)
+    analysis.method_choice = method_choice.to_dict() if method_choice else None
+    analysis.samples, analysis.tensors, analysis.histograms = _tensor_errors(graph, result, calib_data,
+                                                              options.batch_size)
+    files = dict(result.files())
+    qdq_bytes = serialize(result.graph)
+    if qdq_bytes not in files.values():  # e.g. SNPE ships the float model + encodings
+        files[QDQ_MODEL_FILE] = qdq_bytes
+
     evaluation = evaluate(
         load(model),
         result.graph,
@@ -188,10 +219,85 @@ def quantize_model(
         evaluation=evaluation,
         eval_data=_display(eval_path) if eval_path is not None else None,
         files=files,
+        analysis=analysis,
     )
     files[REPORT_JSON] = to_json(report).encode("utf-8")
     files[REPORT_MD] = to_markdown(report).encode("utf-8")
+    files[REPORT_HTML] = render_html(report).encode("utf-8")
     return dict(sorted(files.items())), report
+
+
+def render_report(run_folder: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
+    """``qtool report``: write the HTML page of a saved run from its report.json.
+
+    Args:
+        run_folder: A folder written by ``qtool calibrate``.
+        output: The HTML file (default: ``report.html`` in the run folder).
+
+    Returns:
+        The path written.
+
+    Raises:
+        OutputError: The folder has no readable report.json, or the page cannot be written.
+    """
+    import json
+
+    from qtool.html_report import render_html
+
+    folder = Path(run_folder)
+    source = folder / REPORT_JSON
+    try:
+        report = json.loads(source.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise OutputError(
+            f"{source}: cannot read the run's report ({exc.strerror})",
+            "give a folder written by qtool calibrate",
+        ) from exc
+    except json.JSONDecodeError as exc:
+        raise OutputError(f"{source}: not valid JSON ({exc})",
+                          "rerun qtool calibrate to write it again") from exc
+    if not isinstance(report, dict) or not {"model", "backend", "calibration", "plan"} <= set(
+        report
+    ):
+        raise OutputError(f"{source}: not a qtool report",
+                          "give a folder written by qtool calibrate")
+    target = Path(output) if output is not None else folder / REPORT_HTML
+    atomic_write_text(target, render_html(report))
+    return target
+
+
+def _analyze(graph, backend, result, ranges, calib_data, eval_samples, eval_path, options):
+    """Sensitivity and float fallback as the options ask; tensor errors are filled later."""
+    from qtool.analysis import Analysis, float_fallback, layer_sensitivity
+
+    calib_batches = _batches(calib_data, None, options.batch_size)
+    analysis = Analysis(samples=0, tensors=[])
+    wants_fallback = options.target_sqnr is not None or options.max_accuracy_drop is not None
+    if not (options.sensitivity or wants_fallback):
+        return analysis
+    analysis.layers = layer_sensitivity(graph, result, calib_batches)
+    if wants_fallback:
+        judged_on = (
+            _batches(eval_samples, eval_path, options.batch_size)
+            if options.max_accuracy_drop is not None else calib_batches
+        )
+        analysis.fallback = float_fallback(
+            graph, backend, result.plan, ranges, analysis.layers, judged_on,
+            target_sqnr=options.target_sqnr, max_accuracy_drop=options.max_accuracy_drop,
+            weight_method=options.weight_method,
+        )
+    return analysis
+
+
+def _tensor_errors(graph, result, calib_data, batch_size: int):
+    from qtool.analysis import tensor_errors
+
+    return tensor_errors(graph, result, _batches(calib_data, None, batch_size))
+
+
+def _batches(samples, path, batch_size: int):
+    """A callable giving fresh batches of ``samples`` (labels from ``path``) on every call."""
+    return lambda: _labelled_batches(samples, path, batch_size)
 
 
 def evaluate_files(

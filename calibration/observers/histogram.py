@@ -9,10 +9,11 @@ The exponent is a function of the observed range alone,
 
 with ``e_floor = exponent(max|x|) - 24`` (finer bins than float32 resolves are useless).
 Because ``w`` is a power of two, ``x / w`` is exact and a bin of width ``2^(e+k)`` is exactly
-the union of ``2^k`` bins of width ``2^e``. So re-binning when the range grows (torch's
-``HistogramObserver`` combines histograms the same way, by interpolation) only adds counts,
-and ``merge()`` (the same re-bin applied to two states) gives exactly the histogram of a
-single pass over all the data, in any order. The data fills at least half of the bins.
+the union of ``2^k`` bins of width ``2^e``. So re-binning when the range grows only adds
+counts (torch's ``HistogramObserver`` re-bins by interpolating, which blurs), and
+``merge()`` (the same re-bin applied to two states) gives exactly the histogram of a single
+pass over all the data, in any order: sharded calibration equals one process bit for bit.
+The price of the power-of-two width: the data fills between half and all of the bins.
 
 Subclasses turn the histogram into a clip range (:meth:`HistogramObserver.range`); they
 never see the activations themselves.

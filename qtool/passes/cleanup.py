@@ -287,10 +287,13 @@ def dedupe_initializers(graph: gs.Graph) -> int:
     for tensor in _constants_in_order(graph):
         if tensor in graph.outputs or any(id(c) in in_subgraphs for c in tensor.outputs):
             continue
-        values = np.ascontiguousarray(tensor.values)
-        key = (str(values.dtype), values.shape, hashlib.sha256(values.tobytes()).hexdigest())
+        # np.asarray, not np.ascontiguousarray: the latter makes a 0-d scalar 1-d, and a
+        # scalar 0 would then merge with a [0] (a Slice end must stay 1-d, a Concat axis 0-d).
+        values = np.asarray(tensor.values)
+        data = np.ascontiguousarray(values).tobytes()
+        key = (str(values.dtype), values.shape, hashlib.sha256(data).hexdigest())
         first = keep.setdefault(key, tensor)
-        if first is tensor or np.ascontiguousarray(first.values).tobytes() != values.tobytes():
+        if first is tensor or np.ascontiguousarray(first.values).tobytes() != data:
             continue
         for consumer in list(tensor.outputs):
             _replace_inputs(consumer, tensor, first)
