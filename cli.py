@@ -114,8 +114,10 @@ def main() -> None:
 @click.option("--eval-data", "eval_path", type=EXISTING_PATH,
               help="Held-out data to compare float and quantized outputs on (labels from the "
                    "'labels' key of an .npz). Default: the calibration data.")
-@click.option("--method", default="minmax", show_default=True, type=click.Choice(_observer_names()),
-              help="Observer that sets activation ranges.")
+@click.option("--method", default="minmax", show_default=True,
+              type=click.Choice([*_observer_names(), "auto"]),
+              help="Observer that sets activation ranges; auto: per tensor, the observer whose "
+                   "range quantizes it with the least error (shared-scale groups together).")
 @click.option("--weight-method", default="minmax", show_default=True,
               type=click.Choice(_observer_names()), help="Observer that sets weight ranges.")
 @click.option("--num-samples", type=click.IntRange(min=1), help="Use at most this many samples.")
@@ -137,20 +139,33 @@ def main() -> None:
               help="Output folder (default: <model>-<backend>/ in the current folder).")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--layerwise", is_flag=True, help="Add per-tensor SQNR (worst first) to the report.")
+@click.option("--sensitivity", is_flag=True,
+              help="Measure each layer quantized alone (one pass over the data per layer) and "
+                   "rank the layers in the report.")
+@click.option("--target-sqnr", type=float, metavar="DB",
+              help="Keep the most sensitive layers float, one by one, until the output SQNR on "
+                   "the calibration data reaches DB.")
+@click.option("--max-accuracy-drop", type=click.FloatRange(min=0.0), metavar="PTS",
+              help="Keep the most sensitive layers float until the top-1 accuracy on the "
+                   "evaluation data (needs 'labels') is at most PTS points below float.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
 @debug_option
 def calibrate(model, backend, data_path, eval_path, method, weight_method, num_samples,
               batch_size, bits, weight_bits, act_bits, skip, plan_path, save_plan_path, workers,
-              seed, output, force, layerwise, quiet):
+              seed, output, force, layerwise, sensitivity, target_sqnr, max_accuracy_drop,
+              quiet):
     """Quantize MODEL for a backend: calibrate, write the model, vendor files and a report.
 
     The output folder gets the quantized model, the backend's files (encodings, calibration
-    cache, ...), plan.json, report.json and report.md; it is written whole or not at all.
+    cache, ...), plan.json, report.json, report.md and report.html; it is written whole or
+    not at all.
 
     \b
     Example:
       qtool calibrate examples/digits_cnn.onnx --backend snpe \\
           --data examples/digits_calib.npz --eval-data examples/digits_val.npz -o out/
+      qtool calibrate examples/digits_cnn.onnx --backend tensorrt --method auto \\
+          --data examples/digits_calib.npz --target-sqnr 35 -o out/
     """  # noqa: D301  (click reads \b as a no-rewrap marker)
     from qtool.report import summary_table
     from qtool.workflow import CalibrateOptions, calibrate_to_folder
@@ -160,7 +175,8 @@ def calibrate(model, backend, data_path, eval_path, method, weight_method, num_s
         num_samples=num_samples, batch_size=batch_size,
         weight_bits=weight_bits or bits, act_bits=act_bits or bits, skip=tuple(skip),
         plan=plan_path, workers=workers, seed=seed, layerwise=layerwise,
-        progress=False if quiet else None,
+        progress=False if quiet else None, sensitivity=sensitivity, target_sqnr=target_sqnr,
+        max_accuracy_drop=max_accuracy_drop,
     )
     result = calibrate_to_folder(model, backend, output, options, force=force,
                                  save_plan=save_plan_path)
@@ -250,6 +266,76 @@ def evaluate(float_model, quant_model, data_path, layerwise, num_samples, batch_
     evaluation = evaluate_files(float_model, quant_model, data_path, layerwise=layerwise,
                                 num_samples=num_samples, batch_size=batch_size)
     click.echo(evaluation.render(fmt), nl=False)
+
+
+@main.command()
+@click.argument("run_folder", metavar="RUN_FOLDER",
+                type=click.Path(exists=True, file_okay=False, readable=True))
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="HTML file to write (default: RUN_FOLDER/report.html).")
+@debug_option
+def report(run_folder, output):
+    """Render the HTML report of a saved `qtool calibrate` run from its report.json.
+
+    \b
+    Example:
+      qtool report out/ -o out/report.html
+    """  # noqa: D301  (click reads \b as a no-rewrap marker)
+    from qtool.workflow import render_report
+
+    click.echo(f"wrote {render_report(run_folder, output)}")
+
+
+@main.command()
+@click.argument("model", type=EXISTING_FILE)
+@click.option("--data", "data_path", required=True, type=EXISTING_PATH,
+              help="Calibration data: .npz/.npy or an image folder.")
+@click.option("--eval-data", "eval_path", type=EXISTING_PATH,
+              help="Evaluation data (accuracy from the 'labels' key of an .npz). Default: --data.")
+@click.option("--backend", "-b", "backends", multiple=True, type=click.Choice(_backend_names()),
+              help="Rows of the table (repeatable; default: all backends).")
+@click.option("--method", "-m", "methods", multiple=True,
+              type=click.Choice([*_observer_names(), "auto"]),
+              help="Columns of the table (repeatable; default: every observer).")
+@click.option("--sweep-backend", type=click.Choice(_backend_names()),
+              help="Backend of the bit-width sweep (default: the first row).")
+@click.option("--sweep-method", type=click.Choice([*_observer_names(), "auto"]),
+              help="Method of the bit-width sweep (default: the first column).")
+@click.option("--no-sweep", is_flag=True, help="Skip the bit-width sweep.")
+@click.option("--num-samples", type=click.IntRange(min=1), help="Use at most this many samples.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Samples per onnxruntime run.")
+@click.option("--format", "fmt", default="text", show_default=True,
+              type=click.Choice(["text", "markdown", "json"]), help="Output format.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write the table to this file instead of stdout.")
+@debug_option
+def compare(model, data_path, eval_path, backends, methods, sweep_backend, sweep_method,
+            no_sweep, num_samples, batch_size, fmt, output):
+    """Compare backends x calibration methods on MODEL, then sweep bit widths.
+
+    Each cell is the worst output SQNR in dB (and top-1 accuracy with labels) of the model
+    quantized for that backend with that method. The sweep (W8A8, W4A8, W4A4, mixed) adds
+    model size and bit operations per inference (MACs x weight bits x activation bits).
+
+    \b
+    Example:
+      qtool compare examples/digits_cnn.onnx --data examples/digits_calib.npz \\
+          --eval-data examples/digits_val.npz -b tensorrt -b snpe -m minmax -m mse
+    """  # noqa: D301  (click reads \b as a no-rewrap marker)
+    from qtool.compare import compare as compare_models
+    from qtool.io import atomic_write_text
+
+    result = compare_models(
+        model, data_path, eval_data=eval_path, backends=backends or None,
+        methods=methods or None, sweep_backend="" if no_sweep else sweep_backend,
+        sweep_method=sweep_method, num_samples=num_samples, batch_size=batch_size,
+    )
+    text = result.render(fmt)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        atomic_write_text(output, text)
 
 
 @main.command()

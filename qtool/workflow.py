@@ -165,13 +165,13 @@ def quantize_model(
     from qtool.backends.base import QDQ_MODEL_FILE
     from qtool.calibration import calibrate
     from qtool.evaluate import evaluate
-    from qtool.qdq import quantize
     from qtool.html_report import render_html
+    from qtool.qdq import quantize
     from qtool.report import build_report, to_json, to_markdown
 
     graph, pass_reports = prepare(load(model))
     plan = _build_plan(graph, backend, options)
-    calib_data = _load_samples(options.data, graph, options.num_samples, options.seed)
+    calib_data = load_samples(options.data, graph, options.num_samples, options.seed)
     method_choice = None
     if options.method == AUTO_METHOD:
         from qtool.autoselect import select_ranges
@@ -188,7 +188,7 @@ def quantize_model(
     eval_path = options.eval_data if options.eval_data is not None else options.data
     eval_samples = (
         calib_data if options.eval_data is None
-        else _load_samples(eval_path, graph, options.num_samples, options.seed)
+        else load_samples(eval_path, graph, options.num_samples, options.seed)
     )
     analysis = _analyze(graph, backend, result, ranges, calib_data, eval_samples, eval_path,
                         options)
@@ -196,8 +196,9 @@ def quantize_model(
         result = quantize(graph, backend, ranges, plan=analysis.fallback.plan,
                           weight_method=options.weight_method)
     analysis.method_choice = method_choice.to_dict() if method_choice else None
-    analysis.samples, analysis.tensors, analysis.histograms = _tensor_errors(graph, result, calib_data,
-                                                              options.batch_size)
+    analysis.samples, analysis.tensors, analysis.histograms = _tensor_errors(
+        graph, result, calib_data, options.batch_size
+    )
     files = dict(result.files())
     qdq_bytes = serialize(result.graph)
     if qdq_bytes not in files.values():  # e.g. SNPE ships the float model + encodings
@@ -206,7 +207,7 @@ def quantize_model(
     evaluation = evaluate(
         load(model),
         result.graph,
-        _labelled_batches(eval_samples, eval_path, options.batch_size),
+        labelled_batches(eval_samples, eval_path, options.batch_size),
         layerwise=options.layerwise,
     )
     report = build_report(
@@ -270,7 +271,7 @@ def _analyze(graph, backend, result, ranges, calib_data, eval_samples, eval_path
     """Sensitivity and float fallback as the options ask; tensor errors are filled later."""
     from qtool.analysis import Analysis, float_fallback, layer_sensitivity
 
-    calib_batches = _batches(calib_data, None, options.batch_size)
+    calib_batches = _batches(calib_data, options.data, options.batch_size)
     analysis = Analysis(samples=0, tensors=[])
     wants_fallback = options.target_sqnr is not None or options.max_accuracy_drop is not None
     if not (options.sensitivity or wants_fallback):
@@ -297,7 +298,7 @@ def _tensor_errors(graph, result, calib_data, batch_size: int):
 
 def _batches(samples, path, batch_size: int):
     """A callable giving fresh batches of ``samples`` (labels from ``path``) on every call."""
-    return lambda: _labelled_batches(samples, path, batch_size)
+    return lambda: labelled_batches(samples, path, batch_size)
 
 
 def evaluate_files(
@@ -317,8 +318,8 @@ def evaluate_files(
     from qtool.evaluate import evaluate
 
     reference = load(float_model)
-    samples = _load_samples(data, reference, num_samples, seed=0)
-    batches = _labelled_batches(samples, data, batch_size)
+    samples = load_samples(data, reference, num_samples, seed=0)
+    batches = labelled_batches(samples, data, batch_size)
     return evaluate(reference, load(quant_model, check=False), batches, layerwise=layerwise)
 
 
@@ -413,7 +414,8 @@ def _build_plan(graph: gs.Graph, backend: str, options: CalibrateOptions):
     return QuantPlan.from_json(text)
 
 
-def _load_samples(path, graph: gs.Graph, num_samples: int | None, seed: int):
+def load_samples(path, graph: gs.Graph, num_samples: int | None, seed: int):
+    """The samples of a data path (None: seeded random inputs shaped from ``graph``)."""
     from qtool.calibration.data import load_data
 
     if path is None:
@@ -421,7 +423,7 @@ def _load_samples(path, graph: gs.Graph, num_samples: int | None, seed: int):
     return load_data(path, graph, num_samples=num_samples)
 
 
-def _labelled_batches(samples, path, batch_size: int) -> Iterator[dict]:
+def labelled_batches(samples, path, batch_size: int) -> Iterator[dict]:
     """Evaluation batches of ``samples`` (loaded from ``path``), with labels if it has any.
 
     An .npz's ``labels`` array rides along under the key ``labels``, row for row (the

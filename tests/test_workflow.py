@@ -39,7 +39,7 @@ def snpe_run(tmp_path_factory):
 def test_folder_holds_model_encodings_plan_and_report(snpe_run):
     names = sorted(p.name for p in snpe_run.output.iterdir())
     assert names == ["model.encodings", "model.onnx", "model.qdq.onnx", "plan.json",
-                     "report.json", "report.md"]
+                     "report.html", "report.json", "report.md"]
     for name, data in snpe_run.files.items():
         assert (snpe_run.output / name).read_bytes() == data
     report = json.loads((snpe_run.output / "report.json").read_text())

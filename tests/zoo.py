@@ -163,6 +163,7 @@ def _build(name: str):
             image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
             num_classes=10,
         )
+        torch.nn.init.normal_(module.heads.head.weight, std=0.2)  # torchvision zero-inits it
         return module, torch.randn(1, 3, 32, 32), {0: "batch"}
     module = _custom_modules()[name]()
     if name == "detector":

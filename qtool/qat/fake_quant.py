@@ -391,7 +391,9 @@ class DSQFakeQuantize(FakeQuantize):
 
     def train_forward(self, x):
         self._update_range(x)
-        scale, zero_point = self._view(self.scale, x), self._view(self.zero_point, x)
+        # clones: a shared module updates its buffers in place again before backward
+        scale = self._view(self.scale.clone(), x)
+        zero_point = self._view(self.zero_point.clone(), x)
         steep = 1.0 / (1.0 - self.alpha)
         k = math.log((steep + 1.0) / (steep - 1.0))
         t = torch.clamp(x / scale + zero_point, self.quant_min, self.quant_max)

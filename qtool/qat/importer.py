@@ -230,9 +230,9 @@ def to_torch(
         else:
             layer = QuantLinear(weight, bias, dict(node.attrs), bias_rounding=rounding,
                                 name=node.name)
-        layers[node.name] = build.modules[node.name] = layer
+        layers[node.name] = build.modules[f"layer:{node.name}"] = layer
         node.op, node.domain = ("QuantConv" if node.op == "Conv" else "QuantGemm"), DOMAIN
-        node.attrs = {"key": node.name}
+        node.attrs = {"key": f"layer:{node.name}"}
         while len(node.inputs) > 1:
             node.inputs.pop()
 
@@ -249,13 +249,19 @@ def to_torch(
         if name not in weights:
             weights[name] = QuantWeight(name, values, algo.weight(
                 entry.scheme, qp.scale, qp.zero_point, init=torch.as_tensor(values)))
-        build.modules[name] = weights[name]
-        dequantize.op, dequantize.domain, dequantize.attrs = "QuantWeight", DOMAIN, {"key": name}
+        build.modules[f"weight:{name}"] = weights[name]
+        dequantize.op, dequantize.domain = "QuantWeight", DOMAIN
+        dequantize.attrs = {"key": f"weight:{name}"}
         dequantize.inputs.clear()
 
     graph.cleanup().toposort()
     graph.fold_constants(should_exclude_node=lambda n: n.domain == DOMAIN).cleanup()
     model = to_model(graph)
+    # onnx2torch reads value_info shapes (e.g. GlobalAveragePool's "known input shape"):
+    # keep only those that carry a shape.
+    known = [v for v in model.graph.value_info if v.type.tensor_type.HasField("shape")]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(known)
     if all(o.domain != DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
     token = _BUILD.set(build)
@@ -275,15 +281,16 @@ def to_torch(
 def _replace_pairs(graph: gs.Graph, tensor: gs.Tensor, quantizer: FakeQuantize,
                    build: _Build) -> None:
     """Every QuantizeLinear of ``tensor`` and its DequantizeLinear(s) -> one FakeQuantize."""
-    key = tensor.name
+    key = f"activation:{tensor.name}"
     build.modules[key] = quantizer
     for q_node in [n for n in tensor.outputs if n.op == "QuantizeLinear"]:
         quantized = q_node.outputs[0]
         for dq_node in [n for n in quantized.outputs if n.op == "DequantizeLinear"]:
             out = dq_node.outputs[0]
+            out.shape, out.dtype = tensor.shape, tensor.dtype or out.dtype
             dq_node.inputs.clear()
             dq_node.outputs.clear()
-            graph.nodes.append(gs.Node("FakeQuantize", f"{key}_FakeQuantize", {"key": key},
+            graph.nodes.append(gs.Node("FakeQuantize", f"{tensor.name}_FakeQuantize", {"key": key},
                                        inputs=[tensor], outputs=[out], domain=DOMAIN))
         q_node.inputs.clear()
         q_node.outputs.clear()
