@@ -223,8 +223,16 @@ def evaluate(
     for index, batch in enumerate(data):
         feeds, labels = _feeds(batch, input_specs, index)
         labelled = labelled or labels is not None
-        float_values = float_session.run(fetch, feeds)
-        quant_values = quant_session.run(quant_fetch, feeds)
+        try:
+            float_values = float_session.run(fetch, feeds)
+            quant_values = quant_session.run(quant_fetch, feeds)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise DataError(
+                f"batch {index}: onnxruntime cannot run the models on it: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
+                "check that the data fits the model's inputs (a dynamic dim may accept only "
+                "some sizes)",
+            ) from exc
         rows = int(next(iter(feeds.values())).shape[0])
         if labels is not None and labels.shape[0] != rows:
             raise DataError(

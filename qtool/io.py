@@ -14,8 +14,14 @@ from pathlib import Path
 import onnx
 import onnx.inliner
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from qtool.errors import InvalidModelError, ModelLoadError, OutputError, UnsupportedModelError
+
+# onnx-graphsurgeon prints its warnings ("[W] Found distinct Nodes that share the same
+# name", ...) to stdout, where they corrupt `qtool inspect --format json` and `qtool lint
+# --format sarif`. qtool reports problems itself (errors, lint findings); silence gs's printer.
+G_LOGGER.severity = G_LOGGER.CRITICAL
 
 MIN_OPSET = 11
 MAX_OPSET = 21
@@ -142,20 +148,36 @@ def _all_nodes(graph: onnx.GraphProto):
 
 
 def check_model(model: onnx.ModelProto) -> None:
-    """Run onnx.checker on the model (without external data limits).
+    """Run onnx.checker, then strict shape inference, on the model.
+
+    The checker alone passes nodes whose attributes no runtime accepts (a Conv with
+    ``kernel_shape`` 0, a Reshape to an impossible shape): strict shape inference (with the
+    exporter's ``value_info`` left out, so a stale traced shape is no reason to refuse) finds
+    those before onnxruntime fails on them in the middle of a run.
 
     Raises:
-        InvalidModelError: With the checker's first line.
+        InvalidModelError: With the checker's or shape inference's first line.
     """
+    if model.ByteSize() > _TWO_GB:
+        return  # neither takes a >2 GB proto in memory
     try:
-        if model.ByteSize() > _TWO_GB:
-            return  # the checker cannot take a >2 GB proto in memory; shape inference does
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise InvalidModelError(f"the ONNX checker rejects the model: {first}") from exc
     except Exception as exc:  # the C++ checker can raise other error types on odd protos
         raise InvalidModelError(f"the ONNX checker rejects the model: {exc}") from exc
+    probe = model
+    if model.graph.value_info:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        probe.graph.ClearField("value_info")
+    try:
+        onnx.shape_inference.infer_shapes(probe, check_type=True, strict_mode=True)
+    except Exception as exc:  # InferenceError, or a checker error raised from inside it
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        first = lines[0] if lines else type(exc).__name__
+        raise InvalidModelError(f"ONNX shape inference rejects the model: {first}") from exc
 
 
 def to_model(graph: gs.Graph | onnx.ModelProto) -> onnx.ModelProto:

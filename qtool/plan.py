@@ -85,6 +85,8 @@ class TensorPlan:
         Raises:
             PlanError: Unknown or missing keys, or values of the wrong kind.
         """
+        if not isinstance(data, Mapping):
+            raise PlanError(f"tensor {tensor}: its entry must be an object")
         _check_keys(data, {f.name for f in dataclasses.fields(cls)} - {"tensor"}, tensor)
         role = data["role"]
         if role not in ROLES:
@@ -335,9 +337,12 @@ class QuantPlan:
         for key in ("tensors", "float_nodes", "nodes"):
             if not isinstance(data[key], Mapping):
                 raise PlanError(f"plan: {key} must be an object")
+        placement_graph = data["placement_graph"]
+        if not isinstance(placement_graph, int) or isinstance(placement_graph, bool):
+            raise PlanError(f"plan: placement_graph {placement_graph!r} must be 1, 2 or 3")
         return cls(
             backend=str(data["backend"]),
-            placement_graph=int(data["placement_graph"]),
+            placement_graph=placement_graph,
             tensors={
                 name: TensorPlan.from_dict(name, entry) for name, entry in data["tensors"].items()
             },

@@ -9,9 +9,10 @@ Three steps, each a plain walk over the graph:
    path (walking back from (a): the computation that produced a Range step, even when it
    starts from a float feature map, stops where a tensor also feeds real data consumers); or
    (c) it is the output of Shape/Size, or of a node all of whose non-constant inputs are shape
-   tensors (what is computed from shapes). Rules (a)-(c) run to a fixed point. Shape/Size read
-   no values, so their input edges count for neither side. Integer tensors are never
-   quantized either.
+   tensors (what is computed from shapes) and that reads no float constant at a data input
+   (an embedding Gather of a float table by token ids is data, not a shape). Rules (a)-(c)
+   run to a fixed point. Shape/Size read no values, so their input edges count for neither
+   side. Integer tensors are never quantized either.
 2. **Placement** follows ``backend.placement`` (MQBench Fig. 4): weighted ops get their
    activation inputs and their constant weight quantized (a per-channel weight's axis is Conv 0,
    ConvTranspose 1, Gemm 0 if ``transB`` else 1, MatMul the last), ``activation_ops`` get
@@ -321,7 +322,11 @@ def shape_tensors(graph: gs.Graph) -> set[str]:
                 t for t in node.inputs
                 if t.name and not isinstance(t, gs.Constant) and t.name not in constant
             ]
-            if variables and all(t.name in shape for t in variables):
+            if (
+                variables
+                and all(t.name in shape for t in variables)
+                and not _reads_constant_data(node, constant)
+            ):
                 for out in node.outputs:
                     changed |= add(out.name)
         # (b) every value-reading consumer is on the shape path.
@@ -332,6 +337,22 @@ def shape_tensors(graph: gs.Graph) -> set[str]:
             if reads and all(_is_shape_edge(n, i, shape) for n, i in reads):
                 changed |= add(name)
     return shape
+
+
+def _reads_constant_data(node: gs.Node, constant: set[str]) -> bool:
+    """Whether a data (not shape/index) input is a float constant.
+
+    The output is then data looked up or broadcast from it (an embedding Gather, an Expand
+    of a class token), not a shape.
+    """
+    shape_inputs = SHAPE_INPUTS.get(node.op, ())
+    return any(
+        i not in shape_inputs
+        and (isinstance(t, gs.Constant) or t.name in constant)
+        and _is_float(t)
+        and t.dtype is not None
+        for i, t in enumerate(node.inputs)
+    )
 
 
 def _is_shape_edge(node: gs.Node, index: int, shape: set[str]) -> bool:
@@ -356,6 +377,7 @@ def _constant_tensors(nodes: Sequence[gs.Node]) -> set[str]:
         if node.op == "Constant" or (
             node.inputs
             and node.op not in SHAPE_SOURCES
+            and not _has_subgraph(node)  # If/Loop/Scan bodies read outer tensors implicitly
             and all(
                 isinstance(t, gs.Constant) or t.name in constant or not t.name
                 for t in node.inputs
@@ -366,6 +388,13 @@ def _constant_tensors(nodes: Sequence[gs.Node]) -> set[str]:
             if isinstance(tensor, gs.Constant):
                 constant.add(tensor.name)
     return constant
+
+
+def _has_subgraph(node: gs.Node) -> bool:
+    return any(
+        isinstance(v, gs.Graph) or (isinstance(v, list) and any(isinstance(g, gs.Graph) for g in v))
+        for v in node.attrs.values()
+    )
 
 
 def _is_float(tensor: gs.Tensor) -> bool:

@@ -115,6 +115,19 @@ class QuantScheme:
                 f"unknown scheme field(s) {', '.join(unknown)}",
                 f"a scheme has: {', '.join(sorted(known))}",
             )
+        for key, value in data.items():  # JSON from a hand-edited plan: check every type
+            is_int = isinstance(value, int) and not isinstance(value, bool)
+            if key == "bits":
+                valid = is_int
+            elif key == "per_channel_axis":
+                valid = value is None or is_int
+            else:
+                valid = isinstance(value, bool)
+            if not valid:
+                kind = {"bits": "an integer", "per_channel_axis": "an integer or null"}
+                raise PlanError(
+                    f"scheme field {key}={value!r} must be {kind.get(key, 'true or false')}"
+                )
         return cls(**data)
 
     def qparams(self, lo: Any, hi: Any) -> tuple[np.ndarray, np.ndarray]:

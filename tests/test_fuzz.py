@@ -18,6 +18,7 @@ Hypothesis runs derandomized with a bounded number of examples (CI runs the same
 
 from __future__ import annotations
 
+import functools
 import io
 import multiprocessing
 import os
@@ -47,7 +48,7 @@ CHILD_TIMEOUT_S = 60
 CHILD_MEMORY_BYTES = 2 * 2**30  # on top of what the parent already maps
 
 FUZZ = settings(
-    max_examples=30,
+    max_examples=25,
     derandomize=True,
     database=None,
     deadline=None,
@@ -62,7 +63,8 @@ FUZZ = settings(
 def _child(conn, fn, args):
     try:
         status = Path("/proc/self/status").read_text()
-        vm_kb = int(next(line for line in status.splitlines() if line.startswith("VmSize:")).split()[1])
+        line = next(line for line in status.splitlines() if line.startswith("VmSize:"))
+        vm_kb = int(line.split()[1])
         limit = vm_kb * 1024 + CHILD_MEMORY_BYTES
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     except (OSError, ValueError, StopIteration):
@@ -333,6 +335,15 @@ def test_error_messages_name_the_problem():
         kind, value, detail = isolated(_load_prepare_plan, model.SerializeToString())
         assert (kind, value) == ("qtool", error.__name__), (name, kind, value, detail)
         assert word in detail, (name, detail)
+    # Regression: the checker passes a Conv with kernel_shape 0; onnxruntime then failed in
+    # the middle of calibration (internal error). Strict shape inference refuses it at load.
+    model = _mutable()
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    del conv.attribute[:]
+    conv.attribute.append(helper.make_attribute("kernel_shape", [0, 0]))
+    kind, value, detail = isolated(_load_prepare_plan, model.SerializeToString())
+    assert (kind, value) == ("qtool", InvalidModelError.__name__), (kind, value, detail)
+    assert "kernel_shape" in detail and conv.name in detail
     kind, value, detail = isolated(_load_prepare_plan, BASE[: len(BASE) // 2])
     assert (kind, value) == ("qtool", ModelLoadError.__name__)
     assert "not an ONNX model" in detail
@@ -350,7 +361,6 @@ def _first(strategy):
 
 def _cli(args: list[str], cwd: str):
     from click.testing import CliRunner
-
     from qtool.cli import main
 
     os.chdir(cwd)
@@ -358,7 +368,7 @@ def _cli(args: list[str], cwd: str):
     return result.exit_code, result.output
 
 
-@FUZZ
+@settings(FUZZ, max_examples=12)
 @given(st.data())
 def test_cli_on_broken_models_leaves_nothing(tmp_path_factory, data):
     folder = tmp_path_factory.mktemp("cli")
@@ -383,11 +393,15 @@ def test_cli_on_broken_models_leaves_nothing(tmp_path_factory, data):
     code, output = value
     assert code != 70 and code != 1, output
     if code != 0:
-        assert output.startswith("error: ") and "Traceback" not in output, output
+        errors = [line for line in output.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in output, output
         assert sorted(p.name for p in folder.iterdir()) == before, "output left behind"
     kind, value, detail = isolated(_cli, ["lint", "model.onnx"], str(folder))
     assert kind == "ok", (kind, value, detail)
     assert value[0] in (0, 1, 2), value[1]
+    kind, value, detail = isolated(_cli, ["inspect", "model.onnx"], str(folder))
+    assert kind == "ok", (kind, value, detail)
+    assert value[0] == 0 or (value[0] in (3, 4) and "error: " in value[1]), value[1]
     assert sorted(p.name for p in folder.iterdir()) in (before, sorted(before + ["out"]))
 
 
@@ -580,3 +594,179 @@ def test_nan_weights_are_a_clear_error(tmp_path):
     assert kind == "qtool" and value in (CalibrationError.__name__, DataError.__name__,
                                          "PlanError", "PassError"), (kind, value, detail)
     assert "NaN" in detail or "finite" in detail, detail
+
+
+def _float64_model(path: Path) -> None:
+    model = _mutable()
+    for index, tensor in enumerate(model.graph.initializer):
+        values = numpy_helper.to_array(tensor)
+        if values.dtype == np.float32:
+            model.graph.initializer[index].CopyFrom(
+                numpy_helper.from_array(values.astype(np.float64), tensor.name)
+            )
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = TensorProto.DOUBLE
+    path.write_bytes(model.SerializeToString())
+
+
+def test_model_onnxruntime_cannot_run_is_a_clear_error(tmp_path):
+    """Regression: a valid float64 model (no CPU Conv kernel for double) was an internal
+    error (exit 70) from the calibration session; it must be a QtoolError, nothing written."""
+    _float64_model(tmp_path / "double.onnx")
+    kind, value, detail = isolated(
+        _cli, ["calibrate", "double.onnx", "-b", "tensorrt", "-o", "out"], str(tmp_path)
+    )
+    assert kind == "ok", (kind, value, detail)
+    code, output = value
+    assert code in (3, 4, 7), output
+    assert "error: " in output and "onnxruntime" in output and "Conv" in output, output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["double.onnx"]
+
+
+def _cli_stdout(args: list[str], cwd: str):
+    from click.testing import CliRunner
+    from qtool.cli import main
+
+    os.chdir(cwd)
+    result = CliRunner().invoke(main, args, catch_exceptions=True)
+    return result.exit_code, result.stdout
+
+
+@pytest.mark.parametrize("args", [["inspect", "dup.onnx", "--format", "json"],
+                                  ["lint", "dup.onnx", "--format", "sarif"],
+                                  ["lint", "dup.onnx", "--format", "json", "-b", "tensorrt"]])
+def test_machine_readable_output_stays_clean_on_odd_models(tmp_path, args):
+    """Regression: onnx-graphsurgeon printed "[W] Found distinct Nodes that share the same
+    name" (and more) to stdout, breaking the JSON/SARIF a CI job parses."""
+    import json
+
+    model = _mutable()
+    for node in model.graph.node:  # legal ONNX, but every gs pass warns about it
+        node.name = "same"
+    (tmp_path / "dup.onnx").write_bytes(model.SerializeToString())
+    kind, value, detail = isolated(_cli_stdout, args, str(tmp_path))
+    assert kind == "ok", (kind, value, detail)
+    code, stdout = value
+    assert code in (0, 1), stdout
+    json.loads(stdout)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "calibrate"])
+def test_data_the_model_cannot_run_on_is_a_data_error(tmp_path, command):
+    """Regression: the detector's dims are dynamic, but its FPN adds need sizes divisible
+    by 8; a 33x47 sample made onnxruntime fail mid-run, which escaped as an internal error."""
+    import zoo
+
+    (tmp_path / "detector.onnx").write_bytes(zoo.zoo_bytes("detector", 13))
+    np.savez(tmp_path / "odd.npz", input=np.zeros((2, 3, 33, 47), np.float32))
+    args = {
+        "evaluate": ["evaluate", "detector.onnx", "detector.onnx", "--data", "odd.npz"],
+        "calibrate": ["calibrate", "detector.onnx", "-b", "fbgemm", "--data", "odd.npz",
+                      "-o", "out"],
+    }[command]
+    kind, value, detail = isolated(_cli, args, str(tmp_path))
+    assert kind == "ok", (kind, value, detail)
+    code, output = value
+    assert code == DataError.exit_code, output
+    assert "error: " in output and "onnxruntime" in output, output
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ edited plans
+
+
+@functools.cache
+def _digits_plan_setup():
+    from qtool.calibration import calibrate
+
+    from qtool.io import load
+    from qtool.planner import build_plan
+    from qtool.workflow import prepare
+
+    graph, _ = prepare(load(str(DIGITS)))
+    plan = build_plan(graph, "tensorrt")
+    data = [{"input": row[None]} for row in _rows(count=4)]
+    ranges = calibrate(graph, plan.activation_schemes(), data)
+    return graph, plan.to_dict(), ranges
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                 max_size=3),
+    max_leaves=6,
+)
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _paths(value, (*prefix, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _paths(value, (*prefix, index))
+
+
+@settings(FUZZ, max_examples=80)
+@given(st.data())
+def test_edited_plans_are_plan_errors(data):
+    """A hand-edited plan (``--plan``) with any value anywhere: PlanError, or a valid plan."""
+    import copy
+    import json
+
+    from qtool.errors import PlanError
+    from qtool.plan import QuantPlan
+    from qtool.qdq import quantize
+
+    graph, original, ranges = _digits_plan_setup()
+    plan = copy.deepcopy(original)
+    for _ in range(data.draw(st.integers(1, 3))):
+        paths = [p for p in _paths(plan) if p]
+        path = data.draw(st.sampled_from(paths))
+        parent = plan
+        for key in path[:-1]:
+            parent = parent[key]
+        action = data.draw(st.sampled_from(["replace", "delete", "add"]))
+        if action == "replace":
+            parent[path[-1]] = data.draw(JSON_VALUES)
+        elif action == "delete":
+            del parent[path[-1]]
+        elif isinstance(parent, dict):
+            parent[data.draw(st.text(max_size=6))] = data.draw(JSON_VALUES)
+    text = json.dumps(plan)
+    try:
+        loaded = QuantPlan.from_json(text)
+        quantize(graph, "tensorrt", ranges, plan=loaded)
+    except PlanError as exc:
+        assert exc.message
+    except QtoolError as exc:  # e.g. a BackendError for an edited backend name
+        assert exc.message
+
+
+@pytest.mark.parametrize("edit", ["bits_null", "entry_null", "placement_text", "signed_text"])
+def test_cli_refuses_a_mistyped_plan(tmp_path, edit):
+    """Regression: a plan edited by hand with a wrong JSON type (``"bits": null``, an entry
+    ``null``, ``"placement_graph": "2"``) escaped as TypeError/ValueError (exit 70)."""
+    import json
+
+    _, original, _ = _digits_plan_setup()
+    plan = json.loads(json.dumps(original))
+    name = next(iter(plan["tensors"]))
+    if edit == "bits_null":
+        plan["tensors"][name]["scheme"]["bits"] = None
+    elif edit == "entry_null":
+        plan["tensors"][name] = None
+    elif edit == "placement_text":
+        plan["placement_graph"] = "2"
+    else:
+        plan["tensors"][name]["scheme"]["signed"] = "yes"
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    args = ["calibrate", str(DIGITS), "-b", "tensorrt", "--plan", "plan.json", "-o", "out"]
+    kind, value, detail = isolated(_cli, args, str(tmp_path))
+    assert kind == "ok", (kind, value, detail)
+    code, output = value
+    assert code == 2 and "error: " in output and "plan" in output, output
+    assert not (tmp_path / "out").exists()

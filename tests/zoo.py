@@ -13,6 +13,8 @@ Besides torchvision's classifiers the zoo has graphs the classifiers lack:
   Concat of many branches.
 * ``ocr``: a CRNN-style recogniser on a dynamic width: conv features, Squeeze/Permute to a
   sequence, an LSTM (no integer kernel in any backend: stays float), a classifier per step.
+* ``multi``: two inputs (image, int64 token ids), three outputs: an embedding Gather, a
+  ConvTranspose + BN, a Linear + BatchNorm1d, a batched MatMul with a 3-d constant weight.
 * ``legacy``: an opset 11 graph as old exporters wrote it (hand-built with onnx.helper):
   BatchNormalization not fused, Identity chains, Constant nodes for weights, initializers
   listed as graph inputs, one weight shared by two Convs, an If whose branches read an
@@ -43,7 +45,7 @@ TORCHVISION = {
 }
 
 #: Every model of the zoo.
-MODEL_NAMES = (*TORCHVISION, "vit", "transformer", "detector", "ocr", "legacy")
+MODEL_NAMES = (*TORCHVISION, "vit", "transformer", "detector", "ocr", "multi", "legacy")
 
 
 def _torch():
@@ -144,7 +146,27 @@ def _custom_modules():
         def forward(self, x):
             return self.head(self.encoder(self.embed(x)).mean(dim=1))
 
-    return {"detector": Detector, "ocr": Ocr, "transformer": Transformer}
+    class Multi(nn.Module):
+        """Two inputs (an image, int64 token ids) and three outputs: an embedding lookup,
+        ConvTranspose + BN, Linear + BatchNorm1d, a batched MatMul with a 3-d weight."""
+
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(20, 16)
+            self.up = nn.ConvTranspose2d(3, 8, 2, stride=2, bias=False)
+            self.bn = nn.BatchNorm2d(8)
+            self.fc = nn.Linear(16, 8)
+            self.bn1d = nn.BatchNorm1d(8)
+            self.weight3d = nn.Parameter(torch.randn(2, 16, 4) * 0.3)
+
+        def forward(self, x, ids):
+            features = self.bn(self.up(x)).relu()
+            tokens = self.embedding(ids)
+            gate = torch.sigmoid(self.bn1d(self.fc(tokens.mean(1))))
+            heads = torch.matmul(tokens[:, :2].transpose(0, 1), self.weight3d)
+            return features.mean((2, 3)) * gate, heads, features.amax((2, 3))
+
+    return {"detector": Detector, "ocr": Ocr, "transformer": Transformer, "multi": Multi}
 
 
 def _build(name: str):
@@ -170,10 +192,12 @@ def _build(name: str):
         return module, torch.randn(1, 3, 32, 48), {0: "batch", 2: "height", 3: "width"}
     if name == "ocr":
         return module, torch.randn(1, 1, 16, 40), {0: "batch", 3: "width"}
+    if name == "multi":
+        return module, (torch.randn(2, 3, 8, 8), torch.randint(0, 20, (2, 5))), None
     return module, torch.randn(1, 6, 12), {0: "batch"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _export_bytes(name: str, opset: int, seed: int) -> bytes:
     if name == "legacy":
         return legacy_model(opset, seed).SerializeToString()
@@ -184,22 +208,30 @@ def _export_bytes(name: str, opset: int, seed: int) -> bytes:
     module.eval()
     buffer = io.BytesIO()
     output_axes = {0: "batch"} if name != "ocr" else {0: "steps", 1: "batch"}
+    inputs, outputs = ["input"], ["output"]
+    axes = {"input": dynamic, "output": output_axes}
+    if name == "multi":
+        inputs, outputs = ["input", "ids"], ["gated", "heads", "peaks"]
+        axes = {"input": {0: "batch"}, "ids": {0: "batch", 1: "tokens"}}
+        example = tuple(example)
+    else:
+        example = (example,)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the fused kernels have no ONNX export
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
-            (example,),
+            example,
             buffer,
             dynamo=False,
             opset_version=opset,
             training=torch.onnx.TrainingMode.PRESERVE,
             do_constant_folding=False,
             keep_initializers_as_inputs=opset < 13,
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_axes={"input": dynamic, "output": output_axes},
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=axes,
         )
     torch.backends.mha.set_fastpath_enabled(fastpath)
     return buffer.getvalue()
@@ -225,17 +257,21 @@ def sample_shape(name: str, batch: int = 1) -> tuple[int, ...]:
         "transformer": (batch, 6, 12),
         "detector": (batch, 3, 32, 48),
         "ocr": (batch, 1, 16, 40),
+        "multi": (batch, 3, 8, 8),
         "legacy": (batch, 3, 8, 8),
     }[name]
 
 
 def samples(name: str, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """``count`` calibration samples (batch 1 each) of standard-normal data."""
+    """``count`` calibration samples (batch 1 each): standard-normal data, token ids."""
     rng = np.random.default_rng(seed)
-    return [
-        {"input": rng.standard_normal(sample_shape(name)).astype(np.float32)}
-        for _ in range(count)
-    ]
+    rows = []
+    for _ in range(count):
+        row = {"input": rng.standard_normal(sample_shape(name)).astype(np.float32)}
+        if name == "multi":
+            row["ids"] = rng.integers(0, 20, (1, 5), dtype=np.int64)
+        rows.append(row)
+    return rows
 
 
 def legacy_model(opset: int = 11, seed: int = 0) -> onnx.ModelProto:
@@ -277,7 +313,8 @@ def legacy_model(opset: int = 11, seed: int = 0) -> onnx.ModelProto:
     loop_body = helper.make_graph(
         [
             helper.make_node("Identity", ["loop_cond_in"], ["loop_cond_out"], name="loop_cond"),
-            helper.make_node("Add", ["loop_acc_in", "loop_step"], ["loop_acc_out"], name="loop_add"),
+            helper.make_node("Add", ["loop_acc_in", "loop_step"], ["loop_acc_out"],
+                             name="loop_add"),
         ],
         "loop_body",
         [
@@ -293,7 +330,8 @@ def legacy_model(opset: int = 11, seed: int = 0) -> onnx.ModelProto:
     nodes = [
         helper.make_node("Identity", ["input"], ["id1"], name="identity_1"),
         helper.make_node("Identity", ["id1"], ["id2"], name="identity_2"),
-        helper.make_node("Constant", [], ["w0"], name="const_w0", value=numpy_helper.from_array(w0)),
+        helper.make_node("Constant", [], ["w0"], name="const_w0",
+                         value=numpy_helper.from_array(w0)),
         helper.make_node("Conv", ["id2", "w0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
         helper.make_node(
             "BatchNormalization", ["c0", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["bn0"],

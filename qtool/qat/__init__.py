@@ -2,7 +2,7 @@
 
 The flow, each step one function::
 
-    result = qtool.quantize(graph, backend, ranges, plan=plan)     # PTQ: the QDQ graph
+    result = qtool.qdq.quantize(graph, backend, ranges, plan=plan) # PTQ: the QDQ graph
     model = qtool.qat.to_torch(result, algorithm="lsq")            # onnx2torch + fake-quant
     qtool.qat.recalibrate_bn(model, batches)                       # optional (BN kept)
     qtool.qat.fit(model, loader, loss_fn, epochs=5, lr=1e-3)       # or your own loop
@@ -14,6 +14,9 @@ backend's scheme (bits, signedness, symmetry, per-channel axis, narrow range, po
 members of a shared-scale group share one module), initialised from the pair's scale and zero
 point. Algorithms: LSQ, LSQ+, PACT, DoReFa, DSQ (:mod:`qtool.qat.fake_quant`). BatchNorm can
 be kept and trained with MQBench's folding strategies 0-4 (:mod:`qtool.qat.bn`).
+
+Below 8 bits, quantize the graph at opset 21: INT4 storage makes onnxruntime clip to the
+4-bit range as the torch model does (``qtool.qat.workflow`` raises the opset itself).
 
 Nothing else in qtool imports torch: importing this package without torch or onnx2torch
 raises :class:`qtool.errors.QtoolError` saying what to install.

@@ -12,11 +12,12 @@ trains with one of MQBench's folding strategies (Fig. 3); ``q()`` is the weight 
 * **0**: fold once at import and train ``w_fold, b_fold`` with no BN (a plain layer).
 * **1**: fold with the running statistics, which stay frozen; ``gamma, beta`` still train:
   ``y = conv(x, q(w * s)) + b_fold``.
-* **2** (Jacob et al.): fold with the batch statistics (a float convolution first):
+* **2** (as Jacob et al. 2018): fold with the batch statistics (a float convolution first):
   ``y = conv(x, q(w * gamma / sqrt(var_B + eps))) + beta - mu_B * gamma / sqrt(var_B + eps)``;
   running statistics updated.
-* **3** (Krishnamoorthi): fold with the running statistics, then correct to the batch:
-  ``y = conv(x, q(w * s)) * sqrt(var + eps) / sqrt(var_B + eps) + beta - mu_B * gamma / sqrt(var_B + eps)``.
+* **3** (as Krishnamoorthi 2018): fold with the running statistics, then correct to the batch:
+  ``y = conv(x, q(w * s)) * sqrt(var + eps) / sqrt(var_B + eps) + beta - mu_B * s_B`` with
+  ``s_B = gamma / sqrt(var_B + eps)``.
 * **4** (PyTorch's ConvBn QAT): ``y = BN(conv(x, q(w * s)) / s + b)`` with BN in training
   mode, so the batch statistics are those of the quantized-weight convolution.
 
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtool.errors import PlanError
-from qtool.qat.fake_quant import FakeQuantize
+from qtool.qat.fake_quant import FakeQuantize, straight_through
 
 #: MQBench's folding strategies (0-4) and what each does.
 BN_STRATEGIES = {
@@ -73,13 +74,8 @@ class QuantWeight(nn.Module):
         self.quantizer = quantizer
 
     def forward(self) -> torch.Tensor:
+        """The weight as the layer uses it (fake-quantized, or float for a float layer)."""
         return self.weight if self.quantizer is None else self.quantizer(self.weight)
-
-    def effective(self, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """The float weight the layer uses before rounding (DoReFa's transform applied)."""
-        weight = self.weight if weight is None else weight
-        transform = getattr(self.quantizer, "transform", None)
-        return transform(weight) if transform is not None else weight
 
 
 class _BiasRounding:
@@ -96,7 +92,7 @@ class _BiasRounding:
             s_in, _ = input_q.effective()
             s_w, _ = weight_q.effective()
             step = (s_in * s_w).reshape(-1) if s_w.ndim else (s_in * s_w).reshape(())
-        return bias + (torch.round(bias / step) * step - bias).detach()
+        return straight_through(torch.round(bias / step) * step, bias)
 
 
 class QuantConv(nn.Module):
@@ -146,7 +142,9 @@ class QuantConv(nn.Module):
         if auto_pad not in ("NOTSET", "VALID"):
             raise PlanError(f"Conv {name}: auto_pad={auto_pad} is not supported by QAT",
                             "run the cleanup pass or re-export with explicit pads")
-        pads = list(attrs.get("pads", [0] * 2 * spatial)) if auto_pad == "NOTSET" else [0] * 2 * spatial
+        pads = [0] * 2 * spatial
+        if auto_pad == "NOTSET":
+            pads = list(attrs.get("pads", pads))
         begin, end = pads[:spatial], pads[spatial:]
         if begin == end:
             self.padding, self.input_pad = tuple(begin), None
@@ -160,6 +158,7 @@ class QuantConv(nn.Module):
     # ------------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer by its strategy in training; the folded layer in eval."""
         if self.input_pad is not None:
             x = F.pad(x, self.input_pad)
         if self.bn is None:
@@ -201,9 +200,14 @@ class QuantConv(nn.Module):
                 (bias - self.bn.running_mean) * s + self.bn.bias)
 
     def deployed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The float weight and bias the exported graph quantizes (folded, DoReFa applied)."""
+        """The weight and bias the eval forward uses: folded, DoReFa applied, on the grid.
+
+        Exported on the grid, the integers the export computes from them are exactly the
+        levels torch used (re-rounding an on-grid value cannot move it).
+        """
         weight, bias = self.folded()
-        return self.weight.effective(weight), bias
+        quantizer = self.weight.quantizer
+        return (quantizer(weight) if quantizer is not None else weight), self._round_bias(bias)
 
     # ---------------------------------------------------------------- BN calibration
 
@@ -307,6 +311,7 @@ class QuantLinear(nn.Module):
         self.bias_rounding = bias_rounding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``alpha * (x @ op(W_q)) + beta * C`` (C rounded to the int32 grid if planned)."""
         weight = self.weight()
         y = x @ (weight.t() if self.trans_b else weight)
         if self.alpha != 1.0:
@@ -317,8 +322,11 @@ class QuantLinear(nn.Module):
         return y
 
     def deployed(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The float weight and bias the exported graph quantizes."""
-        return self.weight.effective(), self.bias
+        """The weight and bias the eval forward uses (on the grid, see QuantConv.deployed)."""
+        bias = self.bias
+        if bias is not None and self.bias_rounding is not None:
+            bias = self.bias_rounding(bias)
+        return self.weight(), bias
 
 
 def recalibrate_bn(

@@ -4,9 +4,12 @@
 :class:`qtool.qat.QatModel`:
 
 * the float graph (the one the plan was made for, BN folded) gets every trained layer's
-  deployed float weight and bias: with BN kept, ``w_fold = w * s`` and
+  deployed weight and bias: with BN kept, ``w_fold = w * s`` and
   ``b_fold = (b - mu) * s + beta`` with the running statistics (MQBench Eq. 4); with DoReFa,
-  the tanh-normalised weight the layer actually uses;
+  the tanh-normalised weight the layer actually uses. Quantized weights (and int32 biases)
+  are written as torch rounded them, on the grid, so the integers computed from them are
+  exactly torch's levels (float64 re-division of a latent weight could break a tie the
+  other way); vendor formats that ship the float model (SNPE) then re-quantize exactly;
 * every planned tensor gets its quantizer's effective scale and zero point (powers of two
   stay powers of two); an int32 bias gets ``s_in * s_w`` (float32 product), as
   :func:`qtool.qdq.compute_qparams` computes it;
@@ -14,8 +17,8 @@
   the backend's emitter (``.files()`` / ``.save()``) work unchanged.
 
 In eval mode the torch model computes the same fake quantization with the same float32
-numbers, so the exported model agrees with it up to float summation order (a value sitting
-on a rounding tie can move by one step).
+numbers and integer levels, so the exported model agrees with it up to float summation
+order (an activation on a rounding boundary can land one step away).
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ def export(model) -> QuantizedModel:
     tensors = float_graph.tensors()
     nodes = {n.name: n for n in float_graph.nodes}
     written: set[str] = set()
+    was_training = model.training
+    model.eval()
     with torch.no_grad():
         for name, layer in model.layers.items():
             weight, bias = layer.deployed()
@@ -62,7 +67,8 @@ def export(model) -> QuantizedModel:
                 _set_values(tensors, node.inputs[2].name, bias, written)
         for name, weight in model.weights.items():
             if name not in written:
-                _set_values(tensors, name, weight.effective(), written)
+                _set_values(tensors, name, weight(), written)
+    model.train(was_training)
 
     qparams: dict[str, TensorQParams] = {}
     for entry in plan.entries("activation"):

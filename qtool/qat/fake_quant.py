@@ -26,7 +26,7 @@ identity backward; ``gs(p, g)`` is ``p`` forward with its gradient multiplied by
   unsigned, ``[-alpha, alpha]`` signed symmetric, ``[alpha_lo, alpha]`` asymmetric as MQBench
   extends it) and the grid ``s = alpha / qmax`` (``(alpha - alpha_lo) / (qmax - qmin)``)::
 
-      y = clip(x, lo, hi),   out = y + (fq(y) - y).detach()
+      y = clip(x, lo, hi),   out = fq(y) forward, y backward
 
   The clip bounds are the grid's end points in value and ``alpha`` in gradient, so
   ``d out / d alpha = 1`` where ``x >= alpha`` and 0 inside (PACT has no gradient inside the
@@ -70,15 +70,24 @@ from qtool.scheme import MIN_SCALE, QuantScheme
 # ----------------------------------------------------------------------------- STE helpers
 
 
+def straight_through(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+    """``value`` exactly forward, the gradient of ``surrogate`` backward.
+
+    Written ``value.detach() + (surrogate - surrogate.detach())`` so the forward value is
+    bit-exact (``x + (f(x) - x).detach()`` can be off by one ulp, and the exported graph
+    must compute the same float32 numbers).
+    """
+    return value.detach() + (surrogate - surrogate.detach())
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """``round(x)`` (half to even) forward, identity backward."""
-    return x + (torch.round(x) - x).detach()
+    return straight_through(torch.round(x), x)
 
 
 def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
     """``x`` forward, gradient multiplied by ``factor`` backward."""
-    scaled = x * factor
-    return scaled + (x - scaled).detach()
+    return straight_through(x, x * factor)
 
 
 def power_of_two_ste(scale: torch.Tensor) -> torch.Tensor:
@@ -147,6 +156,7 @@ class FakeQuantize(nn.Module):
     # -- shared behaviour -------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The algorithm's estimator in training, :func:`fake_quantize` in eval."""
         if not self.enabled:
             return x
         if self.training:
@@ -165,6 +175,7 @@ class FakeQuantize(nn.Module):
         return scale, zero_point
 
     def extra_repr(self) -> str:
+        """The scheme in the plan's short form (e.g. ``s4 sym pot``)."""
         s = self.scheme
         kind = f"{'s' if s.signed else 'u'}{s.bits} {'sym' if s.symmetric else 'asym'}"
         kind += " narrow" if s.narrow_range else ""
@@ -214,6 +225,7 @@ class FixedFakeQuantize(FakeQuantize):
         self.register_buffer("zero_point", self._zero_points(zero_point))
 
     def effective(self, x=None):
+        """See :meth:`FakeQuantize.effective`."""
         return self._power_of_two(self.scale), self.zero_point
 
 
@@ -233,6 +245,7 @@ class LSQFakeQuantize(FakeQuantize):
             self.register_buffer("zero_point", zero_point)
 
     def effective(self, x=None):
+        """See :meth:`FakeQuantize.effective`."""
         factor = 1.0 / math.sqrt(self._elements_per_scale(x) * self.quant_max)
         scale = self._power_of_two(grad_scale(self.scale, factor))
         zero_point = self.zero_point
@@ -272,27 +285,29 @@ class PACTFakeQuantize(FakeQuantize):
         return torch.zeros((), dtype=self.alpha.dtype, device=self.alpha.device)
 
     def effective(self, x=None):
+        """See :meth:`FakeQuantize.effective`."""
         qmin, qmax = self.quant_min, self.quant_max
         hi, lo = self.alpha.detach(), self._lower().detach()
         if self.scheme.symmetric:
             scale = self._power_of_two(hi.abs() / qmax)
             zero_point = torch.zeros_like(scale)
         else:
-            hi, lo = torch.maximum(hi, torch.zeros_like(hi)), torch.minimum(lo, torch.zeros_like(lo))
+            hi = torch.maximum(hi, torch.zeros_like(hi))
+            lo = torch.minimum(lo, torch.zeros_like(lo))
             scale = self._power_of_two((hi - lo) / (qmax - qmin))
             zero_point = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
         return scale, zero_point
 
     def train_forward(self, x):
+        """See :meth:`FakeQuantize.train_forward`."""
         scale, zero_point = self.effective(x)
         grid_lo = (self.quant_min - zero_point) * scale
         grid_hi = (self.quant_max - zero_point) * scale
-        upper = self.alpha + (grid_hi - self.alpha).detach()
-        lower = self._lower()
-        lower = lower + (grid_lo - lower).detach()
+        upper = straight_through(grid_hi, self.alpha)
+        lower = straight_through(grid_lo, self._lower())
         clipped = torch.minimum(torch.maximum(x, lower), upper)
         quantized = fake_quantize(clipped, scale, zero_point, self.quant_min, self.quant_max)
-        return clipped + (quantized - clipped).detach()
+        return straight_through(quantized, clipped)
 
 
 class DoReFaWeightFakeQuantize(FakeQuantize):
@@ -326,9 +341,11 @@ class DoReFaWeightFakeQuantize(FakeQuantize):
         return t / peak * self._view(self.magnitude, w)
 
     def effective(self, x=None):
+        """See :meth:`FakeQuantize.effective`."""
         return self.scale, self.zero_point
 
     def forward(self, x):
+        """``fq(transform(w))``: the estimator in training, exact rounding in eval."""
         if not self.enabled:
             return x
         w = self.transform(x)
@@ -364,6 +381,7 @@ class DSQFakeQuantize(FakeQuantize):
         self.register_buffer("range_high", torch.as_tensor(hi, dtype=torch.float32))
 
     def effective(self, x=None):
+        """See :meth:`FakeQuantize.effective`."""
         return self.scale, self.zero_point
 
     @torch.no_grad()
@@ -390,6 +408,7 @@ class DSQFakeQuantize(FakeQuantize):
         self.zero_point.copy_(torch.as_tensor(zero_point, dtype=torch.float32))
 
     def train_forward(self, x):
+        """See :meth:`FakeQuantize.train_forward`."""
         self._update_range(x)
         # clones: a shared module updates its buffers in place again before backward
         scale = self._view(self.scale.clone(), x)
@@ -466,4 +485,5 @@ __all__ = [
     "grad_scale",
     "power_of_two_ste",
     "round_ste",
+    "straight_through",
 ]

@@ -36,7 +36,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import torch
 from onnx2torch import convert
-from onnx2torch.node_converters.registry import add_converter
+from onnx2torch.node_converters.registry import add_converter, get_converter
 from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
 from torch import nn
 
@@ -74,6 +74,39 @@ def _prebuilt(node, graph) -> OperationConverterResult:
 for _op in _OPS:
     add_converter(operation_type=_op, version=1, domain=DOMAIN)(_prebuilt)
 
+#: Default-domain schema versions that only widened the type lists (int4, float8, bfloat16):
+#: onnx2torch's converter of the version before serves them (4-bit QDQ needs opset 21).
+TYPE_ONLY_VERSIONS = {
+    "Flatten": (21,),
+    "Reshape": (19, 21),
+    "Transpose": (21,),
+    "Unsqueeze": (21,),
+    "Identity": (19, 21),
+    "Cast": (19, 21),
+    "Shape": (19, 21),
+    "Constant": (19, 21),
+    "ConstantOfShape": (20, 21),
+    "Pad": (21,),
+}
+
+
+def _register_type_only_versions() -> None:
+    for op, versions in TYPE_ONLY_VERSIONS.items():
+        for version in versions:
+            try:
+                get_converter(operation_type=op, version=version)
+                continue  # onnx2torch has it
+            except NotImplementedError:
+                pass
+            try:
+                previous = get_converter(operation_type=op, version=version - 1)
+            except NotImplementedError:
+                continue
+            add_converter(operation_type=op, version=version)(previous)
+
+
+_register_type_only_versions()
+
 
 class QatModel(nn.Module):
     """The imported model: the onnx2torch GraphModule plus handles on its quantized parts.
@@ -104,6 +137,7 @@ class QatModel(nn.Module):
         self.input_names = list(input_names)
 
     def forward(self, *inputs):
+        """The model's outputs for its ONNX inputs (tensors, graph order)."""
         return self.graph_module(*inputs)
 
     def prepare_inputs(self, batch) -> tuple[torch.Tensor, ...]:
@@ -117,6 +151,28 @@ class QatModel(nn.Module):
             batch = [batch]
         return tuple(torch.as_tensor(np.asarray(b)) if not torch.is_tensor(b) else b
                      for b in batch)
+
+    def activations(self, *inputs) -> dict[str, torch.Tensor]:
+        """Run the model and return every quantized activation (fake-quant output) by tensor.
+
+        Keys are the planned tensor names, values what the exported graph's
+        ``DequantizeLinear`` of that tensor computes.
+        """
+        targets = {
+            f"{DOMAIN}/" + f"{tensor}_FakeQuantize".replace(".", "/"): tensor
+            for tensor in self.activation_quantizers
+        }
+        found: dict[str, torch.Tensor] = {}
+
+        class _Recorder(torch.fx.Interpreter):
+            def call_module(self, target, args, kwargs):
+                out = super().call_module(target, args, kwargs)
+                if target in targets:
+                    found[targets[target]] = out
+                return out
+
+        _Recorder(self.graph_module).run(*inputs)
+        return found
 
     def quantizers(self) -> list[FakeQuantize]:
         """Every fake-quant module once (activations, then weights)."""
@@ -171,6 +227,15 @@ def to_torch(
         )
     bn_nodes = _bn_layers(load(bn_graph) if bn_graph is not None else None)
     plan, qparams = result.plan, result.qparams
+    opset = result.graph.opset
+    narrow = sorted({e.scheme.bits for e in plan.entries("activation")
+                     if e.scheme.bits < e.scheme.storage_bits(opset)})
+    if narrow:
+        log.warning(
+            "the QDQ graph (opset %d) stores %s-bit activations in wider integer types: "
+            "onnxruntime saturates them at the storage limits, torch at the %s-bit range, so "
+            "the two differ where values exceed the range; quantize at opset 21 (INT4) for a "
+            "faithful simulation", opset, "/".join(map(str, narrow)), "/".join(map(str, narrow)))
     graph = gs.import_onnx(to_model(result.graph))
     float_tensors = result.float_graph.tensors()
     build = _Build()
@@ -210,6 +275,9 @@ def to_torch(
                 raise PlanError(f"ConvTranspose {node.name}: QAT of its quantized weight is not "
                                 "supported", "skip the node in the plan (--skip)")
             continue
+        if entry is None and not all(isinstance(t, gs.Constant) or not t.name
+                                     for t in node.inputs[1:]):
+            continue  # a float layer with computed parameters: onnx2torch's own converter
         bn = bn_nodes.get(node.name) if bn_strategy and entry is not None else None
         folded = np.asarray(float_tensors[weight_name].values, dtype=np.float32)
         raw = _check_fold(node.name, bn, folded) if bn is not None else folded
@@ -323,7 +391,8 @@ def _bn_layers(graph: gs.Graph | None) -> dict[str, dict]:
         return {}
     found = {}
     for node in graph.nodes:
-        if node.op != "Conv" or not isinstance(node.inputs[1], gs.Constant):
+        if node.op != "Conv" or not isinstance(node.inputs[1], gs.Constant) or \
+                node.inputs[1].values.ndim not in (3, 4, 5):
             continue
         out = node.outputs[0]
         if len(out.outputs) != 1 or out in graph.outputs:
@@ -360,7 +429,9 @@ def _check_fold(name: str, bn: dict, folded: np.ndarray) -> np.ndarray:
 def _bn_module(bn: dict | None) -> nn.Module | None:
     if bn is None:
         return None
-    module = nn.BatchNorm2d(bn["gamma"].size, eps=bn["eps"])
+    spatial = bn["weight"].ndim - 2
+    kind = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[spatial]
+    module = kind(bn["gamma"].size, eps=bn["eps"])
     with torch.no_grad():
         module.weight.copy_(torch.as_tensor(bn["gamma"]))
         module.bias.copy_(torch.as_tensor(bn["beta"]))

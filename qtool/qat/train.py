@@ -64,7 +64,8 @@ def fit(
         loss_fn: ``loss_fn(output, target) -> scalar tensor``.
         epochs: Passes over ``loader``.
         lr: Peak learning rate.
-        optimizer: ``adam`` or ``sgd`` (with ``momentum``).
+        optimizer: ``adam`` or ``sgd``.
+        momentum: SGD momentum.
         weight_decay: L2 on every parameter (scales, PACT's alpha included).
         warmup_epochs: Linear warm-up length in epochs (may be fractional; 0 for none).
         find_unused_parameters: Passed to DistributedDataParallel.
@@ -76,7 +77,8 @@ def fit(
         PlanError: Unknown optimizer, or an empty loader.
     """
     if optimizer not in OPTIMIZERS:
-        raise PlanError(f"unknown optimizer {optimizer!r}", f"choose one of {', '.join(OPTIMIZERS)}")
+        raise PlanError(f"unknown optimizer {optimizer!r}",
+                        f"choose one of {', '.join(OPTIMIZERS)}")
     steps_per_epoch = _length(loader)
     if steps_per_epoch == 0:
         raise PlanError("the training data is empty", "give at least one batch")

@@ -4,6 +4,8 @@
     ``calib_samples`` training samples) -> quantize (PTQ) -> to_torch -> [recalibrate_bn]
     -> fit -> export -> the backend's files + plan.json + qat_report.json
 
+Schemes below 8 bits raise the graph to opset 21 first (:data:`NARROW_OPSET`).
+
 The training data is one ``.npz`` with one array per model input (keyed by input name) and
 optionally ``labels``: with labels the loss is cross-entropy on the first output; without,
 the QAT model is distilled from the float model's outputs (mean squared error), computed
@@ -27,6 +29,10 @@ import torch
 from qtool.errors import DataError
 
 LABELS_KEY = "labels"
+#: Below 8 bits the QDQ graph is raised to this opset: INT4/UINT4 storage makes onnxruntime
+#: clip to the narrow range (in int8 storage QuantizeLinear saturates at +-127 instead, so
+#: the QDQ graph would not compute what the 4-bit torch model computes).
+NARROW_OPSET = 21
 REPORT_FILE = "qat_report.json"
 
 
@@ -77,6 +83,16 @@ def qat_model(model: str | os.PathLike, backend: str, data: str | os.PathLike,
               options: QatOptions = QatOptions()) -> tuple[dict[str, bytes], dict[str, Any]]:
     """The whole QAT job in memory: the output folder's files and the report.
 
+    Args:
+        model: The float ONNX file.
+        backend: A registered backend name.
+        data: The training ``.npz`` (see the module docstring).
+        options: Algorithm, training and calibration options.
+
+    Returns:
+        ``(files, report)``: file name -> bytes (the backend's files, ``plan.json`` and
+        ``qat_report.json``), and the report as a dict.
+
     Raises:
         DataError: The data file lacks a model input, or labels do not match the samples.
         QtoolError: Any error of loading, planning, calibration, quantization or training.
@@ -96,6 +112,11 @@ def qat_model(model: str | os.PathLike, backend: str, data: str | os.PathLike,
     graph, _ = prepare(load(model))
     plan = build_plan(graph, backend, skip=options.skip, weight_bits=options.weight_bits,
                       act_bits=options.act_bits)
+    opset = graph.opset
+    if graph.opset < NARROW_OPSET and any(e.scheme.bits < 8 for e in plan.tensors.values()):
+        graph, _ = Pipeline([("upgrade_opset", {"target": NARROW_OPSET})]).run(graph)
+        plan = build_plan(graph, backend, skip=options.skip, weight_bits=options.weight_bits,
+                          act_bits=options.act_bits)
     names = [t.name for t in graph.inputs]
     inputs, labels = read_arrays(data, names)
     count = len(inputs[0])
@@ -106,7 +127,9 @@ def qat_model(model: str | os.PathLike, backend: str, data: str | os.PathLike,
     ptq = quantize(graph, backend, ranges, plan=plan, weight_method=options.weight_method)
     bn_graph = None
     if options.bn_strategy:
-        bn_graph, _ = Pipeline(["cleanup", "upgrade_opset"]).run(load(model))
+        bn_graph, _ = Pipeline(
+            ["cleanup", ("upgrade_opset", {"target": max(13, graph.opset)})]
+        ).run(load(model))
     qat = to_torch(ptq, options.algorithm, bn_graph=bn_graph, bn_strategy=options.bn_strategy)
     if options.recalibrate_bn:
         recalibrate_bn(qat, [tuple(a[: options.calib_samples] for a in inputs)])
@@ -132,6 +155,7 @@ def qat_model(model: str | os.PathLike, backend: str, data: str | os.PathLike,
         "backend": backend,
         "data": Path(data).as_posix(),
         "samples": count,
+        "opset": {"model": opset, "quantized": graph.opset},
         "loss": "cross_entropy on labels" if labels is not None else "mse to the float outputs",
         "options": {k: (list(v) if isinstance(v, tuple) else
                         (Path(v).as_posix() if isinstance(v, os.PathLike) else v))
