@@ -24,6 +24,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from qtool.report import fmt_db, fmt_pct
+
 PLOT_HEIGHT = 180.0
 BAR_WIDTH = 22
 BAR_GAP = 6
@@ -68,8 +70,8 @@ def render_html(report: Mapping[str, Any]) -> str:
         table = _table(
             ["#", "layer", "op", "SQNR (dB)", "cosine", "accuracy"],
             [
-                [str(i), layer["node"], layer["op"], _db(layer["sqnr_db"]),
-                 f"{layer['cosine']:.5f}", _pct(layer.get("accuracy"))]
+                [str(i), layer["node"], layer["op"], fmt_db(layer["sqnr_db"]),
+                 f"{layer['cosine']:.5f}", fmt_pct(layer.get("accuracy"))]
                 for i, layer in enumerate(analysis["layers"], start=1)
             ],
             "sensitivity-table", numeric={0, 3, 4, 5},
@@ -86,7 +88,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         table = _table(
             ["#", "tensor", "role", "SQNR (dB)", "cosine", "max abs error"],
             [
-                [str(i), t["tensor"], t["role"], _db(t["sqnr_db"]), f"{t['cosine']:.5f}",
+                [str(i), t["tensor"], t["role"], fmt_db(t["sqnr_db"]), f"{t['cosine']:.5f}",
                  f"{t['max_abs_error']:.4g}"]
                 for i, t in enumerate(tensors, start=1)
             ],
@@ -139,16 +141,16 @@ def _summary(report: Mapping[str, Any]) -> str:
         held = "held out" if ev["held_out"] else "calibration data"
         rows.append(["evaluation data", f"{ev['data']} ({ev['samples']} samples, {held})"])
         for out in ev["outputs"]:
-            rows.append([f"output {out['name']}: SQNR", f"{_db(out['sqnr_db'])} dB"
+            rows.append([f"output {out['name']}: SQNR", f"{fmt_db(out['sqnr_db'])} dB"
                          if out["sqnr_db"] is not None else "exact"])
             rows.append([f"output {out['name']}: cosine", f"{out['cosine']:.5f}"])
             if out.get("top1_agreement") is not None:
                 rows.append([f"output {out['name']}: top-1 agreement",
-                             _pct(out["top1_agreement"])])
+                             fmt_pct(out["top1_agreement"])])
             if out.get("float_accuracy") is not None:
                 drop = 100.0 * (out["quant_accuracy"] - out["float_accuracy"])
-                rows.append(["top-1 accuracy", f"float {_pct(out['float_accuracy'])}, "
-                             f"quantized {_pct(out['quant_accuracy'])} ({drop:+.2f} pts)"])
+                rows.append(["top-1 accuracy", f"float {fmt_pct(out['float_accuracy'])}, "
+                             f"quantized {fmt_pct(out['quant_accuracy'])} ({drop:+.2f} pts)"])
     return "<h2>Summary</h2>\n" + _table(["", ""], rows, "summary", header=False)
 
 
@@ -162,7 +164,7 @@ def _fallback(fallback: Mapping[str, Any]) -> str:
     kept = ", ".join(fallback["float_layers"]) or "none"
     rows = [
         [str(len(s["float_layers"])), ", ".join(s["float_layers"]) or "(none)",
-         _db(s["sqnr_db"]), "-" if s["accuracy_drop"] is None else f"{s['accuracy_drop']:.2f}",
+         fmt_db(s["sqnr_db"]), "-" if s["accuracy_drop"] is None else f"{s['accuracy_drop']:.2f}",
          "yes" if s["met"] else "no"]
         for s in fallback["steps"]
     ]
@@ -234,7 +236,7 @@ def _bar_chart(chart_id: str, rows: Sequence[tuple[str, float | None]],
     for index, ((name, value), h) in enumerate(zip(rows, heights, strict=True), start=1):
         x = MARGIN_LEFT + BAR_GAP + (index - 1) * (BAR_WIDTH + BAR_GAP)
         below = target is not None and (value is not None and value < target)
-        label = _db(value)
+        label = fmt_db(value)
         out.append(
             f'<rect class="bar{" below" if below else ""}" x="{x}" y="{base - h:.2f}" '
             f'width="{BAR_WIDTH}" height="{h:.2f}" data-name="{_e(name)}" '
@@ -293,7 +295,7 @@ def _histogram(h: Mapping[str, Any]) -> str:
     out.append(f'<text x="{HIST_WIDTH / 2}" y="{base + 26}" text-anchor="middle">clip '
                f"[{lo:.4g}, {hi:.4g}], data [{h['min']:.4g}, {h['max']:.4g}]</text>")
     out.append("</svg>")
-    caption = f"{h['tensor']}: accumulated SQNR {_db(h['sqnr_db'])} dB"
+    caption = f"{h['tensor']}: accumulated SQNR {fmt_db(h['sqnr_db'])} dB"
     return f"<figure>{''.join(out)}<figcaption>{_e(caption)}</figcaption></figure>"
 
 
@@ -323,18 +325,6 @@ def _flex(*blocks: str) -> str:
 
 def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
-
-
-def _db(value: Any) -> str:
-    if value is None:
-        return "exact"
-    if isinstance(value, str):
-        return value
-    return f"{value:.2f}"
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100.0 * value:.2f}%"
 
 
 __all__ = ["bar_geometry", "render_html"]

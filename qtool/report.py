@@ -145,19 +145,19 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         ]
         for out in ev["outputs"]:
             lines.append(
-                f"| {out['name']} | {_db(out['sqnr_db'])} | {out['cosine']:.5f} | "
-                f"{out['max_abs_error']:.4g} | {_pct(out['top1_agreement'])} |"
+                f"| {out['name']} | {fmt_db(out['sqnr_db'])} | {out['cosine']:.5f} | "
+                f"{out['max_abs_error']:.4g} | {fmt_pct(out['top1_agreement'])} |"
             )
         accuracy = _accuracy(ev)
         if accuracy:
-            lines += ["", f"Top-1 accuracy: float {_pct(accuracy[0])}, quantized "
-                      f"{_pct(accuracy[1])} ({_delta(accuracy)})."]
+            lines += ["", f"Top-1 accuracy: float {fmt_pct(accuracy[0])}, quantized "
+                      f"{fmt_pct(accuracy[1])} ({_delta(accuracy)})."]
         if ev.get("layers"):
             lines += ["", "### Layers, worst first", "", "| tensor | op | SQNR (dB) | cosine |",
                       "|---|---|---|---|"]
             for layer in ev["layers"]:
                 lines.append(
-                    f"| {layer['tensor']} | {layer['op']} | {_db(layer['sqnr_db'])} | "
+                    f"| {layer['tensor']} | {layer['op']} | {fmt_db(layer['sqnr_db'])} | "
                     f"{layer['cosine']:.5f} |"
                 )
         lines.append("")
@@ -196,19 +196,19 @@ def _analysis_markdown(analysis: Mapping[str, Any] | None) -> list[str]:
         for step in fallback["steps"]:
             drop = step["accuracy_drop"]
             lines.append(f"| {', '.join(step['float_layers']) or '(none)'} | "
-                         f"{_db(step['sqnr_db'])} | {'-' if drop is None else f'{drop:.2f}'} | "
+                         f"{fmt_db(step['sqnr_db'])} | {'-' if drop is None else f'{drop:.2f}'} | "
                          f"{'yes' if step['met'] else 'no'} |")
         lines.append("")
     if analysis.get("layers"):
         lines += ["## Layer sensitivity (each layer quantized alone), worst first", "",
                   "| layer | op | output SQNR (dB) | cosine |", "|---|---|---|---|"]
-        lines += [f"| {s['node']} | {s['op']} | {_db(s['sqnr_db'])} | {s['cosine']:.5f} |"
+        lines += [f"| {s['node']} | {s['op']} | {fmt_db(s['sqnr_db'])} | {s['cosine']:.5f} |"
                   for s in analysis["layers"]]
         lines.append("")
     if analysis.get("tensors"):
         lines += ["## Quantized tensors (accumulated error, calibration data)", "",
                   "| tensor | role | SQNR (dB) | cosine |", "|---|---|---|---|"]
-        lines += [f"| {t['tensor']} | {t['role']} | {_db(t['sqnr_db'])} | {t['cosine']:.5f} |"
+        lines += [f"| {t['tensor']} | {t['role']} | {fmt_db(t['sqnr_db'])} | {t['cosine']:.5f} |"
                   for t in analysis["tensors"]]
         lines.append("")
     choice = analysis.get("method_choice")
@@ -265,7 +265,7 @@ def evaluation_table(ev: Mapping[str, Any]) -> str:
     if ev.get("layers"):
         rows = [("tensor", "op", "SQNR dB", "cosine", "max abs err")]
         for layer in ev["layers"]:
-            rows.append((layer["tensor"], layer["op"], _db(layer["sqnr_db"]),
+            rows.append((layer["tensor"], layer["op"], fmt_db(layer["sqnr_db"]),
                          f"{layer['cosine']:.5f}", f"{layer['max_abs_error']:.4g}"))
         lines += ["", "layers, worst first:"] + _table(rows)
     return "\n".join(lines) + "\n"
@@ -274,14 +274,14 @@ def evaluation_table(ev: Mapping[str, Any]) -> str:
 def _output_rows(ev: Mapping[str, Any]) -> list[str]:
     rows = [("output", "SQNR dB", "cosine", "max abs err", "top-1 agree")]
     for out in ev["outputs"]:
-        rows.append((out["name"], _db(out["sqnr_db"]), f"{out['cosine']:.5f}",
-                     f"{out['max_abs_error']:.4g}", _pct(out["top1_agreement"])))
+        rows.append((out["name"], fmt_db(out["sqnr_db"]), f"{out['cosine']:.5f}",
+                     f"{out['max_abs_error']:.4g}", fmt_pct(out["top1_agreement"])))
     lines = _table(rows)
     accuracy = _accuracy(ev)
     if accuracy:
         lines.append("")
         lines.append(
-            f"  top-1 accuracy     float {_pct(accuracy[0])}   quantized {_pct(accuracy[1])}"
+            f"  top-1 accuracy     float {fmt_pct(accuracy[0])}   quantized {fmt_pct(accuracy[1])}"
             f"   ({_delta(accuracy)})"
         )
     return lines
@@ -302,7 +302,8 @@ def _accuracy(ev: Mapping[str, Any]) -> tuple[float, float] | None:
     return None
 
 
-def _db(value: float | str | None) -> str:
+def fmt_db(value: float | str | None) -> str:
+    """An SQNR in dB for a table: two decimals, "exact" when there is no error."""
     if value is None:
         return "exact"
     if isinstance(value, str):
@@ -310,7 +311,8 @@ def _db(value: float | str | None) -> str:
     return f"{value:.2f}"
 
 
-def _pct(value: float | None) -> str:
+def fmt_pct(value: float | None) -> str:
+    """A fraction as a percentage with two decimals, "-" when unknown."""
     return "-" if value is None else f"{100.0 * value:.2f}%"
 
 
