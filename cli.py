@@ -339,6 +339,52 @@ def compare(model, data_path, eval_path, backends, methods, sweep_backend, sweep
 
 
 @main.command()
+@click.argument("model", type=EXISTING_FILE)
+@click.option("--backend", "-b", required=True, type=click.Choice(_backend_names()))
+@click.option("--data", "data_path", required=True, type=EXISTING_FILE,
+              help=".npz: one array per model input; optional 'labels' (else distils the float "
+              "model).")
+@click.option("--algorithm", "-a", default="lsq", show_default=True,
+              type=click.Choice(["lsq", "lsq+", "pact", "dorefa", "dsq"]))
+@click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=1e-3, show_default=True,
+              type=click.FloatRange(min=0.0, min_open=True))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--bn-strategy", default=0, show_default=True, type=click.IntRange(0, 4),
+              help="MQBench BN folding strategy (1-4 keep the model's BN for training).")
+@click.option("--recalibrate-bn", is_flag=True, help="Re-estimate BN statistics after PTQ.")
+@click.option("--method", default="minmax", show_default=True,
+              type=click.Choice(_observer_names()), help="Calibration that initialises the scales.")
+@click.option("--weight-bits", type=click.IntRange(2, 16))
+@click.option("--act-bits", type=click.IntRange(2, 16))
+@click.option("--eval-data", "eval_path", type=EXISTING_FILE,
+              help=".npz with labels: accuracies in the report.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@debug_option
+def qat(model, backend, data_path, algorithm, epochs, lr, batch_size, bn_strategy, recalibrate_bn,
+        method, weight_bits, act_bits, eval_path, output, force):
+    """Quantization-aware training of MODEL for a backend, exported through its emitter.
+
+    Needs the qat extra (pip install "qtool[qat]").
+
+    \b
+    Example:
+      qtool qat examples/digits_cnn.onnx -b tvm -a lsq --weight-bits 4 --act-bits 4 \\
+          --data train.npz --eval-data examples/digits_val.npz --epochs 10 -o out-qat/
+    """  # noqa: D301  (click reads \b as a no-rewrap marker)
+    from qtool.qat import QatOptions, qat_to_folder  # QtoolError 'pip install "qtool[qat]"'
+
+    options = QatOptions(algorithm=algorithm, epochs=epochs, lr=lr, batch_size=batch_size,
+                         bn_strategy=bn_strategy, recalibrate_bn=recalibrate_bn, method=method,
+                         weight_bits=weight_bits, act_bits=act_bits, eval_data=eval_path)
+    folder, report = qat_to_folder(model, backend, data_path, output, options, force=force)
+    accuracy = report.get("accuracy")
+    click.echo(f"wrote {folder}" + (f" (top-1 float {accuracy['float']:.3f}, ptq "
+               f"{accuracy['ptq']:.3f}, qat {accuracy['qat']:.3f})" if accuracy else ""))
+
+
+@main.command()
 @click.argument("recipe", required=False, type=EXISTING_FILE)
 @click.argument("model", required=False, type=EXISTING_FILE)
 @click.option("-o", "--output", type=click.Path(dir_okay=False),

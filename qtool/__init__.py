@@ -45,6 +45,7 @@ _LAZY = {
     "quantize": ("qtool.qdq", "quantize"),
     "calibrate": ("qtool.calibration", "calibrate"),
     "data": ("qtool.calibration.data", None),
+    "backends": ("qtool.backends", None),
 }
 
 

@@ -16,9 +16,10 @@ For every planned tensor:
 
 Storage: ``onnx_dtype(scheme, opset)``: 4-bit schemes use INT4/UINT4 from opset 21 and 8-bit
 storage with the 4-bit range below it; FBGEMM's reduce_range (7-bit unsigned) is uint8 with
-levels 0..127. QuantizeLinear itself saturates at the storage type's limits, so a value beyond
-the calibrated range of such a narrower scheme saturates at the storage limit in this
-simulation. The graph is raised to opset 13 first if needed (per-axis DequantizeLinear).
+levels 0..127. QuantizeLinear saturates only at the storage type's limits, so such activations
+get a Clip to their levels' range in front of the QuantizeLinear (weights are quantized
+offline, already inside it). The graph is raised to opset 13 first if needed (per-axis
+DequantizeLinear).
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ def quantize(
     _check_ranges(plan, ranges)
     qparams = compute_qparams(float_graph, plan, ranges, weight_method)
     qdq = _copy(float_graph)
-    _insert_qdq(qdq, plan, qparams)
+    insert_qdq(qdq, plan, qparams)
     qdq.cleanup().toposort()
     log.info(
         "quantized for %s: %d Q/DQ activations, %d weights, %d int32 biases",
@@ -289,7 +290,13 @@ def _check_plan_fits(plan: QuantPlan, graph: gs.Graph) -> None:
                 )
 
 
-def _insert_qdq(graph: gs.Graph, plan: QuantPlan, qparams: Mapping[str, TensorQParams]) -> None:
+def insert_qdq(graph: gs.Graph, plan: QuantPlan, qparams: Mapping[str, TensorQParams]) -> None:
+    """Put Q/DQ pairs (activations) and quantized initializers + DQ (weights, biases) in place.
+
+    An activation whose levels are narrower than their storage type (4-bit in int8 below
+    opset 21, FBGEMM's 7-bit reduce_range in uint8) gets a Clip to the levels' real range
+    before its QuantizeLinear, which would otherwise saturate only at the storage limits.
+    """
     tensors = graph.tensors()
     by_name = {n.name: n for n in graph.nodes}
     opset = graph.opset
@@ -309,7 +316,7 @@ def _insert_qdq(graph: gs.Graph, plan: QuantPlan, qparams: Mapping[str, TensorQP
                 gs.Node(
                     "QuantizeLinear",
                     name=f"{entry.tensor}_QuantizeLinear",
-                    inputs=[tensor, scale, zero_point],
+                    inputs=[_clip_to_levels(graph, tensor, qp, opset), scale, zero_point],
                     outputs=[quantized],
                 )
             )
@@ -334,6 +341,28 @@ def _insert_qdq(graph: gs.Graph, plan: QuantPlan, qparams: Mapping[str, TensorQP
             for index, inp in enumerate(node.inputs):
                 if inp is tensor:
                     node.inputs[index] = dequantized
+
+
+def _clip_to_levels(graph: gs.Graph, tensor: gs.Tensor, qp: TensorQParams, opset: int):
+    """``tensor``, or a Clip of it to the scheme's levels when the storage type is wider."""
+    storage = onnx.helper.tensor_dtype_to_np_dtype(onnx_dtype(qp.scheme, opset))
+    limits = np.iinfo(storage) if np.issubdtype(storage, np.integer) else None
+    if limits is None or (qp.scheme.qmin <= limits.min and qp.scheme.qmax >= limits.max):
+        return tensor
+    scale = np.float32(qp.scale)
+    low = np.float32((qp.scheme.qmin - int(qp.zero_point)) * scale)
+    high = np.float32((qp.scheme.qmax - int(qp.zero_point)) * scale)
+    clipped = gs.Variable(f"{tensor.name}_clipped", dtype=np.float32)
+    graph.nodes.append(
+        gs.Node(
+            "Clip",
+            name=f"{tensor.name}_Clip",
+            inputs=[tensor, gs.Constant(f"{tensor.name}_clip_min", np.array(low)),
+                    gs.Constant(f"{tensor.name}_clip_max", np.array(high))],
+            outputs=[clipped],
+        )
+    )
+    return clipped
 
 
 def _qparam_constants(name: str, qp: TensorQParams, opset: int) -> tuple[gs.Constant, gs.Constant]:

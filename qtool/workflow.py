@@ -147,9 +147,9 @@ def calibrate_to_folder(
         atomic_write_text(save_plan, plan.to_json())
         return CalibrationRun(Path(save_plan))
     folder = Path(output) if output is not None else default_output(model, backend)
-    with _staging_folder(folder, force=force) as staging:
+    with staging_folder(folder, force=force) as staging:
         files, report = quantize_model(model, backend, options)
-        _fill(staging, files)
+        fill_folder(staging, files)
     return CalibrationRun(folder, files, report)
 
 
@@ -463,7 +463,7 @@ def _display(path) -> str:
     return Path(path).as_posix()
 
 
-class _staging_folder:  # noqa: N801  (used as a context manager, reads like a function)
+class staging_folder:  # noqa: N801  (used as a context manager, reads like a function)
     """A temporary sibling of ``folder`` that becomes ``folder`` on success.
 
     Entering checks the target (refuses a non-empty one without ``force``) and creates the
@@ -527,7 +527,8 @@ class _staging_folder:  # noqa: N801  (used as a context manager, reads like a f
             ) from exc
 
 
-def _fill(folder: Path, files: Mapping[str, bytes]) -> None:
+def fill_folder(folder: Path, files: Mapping[str, bytes]) -> None:
+    """Write each file of ``files`` into ``folder`` (a staging folder), in name order."""
     for name, data in sorted(files.items()):
         target = folder / name
         if folder.resolve() not in target.resolve().parents:

@@ -495,3 +495,21 @@ def test_warmup_cosine_schedule_and_fit_errors(ptq):
                 F.cross_entropy, optimizer="lamb")
     with pytest.raises(PlanError, match="empty"):
         qat.fit(model, [], F.cross_entropy)
+
+
+def test_cli_qat_command_trains_and_writes_the_backend_files(tmp_path):
+    from click.testing import CliRunner
+    from qtool.cli import main
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [
+        "qat", str(MODEL), "--backend", "snpe", "--algorithm", "lsq",
+        "--data", str(ROOT / "examples" / "digits_val.npz"), "--epochs", "1", "-o", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output
+    files = sorted(p.name for p in out.iterdir())
+    assert "model.encodings" in files and "model.onnx" in files
+    encodings = json.loads((out / "model.encodings").read_text())
+    offsets = [e["offset"] for encs in encodings["activation_encodings"].values() for e in encs]
+    assert offsets and all(isinstance(o, int) for o in offsets)

@@ -289,3 +289,32 @@ def test_input_graph_is_not_modified_and_save_writes_files(tmp_path):
     float_model = onnx.load_from_string((tmp_path / "out" / "model.onnx").read_bytes())
     assert not [n for n in float_model.graph.node if n.op_type.endswith("QuantizeLinear")]
     assert isinstance(result.graph, gs.Graph)
+
+
+@pytest.mark.parametrize("backend, precision, opset", [
+    ("academic", "W4A4", 13), ("fbgemm", None, 13), ("academic", "W4A4", 21),
+])
+def test_levels_narrower_than_storage_saturate_at_their_own_range(backend, precision, opset):
+    # x -> MatMul(W): x's range is calibrated to [-1, 1]; feeding 5.0 must saturate at the
+    # scheme's top level, not at the int8/uint8 storage limit.
+    import onnx_graphsurgeon as gs
+
+    weight = np.eye(4, dtype=np.float32)
+    x = gs.Variable("x", dtype=np.float32, shape=(1, 4))
+    y = gs.Variable("y", dtype=np.float32, shape=(1, 4))
+    graph = gs.Graph(
+        nodes=[gs.Node("MatMul", "mm", inputs=[x, gs.Constant("w", weight)], outputs=[y])],
+        inputs=[x], outputs=[y], opset=opset,
+    )
+    options = {"reduce_range": True} if backend == "fbgemm" else {}
+    plan = build_plan(graph, qtool.backends.get_backend(backend, **options))
+    if precision:
+        plan = plan.with_precision(precision)
+    ranges = {name: (-1.0, 1.0) for name in plan.activation_schemes()}
+    result = quantize(graph, qtool.backends.get_backend(backend, **options), ranges, plan=plan)
+    (scheme,) = plan.activation_schemes().values()
+    qp = result.qparams["x"]
+    top = float((scheme.qmax - int(qp.zero_point)) * np.float32(qp.scale))
+    out = run(result.graph, {"x": np.full((1, 4), 5.0, dtype=np.float32)})[0]
+    np.testing.assert_allclose(out, np.full((1, 4), top, dtype=np.float32), rtol=0.3)
+    assert top < 1.2  # the clip, not the storage limit (which would let ~5.0 through)

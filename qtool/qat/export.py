@@ -31,7 +31,7 @@ import torch
 
 from qtool.errors import PlanError
 from qtool.io import to_model
-from qtool.qdq import QuantizedModel, TensorQParams, _insert_qdq
+from qtool.qdq import QuantizedModel, TensorQParams, insert_qdq
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def export(model) -> QuantizedModel:
         )
 
     qdq = gs.import_onnx(to_model(float_graph))
-    _insert_qdq(qdq, plan, qparams)
+    insert_qdq(qdq, plan, qparams)
     qdq.cleanup().toposort()
     log.info("exported QAT model (%s): %d scales", model.algorithm, len(qparams))
     return QuantizedModel(qdq, float_graph, plan, source.backend, qparams, source.weight_method)

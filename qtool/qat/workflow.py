@@ -187,12 +187,12 @@ def qat_to_folder(model: str | os.PathLike, backend: str, data: str | os.PathLik
         OutputError: The folder exists and is not empty (without ``force``) or cannot be
             written; nothing is left behind.
     """
-    from qtool.workflow import _fill, _staging_folder
+    from qtool.workflow import fill_folder, staging_folder
 
     folder = Path(output)
-    with _staging_folder(folder, force=force) as staging:
+    with staging_folder(folder, force=force) as staging:
         files, report = qat_model(model, backend, data, options)
-        _fill(staging, files)
+        fill_folder(staging, files)
     return folder, report
 
 
