@@ -1,6 +1,6 @@
 """QAT on the digits CNN: float, PTQ, PTQ + BN re-calibration and QAT per algorithm.
 
-    python benchmarks/qat_digits.py            # prints the Markdown tables of README_qat.md
+    python benchmarks/qat_digits.py            # prints the QAT tables of benchmarks/README.md
 
 Setup (the same as tests/test_qat.py): examples/digits_cnn.onnx, sklearn's digits split of
 examples/train_digits.py (1297 train / 500 validation), graph at opset 21 so 4-bit tensors
