@@ -8,6 +8,8 @@ This module only parses options and prints: each command calls one library funct
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import traceback
 
 import click
@@ -32,8 +34,25 @@ def _observer_names() -> list[str]:
     return list(OBSERVERS)
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    # Python's default for SIGTERM is to die on the spot: no `finally`, no context manager
+    # exit, so a staging folder (.out.*.tmp) would stay behind. As SystemExit the stack
+    # unwinds and removes it; the exit code is the shell's for a TERM (128 + 15).
+    raise SystemExit(128 + signum)
+
+
 class QtoolGroup(click.Group):
     """A group that turns QtoolError into ``error:``/``hint:`` lines and an exit code."""
+
+    def main(self, *args, **kwargs):
+        """Run the CLI with SIGTERM turned into SystemExit (the handler is put back after)."""
+        if threading.current_thread() is not threading.main_thread():
+            return super().main(*args, **kwargs)
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        try:
+            return super().main(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     def invoke(self, ctx: click.Context):
         """Run the command; report a QtoolError (or an unexpected error) and exit."""

@@ -34,7 +34,7 @@ import onnx
 from qtool.calibration.data import InputSpec, check_inputs, model_inputs
 from qtool.calibration.observers import NonFiniteError, Observer, get_observer
 
-from qtool.errors import CalibrationError, DataError, QtoolError
+from qtool.errors import CalibrationError, DataError, InvalidModelError, QtoolError
 from qtool.scheme import QuantScheme
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,18 @@ def make_session(model_bytes: bytes, *, intra_op_threads: int | None = None,
         options.intra_op_num_threads = int(intra_op_threads)
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise InvalidModelError(
+            f"onnxruntime cannot load the model to calibrate it: {_first_line(exc)}",
+            "qtool calibrates in onnxruntime: the float model must run there (CPU)",
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def resolve_batch_size(specs: list[InputSpec], batch_size: int | None) -> tuple[int, bool]:
@@ -243,7 +254,16 @@ class Collector:
                                          intra_op_threads=self.intra_op_threads,
                                          optimization=self.optimization)
         if self.plan.outputs:
-            for name, value in zip(self.plan.outputs, self._outputs(batch.feeds), strict=True):
+            try:
+                values = self._outputs(batch.feeds)
+            except Exception as exc:  # onnxruntime raises its own exception types
+                raise DataError(
+                    f"onnxruntime cannot run the model on the samples {batch.first}.."
+                    f"{batch.first + batch.rows - 1}: {_first_line(exc)}",
+                    "check that the data fits the model's inputs (a dynamic dim may accept "
+                    "only some sizes)",
+                ) from exc
+            for name, value in zip(self.plan.outputs, values, strict=True):
                 self._feed(name, value, batch)
         for name in self.plan.feeds:
             self._feed(name, batch.feeds[name], batch)

@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx
 import onnx.inliner
 import onnx_graphsurgeon as gs
+from google.protobuf.descriptor import FieldDescriptor
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from qtool.errors import InvalidModelError, ModelLoadError, OutputError, UnsupportedModelError
@@ -285,7 +286,40 @@ def _parse(data: bytes, name: str) -> onnx.ModelProto:
         raise ModelLoadError(f"{name}: not an ONNX model (protobuf parse failed)") from exc
     if not model.HasField("graph") or not model.opset_import:
         raise ModelLoadError(f"{name}: not an ONNX model (no graph or no opset import)")
+    bad = _undecodable_text(model)
+    if bad is not None:
+        raise ModelLoadError(
+            f"{name}: not a valid ONNX model (the {bad} field holds bytes that are not UTF-8)",
+            "the file is corrupted; export the model again",
+        )
     return model
+
+
+def _undecodable_text(message) -> str | None:
+    """The first string field holding bytes that are not UTF-8, or None.
+
+    Protobuf parses such bytes without complaint (ONNX is proto2) and hands them back as
+    ``bytes``: a corrupted node name then breaks onnx-graphsurgeon's export much later, far
+    from the load that should have refused it.
+    """
+    string = FieldDescriptor.TYPE_STRING
+    stack = [message]
+    while stack:
+        current = stack.pop()
+        for field, value in current.ListFields():
+            if field.type == string:
+                values = value if _is_repeated(field) else (value,)
+                if any(isinstance(item, bytes) for item in values):
+                    return f"{current.DESCRIPTOR.name}.{field.name}"
+            elif field.type == FieldDescriptor.TYPE_MESSAGE:
+                stack.extend(value if _is_repeated(field) else (value,))
+    return None
+
+
+def _is_repeated(field) -> bool:
+    # FieldDescriptor.label is deprecated in newer protobuf in favour of is_repeated
+    repeated = getattr(field, "is_repeated", None)
+    return bool(repeated) if repeated is not None else field.label == field.LABEL_REPEATED
 
 
 def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:

@@ -162,12 +162,9 @@ def test_forced_run_replaces_the_previous_result_whole(tmp_path, reference):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="qtool does not handle SIGTERM: Python dies without unwinding, so the staging "
-    "folder .out.*.tmp stays behind (cli.py should turn SIGTERM into SystemExit)",
-)
 def test_sigterm_removes_the_staging_folder(tmp_path):
+    """Regression: Python's default SIGTERM kills without unwinding, which left the staging
+    folder .out.*.tmp behind; cli.py turns SIGTERM into SystemExit."""
     process = subprocess.Popen(_args("out"), cwd=tmp_path, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:

@@ -2,7 +2,10 @@
 
 Each case: load the export (checked), prepare (cleanup, BN folding, opset >= 13), plan for the
 backend, calibrate (MinMax or KLD, four samples), quantize, emit the backend's files, then run
-float and QDQ models in onnxruntime with graph optimizations off on held-out samples.
+float and QDQ models in onnxruntime with graph optimizations off on held-out samples. Each
+case also checks that every node left float is listed with its reason, that the vendor files
+name tensors and nodes of the model they ship with, and that ``qtool lint`` passes the QDQ
+model for its backend.
 
 The matrix is not the full product (see :func:`matrix`): every model meets every backend once,
 and its runs walk through every opset it can be exported at and both calibration methods, so
@@ -10,12 +13,11 @@ each backend also meets every opset and method across the models. Exports and pr
 are cached per (model, opset).
 
 SQNR floors: the weights are random (seeded), so the pre-softmax outputs are judged. Every
-backend is 8-bit. With MinMax the measured SQNR is 22-50 dB, TVM's power-of-two scales the
-lowest (a power-of-two scale loses up to one bit): floor 15 dB (TVM 12 dB), far above the
-~0 dB of a broken placement or a wrong scale. KLD clips tails, and with four samples some
-histograms are too sparse for it: ShuffleNet's pooled features (one value per channel and
-sample, over half of them exact zeros from dead channels) get clipped at 37% of their
-maximum, 12 dB at the output. The KLD floor is 10 dB.
+backend is 8-bit. Measured: 16-50 dB with MinMax and KLD alike; the lowest is the ``multi``
+model's batched-MatMul output (16 dB: four calibration samples see a few of the embedding
+table's rows, held-out tokens fetch others and clip), TVM's power-of-two scales lose up to
+one bit. Floors: 15 dB, TVM 12 dB; a broken placement or a wrong scale gives ~0 dB. (KLD gave
+8.5 dB on EfficientNet and 12 dB on ShuffleNet before the fix tested at the end.)
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ MAIN_BACKENDS = tuple(module.BACKEND.name for module in MODULES)
 METHODS = ("minmax", "kld")
 SQNR_FLOOR_DB = {"tvm": 12.0}
 DEFAULT_FLOOR_DB = 15.0
-KLD_FLOOR_DB = 10.0
 CALIBRATION_SAMPLES = 4
 EVAL_SAMPLES = 2
 
@@ -199,8 +200,6 @@ def test_zoo_flow(name, backend_name, opset, method, caplog):
     references = _session(zoo.zoo_bytes(name, opset)).run(None, feeds)
     quantized = _session(serialize(qdq)).run(None, feeds)
     floor = SQNR_FLOOR_DB.get(backend.name, DEFAULT_FLOOR_DB)
-    if method == "kld":
-        floor = KLD_FLOOR_DB
     for index, (reference, output) in enumerate(zip(references, quantized, strict=True)):
         assert output.shape == reference.shape
         assert np.isfinite(output).all()
@@ -373,7 +372,7 @@ def test_kld_keeps_the_bulk_of_data_away_from_zero(name, values, keep, symmetric
 
     scheme = QuantScheme(bits=8, signed=symmetric, symmetric=symmetric)
     observer = get_observer("kld")(scheme, name)
-    observer.update(values.astype(np.float32).reshape(80, 100))
+    observer.update(values.astype(np.float32).reshape(-1, 16))
     lo, hi = observer.range()
     assert lo == pytest.approx(values.min(), abs=1e-3)
     assert hi >= np.quantile(values[values > values.min()], keep), (lo, hi)

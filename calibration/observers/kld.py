@@ -2,7 +2,7 @@ r"""KLD: the clip threshold minimising KL(P || Q) between float and quantized hi
 
 The TensorRT entropy method (MQBench appendix C, 2048 bins by default) on the histogram of
 ``|x|`` (:meth:`HistogramObserver.abs_histogram`). For each candidate threshold of ``i``
-bins, ``i`` from the number of levels ``L`` (and past the first non-empty bin) to the last
+bins, ``i`` from the number of levels ``L`` (and past the second non-empty bin) to the last
 non-empty bin:
 
     P = counts[:i], with the clipped tail counts[i:] added to its last bin
@@ -11,12 +11,16 @@ non-empty bin:
     KL(P || Q) = sum_j p_j log(p_j / q_j)   (P, Q normalised; q_j = 0 smoothed to eps)
 
 and the threshold is ``t = i* x width`` for the best ``i*``. As in NVIDIA's
-pytorch-quantization, the first bin's count is replaced by the second's (when that one is
-not empty) before the search:
-the exact zeros of a ReLU output would otherwise dominate P and pull the threshold far
-below the bulk of the positive values. ``L`` is the number of levels
-covering ``[0, t]``: ``qmax + 1`` for symmetric schemes, ``qmax - qmin + 1`` for asymmetric
-ones on one-signed data and half of that when the data has both signs. The range is
+pytorch-quantization, the spike at the low end is flattened before the search: the count
+of the lowest non-empty bin becomes that of the next non-empty bin (pytorch-quantization
+copies bin 1 into bin 0, which does nothing when bin 1 is empty, as it is on a fine grid
+over pooled ReLU features; the spike can also sit away from zero, a ReLU shifted by a
+constant). The exact zeros of a ReLU output would otherwise dominate P and pull the
+threshold far below the bulk of the values. Candidates keep at least two non-empty bins:
+with one, P and Q are the same spike and KL is 0 for a threshold that clips everything
+onto one level. ``L`` is the number of levels covering ``[0, t]``: ``qmax + 1`` for
+symmetric schemes, ``qmax - qmin + 1`` for asymmetric ones on one-signed data and half of
+that when the data has both signs. The range is
 ``(max(min, -t), min(max, t))``. Every threshold is tried (or ``max_candidates`` evenly
 spaced ones): the divergences of all candidates come from cumulative sums in one vectorised
 step (:func:`kl_divergences`). Per-channel schemes get one histogram and search per channel.
@@ -56,17 +60,21 @@ class KLDObserver(HistogramObserver):
         lo, hi = float(self.min_val[c]), float(self.max_val[c])
         counts, width = self.abs_histogram(c)
         levels = self._levels(lo, hi)
-        if len(counts) <= levels:
+        nonempty = np.flatnonzero(counts)
+        if len(counts) <= levels or len(nonempty) < 2:
             return lo, hi
-        # a threshold below the smallest |x| would clip every value onto one level
-        first = int(np.flatnonzero(counts)[0]) + 1
+        # A threshold that keeps a single non-empty bin clips every value onto one level: P
+        # and Q are then the same spike and KL is 0, a false minimum (data far from zero,
+        # e.g. a Sigmoid's output, was clipped just above its minimum). Keep two at least.
+        first = int(nonempty[1]) + 1
         candidates = np.arange(max(levels, first), len(counts) + 1)
         if self.max_candidates and len(candidates) > self.max_candidates:
             pick = np.linspace(0, len(candidates) - 1, self.max_candidates).round()
             candidates = candidates[pick.astype(np.int64)]
         counts = counts.astype(np.float64)
-        if len(counts) > 1 and counts[1] > 0:
-            counts[0] = counts[1]  # the zero spike (ReLU) must not dominate the divergence
+        # the spike at the low end (ReLU's zeros, or a ReLU shifted by a constant) must not
+        # dominate the divergence: it gets the count of the next non-empty bin
+        counts[int(nonempty[0])] = counts[int(nonempty[1])]
         divergences = kl_divergences(counts, candidates, levels)
         t = float(candidates[int(np.argmin(divergences))]) * width
         return max(lo, -t), min(hi, t)
