@@ -27,7 +27,7 @@ import os
 import queue
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -35,6 +35,7 @@ from qtool.calibration.data import InputSpec, check_inputs, model_inputs
 from qtool.calibration.observers import NonFiniteError, Observer, get_observer
 
 from qtool.errors import CalibrationError, DataError, InvalidModelError, QtoolError
+from qtool.memory import trim_heap
 from qtool.scheme import QuantScheme
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,12 @@ def plan_observation(model, tensors: Iterable[str]) -> ObservePlan:
     """
     from qtool.io import load_model
 
-    proto = onnx.ModelProto()
-    proto.CopyFrom(load_model(model))
+    proto = load_model(model)
+    if proto is model:
+        # the caller's proto: copy it before adding outputs. A path or a Graph gives a fresh
+        # proto already, and one more copy of every weight would only raise the peak memory.
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
     graph = proto.graph
     initializers = {t.name: t for t in graph.initializer}
     inputs = {i.name for i in graph.input} - set(initializers)
@@ -253,6 +258,10 @@ class Collector:
             self._session = make_session(self.plan.model_bytes,
                                          intra_op_threads=self.intra_op_threads,
                                          optimization=self.optimization)
+            # onnxruntime holds its own copy of the weights now: the serialized model (as
+            # big as the weights) would only add to the peak memory of every batch after.
+            self.plan = replace(self.plan, model_bytes=b"")
+            trim_heap()  # onnxruntime's parse of the model is freed too
         if self.plan.outputs:
             try:
                 values = self._outputs(batch.feeds)
@@ -360,6 +369,7 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
     if not observers:
         return {}
     plan = plan_observation(model, observers)
+    trim_heap()  # the proto copy that was serialized is freed
     size, fixed = resolve_batch_size(specs, batch_size)
     stream = batches(itertools.chain([head], stream), specs, size, fixed=fixed,
                      num_samples=num_samples)
@@ -368,6 +378,7 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
         if workers == 1:
             collector = Collector(plan, observers, intra_op_threads=intra_op_threads,
                                   optimization=optimization)
+            del plan  # the collector drops the serialized model once its session exists
             collector.observe_constants()
             for batch in stream:
                 collector.run(batch)

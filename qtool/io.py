@@ -18,6 +18,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from qtool.errors import InvalidModelError, ModelLoadError, OutputError, UnsupportedModelError
+from qtool.memory import trim_heap
 
 # onnx-graphsurgeon prints its warnings ("[W] Found distinct Nodes that share the same
 # name", ...) to stdout, where they corrupt `qtool inspect --format json` and `qtool lint
@@ -98,6 +99,7 @@ def load(source: ModelSource, *, check: bool = True) -> gs.Graph:
     if check:
         check_supported(model)
         check_model(model)
+        trim_heap()  # the checker and shape inference each parsed a copy of the weights
     try:
         return gs.import_onnx(model)
     except Exception as exc:  # graphsurgeon raises bare exceptions on malformed graphs
@@ -289,30 +291,39 @@ def _parse(data: bytes, name: str) -> onnx.ModelProto:
     bad = _undecodable_text(model)
     if bad is not None:
         raise ModelLoadError(
-            f"{name}: not a valid ONNX model (the {bad} field holds bytes that are not UTF-8)",
+            f"{name}: not a valid ONNX model (the string {bad} is not UTF-8)",
             "the file is corrupted; export the model again",
         )
     return model
 
 
 def _undecodable_text(message) -> str | None:
-    """The first string field holding bytes that are not UTF-8, or None.
+    """The first string field holding bytes that are not UTF-8 (name and value), or None.
 
     Protobuf parses such bytes without complaint (ONNX is proto2) and hands them back as
     ``bytes``: a corrupted node name then breaks onnx-graphsurgeon's export much later, far
     from the load that should have refused it.
     """
-    string = FieldDescriptor.TYPE_STRING
     stack = [message]
     while stack:
         current = stack.pop()
-        for field, value in current.ListFields():
-            if field.type == string:
-                values = value if _is_repeated(field) else (value,)
-                if any(isinstance(item, bytes) for item in values):
-                    return f"{current.DESCRIPTOR.name}.{field.name}"
-            elif field.type == FieldDescriptor.TYPE_MESSAGE:
-                stack.extend(value if _is_repeated(field) else (value,))
+        # only string and message fields are read: ListFields would copy every tensor's
+        # raw_data into a Python bytes object (the whole model's weights, once more)
+        for field in current.DESCRIPTOR.fields:
+            if field.type not in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE):
+                continue
+            if _is_repeated(field):
+                values = getattr(current, field.name)
+            elif current.HasField(field.name):
+                values = (getattr(current, field.name),)
+            else:
+                continue
+            if field.type == FieldDescriptor.TYPE_MESSAGE:
+                stack.extend(values)
+                continue
+            bad = next((item for item in values if isinstance(item, bytes)), None)
+            if bad is not None:
+                return f"{current.DESCRIPTOR.name}.{field.name} {bad[:60]!r}"
     return None
 
 

@@ -37,7 +37,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from qtool.errors import OutputError, PlanError
-from qtool.io import atomic_write_bytes, load, to_model
+from qtool.io import atomic_write_bytes, load
 from qtool.plan import QuantPlan, TensorPlan
 from qtool.planner import build_plan, name_nodes
 from qtool.scheme import QuantScheme, onnx_dtype
@@ -382,8 +382,17 @@ def _int_constant(name: str, values: np.ndarray, data_type: int) -> gs.Constant:
 
 
 def _copy(graph: gs.Graph) -> gs.Graph:
-    """A deep copy through the model proto (graphsurgeon's copy shares constant arrays)."""
-    return gs.import_onnx(to_model(graph))
+    """A copy of the graph's nodes and tensors that shares the weight arrays.
+
+    Sharing is safe because no qtool pass writes into an array (weights are replaced by new
+    Constants), and it matters: a deep copy through the model proto holds one more copy of
+    every weight, and ``quantize`` makes two (the float graph it checks against, the QDQ
+    graph), +90 MB peak RSS on ResNet-18. graphsurgeon's ``copy`` leaves out the producer.
+    """
+    copied = graph.copy()
+    copied.producer_name = graph.producer_name
+    copied.producer_version = graph.producer_version
+    return copied
 
 
 __all__ = ["QuantizedModel", "TensorQParams", "compute_qparams", "quantize"]

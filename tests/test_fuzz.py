@@ -349,6 +349,27 @@ def test_error_messages_name_the_problem():
     assert "not an ONNX model" in detail
 
 
+def test_names_that_are_not_utf8_are_refused_at_load(tmp_path):
+    """Regression (found by the CLI fuzz): one flipped byte in a node name. Protobuf parses
+    it without complaint and returns the name as bytes; the checker passed it and
+    graphsurgeon's export failed later with UnicodeDecodeError (exit 70)."""
+    model = _mutable()
+    name = model.graph.node[1].name.encode()
+    raw = bytearray(BASE)
+    raw[BASE.index(name)] = 0x80
+    kind, value, detail = isolated(_load_prepare_plan, bytes(raw))
+    assert (kind, value) == ("qtool", ModelLoadError.__name__), (kind, value, detail)
+    assert "NodeProto." in detail and "not UTF-8" in detail, detail
+    (tmp_path / "model.onnx").write_bytes(bytes(raw))
+    kind, value, detail = isolated(
+        _cli, ["calibrate", "model.onnx", "-b", "tensorrt", "-o", "out", "-q"], str(tmp_path)
+    )
+    assert kind == "ok", (kind, value, detail)
+    code, output = value
+    assert code == ModelLoadError.exit_code and "UTF-8" in output, output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
 def _first(strategy):
     """The simplest value of a strategy (what hypothesis shrinks towards)."""
     from hypothesis import find
