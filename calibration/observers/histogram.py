@@ -27,6 +27,7 @@ import numpy as np
 from qtool.calibration.observers.base import Observer
 
 _FLOAT32_MANTISSA = 24
+_CHUNK = 1 << 16  # values binned per step: temporaries of 256-512 KB stay in cache
 
 
 def grid_exponent(lo: float, hi: float, bins: int) -> int:
@@ -101,13 +102,24 @@ class HistogramObserver(Observer):
             self._check_channels(len(lo))
             self.min_val = np.minimum(self.min_val, lo)
             self.max_val = np.maximum(self.max_val, hi)
+        chunk = min(_CHUNK, rows.shape[1])
+        scaled = np.empty(chunk, dtype=rows.dtype)
+        index = np.empty(chunk, dtype=np.intp)
         for c in range(len(lo)):
             self._regrid(c)
             factor = rows.dtype.type(2.0 ** -int(self.exponent[c]))
-            index = rows[c] * factor  # exact: a power-of-two scaling
-            np.floor(index, out=index)
-            index -= rows.dtype.type(self.start[c])  # integers below 2^25: exact
-            self.counts[c] += np.bincount(index.astype(np.intp), minlength=self.bins)
+            offset = rows.dtype.type(self.start[c])
+            # in cache-sized chunks, as np.histogram does: over a whole activation the four
+            # temporaries each make a trip through memory (1.8x slower on MobileNet-V2)
+            for first in range(0, rows.shape[1], chunk):
+                part = rows[c, first : first + chunk]
+                bins_of = scaled[: len(part)]
+                np.multiply(part, factor, out=bins_of)  # exact: a power-of-two scaling
+                np.floor(bins_of, out=bins_of)
+                bins_of -= offset  # integers below 2^25: exact
+                positions = index[: len(part)]
+                positions[...] = bins_of
+                self.counts[c] += np.bincount(positions, minlength=self.bins)
 
     def merge(self, other: HistogramObserver) -> None:
         """Add another shard's histogram: both are re-binned onto the grid of the union."""
