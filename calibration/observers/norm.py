@@ -50,28 +50,23 @@ class NormObserver(Observer):
         magnitude = np.abs(rows.astype(np.float64))
         powered = magnitude * magnitude if self.p == 2.0 else magnitude**self.p
         sums = powered.sum(axis=1)
-        if self.count.size == 0:
-            self.count = np.full(len(lo), float(rows.shape[1]))
-            self.power_sum, self.min_val, self.max_val = sums, lo, hi
-        else:
-            self.count = self.count + rows.shape[1]
-            self.power_sum = self.power_sum + sums
-            self.min_val = np.minimum(self.min_val, lo)
-            self.max_val = np.maximum(self.max_val, hi)
+        self._combine(np.full(len(lo), float(rows.shape[1])), sums, lo, hi)
 
     def merge(self, other: NormObserver) -> None:
         """Add the other shard's sums and counts."""
         self._check_mergeable(other)
-        if other.count.size == 0:
-            return
+        if other.count.size:
+            self._combine(other.count, other.power_sum, other.min_val, other.max_val)
+
+    def _combine(self, count, power_sum, lo, hi) -> None:
         if self.count.size == 0:
-            self.count, self.power_sum = other.count.copy(), other.power_sum.copy()
-            self.min_val, self.max_val = other.min_val.copy(), other.max_val.copy()
+            self.count, self.power_sum = count.copy(), power_sum.copy()
+            self.min_val, self.max_val = lo.copy(), hi.copy()
             return
-        self.count = self.count + other.count
-        self.power_sum = self.power_sum + other.power_sum
-        self.min_val = np.minimum(self.min_val, other.min_val)
-        self.max_val = np.maximum(self.max_val, other.max_val)
+        self.count = self.count + count
+        self.power_sum = self.power_sum + power_sum
+        self.min_val = np.minimum(self.min_val, lo)
+        self.max_val = np.maximum(self.max_val, hi)
 
     def scale(self) -> np.ndarray:
         """LSQ's scale ``2 * mean(|x|^p)^(1/p) / sqrt(Q)``, one per channel."""
