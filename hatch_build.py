@@ -1,16 +1,11 @@
 """Hatch build hook: put the top-level backends/, calibration/ and cli.py inside qtool/.
 
-Only for regular wheels. An editable install leaves them where they are and qtool's
+The map (source -> path in the wheel) is the hook's ``namespaced`` option in pyproject.toml.
+Only for regular wheels: an editable install leaves the files where they are and qtool's
 ``__init__`` finds them in the checkout (see the comment there).
 """
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
-
-NAMESPACED = {
-    "backends": "qtool/backends",
-    "calibration": "qtool/calibration",
-    "cli.py": "qtool/cli.py",
-}
 
 
 class NamespaceHook(BuildHookInterface):
@@ -20,4 +15,7 @@ class NamespaceHook(BuildHookInterface):
         """Add the force-includes for regular wheels; editable wheels keep the checkout."""
         if version == "editable":
             return
-        build_data["force_include"].update(NAMESPACED)
+        namespaced = self.config.get("namespaced")
+        if not namespaced:
+            raise ValueError("pyproject.toml: the custom wheel hook needs its `namespaced` map")
+        build_data["force_include"].update(namespaced)
