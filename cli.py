@@ -232,7 +232,7 @@ def lint(ctx, models, backend, fmt, fail_on, output):
     Example:
       qtool lint model.onnx --backend tensorrt --format sarif -o qtool.sarif
     """  # noqa: D301  (click reads \b as a no-rewrap marker)
-    from qtool.lint_format import lint_and_render
+    from qtool.lint.formats import lint_and_render
 
     ctx.meta[_ERROR_EXIT_KEY] = 2
     text, code = lint_and_render(models, backend=backend, fmt=fmt, fail_on=fail_on, output=output)
@@ -342,7 +342,7 @@ def compare(model, data_path, eval_path, backends, methods, sweep_backend, sweep
       qtool compare examples/digits_cnn.onnx --data examples/digits_calib.npz \\
           --eval-data examples/digits_val.npz -b tensorrt -b snpe -m minmax -m mse
     """  # noqa: D301  (click reads \b as a no-rewrap marker)
-    from qtool.compare import compare as compare_models
+    from qtool.analysis.compare import compare as compare_models
     from qtool.io import atomic_write_text
 
     result = compare_models(

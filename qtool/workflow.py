@@ -3,7 +3,7 @@
 ``qtool calibrate`` is :func:`calibrate_to_folder`:
 
     load -> Pipeline(cleanup, fold_bn, upgrade_opset) -> build_plan (or a saved plan)
-         -> calibrate (streaming, onnxruntime; ``auto``: qtool.autoselect) -> quantize
+         -> calibrate (streaming, onnxruntime; ``auto``: qtool.analysis.autoselect) -> quantize
          -> [sensitivity per layer, float fallback to a target: qtool.analysis]
          -> accumulated error per quantized tensor -> evaluate on held-out data
          -> files: quantized model + backend vendor files + plan.json + report.json
@@ -51,7 +51,7 @@ class CalibrateOptions:
         data: Calibration data (folder, .npz, .npy); None: random inputs, marked unfit.
         eval_data: Held-out data to evaluate on; None: the calibration data.
         method: Observer name for activation ranges, or ``auto`` (the least-error
-            observer per tensor, :mod:`qtool.autoselect`).
+            observer per tensor, :mod:`qtool.analysis.autoselect`).
         weight_method: Observer name for weight ranges.
         num_samples: At most this many samples (calibration and evaluation each).
         batch_size: Samples per onnxruntime run.
@@ -162,19 +162,19 @@ def quantize_model(
         ``(files, report)``: file name -> bytes (report.json and report.md included), and
         the report as a dict.
     """
+    from qtool.analysis.evaluate import evaluate
     from qtool.backends.base import QDQ_MODEL_FILE
     from qtool.calibration import calibrate
-    from qtool.evaluate import evaluate
-    from qtool.html_report import render_html
     from qtool.qdq import quantize
     from qtool.report import build_report, to_json, to_markdown
+    from qtool.report.html import render_html
 
     graph, pass_reports = prepare(load(model))
     plan = _build_plan(graph, backend, options)
     calib_data = load_samples(options.data, graph, options.num_samples, options.seed)
     method_choice = None
     if options.method == AUTO_METHOD:
-        from qtool.autoselect import select_ranges
+        from qtool.analysis.autoselect import select_ranges
 
         method_choice = select_ranges(graph, plan, calib_data, batch_size=options.batch_size)
         ranges = method_choice.ranges
@@ -243,7 +243,7 @@ def render_report(run_folder: str | os.PathLike, output: str | os.PathLike | Non
     """
     import json
 
-    from qtool.html_report import render_html
+    from qtool.report.html import render_html
 
     folder = Path(run_folder)
     source = folder / REPORT_JSON
@@ -291,7 +291,7 @@ def _analyze(graph, backend, result, ranges, calib_data, eval_samples, eval_path
 
 
 def _tensor_errors(graph, result, calib_data, batch_size: int):
-    from qtool.analysis import tensor_errors
+    from qtool.analysis.tensors import tensor_errors
 
     return tensor_errors(graph, result, _batches(calib_data, None, batch_size))
 
@@ -313,9 +313,9 @@ def evaluate_files(
     """``qtool evaluate``: compare two model files on a data set (labels from an .npz).
 
     Returns:
-        A :class:`qtool.evaluate.Evaluation`.
+        A :class:`qtool.analysis.evaluate.Evaluation`.
     """
-    from qtool.evaluate import evaluate
+    from qtool.analysis.evaluate import evaluate
 
     reference = load(float_model)
     samples = load_samples(data, reference, num_samples, seed=0)
@@ -429,7 +429,7 @@ def labelled_batches(samples, path, batch_size: int) -> Iterator[dict]:
     An .npz's ``labels`` array rides along under the key ``labels``, row for row (the
     loaders keep the file's order).
     """
-    from qtool.evaluate import LABELS_KEY, rebatch
+    from qtool.analysis.evaluate import LABELS_KEY, rebatch
 
     labels = _labels(path)
     if labels is not None and len(labels) < len(samples):
@@ -449,7 +449,7 @@ def labelled_batches(samples, path, batch_size: int) -> Iterator[dict]:
 
 
 def _labels(path) -> np.ndarray | None:
-    from qtool.evaluate import LABELS_KEY
+    from qtool.analysis.evaluate import LABELS_KEY
 
     if path is None or Path(path).suffix.lower() != ".npz":
         return None

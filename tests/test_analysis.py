@@ -1,4 +1,4 @@
-"""qtool.analysis and qtool.autoselect on a trained model with one layer made hard to quantize.
+"""qtool.analysis on a trained model with one layer made hard to quantize.
 
 Every number the analysis reports is recomputed here by a separate path: onnxruntime runs of
 the float and QDQ graphs over the whole data at once and the SQNR / squared error in numpy.
@@ -26,7 +26,7 @@ from qtool.analysis import (
     layers_of,
     tensor_errors,
 )
-from qtool.autoselect import METHODS, select_ranges
+from qtool.analysis.autoselect import METHODS, select_ranges
 from qtool.io import load, save, serialize, to_model
 from qtool.planner import build_plan
 from qtool.qdq import quantize

@@ -18,7 +18,7 @@ from qtool.cli import main
 from test_lint import validate_sarif
 
 import qtool
-from qtool.evaluate import evaluate
+from qtool.analysis.evaluate import evaluate
 from qtool.io import load
 from qtool.planner import build_plan
 from qtool.workflow import prepare

@@ -14,7 +14,7 @@ from qtool.calibration import calibrate, load_data
 from qtool.cli import main
 
 from qtool.analysis import layers_of
-from qtool.compare import compare, layer_macs, model_cost
+from qtool.analysis.compare import compare, layer_macs, model_cost
 from qtool.io import load, serialize
 from qtool.planner import build_plan
 from qtool.qdq import quantize

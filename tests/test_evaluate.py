@@ -1,4 +1,4 @@
-"""qtool.evaluate: metrics against numpy references, streaming equals one pass, layerwise."""
+"""qtool.analysis.evaluate: metrics vs numpy references, streaming equals one pass, layerwise."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from qtool.analysis.evaluate import evaluate, rebatch
 from qtool.errors import DataError
-from qtool.evaluate import evaluate, rebatch
 from qtool.scheme import QuantScheme
 
 SCALE, ZERO_POINT = 0.05, 128

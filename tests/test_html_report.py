@@ -18,8 +18,8 @@ from click.testing import CliRunner
 from outlier_model import CALIB, HARD_LAYER, VAL, outlier_graph
 from qtool.cli import main
 
-from qtool.html_report import PLOT_HEIGHT, render_html
 from qtool.io import save
+from qtool.report.html import PLOT_HEIGHT, render_html
 from qtool.workflow import CalibrateOptions, calibrate_to_folder
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qtool.lint import lint_model
-from qtool.lint_format import format_result
+from qtool.lint.formats import format_result
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits_cnn.onnx"

@@ -24,7 +24,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from qtool.report import fmt_db, fmt_pct
+from qtool.report.markdown import fmt_db, fmt_pct
 
 PLOT_HEIGHT = 180.0
 BAR_WIDTH = 22

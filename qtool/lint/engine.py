@@ -2,7 +2,7 @@
 
 A rule is one function ``check(context) -> Iterable[Finding]`` registered with :func:`rule`
 under an id (``QT0xx`` for float-model readiness, ``QT1xx`` for QDQ validity), a short name, a
-default severity and a one-line summary. The rules live in :mod:`qtool.lint_rules`, one
+default severity and a one-line summary. The rules live in :mod:`qtool.lint.rules`, one
 module per family; adding a rule means adding one decorated function there.
 
 Severities are SARIF's levels, ordered ``note < warning < error``. :func:`lint_model` runs
@@ -17,137 +17,22 @@ onnx-graphsurgeon graph for the rules that follow edges.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import onnx
 import onnx_graphsurgeon as gs
 
+import qtool.lint.rules  # noqa: F401  (registers the built-in rules)
 from qtool.errors import QtoolError
 from qtool.io import ModelSource, load_model
+from qtool.lint.registry import _RULES, Finding, LintContext, LintResult, Rule
 
 log = logging.getLogger(__name__)
 
-SEVERITIES = ("note", "warning", "error")
-_RANK = {name: rank for rank, name in enumerate(SEVERITIES)}
-
-
-@dataclass(frozen=True, order=True)
-class Finding:
-    """One problem found in a model.
-
-    Attributes:
-        rule_id: The rule's id, e.g. ``QT104``.
-        severity: ``error``, ``warning`` or ``note``.
-        message: What is wrong, naming the node or tensor, and what to do.
-        node: Name of the node it concerns, if any.
-        tensor: Name of the tensor it concerns, if any.
-    """
-
-    rule_id: str
-    severity: str
-    message: str
-    node: str | None = None
-    tensor: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict for the JSON format."""
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A registered lint rule."""
-
-    id: str
-    name: str
-    severity: str
-    summary: str
-    check: Callable[[LintContext], Iterable[Finding]]
-
-    def finding(
-        self,
-        message: str,
-        *,
-        node: str | None = None,
-        tensor: str | None = None,
-        severity: str | None = None,
-    ) -> Finding:
-        """A finding of this rule (at its default severity unless given)."""
-        return Finding(self.id, severity or self.severity, message, node, tensor)
-
-
-_RULES: dict[str, Rule] = {}
-
-
-def rule(rule_id: str, name: str, severity: str, summary: str):
-    """Register ``check(context) -> Iterable[Finding]`` as a lint rule.
-
-    The decorated function receives the :class:`LintContext`; it makes findings with
-    ``context.rule.finding(...)`` so the rule id and default severity come from here.
-    """
-    if severity not in _RANK:
-        raise ValueError(f"severity {severity!r} is not one of {SEVERITIES}")
-
-    def decorate(fn: Callable[[LintContext], Iterable[Finding]]):
-        if rule_id in _RULES and _RULES[rule_id].check is not fn:
-            raise ValueError(f"lint rule {rule_id} registered twice")
-        _RULES[rule_id] = Rule(rule_id, name, severity, summary, fn)
-        return fn
-
-    return decorate
-
 
 def available_rules() -> dict[str, Rule]:
-    """Every lint rule by id (importing qtool.lint_rules registers the built-in ones)."""
-    import qtool.lint_rules  # noqa: F401  (registers the rules)
-
+    """Every lint rule by id (the built-in ones are registered on import)."""
     return dict(sorted(_RULES.items()))
-
-
-@dataclass
-class LintContext:
-    """What a rule sees.
-
-    Attributes:
-        model: The model as loaded (external data in memory).
-        graph: The model as a graph, or None when onnx-graphsurgeon cannot import it.
-        backend: The backend name given with ``--backend``, or None.
-        checker_error: The ONNX checker's complaint, or None when the model is valid.
-        rule: The rule now running (set by :func:`lint_model`).
-    """
-
-    model: onnx.ModelProto
-    graph: gs.Graph | None
-    backend: str | None = None
-    checker_error: str | None = None
-    rule: Rule | None = None
-
-    @property
-    def is_qdq(self) -> bool:
-        """The model already holds QuantizeLinear or DequantizeLinear nodes."""
-        qdq = ("QuantizeLinear", "DequantizeLinear")
-        return any(n.op_type in qdq for n in self.model.graph.node)
-
-
-@dataclass
-class LintResult:
-    """All findings for one model, sorted by rule id then location."""
-
-    model: str
-    backend: str | None
-    findings: list[Finding] = field(default_factory=list)
-    rules: dict[str, Rule] = field(default_factory=dict)
-
-    def counts(self) -> dict[str, int]:
-        """Number of findings per severity."""
-        return {s: sum(f.severity == s for f in self.findings) for s in reversed(SEVERITIES)}
-
-    def exit_code(self, fail_on: str = "error") -> int:
-        """0 when no finding is at or above ``fail_on``, else 1."""
-        threshold = _RANK[fail_on]
-        return int(any(_RANK[f.severity] >= threshold for f in self.findings))
 
 
 def lint_model(

@@ -23,7 +23,8 @@ from collections.abc import Callable, Sequence
 
 import qtool
 from qtool.io import atomic_write_text
-from qtool.lint import _RANK, Finding, LintResult, lint_model
+from qtool.lint.engine import lint_model
+from qtool.lint.registry import _RANK, Finding, LintResult
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 FORMATS = ("text", "json", "sarif", "junit")

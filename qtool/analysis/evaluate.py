@@ -139,7 +139,7 @@ class Evaluation:
 
         if fmt == "json":
             return json.dumps(self.to_dict(), indent=2) + "\n"
-        from qtool.report import evaluation_table
+        from qtool.report.markdown import evaluation_table
 
         return evaluation_table(self.to_dict())
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qtool.lint import Finding, LintContext, rule
-from qtool.lint_rules.expectations import backend_expectations, shares_scale
+from qtool.lint.registry import Finding, LintContext, rule
+from qtool.lint.rules.expectations import backend_expectations, shares_scale
 from qtool.scheme import QuantScheme
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")

@@ -104,7 +104,7 @@ class Comparison:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, floats rounded to 6 significant digits."""
-        from qtool.evaluate import _rounded
+        from qtool.analysis.evaluate import _rounded
 
         return _rounded(asdict(self))
 
@@ -182,9 +182,9 @@ def compare(
         QtoolError: The model or data cannot be loaded (errors of single cells are kept in
             the cells).
     """
+    from qtool.analysis.evaluate import evaluate
     from qtool.backends import backend_names
     from qtool.calibration.observers import OBSERVERS
-    from qtool.evaluate import evaluate
     from qtool.io import load
     from qtool.workflow import labelled_batches, load_samples, prepare
 
@@ -212,7 +212,7 @@ def compare(
                 cell.error = exc.message
                 log.warning("%s x %s: %s", backend, method, exc.message)
             else:
-                from qtool.analysis import model_sqnr
+                from qtool.analysis.sensitivity import model_sqnr
 
                 cell.sqnr_db = model_sqnr(evaluation)
                 cell.cosine = min(o.cosine for o in evaluation.outputs)
@@ -237,7 +237,7 @@ def compare(
 
 
 def _sweep(graph, backend, method, precisions, calib, batches, batch_size, evaluate):
-    from qtool.analysis import layer_sensitivity, model_sqnr
+    from qtool.analysis.sensitivity import layer_sensitivity, model_sqnr
 
     base = _plan(graph, backend, None)
     macs = layer_macs(graph)
@@ -366,7 +366,7 @@ def _ranges(graph, plan, method, calib, batch_size):
     from qtool.calibration import calibrate
 
     if method == "auto":
-        from qtool.autoselect import select_ranges
+        from qtool.analysis.autoselect import select_ranges
 
         return select_ranges(graph, plan, calib, batch_size=batch_size).ranges
     return calibrate(graph, plan.activation_schemes(), calib, method=method,
@@ -374,7 +374,7 @@ def _ranges(graph, plan, method, calib, batch_size):
 
 
 def _quantize_and_evaluate(graph, backend, plan, method, calib, batches, batch_size):
-    from qtool.evaluate import evaluate
+    from qtool.analysis.evaluate import evaluate
     from qtool.io import load_model
     from qtool.qdq import quantize
 

@@ -20,8 +20,8 @@ import onnx
 from onnx import numpy_helper
 
 from qtool.io import DEFAULT_DOMAINS, MAX_OPSET, MIN_OPSET, default_opset
-from qtool.lint import Finding, LintContext, rule
-from qtool.lint_rules.expectations import backend_expectations
+from qtool.lint.registry import Finding, LintContext, rule
+from qtool.lint.rules.expectations import backend_expectations
 
 QUANTIZE_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (axis attribute)
 

@@ -1,0 +1,73 @@
+"""What the analysis modules share: batches, sessions with extra outputs, feeds."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from qtool.analysis.evaluate import LABELS_KEY
+from qtool.errors import DataError, PlanError
+
+Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]] | Sequence[Mapping[str, np.ndarray]]
+
+
+def iterate_batches(batches: Batches) -> Iterable[Mapping[str, np.ndarray]]:
+    """The batches: called when ``batches`` is a callable (fresh batches each time)."""
+    return batches() if callable(batches) else batches
+
+
+def sort_db(value: float | None) -> float:
+    """An SQNR as a sort key (None, meaning exact, sorts last)."""
+    return math.inf if value is None else value
+
+
+def db_text(value: float | None) -> str:
+    """An SQNR for messages (None: ``exact``)."""
+    return "exact" if value is None else f"{value:.2f} dB"
+
+
+def initializer(proto: onnx.ModelProto, name: str) -> np.ndarray:
+    """The value of initializer ``name`` of ``proto``."""
+    for init in proto.graph.initializer:
+        if init.name == name:
+            return onnx.numpy_helper.to_array(init)
+    raise PlanError(f"weight {name} is not an initializer of the float model")
+
+
+def exposed(proto: onnx.ModelProto, names: Sequence[str]) -> bytes:
+    """The model with ``names`` added as graph outputs, serialized."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    existing = {o.name for o in copy.graph.output}
+    for name in names:
+        if name not in existing:
+            copy.graph.output.append(onnx.ValueInfoProto(name=name))
+    return copy.SerializeToString()
+
+
+def session(model_bytes: bytes):
+    """An onnxruntime CPU session with optimizations off (the pure Q/DQ simulation)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def feeds_of(batch: Mapping[str, np.ndarray], inputs: Sequence[str], index: int):
+    """The model inputs of one batch (float64 arrays as float32); a missing input is a DataError."""
+    feeds = {}
+    for name in inputs:
+        if name not in batch:
+            raise DataError(
+                f"batch {index} has no array for input {name!r} (it has: "
+                f"{', '.join(sorted(k for k in batch if k != LABELS_KEY)) or 'nothing'})",
+                "key the arrays by the model's input names",
+            )
+        array = np.asarray(batch[name])
+        feeds[name] = array.astype(np.float32) if array.dtype == np.float64 else array
+    return feeds

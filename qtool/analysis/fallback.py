@@ -1,0 +1,153 @@
+"""Float fallback: keep the most sensitive layers float, greedily, until a target is met."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from qtool.analysis.common import (
+    Batches,
+    db_text,
+    iterate_batches,
+    sort_db,
+)
+from qtool.analysis.evaluate import evaluate
+from qtool.analysis.sensitivity import LayerSensitivity, accuracy_drop, keep_float, model_sqnr
+from qtool.errors import DataError, PlanError
+from qtool.io import load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FallbackStep:
+    """One step of the greedy search: which layers were float and what the model scored."""
+
+    float_layers: list[str]
+    sqnr_db: float | None
+    accuracy_drop: float | None
+    met: bool
+
+
+@dataclass
+class Fallback:
+    """The result of :func:`float_fallback`.
+
+    Attributes:
+        target_sqnr_db: The SQNR target, or None.
+        max_accuracy_drop: The accuracy target in percentage points, or None.
+        float_layers: Layers kept float, in the order they were added.
+        met: Whether the target was met (False: every layer float and still not met).
+        steps: Every evaluation of the search.
+        plan: The plan with ``float_layers`` skipped.
+    """
+
+    target_sqnr_db: float | None
+    max_accuracy_drop: float | None
+    float_layers: list[str]
+    met: bool
+    steps: list[FallbackStep]
+    plan: Any = field(repr=False, default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (the plan is written separately as plan.json)."""
+        data = dataclasses.asdict(self)
+        data.pop("plan")
+        return data
+
+
+def float_fallback(
+    float_graph,
+    backend,
+    plan,
+    ranges: Mapping[str, Any],
+    sensitivity: Sequence[LayerSensitivity],
+    batches: Batches,
+    *,
+    target_sqnr: float | None = None,
+    max_accuracy_drop: float | None = None,
+    weight_method: str = "minmax",
+) -> Fallback:
+    """Keep the most sensitive layers float, greedily, until the target is met.
+
+    Args:
+        float_graph: The prepared float graph.
+        backend: Backend name or object.
+        plan: The full plan.
+        ranges: Calibrated activation ranges for ``plan``.
+        sensitivity: From :func:`layer_sensitivity` (worst first).
+        batches: Data to judge the target on (with labels for ``max_accuracy_drop``).
+        target_sqnr: Required worst output SQNR in dB.
+        max_accuracy_drop: Allowed top-1 accuracy drop in percentage points.
+        weight_method: Observer of the weight ranges.
+
+    Returns:
+        The :class:`Fallback`; ``met`` is False if even all layers float miss the target.
+
+    Raises:
+        PlanError: No target given.
+        DataError: ``max_accuracy_drop`` without labels in the data.
+    """
+    from qtool.qdq import quantize
+
+    if target_sqnr is None and max_accuracy_drop is None:
+        raise PlanError("float fallback needs a target", "give target_sqnr or max_accuracy_drop")
+    reference = load_model(float_graph)
+    order = [s.node for s in sensitivity]
+    reasons = {
+        s.node: (
+            f"kept float to meet {_target_text(target_sqnr, max_accuracy_drop)}: quantized "
+            f"alone it gives {db_text(s.sqnr_db)} output SQNR (rank {rank} of {len(order)})"
+        )
+        for rank, s in enumerate(sensitivity, start=1)
+    }
+    steps: list[FallbackStep] = []
+
+    def judge(layers: list[str]):
+        candidate = keep_float(plan, layers, reasons)
+        quantized = quantize(float_graph, backend, ranges, plan=candidate,
+                             weight_method=weight_method)
+        evaluation = evaluate(reference, quantized.graph, iterate_batches(batches))
+        sqnr, drop = model_sqnr(evaluation), accuracy_drop(evaluation)
+        if max_accuracy_drop is not None and drop is None:
+            raise DataError(
+                "--max-accuracy-drop needs labels in the evaluation data",
+                "give an .npz with a 'labels' array (one class per sample), or use "
+                "--target-sqnr",
+            )
+        met = (target_sqnr is None or sort_db(sqnr) >= target_sqnr) and (
+            max_accuracy_drop is None or drop <= max_accuracy_drop + 1e-9
+        )
+        steps.append(FallbackStep(list(layers), sqnr, drop, met))
+        log.info("fallback with %d float layer(s): %s dB, drop %s", len(layers), sqnr, drop)
+        return met, candidate
+
+    for k in range(len(order) + 1):
+        met, candidate = judge(order[:k])
+        if met:
+            break
+    else:
+        log.warning("the target %s is not met even with every layer float",
+                    _target_text(target_sqnr, max_accuracy_drop))
+        return Fallback(target_sqnr, max_accuracy_drop, list(order), False, steps, candidate)
+    # Prune: a layer added early may be unnecessary once later ones are float. The last one
+    # added is needed (the prefix without it missed the target); try the others.
+    kept = list(order[:k])
+    for node in list(kept[:-1]):
+        trial = [n for n in kept if n != node]
+        trial_met, trial_plan = judge(trial)
+        if trial_met:
+            kept, candidate = trial, trial_plan
+    return Fallback(target_sqnr, max_accuracy_drop, kept, True, steps, candidate)
+
+
+def _target_text(target_sqnr: float | None, max_accuracy_drop: float | None) -> str:
+    parts = []
+    if target_sqnr is not None:
+        parts.append(f"output SQNR >= {target_sqnr:g} dB")
+    if max_accuracy_drop is not None:
+        parts.append(f"accuracy drop <= {max_accuracy_drop:g} pts")
+    return " and ".join(parts)

@@ -1,0 +1,114 @@
+"""Sensitivity of each layer: the model outputs with only that layer quantized."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from qtool.analysis.common import (
+    Batches,
+    iterate_batches,
+    sort_db,
+)
+from qtool.analysis.evaluate import Evaluation, evaluate
+from qtool.io import load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerSensitivity:
+    """Model-output error when only one layer is quantized.
+
+    Attributes:
+        node: Node name.
+        op: Its op type.
+        tensors: The quantized tensors it reads (activations, weight, bias).
+        sqnr_db: Worst output SQNR of the model with only this layer quantized.
+        cosine: Worst output cosine.
+        accuracy: Top-1 accuracy of that model (with labels).
+    """
+
+    node: str
+    op: str
+    tensors: list[str]
+    sqnr_db: float | None
+    cosine: float
+    accuracy: float | None = None
+
+
+def layers_of(plan) -> dict[str, list[str]]:
+    """Layer (consumer node) -> the quantized tensors it reads, in plan order."""
+    layers: dict[str, list[str]] = {}
+    for entry in plan.tensors.values():
+        for node in entry.consumers:
+            layers.setdefault(node, []).append(entry.tensor)
+    return layers
+
+
+def keep_float(plan, nodes: Sequence[str], reasons: Mapping[str, str] | None = None):
+    """``plan`` with ``nodes`` skipped (exact names), each float node given its reason."""
+    if not nodes:
+        return plan
+    skipped = plan.skip(*(f"name:{n}" for n in nodes))
+    if not reasons:
+        return skipped
+    float_nodes = dict(skipped.float_nodes)
+    for node in nodes:
+        if node in reasons and node in float_nodes:
+            float_nodes[node] = reasons[node]
+    return dataclasses.replace(skipped, float_nodes=float_nodes)
+
+
+def model_sqnr(evaluation: Evaluation) -> float | None:
+    """The worst output SQNR of an evaluation (None: every output exact)."""
+    values = [o.sqnr_db for o in evaluation.outputs if o.sqnr_db is not None]
+    return min(values) if values else None
+
+
+def accuracy_drop(evaluation: Evaluation) -> float | None:
+    """Float minus quantized top-1 accuracy in percentage points (None without labels)."""
+    accuracy = evaluation.accuracy
+    if accuracy is None:
+        return None
+    return 100.0 * (accuracy[0] - accuracy[1])
+
+
+def layer_sensitivity(float_graph, result, batches: Batches) -> list[LayerSensitivity]:
+    """Quantize each layer alone and measure the model outputs (see the module docstring).
+
+    Args:
+        float_graph: The prepared float graph ``result`` was made from.
+        result: The fully quantized :class:`qtool.qdq.QuantizedModel`.
+        batches: Data batches (labels optional), re-iterable or a callable returning them.
+
+    Returns:
+        One entry per layer, worst (lowest SQNR) first; ties by node name.
+    """
+    from qtool.qdq import quantize
+
+    plan = result.plan
+    layers = layers_of(plan)
+    union = {
+        name: (float(qp.lo), float(qp.hi))
+        for name, qp in result.qparams.items()
+        if qp.role == "activation"
+    }
+    reference = load_model(float_graph)
+    sensitivity = []
+    for node, tensors in layers.items():
+        alone = keep_float(plan, [n for n in layers if n != node])
+        quantized = quantize(float_graph, result.backend, union, plan=alone,
+                             weight_method=result.weight_method)
+        evaluation = evaluate(reference, quantized.graph, iterate_batches(batches))
+        cosine = min(o.cosine for o in evaluation.outputs)
+        accuracy = evaluation.accuracy
+        sensitivity.append(LayerSensitivity(
+            node, plan.nodes.get(node, "?"), list(tensors), model_sqnr(evaluation), cosine,
+            accuracy[1] if accuracy else None,
+        ))
+        log.debug("layer %s alone: %s dB", node, sensitivity[-1].sqnr_db)
+    sensitivity.sort(key=lambda s: (sort_db(s.sqnr_db), s.node))
+    return sensitivity

@@ -1,0 +1,164 @@
+"""Accumulated error of every quantized tensor, and histograms of the worst activations."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from qtool.analysis.common import (
+    Batches,
+    exposed,
+    feeds_of,
+    initializer,
+    iterate_batches,
+    session,
+    sort_db,
+)
+from qtool.analysis.evaluate import _ErrorSums
+from qtool.errors import DataError
+from qtool.io import load_model, serialize
+
+#: Worst activations whose histograms go into the report.
+HISTOGRAMS = 3
+
+
+#: Bins of the streamed histograms, and at most this many bins shown.
+HISTOGRAM_BINS = 1024
+
+
+DISPLAY_BINS = 64
+
+
+@dataclass
+class TensorError:
+    """Accumulated error of one quantized tensor (see the module docstring).
+
+    Attributes:
+        tensor: Tensor name in the float graph.
+        role: ``activation`` or ``weight``.
+        consumers: Nodes that read the quantized value.
+        sqnr_db: SQNR in dB; None when the values are equal.
+        cosine: Cosine similarity.
+        max_abs_error: Largest absolute difference.
+    """
+
+    tensor: str
+    role: str
+    consumers: list[str]
+    sqnr_db: float | None
+    cosine: float
+    max_abs_error: float
+
+
+@dataclass
+class Histogram:
+    """The float values of one activation over the data, and the clip range it got.
+
+    Attributes:
+        tensor: Tensor name.
+        left: Left edge of the first bin.
+        width: Bin width.
+        counts: Counts per bin (at most :data:`DISPLAY_BINS`).
+        min: Smallest value seen.
+        max: Largest value seen.
+        clip: ``[lo, hi]``: the range its scale and zero point represent.
+        sqnr_db: Its accumulated SQNR.
+    """
+
+    tensor: str
+    left: float
+    width: float
+    counts: list[int]
+    min: float
+    max: float
+    clip: list[float]
+    sqnr_db: float | None
+
+
+def tensor_errors(
+    float_graph, result, batches: Batches, *, histograms: int = HISTOGRAMS
+) -> tuple[int, list[TensorError], list[Histogram]]:
+    """Accumulated error of every quantized activation and weight (see the module docstring).
+
+    Args:
+        float_graph: The prepared float graph.
+        result: The :class:`qtool.qdq.QuantizedModel` to judge.
+        batches: Data batches.
+        histograms: How many of the worst activations get a histogram.
+
+    Returns:
+        ``(samples, errors, histograms)``: errors in plan order, histograms worst first.
+    """
+    from qtool.calibration.observers import HistogramObserver
+
+    plan = result.plan
+    activations = [e for e in plan.entries("activation")]
+    float_proto = load_model(float_graph)
+    quant_proto = load_model(serialize(result.graph))
+    inputs = [i.name for i in float_proto.graph.input
+              if i.name not in {t.name for t in float_proto.graph.initializer}]
+    float_fetch = [e.tensor for e in activations if e.tensor not in inputs]
+    quant_fetch = [f"{e.tensor}_dequantized" for e in activations]
+    float_session = session(exposed(float_proto, float_fetch))
+    quant_session = session(exposed(quant_proto, quant_fetch))
+    sums = {e.tensor: _ErrorSums() for e in activations}
+    observed = {e.tensor: HistogramObserver(None, e.tensor, bins=HISTOGRAM_BINS)
+                for e in activations}
+    samples = 0
+    for index, batch in enumerate(iterate_batches(batches)):
+        feeds = feeds_of(batch, inputs, index)
+        samples += int(next(iter(feeds.values())).shape[0])
+        float_values = dict(zip(float_fetch, float_session.run(float_fetch, feeds), strict=True))
+        float_values.update({n: feeds[n] for n in inputs})
+        quant_values = quant_session.run(quant_fetch, feeds) if quant_fetch else []
+        for entry, q in zip(activations, quant_values, strict=True):
+            x = float_values[entry.tensor]
+            sums[entry.tensor].update(x, q)
+            observed[entry.tensor].update(x)
+    if samples == 0:
+        raise DataError("the analysis data is empty", "give at least one sample")
+
+    errors = []
+    for entry in plan.tensors.values():
+        if entry.role == "bias":
+            continue
+        if entry.role == "weight":
+            s = _ErrorSums()
+            qp = result.qparams[entry.tensor]
+            values = np.asarray(initializer(float_proto, entry.tensor), dtype=np.float32)
+            s.update(values, entry.scheme.fake_quantize(values, qp.scale, qp.zero_point))
+        else:
+            s = sums[entry.tensor]
+        errors.append(TensorError(entry.tensor, entry.role, list(entry.consumers), s.sqnr_db,
+                                  s.cosine, s.max_abs))
+    worst = sorted(
+        (e for e in errors if e.role == "activation"),
+        key=lambda e: (sort_db(e.sqnr_db), e.tensor),
+    )[:histograms]
+    shown = [_histogram(observed[e.tensor], result.qparams[e.tensor], e.sqnr_db) for e in worst]
+    return samples, errors, shown
+
+
+def clip_range(qp) -> tuple[float, float]:
+    """The range a per-tensor scale and zero point represent: ``s(qmin - z) .. s(qmax - z)``."""
+    scale, zero_point = float(qp.scale), int(qp.zero_point)
+    return scale * (qp.scheme.qmin - zero_point), scale * (qp.scheme.qmax - zero_point)
+
+
+def _histogram(observer, qp, sqnr_db) -> Histogram:
+    """The observer's histogram merged into at most :data:`DISPLAY_BINS` bins."""
+    counts = observer.counts[0]
+    nonzero = np.flatnonzero(counts)
+    first, last = int(nonzero[0]), int(nonzero[-1])
+    factor = max(1, math.ceil((last - first + 1) / DISPLAY_BINS))
+    used = counts[first : last + 1]
+    padded = np.zeros(math.ceil(len(used) / factor) * factor, dtype=np.int64)
+    padded[: len(used)] = used
+    merged = padded.reshape(-1, factor).sum(axis=1)
+    width = observer.width(0)
+    left = float(observer.edges_left(0)[first])
+    lo, hi = clip_range(qp)
+    return Histogram(qp.tensor, left, width * factor, [int(c) for c in merged],
+                     float(observer.min_val[0]), float(observer.max_val[0]), [lo, hi], sqnr_db)
