@@ -27,6 +27,16 @@ class QtoolError(Exception):
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
+    def __reduce__(self):
+        # Errors cross process boundaries (local workers, Ray tasks): keep the hint.
+        return _rebuild, (type(self), self.message, self.hint)
+
+
+def _rebuild(cls: type[QtoolError], message: str, hint: str | None) -> QtoolError:
+    error = cls.__new__(cls)
+    QtoolError.__init__(error, message, hint)
+    return error
+
 
 class ModelLoadError(QtoolError):
     """The model file is missing, unreadable, not ONNX, truncated or unsafe."""
@@ -98,3 +108,10 @@ class OutputError(QtoolError):
 
     exit_code = 8
     default_hint = "choose another output folder, or pass --force to replace it"
+
+
+class ExecutorError(QtoolError):
+    """Parallel work could not run: the Ray cluster is unreachable, or a worker died."""
+
+    exit_code = 9
+    default_hint = "retry with --workers 1 (and without --executor ray) to see the error"
