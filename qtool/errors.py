@@ -98,3 +98,10 @@ class OutputError(QtoolError):
 
     exit_code = 8
     default_hint = "choose another output folder, or pass --force to replace it"
+
+
+class ProviderError(QtoolError):
+    """An onnxruntime execution provider that is unknown or not available here."""
+
+    exit_code = 2
+    default_hint = "pass --provider cpu, or install the onnxruntime build with that provider"
