@@ -324,6 +324,9 @@ def _with_paths(summary: str, paths) -> str:
 def lint(ctx, models, backend, fmt, fail_on, output):
     """Check models: float readiness and QDQ validity. Exit 0 clean, 1 findings, 2 cannot run.
 
+    A model that cannot be read does not stop the others: it is a QT000 error in the
+    output (every format, so a SARIF upload still happens) and the exit code is 2.
+
     Float models are checked for what stops quantization (invalid graph, opset, custom
     domains, dynamic dims, NaN/Inf or unused weights, and with --backend the nodes it would
     leave float); QDQ models, from qtool or other tools, for Q/DQ structure, shared Concat
@@ -335,8 +338,14 @@ def lint(ctx, models, backend, fmt, fail_on, output):
     """  # noqa: D301  (click reads \b as a no-rewrap marker)
     from qtool.lint.formats import lint_and_render
 
+    def unreadable(model: str, exc: QtoolError) -> None:
+        click.echo(f"error: {exc.message}", err=True)
+        if exc.hint:
+            click.echo(f"hint: {exc.hint}", err=True)
+
     ctx.meta[_ERROR_EXIT_KEY] = 2
-    text, code = lint_and_render(models, backend=backend, fmt=fmt, fail_on=fail_on, output=output)
+    text, code = lint_and_render(models, backend=backend, fmt=fmt, fail_on=fail_on, output=output,
+                                 on_error=unreadable)
     if output is None:
         click.echo(text, nl=False)
     ctx.exit(code)

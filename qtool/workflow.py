@@ -268,12 +268,22 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
         files=files,
         analysis=analysis,
     )
+    _count_shape_nodes(graph, report)
     if hasattr(calib_data, "to_dict"):  # an image folder: the preprocessing applied
         report["calibration"]["preprocessing"] = calib_data.to_dict()
     files[REPORT_JSON] = to_json(report).encode("utf-8")
     files[REPORT_MD] = to_markdown(report).encode("utf-8")
     files[REPORT_HTML] = render_html(report).encode("utf-8")
     return dict(sorted(files.items())), report
+
+
+def _count_shape_nodes(graph: gs.Graph, report: dict[str, Any]) -> None:
+    """The report lists float nodes that compute on activations; shape arithmetic is counted."""
+    from qtool.inspection import split_float_nodes
+
+    computing, shape = split_float_nodes(graph, report["plan"]["float_nodes"])
+    report["plan"]["float_nodes"] = computing
+    report["plan"]["shape_nodes"] = len(shape)
 
 
 def render_report(run_folder: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
@@ -311,7 +321,10 @@ def render_report(run_folder: str | os.PathLike, output: str | os.PathLike | Non
         raise OutputError(f"{source}: not a qtool report",
                           "give a folder written by qtool calibrate")
     target = Path(output) if output is not None else folder / REPORT_HTML
-    atomic_write_text(target, render_html(report))
+    try:
+        atomic_write_text(target, render_html(report))
+    except OutputError as exc:  # io's hint offers a --force that `qtool report` lacks
+        raise OutputError(exc.message, "choose a writable path with -o") from exc
     return target
 
 
