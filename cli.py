@@ -500,7 +500,8 @@ def compare(model, data_path, eval_path, backends, methods, sweep_backend, sweep
 @click.option("--eval-data", "eval_path", type=EXISTING_FILE,
               help=".npz with labels: accuracies in the report.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False))
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--force", is_flag=True,
+              help="Replace an output folder qtool wrote (never one with other files).")
 @debug_option
 def qat(model, backend, data_path, algorithm, epochs, lr, batch_size, bn_strategy, recalibrate_bn,
         method, weight_bits, act_bits, eval_path, output, force):

@@ -144,10 +144,13 @@ class staging_folder:  # noqa: N801  (used as a context manager, reads like a fu
                 )
             foreign = foreign_entries(folder)
             if foreign:
+                unlisted = not (folder / FOLDER_MANIFEST).is_file()
                 raise OutputError(
                     f"{shown}: not replaced: it holds files qtool did not write "
                     f"({_describe(foreign)})",
-                    "--force only replaces a folder qtool wrote; choose another folder",
+                    "--force only replaces a folder qtool wrote; choose another folder"
+                    + (f" (no {FOLDER_MANIFEST}: an output of an older qtool must be "
+                       "removed by hand)" if unlisted else ""),
                 )
         parent = folder.parent
         blocking = next((p for p in (parent, *parent.parents) if p.exists()), None)
