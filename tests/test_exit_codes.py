@@ -172,3 +172,14 @@ def test_ctrl_c_with_workers_prints_one_line(tmp_path):
     assert process.returncode == 130, stderr
     assert stderr.strip().splitlines() == ["interrupted: nothing written"], stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz"]
+
+
+def test_report_does_not_offer_a_force_it_lacks(tmp_path):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["calibrate", DIGITS, "-b", "tvm", "--data", CALIB,
+                                       "--num-samples", "8", "-o", str(run), "-q"])
+    assert result.exit_code == 0, result.output
+    page = tmp_path / "missing-folder" / "deep" / "page.html"
+    result = CliRunner().invoke(main, ["report", str(run), "-o", str(page)])
+    assert result.exit_code == 8 and "--force" not in result.stderr
+    assert result.stderr.splitlines()[1].startswith("hint: ")
