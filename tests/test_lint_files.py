@@ -45,6 +45,7 @@ def test_unreadable_models_are_results_in_every_format(tmp_path, three_models):
             assert f"{digits}: 0 errors" in text  # the readable model was linted
         elif fmt == "json":
             document = json.loads(text)
+            assert document["exit_code"] == 2
             assert [r["model"] for r in document["results"]] == three_models
             rules = [[f["rule_id"] for f in r["findings"]] for r in document["results"]]
             assert rules[0] == ["QT000"] and rules[2] == ["QT000"] and "QT000" not in rules[1]

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import qtool
 from qtool.errors import QtoolError
 from qtool.io import atomic_write_text
-from qtool.lint.engine import lint_files
+from qtool.lint.engine import UNREADABLE, lint_files
 from qtool.lint.registry import _RANK, Finding, LintResult
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
@@ -57,15 +57,17 @@ def lint_and_render(
         ``(rendered text, exit code)``: 0 clean, 1 findings at or above ``fail_on``, 2 when
         a model could not be read (the others are linted and rendered all the same).
     """
-    results, unreadable = lint_files(models, backend=backend, on_error=on_error)
+    results, _ = lint_files(models, backend=backend, on_error=on_error)
     text = format_results(results, fmt, fail_on=fail_on)
     if output is not None:
         atomic_write_text(output, text)
-    return text, 2 if unreadable else exit_code(results, fail_on)
+    return text, exit_code(results, fail_on)
 
 
 def exit_code(results: Sequence[LintResult], fail_on: str = "error") -> int:
-    """0 when no result has a finding at or above ``fail_on``, else 1."""
+    """2 when a model could not be read (QT000), else 0 clean, 1 findings at ``fail_on``."""
+    if any(f.rule_id == UNREADABLE for r in results for f in r.findings):
+        return 2
     return max((r.exit_code(fail_on) for r in results), default=0)
 
 
