@@ -403,13 +403,15 @@ def evaluate(float_model, quant_model, data_path, layerwise, num_samples, batch_
 
 
 @main.command()
-@click.argument("run_folder", metavar="RUN_FOLDER",
-                type=click.Path(exists=True, file_okay=False, readable=True))
+@click.argument("run_folder", metavar="RUN_FOLDER|NAME.onnx",
+                type=click.Path(exists=True, readable=True))
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
-              help="HTML file to write (default: RUN_FOLDER/report.html).")
+              help="HTML file to write (default: RUN_FOLDER/report.html, or NAME.report.html).")
 @debug_option
 def report(run_folder, output):
     """Render the HTML report of a saved `qtool calibrate` run from its report.json.
+
+    RUN_FOLDER is the folder of the run, or NAME.onnx for a run written with -o NAME.onnx.
 
     \b
     Example:

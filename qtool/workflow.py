@@ -290,8 +290,10 @@ def render_report(run_folder: str | os.PathLike, output: str | os.PathLike | Non
     """``qtool report``: write the HTML page of a saved run from its report.json.
 
     Args:
-        run_folder: A folder written by ``qtool calibrate``.
-        output: The HTML file (default: ``report.html`` in the run folder).
+        run_folder: A folder written by ``qtool calibrate``, or the ``NAME.onnx`` of a run
+            written with ``-o NAME.onnx`` (its report is ``NAME.report.json``).
+        output: The HTML file (default: ``report.html`` in the run folder, or
+            ``NAME.report.html``).
 
     Returns:
         The path written.
@@ -305,6 +307,11 @@ def render_report(run_folder: str | os.PathLike, output: str | os.PathLike | Non
 
     folder = Path(run_folder)
     source = folder / REPORT_JSON
+    default_html = folder / REPORT_HTML
+    if is_file_output(folder):  # -o NAME.onnx: NAME.report.json beside it
+        stem = folder.name[: -len(".onnx")]
+        source = folder.with_name(f"{stem}.{REPORT_JSON}")
+        default_html = folder.with_name(f"{stem}.{REPORT_HTML}")
     try:
         report = json.loads(source.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -320,7 +327,7 @@ def render_report(run_folder: str | os.PathLike, output: str | os.PathLike | Non
     ):
         raise OutputError(f"{source}: not a qtool report",
                           "give a folder written by qtool calibrate")
-    target = Path(output) if output is not None else folder / REPORT_HTML
+    target = Path(output) if output is not None else default_html
     try:
         atomic_write_text(target, render_html(report))
     except OutputError as exc:  # io's hint offers a --force that `qtool report` lacks

@@ -139,3 +139,14 @@ def test_run_and_save_plan_refuse_to_overwrite(tmp_path):
     result = runner.invoke(main, ["calibrate", str(model), "-b", "tvm", "--save-plan", str(plan),
                                   "--force"])
     assert result.exit_code == 0 and json.loads(plan.read_text())["tensors"]
+
+
+def test_report_command_reads_a_model_file_run(tmp_path):
+    target = tmp_path / "net.onnx"
+    calibrate_to_folder(DIGITS, "tvm", target, OPTIONS)
+    page = tmp_path / "net.report.html"
+    original = page.read_bytes()
+    page.unlink()
+    result = CliRunner().invoke(main, ["report", str(target)])
+    assert result.exit_code == 0, result.output
+    assert page.read_bytes() == original  # the same bytes calibrate wrote
