@@ -272,6 +272,8 @@ def calibrate(model, backend, data_path, eval_path, method, weight_method, num_s
           --data examples/digits_calib.npz --eval-data examples/digits_val.npz -o out/
       qtool calibrate examples/digits_cnn.onnx --backend tensorrt --method auto \\
           --data examples/digits_calib.npz --target-sqnr 35 -o out/
+      qtool calibrate model.onnx -b snpe --data images/ --resize 0 --mean 0.5 \\
+          --std 0.5 -o model.int8.onnx   # + model.int8.encodings, ...
     """  # noqa: D301  (click reads \b as a no-rewrap marker)
     from qtool import progress
     from qtool.report import summary_table
