@@ -18,6 +18,8 @@ import qtool
 from qtool.errors import QtoolError
 
 INTERNAL_ERROR_EXIT = 70  # EX_SOFTWARE: an exception qtool did not expect (a bug)
+INTERRUPTED_EXIT = 130  # the shell's code for a run stopped by Ctrl-C (128 + SIGINT)
+METHOD_ALIASES = {"entropy": "kld", "percentile": "quantile"}  # onnxruntime's, ModelOpt's
 _DEBUG_KEY = "qtool.debug"
 _ERROR_EXIT_KEY = "qtool.error_exit"
 
@@ -32,6 +34,20 @@ def _observer_names() -> list[str]:
     from qtool.calibration.observers import OBSERVERS
 
     return list(OBSERVERS)
+
+
+def _method_choices(auto: bool = True) -> list[str]:
+    return [*_observer_names(), *(["auto"] if auto else []), *METHOD_ALIASES]
+
+
+def _canonical_method(_ctx, _param, value):
+    """Map onnxruntime's/ModelOpt's method names onto qtool's (entropy: kld, ...)."""
+    if isinstance(value, tuple):
+        return tuple(METHOD_ALIASES.get(v, v) for v in value)
+    return METHOD_ALIASES.get(value, value)
+
+
+_ALIAS_HELP = " Aliases: entropy = kld, percentile = quantile."
 
 
 def _exit_on_sigterm(signum, frame) -> None:
@@ -60,6 +76,11 @@ class QtoolGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except KeyboardInterrupt:
+            if ctx.meta.get(_DEBUG_KEY):
+                click.echo(traceback.format_exc(), err=True, nl=False)
+            click.echo("interrupted: nothing written", err=True)
+            ctx.exit(INTERRUPTED_EXIT)
         except QtoolError as exc:
             if ctx.meta.get(_DEBUG_KEY):
                 click.echo(traceback.format_exc(), err=True, nl=False)
@@ -110,6 +131,64 @@ EXISTING_FILE = click.Path(exists=True, dir_okay=False, readable=True)
 EXISTING_PATH = click.Path(exists=True, readable=True)
 
 
+def provider_option(fn):
+    """``--provider``: onnxruntime execution providers of every session, in order."""
+    return click.option(
+        "--provider", "provider", metavar="EP[,EP...]",
+        help="onnxruntime execution providers of every session, in order of preference, "
+             "e.g. cuda,cpu (default: cpu). Ranges do not depend on it beyond float rounding.",
+    )(fn)
+
+
+def preprocess_options(fn):
+    """Image-folder preprocessing flags (they override a --preprocess file's keys)."""
+    options = [
+        click.option("--preprocess", "preprocess_file", type=EXISTING_FILE, metavar="FILE",
+                     help="Image preprocessing recipe (YAML/JSON) with the keys resize, crop, "
+                          "mean, std, scale, layout, color; the flags below override it."),
+        click.option("--resize", type=click.IntRange(min=0),
+                     help="Images: shorter side before the centre crop (0: straight to the "
+                          "crop; default crop/0.875)."),
+        click.option("--crop", metavar="H[xW]",
+                     help="Images: centre crop size (default: the model's fixed input size)."),
+        click.option("--mean", metavar="M[,M,M]",
+                     help="Images: per-channel mean after --scale (default: ImageNet's for "
+                          "colour, 0 for gray)."),
+        click.option("--std", metavar="S[,S,S]",
+                     help="Images: per-channel std (default: ImageNet's for colour, 1 for gray)."),
+        click.option("--scale", type=float,
+                     help="Images: factor on the 0..255 pixels before mean/std (default 1/255)."),
+        click.option("--layout", type=click.Choice(["NCHW", "NHWC"], case_sensitive=False),
+                     help="Images: tensor layout (default: from the model's channel axis)."),
+        click.option("--color", type=click.Choice(["rgb", "bgr", "gray"], case_sensitive=False),
+                     help="Images: colour (default: gray for a 1-channel input, else rgb)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _preprocessing(preprocess_file, **flags):
+    """The --preprocess file's settings with the flags over them (None: nothing given)."""
+    from qtool.calibration.images import Preprocessing
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    if preprocess_file is None and not given:
+        return None
+    base = Preprocessing()
+    if preprocess_file is not None:
+        from qtool.pipeline import load_recipe
+
+        spec = load_recipe(preprocess_file)
+        base = Preprocessing.from_mapping(spec.get("preprocess", spec), str(preprocess_file))
+    return Preprocessing.from_mapping(given, "the preprocessing flags").over(base)
+
+
+def _quiet_option(fn):
+    return click.option("--quiet", "-q", is_flag=True,
+                        help="Print nothing on success: no progress, no summary.")(fn)
+
+
 @click.group(cls=QtoolGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(qtool.__version__, prog_name="qtool")
 @debug_option
@@ -134,11 +213,13 @@ def main() -> None:
               help="Held-out data to compare float and quantized outputs on (labels from the "
                    "'labels' key of an .npz). Default: the calibration data.")
 @click.option("--method", default="minmax", show_default=True,
-              type=click.Choice([*_observer_names(), "auto"]),
+              type=click.Choice(_method_choices()), callback=_canonical_method,
               help="Observer that sets activation ranges; auto: per tensor, the observer whose "
-                   "range quantizes it with the least error (shared-scale groups together).")
+                   "range quantizes it with the least error (shared-scale groups together)."
+                   + _ALIAS_HELP)
 @click.option("--weight-method", default="minmax", show_default=True,
-              type=click.Choice(_observer_names()), help="Observer that sets weight ranges.")
+              type=click.Choice(_method_choices(auto=False)), callback=_canonical_method,
+              help="Observer that sets weight ranges." + _ALIAS_HELP)
 @click.option("--num-samples", type=click.IntRange(min=1), help="Use at most this many samples.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Samples per onnxruntime run.")
@@ -154,9 +235,13 @@ def main() -> None:
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Processes that calibrate shards of the data in parallel.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of random inputs.")
-@click.option("-o", "--output", type=click.Path(file_okay=False),
-              help="Output folder (default: <model>-<backend>/ in the current folder).")
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("-o", "--output", type=click.Path(),
+              help="Output folder (default: <model>-<backend>/ in the current folder), or "
+                   "NAME.onnx: the deployable model there, the other files beside it as "
+                   "NAME.<file> (NAME.encodings, NAME.report.html, ...).")
+@click.option("--force", is_flag=True,
+              help="Replace an output qtool wrote (a folder or files listed in its manifest), "
+                   "or an existing --save-plan file; anything else is never replaced.")
 @click.option("--layerwise", is_flag=True, help="Add per-tensor SQNR (worst first) to the report.")
 @click.option("--sensitivity", is_flag=True,
               help="Measure each layer quantized alone (one pass over the data per layer) and "
@@ -167,17 +252,19 @@ def main() -> None:
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0.0), metavar="PTS",
               help="Keep the most sensitive layers float until the top-1 accuracy on the "
                    "evaluation data (needs 'labels') is at most PTS points below float.")
-@click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
+@preprocess_options
+@provider_option
+@_quiet_option
 @debug_option
 def calibrate(model, backend, data_path, eval_path, method, weight_method, num_samples,
               batch_size, bits, weight_bits, act_bits, skip, plan_path, save_plan_path, workers,
               seed, output, force, layerwise, sensitivity, target_sqnr, max_accuracy_drop,
-              quiet):
+              quiet, provider, preprocess_file, **image_flags):
     """Quantize MODEL for a backend: calibrate, write the model, vendor files and a report.
 
     The output folder gets the quantized model, the backend's files (encodings, calibration
     cache, ...), plan.json, report.json, report.md and report.html; it is written whole or
-    not at all.
+    not at all. On a terminal each phase prints its time and long ones show a bar.
 
     \b
     Example:
@@ -185,7 +272,10 @@ def calibrate(model, backend, data_path, eval_path, method, weight_method, num_s
           --data examples/digits_calib.npz --eval-data examples/digits_val.npz -o out/
       qtool calibrate examples/digits_cnn.onnx --backend tensorrt --method auto \\
           --data examples/digits_calib.npz --target-sqnr 35 -o out/
+      qtool calibrate model.onnx -b snpe --data images/ --resize 0 --mean 0.5 \\
+          --std 0.5 -o model.int8.onnx   # + model.int8.encodings, ...
     """  # noqa: D301  (click reads \b as a no-rewrap marker)
+    from qtool import progress
     from qtool.report import summary_table
     from qtool.workflow import CalibrateOptions, calibrate_to_folder
 
@@ -195,16 +285,29 @@ def calibrate(model, backend, data_path, eval_path, method, weight_method, num_s
         weight_bits=weight_bits or bits, act_bits=act_bits or bits, skip=tuple(skip),
         plan=plan_path, workers=workers, seed=seed, layerwise=layerwise,
         progress=False if quiet else None, sensitivity=sensitivity, target_sqnr=target_sqnr,
-        max_accuracy_drop=max_accuracy_drop,
+        max_accuracy_drop=max_accuracy_drop, providers=provider,
+        preprocess=_preprocessing(preprocess_file, **image_flags),
     )
-    result = calibrate_to_folder(model, backend, output, options, force=force,
-                                 save_plan=save_plan_path)
+    with progress.shown(False if quiet else None):
+        result = calibrate_to_folder(model, backend, output, options, force=force,
+                                     save_plan=save_plan_path)
     if quiet:
         return
     if result.report is None:
         click.echo(f"plan written to {result.output}")
     else:
-        click.echo(summary_table(result.report, str(result.output)), nl=False)
+        click.echo(_with_paths(summary_table(result.report, str(result.output)), result.paths),
+                   nl=False)
+
+
+def _with_paths(summary: str, paths) -> str:
+    """For ``-o NAME.onnx``: the summary's files line names the files written."""
+    if not paths:
+        return summary
+    lines = summary.splitlines()
+    shown = "  files: " + ", ".join(sorted(paths.values()))
+    lines = [shown if line.startswith("  files: ") else line for line in lines]
+    return "\n".join(lines) + "\n"
 
 
 @main.command()
@@ -223,6 +326,9 @@ def calibrate(model, backend, data_path, eval_path, method, weight_method, num_s
 def lint(ctx, models, backend, fmt, fail_on, output):
     """Check models: float readiness and QDQ validity. Exit 0 clean, 1 findings, 2 cannot run.
 
+    A model that cannot be read does not stop the others: it is a QT000 error in the
+    output (every format, so a SARIF upload still happens) and the exit code is 2.
+
     Float models are checked for what stops quantization (invalid graph, opset, custom
     domains, dynamic dims, NaN/Inf or unused weights, and with --backend the nodes it would
     leave float); QDQ models, from qtool or other tools, for Q/DQ structure, shared Concat
@@ -234,8 +340,14 @@ def lint(ctx, models, backend, fmt, fail_on, output):
     """  # noqa: D301  (click reads \b as a no-rewrap marker)
     from qtool.lint.formats import lint_and_render
 
+    def unreadable(model: str, exc: QtoolError) -> None:
+        click.echo(f"error: {exc.message}", err=True)
+        if exc.hint:
+            click.echo(f"hint: {exc.hint}", err=True)
+
     ctx.meta[_ERROR_EXIT_KEY] = 2
-    text, code = lint_and_render(models, backend=backend, fmt=fmt, fail_on=fail_on, output=output)
+    text, code = lint_and_render(models, backend=backend, fmt=fmt, fail_on=fail_on, output=output,
+                                 on_error=unreadable)
     if output is None:
         click.echo(text, nl=False)
     ctx.exit(code)
@@ -271,8 +383,11 @@ def inspect(model, backends, fmt):
               help="Samples per onnxruntime run.")
 @click.option("--format", "fmt", default="text", show_default=True,
               type=click.Choice(["text", "json"]), help="Output format.")
+@preprocess_options
+@provider_option
 @debug_option
-def evaluate(float_model, quant_model, data_path, layerwise, num_samples, batch_size, fmt):
+def evaluate(float_model, quant_model, data_path, layerwise, num_samples, batch_size, fmt,
+             provider, preprocess_file, **image_flags):
     """Compare QUANT with FLOAT: SQNR, cosine, max abs error, top-1 agreement per output.
 
     \b
@@ -283,18 +398,22 @@ def evaluate(float_model, quant_model, data_path, layerwise, num_samples, batch_
     from qtool.workflow import evaluate_files
 
     evaluation = evaluate_files(float_model, quant_model, data_path, layerwise=layerwise,
-                                num_samples=num_samples, batch_size=batch_size)
+                                num_samples=num_samples, batch_size=batch_size,
+                                preprocess=_preprocessing(preprocess_file, **image_flags),
+                                providers=provider)
     click.echo(evaluation.render(fmt), nl=False)
 
 
 @main.command()
-@click.argument("run_folder", metavar="RUN_FOLDER",
-                type=click.Path(exists=True, file_okay=False, readable=True))
+@click.argument("run_folder", metavar="RUN_FOLDER|NAME.onnx",
+                type=click.Path(exists=True, readable=True))
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
-              help="HTML file to write (default: RUN_FOLDER/report.html).")
+              help="HTML file to write (default: RUN_FOLDER/report.html, or NAME.report.html).")
 @debug_option
 def report(run_folder, output):
     """Render the HTML report of a saved `qtool calibrate` run from its report.json.
+
+    RUN_FOLDER is the folder of the run, or NAME.onnx for a run written with -o NAME.onnx.
 
     \b
     Example:
@@ -314,11 +433,12 @@ def report(run_folder, output):
 @click.option("--backend", "-b", "backends", multiple=True, type=click.Choice(_backend_names()),
               help="Rows of the table (repeatable; default: all backends).")
 @click.option("--method", "-m", "methods", multiple=True,
-              type=click.Choice([*_observer_names(), "auto"]),
-              help="Columns of the table (repeatable; default: every observer).")
+              type=click.Choice(_method_choices()), callback=_canonical_method,
+              help="Columns of the table (repeatable; default: every observer)." + _ALIAS_HELP)
 @click.option("--sweep-backend", type=click.Choice(_backend_names()),
               help="Backend of the bit-width sweep (default: the first row).")
-@click.option("--sweep-method", type=click.Choice([*_observer_names(), "auto"]),
+@click.option("--sweep-method", type=click.Choice(_method_choices()),
+              callback=_canonical_method,
               help="Method of the bit-width sweep (default: the first column).")
 @click.option("--no-sweep", is_flag=True, help="Skip the bit-width sweep.")
 @click.option("--num-samples", type=click.IntRange(min=1), help="Use at most this many samples.")
@@ -328,9 +448,11 @@ def report(run_folder, output):
               type=click.Choice(["text", "markdown", "json"]), help="Output format.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Write the table to this file instead of stdout.")
+@provider_option
+@_quiet_option
 @debug_option
 def compare(model, data_path, eval_path, backends, methods, sweep_backend, sweep_method,
-            no_sweep, num_samples, batch_size, fmt, output):
+            no_sweep, num_samples, batch_size, fmt, output, provider, quiet):
     """Compare backends x calibration methods on MODEL, then sweep bit widths.
 
     Each cell is the worst output SQNR in dB (and top-1 accuracy with labels) of the model
@@ -342,14 +464,16 @@ def compare(model, data_path, eval_path, backends, methods, sweep_backend, sweep
       qtool compare examples/digits_cnn.onnx --data examples/digits_calib.npz \\
           --eval-data examples/digits_val.npz -b tensorrt -b snpe -m minmax -m mse
     """  # noqa: D301  (click reads \b as a no-rewrap marker)
+    from qtool import progress, providers
     from qtool.analysis.compare import compare as compare_models
     from qtool.io import atomic_write_text
 
-    result = compare_models(
-        model, data_path, eval_data=eval_path, backends=backends or None,
-        methods=methods or None, sweep_backend="" if no_sweep else sweep_backend,
-        sweep_method=sweep_method, num_samples=num_samples, batch_size=batch_size,
-    )
+    with providers.use(providers.resolve(provider)), progress.shown(False if quiet else None):
+        result = compare_models(
+            model, data_path, eval_data=eval_path, backends=backends or None,
+            methods=methods or None, sweep_backend="" if no_sweep else sweep_backend,
+            sweep_method=sweep_method, num_samples=num_samples, batch_size=batch_size,
+        )
     text = result.render(fmt)
     if output is None:
         click.echo(text, nl=False)
@@ -373,13 +497,15 @@ def compare(model, data_path, eval_path, backends, methods, sweep_backend, sweep
               help="MQBench BN folding strategy (1-4 keep the model's BN for training).")
 @click.option("--recalibrate-bn", is_flag=True, help="Re-estimate BN statistics after PTQ.")
 @click.option("--method", default="minmax", show_default=True,
-              type=click.Choice(_observer_names()), help="Calibration that initialises the scales.")
+              type=click.Choice(_method_choices(auto=False)), callback=_canonical_method,
+              help="Calibration that initialises the scales." + _ALIAS_HELP)
 @click.option("--weight-bits", type=click.IntRange(2, 16))
 @click.option("--act-bits", type=click.IntRange(2, 16))
 @click.option("--eval-data", "eval_path", type=EXISTING_FILE,
               help=".npz with labels: accuracies in the report.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False))
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--force", is_flag=True,
+              help="Replace an output folder qtool wrote (never one with other files).")
 @debug_option
 def qat(model, backend, data_path, algorithm, epochs, lr, batch_size, bn_strategy, recalibrate_bn,
         method, weight_bits, act_bits, eval_path, output, force):
@@ -408,9 +534,10 @@ def qat(model, backend, data_path, algorithm, epochs, lr, batch_size, bn_strateg
 @click.argument("model", required=False, type=EXISTING_FILE)
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Output .onnx file (over the recipe's 'output').")
+@click.option("--force", is_flag=True, help="Replace an existing output file (never MODEL).")
 @click.option("--list-passes", is_flag=True, help="List the passes and their options, then exit.")
 @debug_option
-def run(recipe, model, output, list_passes):
+def run(recipe, model, output, force, list_passes):
     """Run the pass pipeline of a RECIPE (YAML/JSON) on a model.
 
     The recipe has 'passes' (names, or {name: {option: value}}) and optionally 'model'
@@ -435,7 +562,7 @@ def run(recipe, model, output, list_passes):
         return
     if recipe is None:
         raise click.UsageError("give a RECIPE file (or --list-passes)")
-    result = run_recipe(recipe, model=model, output=output)
+    result = run_recipe(recipe, model=model, output=output, force=force)
     click.echo(result.render(), nl=False)
 
 

@@ -25,7 +25,9 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
@@ -34,6 +36,8 @@ import onnx
 from qtool.calibration.data import InputSpec, check_inputs, model_inputs
 from qtool.calibration.observers import NonFiniteError, Observer, get_observer
 
+from qtool import progress as qtool_progress
+from qtool import providers
 from qtool.errors import CalibrationError, DataError, InvalidModelError, QtoolError
 from qtool.memory import trim_heap
 from qtool.scheme import QuantScheme
@@ -135,7 +139,7 @@ def make_session(model_bytes: bytes, *, intra_op_threads: int | None = None,
     # peaked 210 MB higher with it than without, at the same speed (14 MB with IO binding)
     options.enable_mem_pattern = False
     try:
-        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model_bytes, options, providers=providers.current())
     except Exception as exc:  # onnxruntime raises its own exception types
         raise InvalidModelError(
             f"onnxruntime cannot load the model to calibrate it: {_first_line(exc)}",
@@ -421,6 +425,8 @@ class _NoBar:
 
 
 def _progress_bar(total: int | None, progress: bool | None):
+    if progress is None and qtool_progress.active():  # the CLI decided (qtool.progress)
+        return qtool_progress.bar(total=total, desc="calibrating", unit="sample")
     show = sys.stderr.isatty() if progress is None else bool(progress)
     if not show:
         return _NoBar()
@@ -442,11 +448,11 @@ def _run_workers(plan: ObservePlan, ctor: Callable[..., Observer],
     results = context.Queue()
     processes = [
         context.Process(target=_worker, args=(index, plan, ctor, dict(schemes), threads,
-                                              optimization, tasks, results), daemon=True)
+                                              optimization, tasks, results,
+                                              providers.current()), daemon=True)
         for index in range(workers)
     ]
-    for process in processes:
-        process.start()
+    _start_quietly(processes)
     shards: dict[int, dict[str, Observer]] = {}
     try:
         for batch in stream:
@@ -456,6 +462,11 @@ def _run_workers(plan: ObservePlan, ctor: Callable[..., Observer],
             _put(tasks, None, processes, results, shards)
         while len(shards) < workers:
             _receive(results, shards, processes, timeout=None)
+    except BaseException:
+        for process in processes:  # interrupted or failed: nothing left to wait for
+            if process.is_alive():
+                process.terminate()
+        raise
     finally:
         for process in processes:
             process.join(timeout=5)
@@ -496,16 +507,34 @@ def _receive(results, shards, processes, timeout) -> None:
 
 
 def _worker(index: int, plan: ObservePlan, ctor, schemes, threads: int, optimization: str,
-            tasks, results) -> None:
+            tasks, results, session_providers=providers.DEFAULT) -> None:
+    # SIGINT is ignored here (inherited from _start_quietly): Ctrl-C reaches the main
+    # process alone, which stops the workers; no worker prints a KeyboardInterrupt.
     observers = {name: ctor(scheme, name) for name, scheme in schemes.items()}
-    collector = Collector(plan, observers, intra_op_threads=threads, optimization=optimization)
-    try:
-        if index == 0:
-            collector.observe_constants()
-        while (batch := tasks.get()) is not None:
-            collector.run(batch)
-    except QtoolError as exc:
-        results.put((index, "error", (CalibrationError if type(exc) is NonFiniteError
-                                      else type(exc), exc.message, exc.hint)))
-        return
+    with providers.use(session_providers):
+        collector = Collector(plan, observers, intra_op_threads=threads,
+                              optimization=optimization)
+        try:
+            if index == 0:
+                collector.observe_constants()
+            while (batch := tasks.get()) is not None:
+                collector.run(batch)
+        except QtoolError as exc:
+            results.put((index, "error", (CalibrationError if type(exc) is NonFiniteError
+                                          else type(exc), exc.message, exc.hint)))
+            return
     results.put((index, "ok", observers))
+
+
+def _start_quietly(processes) -> None:
+    """Start worker processes with SIGINT ignored, which they inherit (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        for process in processes:
+            process.start()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for process in processes:
+            process.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -5,8 +5,9 @@ of size 1 (a loader may also yield several rows at once; the collector batches r
 loaders stream: nothing reads the whole data set up front except ``.npz`` archives, whose
 members numpy reads whole.
 
-* :class:`ImageFolder` - jpg/png/bmp files (recursively, sorted): resize the shorter side,
-  centre crop, scale to [0, 1], ``(x - mean) / std``, RGB or BGR, NCHW or NHWC.
+* :class:`ImageFolder` (in :mod:`qtool.calibration.images`) - jpg/png/bmp files
+  (recursively, sorted): resize the shorter side, centre crop, scale, ``(x - mean) / std``,
+  RGB, BGR or gray, NCHW or NHWC.
 * :class:`ArrayData` - ``.npz`` arrays keyed by input name (the key ``labels`` is kept for
   evaluation and ignored here) or one ``.npy`` for a single-input model; rows are samples.
 * :class:`RandomData` - standard-normal inputs shaped from the model; ``fit_for_calibration``
@@ -32,10 +33,8 @@ from qtool.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 LABELS_KEY = "labels"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_NAMES = ("ImageFolder", "IMAGE_SUFFIXES", "IMAGENET_MEAN", "IMAGENET_STD")
 
 Sample = dict[str, np.ndarray]
 
@@ -151,103 +150,6 @@ class _Loader:
         raise NotImplementedError
 
 
-class ImageFolder(_Loader):
-    """Images of a folder (recursively), preprocessed as torchvision's classic transforms.
-
-    Args:
-        path: The folder.
-        size: Output height and width (an int for a square, or ``(h, w)``).
-        resize: Shorter side before the centre crop; default ``round(size / 0.875)``
-            (256 for 224); 0 resizes straight to ``size``.
-        mean: Per-channel mean subtracted after scaling to [0, 1], in the output's channel
-            order (BGR order when ``bgr``, as Caffe-style means are given).
-        std: Per-channel std divided by, in the same order.
-        channels: 3 (RGB/BGR) or 1 (grayscale).
-        bgr: Channel order BGR instead of RGB.
-        layout: "NCHW" or "NHWC".
-        input_name: The model input the images feed.
-        num_samples: Use at most this many images.
-        shuffle: Shuffle the file order (seeded).
-        seed: Shuffle seed.
-
-    Raises:
-        DataError: The folder is missing or holds no images; an image cannot be decoded
-            (raised when it is reached, naming the file).
-    """
-
-    def __init__(self, path, size, *, resize: int | None = None,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 channels: int = 3, bgr: bool = False, layout: str = "NCHW",
-                 input_name: str = "input", num_samples: int | None = None,
-                 shuffle: bool = False, seed: int = 0):
-        super().__init__(num_samples, shuffle, seed)
-        self.path = Path(path)
-        if not self.path.is_dir():
-            raise DataError(f"{self.path}: no such folder", "give a folder of jpg/png images")
-        self.files = sorted(
-            p for p in self.path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
-        if not self.files:
-            raise DataError(
-                f"{self.path}: no images (jpg, jpeg, png, bmp) in the folder",
-                "put calibration images there, or give an .npz file",
-            )
-        self.size = (size, size) if isinstance(size, int) else tuple(size)
-        self.resize = round(min(self.size) / 0.875) if resize is None else int(resize)
-        if channels not in (1, 3):
-            raise DataError(f"channels={channels}: images give 1 or 3 channels")
-        self.channels = channels
-        self.mean = np.asarray(mean, dtype=np.float32)[:channels]
-        self.std = np.asarray(std, dtype=np.float32)[:channels]
-        self.bgr = bgr
-        if layout not in ("NCHW", "NHWC"):
-            raise DataError(f"layout={layout!r}: use 'NCHW' or 'NHWC'")
-        self.layout = layout
-        self.input_name = input_name
-
-    def _total(self) -> int:
-        return len(self.files)
-
-    def __iter__(self) -> Iterator[Sample]:
-        for index in self._order(len(self.files)):
-            yield {self.input_name: self.load(self.files[index])}
-
-    def load(self, file: Path) -> np.ndarray:
-        """One preprocessed image, shape ``(1, C, H, W)`` or ``(1, H, W, C)``."""
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(file) as image:
-                image = image.convert("RGB" if self.channels == 3 else "L")
-                image = self._resize_crop(image)
-                array = np.asarray(image, dtype=np.float32) / 255.0
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise DataError(
-                f"{file}: cannot decode the image ({exc})", "remove or replace the file"
-            ) from exc
-        if array.ndim == 2:
-            array = array[:, :, None]
-        if self.bgr:
-            array = array[:, :, ::-1]
-        array = (array - self.mean) / self.std
-        if self.layout == "NCHW":
-            array = array.transpose(2, 0, 1)
-        return np.ascontiguousarray(array[None], dtype=np.float32)
-
-    def _resize_crop(self, image):
-        from PIL import Image
-
-        height, width = self.size
-        if self.resize == 0:
-            return image.resize((width, height), Image.BILINEAR)
-        ratio = self.resize / min(image.size)
-        new_w = max(width, round(image.size[0] * ratio))
-        new_h = max(height, round(image.size[1] * ratio))
-        image = image.resize((new_w, new_h), Image.BILINEAR)
-        left, top = (new_w - width) // 2, (new_h - height) // 2
-        return image.crop((left, top, left + width, top + height))
-
-
 class ArrayData(_Loader):
     """Samples from ``.npz`` arrays keyed by input name, or from one ``.npy`` array.
 
@@ -339,9 +241,20 @@ class RandomData(_Loader):
             yield sample
 
 
-def image_folder(path, size, **options: Any) -> ImageFolder:
+def image_folder(path, size, **options: Any):
     """An :class:`ImageFolder` (``qtool.data.image_folder("calib/", size=224)``)."""
+    from qtool.calibration.images import ImageFolder
+
     return ImageFolder(path, size, **options)
+
+
+def __getattr__(name: str):
+    # The image loader lives in qtool.calibration.images (which imports this module).
+    if name in IMAGE_NAMES:
+        from qtool.calibration import images
+
+        return getattr(images, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def array_file(path, **options: Any) -> ArrayData:
@@ -362,7 +275,8 @@ def load_data(path: str | os.PathLike | None, model, **options: Any):
         model: The model (path, ModelProto or Graph) the data feeds; gives input names,
             image size and layout defaults.
         **options: Options of the chosen loader (``num_samples``, ``shuffle``, ``seed`` for
-            all; ``size``, ``resize``, ``mean``, ``std``, ``bgr``, ``layout`` for images).
+            all; ``size`` or ``crop``, ``resize``, ``mean``, ``std``, ``scale``, ``layout``,
+            ``color`` for images: :mod:`qtool.calibration.images`).
 
     Returns:
         An iterable of samples.
@@ -377,7 +291,9 @@ def load_data(path: str | os.PathLike | None, model, **options: Any):
     else:
         path = Path(path)
         if path.is_dir():
-            loader = _construct(ImageFolder, path, _image_defaults(specs, path, options))
+            from qtool.calibration.images import ImageFolder, image_defaults
+
+            loader = _construct(ImageFolder, path, image_defaults(specs, path, options))
         elif path.suffix.lower() == ".npz":
             loader = _construct(ArrayData, path, options)
         elif path.suffix.lower() == ".npy":
@@ -411,37 +327,3 @@ def _construct(cls, first, options: Mapping[str, Any]):
             f"it takes: {', '.join(sorted(accepted))}",
         )
     return cls(first, **options)
-
-
-def _image_defaults(specs: list[InputSpec], path: Path, options: Mapping[str, Any]) -> dict:
-    if len(specs) != 1:
-        raise DataError(
-            f"{path}: an image folder can feed a single-input model, this one has {len(specs)}",
-            "give an .npz with one array per input",
-        )
-    spec = specs[0]
-    if len(spec.shape) != 4:
-        raise DataError(
-            f"{path}: input {spec.name} has rank {len(spec.shape)}, images need rank 4",
-            "give an .npz file instead",
-        )
-    layout = options.get("layout") or ("NHWC" if spec.shape[3] in (1, 3) and
-                                       spec.shape[1] not in (1, 3) else "NCHW")
-    if layout == "NCHW":
-        channels, height, width = spec.shape[1], spec.shape[2], spec.shape[3]
-    else:
-        height, width, channels = spec.shape[1], spec.shape[2], spec.shape[3]
-    if spec.dtype != np.float32:
-        raise DataError(f"{path}: input {spec.name} is {spec.dtype}; images give float32")
-    size = options.get("size")
-    if size is None:
-        if height is None or width is None:
-            raise DataError(
-                f"{path}: input {spec.name} has a symbolic image size",
-                "pass size=(height, width)",
-            )
-        size = (height, width)
-    defaults = {"input_name": spec.name, "layout": layout, "size": size}
-    if channels in (1, 3):
-        defaults["channels"] = channels
-    return {**defaults, **options}

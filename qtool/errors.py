@@ -110,6 +110,13 @@ class OutputError(QtoolError):
     default_hint = "choose another output folder, or pass --force to replace it"
 
 
+class ProviderError(QtoolError):
+    """An onnxruntime execution provider that is unknown or not available here."""
+
+    exit_code = 2
+    default_hint = "pass --provider cpu, or install the onnxruntime build with that provider"
+
+
 class ExecutorError(QtoolError):
     """Parallel work could not run: the Ray cluster is unreachable, or a worker died."""
 

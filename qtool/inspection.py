@@ -5,6 +5,12 @@ Reports the opset, IR version and producer, the inputs and outputs with dtypes a
 the ones asked for) how many tensors its plan quantizes and which nodes stay float and why.
 The per-backend part plans the prepared graph (cleanup, BN folding, opset >= 13) with
 :func:`qtool.planner.build_plan`, exactly as ``qtool calibrate`` would.
+
+Float nodes are split in two: those that compute on activations (what costs accuracy or
+speed), listed one by one, and shape arithmetic, only counted. A node is shape arithmetic
+when none of its outputs depends on the values of the model's inputs: a tensor depends on
+them when it is a graph input, or an output of a node other than Shape/Size that reads
+such a tensor (Shape -> Gather -> Unsqueeze -> Concat -> the shape input of a Reshape).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import onnx_graphsurgeon as gs
 
 from qtool.io import ModelSource, default_opset, load, load_model
 from qtool.pipeline import op_histogram
+
+SHAPE_SOURCES = frozenset({"Shape", "Size"})  # their outputs depend on shapes, not values
 
 
 @dataclass
@@ -42,6 +50,7 @@ class BackendView:
     weights: int
     biases: int
     float_nodes: dict[str, str]
+    shape_nodes: int = 0
 
 
 @dataclass
@@ -81,11 +90,13 @@ class Inspection:
             width = max(len(b.backend) for b in self.backends)
             lines.append(
                 f"  {'backend'.ljust(width)}  quantized  activations  weights  biases  float nodes"
+                "  shape nodes"
             )
             for b in self.backends:
                 lines.append(
                     f"  {b.backend.ljust(width)}  {b.quantized_tensors:>9}  {b.activations:>11}  "
-                    f"{b.weights:>7}  {b.biases:>6}  {len(b.float_nodes):>11}"
+                    f"{b.weights:>7}  {b.biases:>6}  {len(b.float_nodes):>11}  "
+                    f"{b.shape_nodes:>11}"
                 )
             for b in self.backends:
                 for node, why in b.float_nodes.items():
@@ -141,15 +152,44 @@ def _backend_view(prepared: gs.Graph, backend: str) -> BackendView:
     from qtool.planner import build_plan
 
     plan = build_plan(prepared.copy(), backend)
-    float_nodes = dict(sorted(plan.float_nodes.items()))
+    computing, shape = split_float_nodes(prepared, plan.float_nodes)
     return BackendView(
         backend,
         quantized_tensors=len(plan.tensors),
         activations=len(plan.entries("activation")),
         weights=len(plan.entries("weight")),
         biases=len(plan.entries("bias")),
-        float_nodes=float_nodes,
+        float_nodes=computing,
+        shape_nodes=len(shape),
     )
+
+
+def activation_nodes(graph: gs.Graph) -> set[str]:
+    """Names of the nodes that compute on activations (see the module docstring)."""
+    dependent = {t.name for t in graph.inputs}
+    computing = set()
+    for node in _ordered(graph):
+        if node.op in SHAPE_SOURCES:
+            continue
+        if any(t.name in dependent for t in node.inputs):
+            computing.add(node.name)
+            dependent.update(t.name for t in node.outputs)
+    return computing
+
+
+def _ordered(graph: gs.Graph) -> list[gs.Node]:
+    copy = graph.copy()
+    copy.toposort()
+    return copy.nodes
+
+
+def split_float_nodes(graph: gs.Graph, float_nodes: dict[str, str]
+                      ) -> tuple[dict[str, str], dict[str, str]]:
+    """``(on activations, shape arithmetic)``: the float nodes of a plan of ``graph``, sorted."""
+    computing = activation_nodes(graph)
+    on_activations = {n: why for n, why in sorted(float_nodes.items()) if n in computing}
+    shape = {n: why for n, why in sorted(float_nodes.items()) if n not in computing}
+    return on_activations, shape
 
 
 def _real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

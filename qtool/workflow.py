@@ -11,16 +11,16 @@
 
 The output folder is written whole or not at all: its files go into a temporary sibling
 folder which is renamed into place at the end, and an existing non-empty folder is only
-replaced with ``force``. The same inputs give the same bytes in every file.
+replaced with ``force`` when qtool wrote it (:mod:`qtool.output`). ``-o NAME.onnx`` writes
+the deployable model to that file and the other files beside it (``NAME.encodings``, ...).
+The same inputs give the same bytes in every file.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,14 @@ import onnx_graphsurgeon as gs
 
 from qtool.errors import DataError, OutputError, PlanError, RecipeError
 from qtool.io import atomic_write_text, load, save, serialize
+from qtool.output import (  # noqa: F401  (staging_folder, fill_folder: also qtool.qat's)
+    check_file_output,
+    fill_folder,
+    is_file_output,
+    refuse_existing_file,
+    staging_folder,
+    write_beside,
+)
 from qtool.pipeline import PassReport, Pipeline
 
 log = logging.getLogger(__name__)
@@ -68,6 +76,10 @@ class CalibrateOptions:
             calibration data) reaches this.
         max_accuracy_drop: Keep the most sensitive layers float until the top-1 accuracy on
             the (labelled) evaluation data is at most this many points below float.
+        preprocess: Image-folder preprocessing (:class:`qtool.calibration.images.
+            Preprocessing` or a dict of its keys); None: the defaults for the model.
+        providers: onnxruntime execution providers of every session, in order (names or
+            ``"cuda,cpu"``); None: the CPU.
     """
 
     data: str | os.PathLike | None = None
@@ -87,6 +99,8 @@ class CalibrateOptions:
     sensitivity: bool = False
     target_sqnr: float | None = None
     max_accuracy_drop: float | None = None
+    preprocess: Any = None
+    providers: str | tuple[str, ...] | None = None
 
 
 @dataclass
@@ -97,11 +111,13 @@ class CalibrationRun:
         output: The folder written (or the plan file, for a plan-only run).
         files: File name -> bytes, as written.
         report: The report (None for a plan-only run).
+        paths: For ``-o NAME.onnx``: folder file name -> the path it was written to.
     """
 
     output: Path
     files: dict[str, bytes] = field(default_factory=dict)
     report: dict[str, Any] | None = None
+    paths: dict[str, str] = field(default_factory=dict)
 
 
 def prepare(graph: gs.Graph) -> tuple[gs.Graph, list[PassReport]]:
@@ -128,28 +144,39 @@ def calibrate_to_folder(
     Args:
         model: The float ONNX file.
         backend: A registered backend name.
-        output: The folder to write (default :func:`default_output`).
+        output: The folder to write (default :func:`default_output`), or a ``NAME.onnx``
+            file: the deployable model, with the other files beside it as ``NAME.<file>``.
         options: Data, method and plan options.
-        force: Replace an existing non-empty output folder.
+        force: Replace an existing output that qtool wrote (never anything else).
         save_plan: Only build the plan and write it to this JSON file; nothing else runs.
 
     Returns:
         What was written.
 
     Raises:
-        OutputError: The folder exists and is not empty (without ``force``), or cannot be
-            written; nothing is left behind.
+        OutputError: The output exists (without ``force``), holds files qtool did not
+            write or the input model, or cannot be written; nothing is left behind.
         QtoolError: Any error of loading, planning, calibration or quantization.
     """
     if save_plan is not None:
+        refuse_existing_file(save_plan, force=force, inputs=[model])
         graph, _ = prepare(load(model))
         plan = _build_plan(graph, backend, options)
         atomic_write_text(save_plan, plan.to_json())
         return CalibrationRun(Path(save_plan))
-    folder = Path(output) if output is not None else default_output(model, backend)
-    with staging_folder(folder, force=force) as staging:
+    from qtool import progress
+
+    if is_file_output(output):
+        check_file_output(output, force=force, inputs=[model])
         files, report = quantize_model(model, backend, options)
-        fill_folder(staging, files)
+        with progress.phase("write"):
+            written = write_beside(output, files, force=force, inputs=[model])
+        return CalibrationRun(Path(output), files, report, written)
+    folder = Path(output) if output is not None else default_output(model, backend)
+    with staging_folder(folder, force=force, inputs=[model]) as staging:
+        files, report = quantize_model(model, backend, options)
+        with progress.phase("write"):
+            fill_folder(staging, files)
     return CalibrationRun(folder, files, report)
 
 
@@ -162,6 +189,14 @@ def quantize_model(
         ``(files, report)``: file name -> bytes (report.json and report.md included), and
         the report as a dict.
     """
+    from qtool import providers
+
+    with providers.use(providers.resolve(options.providers)):
+        return _quantize_model(model, backend, options)
+
+
+def _quantize_model(model, backend: str, options: CalibrateOptions):
+    from qtool import progress
     from qtool.analysis.evaluate import evaluate
     from qtool.backends.base import QDQ_MODEL_FILE
     from qtool.calibration import calibrate
@@ -169,47 +204,58 @@ def quantize_model(
     from qtool.report import build_report, to_json, to_markdown
     from qtool.report.html import render_html
 
-    graph, pass_reports = prepare(load(model))
-    plan = _build_plan(graph, backend, options)
-    calib_data = load_samples(options.data, graph, options.num_samples, options.seed)
-    method_choice = None
-    if options.method == AUTO_METHOD:
-        from qtool.analysis.autoselect import select_ranges
+    with progress.phase("load"):
+        loaded = load(model)
+    with progress.phase("prepare"):
+        graph, pass_reports = prepare(loaded)
+    with progress.phase("plan"):
+        plan = _build_plan(graph, backend, options)
+    with progress.phase("calibrate"):
+        calib_data = load_samples(options.data, graph, options.num_samples, options.seed,
+                                  options.preprocess)
+        method_choice = None
+        if options.method == AUTO_METHOD:
+            from qtool.analysis.autoselect import select_ranges
 
-        method_choice = select_ranges(graph, plan, calib_data, batch_size=options.batch_size)
-        ranges = method_choice.ranges
-    else:
-        ranges = calibrate(
-            graph, plan.activation_schemes(), calib_data, method=options.method,
-            batch_size=options.batch_size, workers=options.workers, progress=options.progress,
-        )
-    result = quantize(graph, backend, ranges, plan=plan, weight_method=options.weight_method)
+            method_choice = select_ranges(graph, plan, calib_data, batch_size=options.batch_size)
+            ranges = method_choice.ranges
+        else:
+            ranges = calibrate(
+                graph, plan.activation_schemes(), calib_data, method=options.method,
+                batch_size=options.batch_size, workers=options.workers,
+                progress=options.progress,
+            )
+    with progress.phase("quantize"):
+        result = quantize(graph, backend, ranges, plan=plan, weight_method=options.weight_method)
 
     eval_path = options.eval_data if options.eval_data is not None else options.data
-    eval_samples = (
-        calib_data if options.eval_data is None
-        else load_samples(eval_path, graph, options.num_samples, options.seed)
-    )
-    analysis = _analyze(graph, backend, result, ranges, calib_data, eval_samples, eval_path,
-                        options)
-    if analysis.fallback is not None:
-        result = quantize(graph, backend, ranges, plan=analysis.fallback.plan,
-                          weight_method=options.weight_method)
-    analysis.method_choice = method_choice.to_dict() if method_choice else None
-    analysis.samples, analysis.tensors, analysis.histograms = _tensor_errors(
-        graph, result, calib_data, options.batch_size
-    )
+    with progress.phase("analysis"):
+        eval_samples = (
+            calib_data if options.eval_data is None
+            else load_samples(eval_path, graph, options.num_samples, options.seed,
+                              options.preprocess)
+        )
+        analysis = _analyze(graph, backend, result, ranges, calib_data, eval_samples,
+                            eval_path, options)
+        if analysis.fallback is not None:
+            result = quantize(graph, backend, ranges, plan=analysis.fallback.plan,
+                              weight_method=options.weight_method)
+        analysis.method_choice = method_choice.to_dict() if method_choice else None
+        analysis.samples, analysis.tensors, analysis.histograms = _tensor_errors(
+            graph, result, calib_data, options.batch_size
+        )
     files = dict(result.files())
     qdq_bytes = serialize(result.graph)
     if qdq_bytes not in files.values():  # e.g. SNPE ships the float model + encodings
         files[QDQ_MODEL_FILE] = qdq_bytes
 
-    evaluation = evaluate(
-        load(model),
-        result.graph,
-        labelled_batches(eval_samples, eval_path, options.batch_size),
-        layerwise=options.layerwise,
-    )
+    with progress.phase("evaluate"):
+        evaluation = evaluate(
+            load(model),
+            result.graph,
+            labelled_batches(eval_samples, eval_path, options.batch_size),
+            layerwise=options.layerwise,
+        )
     report = build_report(
         model=_display(model),
         backend=backend,
@@ -222,18 +268,32 @@ def quantize_model(
         files=files,
         analysis=analysis,
     )
+    _count_shape_nodes(graph, report)
+    if hasattr(calib_data, "to_dict"):  # an image folder: the preprocessing applied
+        report["calibration"]["preprocessing"] = calib_data.to_dict()
     files[REPORT_JSON] = to_json(report).encode("utf-8")
     files[REPORT_MD] = to_markdown(report).encode("utf-8")
     files[REPORT_HTML] = render_html(report).encode("utf-8")
     return dict(sorted(files.items())), report
 
 
+def _count_shape_nodes(graph: gs.Graph, report: dict[str, Any]) -> None:
+    """The report lists float nodes that compute on activations; shape arithmetic is counted."""
+    from qtool.inspection import split_float_nodes
+
+    computing, shape = split_float_nodes(graph, report["plan"]["float_nodes"])
+    report["plan"]["float_nodes"] = computing
+    report["plan"]["shape_nodes"] = len(shape)
+
+
 def render_report(run_folder: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
     """``qtool report``: write the HTML page of a saved run from its report.json.
 
     Args:
-        run_folder: A folder written by ``qtool calibrate``.
-        output: The HTML file (default: ``report.html`` in the run folder).
+        run_folder: A folder written by ``qtool calibrate``, or the ``NAME.onnx`` of a run
+            written with ``-o NAME.onnx`` (its report is ``NAME.report.json``).
+        output: The HTML file (default: ``report.html`` in the run folder, or
+            ``NAME.report.html``).
 
     Returns:
         The path written.
@@ -247,6 +307,11 @@ def render_report(run_folder: str | os.PathLike, output: str | os.PathLike | Non
 
     folder = Path(run_folder)
     source = folder / REPORT_JSON
+    default_html = folder / REPORT_HTML
+    if is_file_output(folder):  # -o NAME.onnx: NAME.report.json beside it
+        stem = folder.name[: -len(".onnx")]
+        source = folder.with_name(f"{stem}.{REPORT_JSON}")
+        default_html = folder.with_name(f"{stem}.{REPORT_HTML}")
     try:
         report = json.loads(source.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -262,8 +327,11 @@ def render_report(run_folder: str | os.PathLike, output: str | os.PathLike | Non
     ):
         raise OutputError(f"{source}: not a qtool report",
                           "give a folder written by qtool calibrate")
-    target = Path(output) if output is not None else folder / REPORT_HTML
-    atomic_write_text(target, render_html(report))
+    target = Path(output) if output is not None else default_html
+    try:
+        atomic_write_text(target, render_html(report))
+    except OutputError as exc:  # io's hint offers a --force that `qtool report` lacks
+        raise OutputError(exc.message, "choose a writable path with -o") from exc
     return target
 
 
@@ -309,18 +377,26 @@ def evaluate_files(
     layerwise: bool = False,
     num_samples: int | None = None,
     batch_size: int = 32,
+    preprocess: Any = None,
+    providers: str | tuple[str, ...] | None = None,
 ):
     """``qtool evaluate``: compare two model files on a data set (labels from an .npz).
+
+    ``preprocess`` applies to an image folder; ``providers`` are the onnxruntime execution
+    providers (default: the CPU).
 
     Returns:
         A :class:`qtool.analysis.evaluate.Evaluation`.
     """
+    from qtool import providers as session_providers
     from qtool.analysis.evaluate import evaluate
 
-    reference = load(float_model)
-    samples = load_samples(data, reference, num_samples, seed=0)
-    batches = labelled_batches(samples, data, batch_size)
-    return evaluate(reference, load(quant_model, check=False), batches, layerwise=layerwise)
+    with session_providers.use(session_providers.resolve(providers)):
+        reference = load(float_model)
+        samples = load_samples(data, reference, num_samples, seed=0, preprocess=preprocess)
+        batches = labelled_batches(samples, data, batch_size)
+        return evaluate(reference, load(quant_model, check=False), batches,
+                        layerwise=layerwise)
 
 
 @dataclass
@@ -343,15 +419,18 @@ def run_recipe(
     *,
     model: str | os.PathLike | None = None,
     output: str | os.PathLike | None = None,
+    force: bool = False,
 ) -> RecipeRun:
     """``qtool run``: run a recipe's passes on a model and save the result.
 
     The recipe's ``model`` and ``output`` are relative to the recipe's folder; the
     arguments, relative to the current folder, override them. Without an output the model
-    is written beside the input as ``<stem>.out.onnx``.
+    is written beside the input as ``<stem>.out.onnx``. An existing output file is replaced
+    only with ``force``, and the input model never.
 
     Raises:
         RecipeError: Unknown top-level keys, no model, or a bad pass list.
+        OutputError: The output exists (without ``force``) or is the input model.
     """
     from qtool.pipeline import load_recipe
 
@@ -377,6 +456,7 @@ def run_recipe(
         output_path = base / str(spec["output"])
     else:
         output_path = model_path.with_name(model_path.stem + ".out.onnx")
+    refuse_existing_file(output_path, force=force, inputs=[model_path])
     graph, reports = pipeline.run(load(model_path))
     save(graph, output_path)
     return RecipeRun(model_path, output_path, reports)
@@ -414,13 +494,25 @@ def _build_plan(graph: gs.Graph, backend: str, options: CalibrateOptions):
     return QuantPlan.from_json(text)
 
 
-def load_samples(path, graph: gs.Graph, num_samples: int | None, seed: int):
-    """The samples of a data path (None: seeded random inputs shaped from ``graph``)."""
+def load_samples(path, graph: gs.Graph, num_samples: int | None, seed: int,
+                 preprocess: Any = None):
+    """The samples of a data path (None: seeded random inputs shaped from ``graph``).
+
+    ``preprocess`` (a :class:`qtool.calibration.images.Preprocessing` or a dict of its
+    keys) applies to an image folder only.
+    """
     from qtool.calibration.data import load_data
 
     if path is None:
         return load_data(None, graph, num_samples=num_samples or RANDOM_SAMPLES, seed=seed)
-    return load_data(path, graph, num_samples=num_samples)
+    options = {}
+    if preprocess is not None and Path(path).is_dir():
+        from qtool.calibration.images import Preprocessing
+
+        if not isinstance(preprocess, Preprocessing):
+            preprocess = Preprocessing.from_mapping(preprocess)
+        options = preprocess.options()
+    return load_data(path, graph, num_samples=num_samples, **options)
 
 
 def labelled_batches(samples, path, batch_size: int) -> Iterator[dict]:
@@ -461,81 +553,3 @@ def _labels(path) -> np.ndarray | None:
 
 def _display(path) -> str:
     return Path(path).as_posix()
-
-
-class staging_folder:  # noqa: N801  (used as a context manager, reads like a function)
-    """A temporary sibling of ``folder`` that becomes ``folder`` on success.
-
-    Entering checks the target (refuses a non-empty one without ``force``) and creates the
-    staging folder at once, so an unwritable location fails before any work. Leaving with
-    an exception removes the staging folder; leaving normally renames it into place (an
-    existing folder is moved aside first and removed after the swap).
-    """
-
-    def __init__(self, folder: Path, *, force: bool):
-        self.folder = folder
-        self.force = force
-        self.path: Path | None = None
-
-    def __enter__(self) -> Path:
-        folder = self.folder
-        if folder.exists() and not folder.is_dir():
-            raise OutputError(f"{folder}: exists and is not a folder", "choose a folder path")
-        if folder.is_dir() and any(folder.iterdir()) and not self.force:
-            raise OutputError(
-                f"{folder}: output folder exists and is not empty",
-                "pass --force to replace it, or choose another folder",
-            )
-        parent = folder.parent
-        blocking = next((p for p in (parent, *parent.parents) if p.exists()), None)
-        if blocking is not None and not blocking.is_dir():
-            raise OutputError(
-                f"{folder}: cannot create the output folder: {blocking} is a file",
-                "choose an output folder whose parents are folders",
-            )
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            self.path = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=parent))
-        except OSError as exc:
-            raise OutputError(
-                f"{folder}: cannot write the output folder ({exc.strerror})",
-                "choose a writable location with -o",
-            ) from exc
-        return self.path
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        staging = self.path
-        if staging is None:
-            return
-        if exc_type is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-            return
-        try:
-            os.chmod(staging, 0o755)
-            if self.folder.exists():
-                aside = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.", suffix=".old",
-                                              dir=self.folder.parent))
-                os.rename(self.folder, aside / "old")
-                os.rename(staging, self.folder)
-                shutil.rmtree(aside, ignore_errors=True)
-            else:
-                os.rename(staging, self.folder)
-        except OSError as exc:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise OutputError(
-                f"{self.folder}: cannot move the output into place ({exc.strerror})"
-            ) from exc
-
-
-def fill_folder(folder: Path, files: Mapping[str, bytes]) -> None:
-    """Write each file of ``files`` into ``folder`` (a staging folder), in name order."""
-    for name, data in sorted(files.items()):
-        target = folder / name
-        if folder.resolve() not in target.resolve().parents:
-            raise OutputError(f"refusing to write {name!r} outside the output folder")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            target.write_bytes(data)
-            os.chmod(target, 0o644)
-        except OSError as exc:
-            raise OutputError(f"{target}: cannot write ({exc.strerror})") from exc

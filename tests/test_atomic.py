@@ -155,11 +155,55 @@ def test_forced_run_replaces_the_previous_result_whole(tmp_path, reference):
     out.mkdir()
     for name, data in reference["acl"].items():
         (out / name).write_bytes(data)
-    (out / "stale-extra-file.txt").write_text("from an older run")
+    assert "record.txt" in reference["acl"] and "record.txt" not in reference["trt"]
     subprocess.run(_args("out", "tensorrt", "--force"), cwd=tmp_path, check=True,
                    capture_output=True, timeout=300)
     assert _snapshot(out) == reference["trt"]  # no file of the old result survives
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_forced_run_never_replaces_foreign_files(tmp_path, reference):
+    """--force replaces a folder qtool wrote; one file qtool did not write (or an edited
+    one) and the whole folder is refused, byte for byte as it was."""
+    for foreign in ("notes.txt", "sub/data.bin", "report.md"):
+        work = tmp_path / foreign.replace("/", "_")
+        out = work / "out"
+        out.mkdir(parents=True)
+        for name, data in reference["acl"].items():
+            (out / name).write_bytes(data)
+        (out / foreign).parent.mkdir(parents=True, exist_ok=True)
+        (out / foreign).write_bytes(b"the user's own bytes")  # report.md: edited by the user
+        before = _snapshot(out)
+        result = subprocess.run(_args("out", "tensorrt", "--force"), cwd=work,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 8, result.stderr
+        assert "did not write" in result.stderr and foreign.split("/")[0] in result.stderr
+        assert _snapshot(out) == before
+        assert sorted(p.name for p in work.iterdir()) == ["out"]  # nothing left behind
+
+
+def test_folder_holding_the_model_or_the_current_folder_is_refused(tmp_path):
+    danger = tmp_path / "danger"
+    danger.mkdir()
+    shutil.copy(DIGITS, danger / "my_model.onnx")
+    (danger / "notes.txt").write_text("mine")
+    before = _snapshot(danger)
+    args = [*QTOOL, "calibrate", "danger/my_model.onnx", "-b", "tensorrt", "--data", str(CALIB),
+            "--num-samples", "16", "-q"]
+    for output in ("danger", "danger/", "."):
+        result = subprocess.run([*args, "-o", output, "--force"], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 8, result.stderr
+        assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+        assert _snapshot(danger) == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["danger"], output
+    # from inside: `-o . --force` in the model's folder
+    result = subprocess.run([*QTOOL, "calibrate", "my_model.onnx", "-b", "tensorrt", "--data",
+                             str(CALIB), "-q", "-o", ".", "--force"], cwd=danger,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 8 and "current folder" in result.stderr
+    assert _snapshot(danger) == before and sorted(p.name for p in danger.iterdir()) == [
+        "my_model.onnx", "notes.txt"]
 
 
 def test_sigterm_removes_the_staging_folder(tmp_path):

@@ -38,8 +38,8 @@ def snpe_run(tmp_path_factory):
 
 def test_folder_holds_model_encodings_plan_and_report(snpe_run):
     names = sorted(p.name for p in snpe_run.output.iterdir())
-    assert names == ["model.encodings", "model.onnx", "model.qdq.onnx", "plan.json",
-                     "report.html", "report.json", "report.md"]
+    assert names == [".qtool-manifest.json", "model.encodings", "model.onnx", "model.qdq.onnx",
+                     "plan.json", "report.html", "report.json", "report.md"]
     for name, data in snpe_run.files.items():
         assert (snpe_run.output / name).read_bytes() == data
     report = json.loads((snpe_run.output / "report.json").read_text())
@@ -91,9 +91,14 @@ def test_existing_folder_needs_force(tmp_path):
     with pytest.raises(OutputError, match="not empty"):
         calibrate_to_folder(DIGITS, "tensorrt", out, options)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    calibrate_to_folder(DIGITS, "tensorrt", out, options, force=True)
+    with pytest.raises(OutputError, match="did not write"):  # a user's file: never replaced
+        calibrate_to_folder(DIGITS, "tensorrt", out, options, force=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    calibrate_to_folder(DIGITS, "tensorrt", out, options)
+    calibrate_to_folder(DIGITS, "tvm", out, options, force=True)  # qtool's own: replaced
     names = {p.name for p in out.iterdir()}
-    assert "keep.txt" not in names and {"calibration.cache", "model.qdq.onnx"} <= names
+    assert "calibration.cache" not in names and {"shifts.json", "model.qdq.onnx"} <= names
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     # An existing empty folder is simply filled.
     empty = tmp_path / "empty"

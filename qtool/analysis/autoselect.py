@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from qtool import progress
 from qtool.scheme import QuantScheme
 
 log = logging.getLogger(__name__)
@@ -180,8 +181,9 @@ def _stream(model, observers: Mapping[str, Any], data, batch_size, num_samples, 
     collector = Collector(plan_observation(model, observers), observers,
                           optimization=optimization)
     collector.observe_constants()
-    for batch in batches(itertools.chain([head], stream), specs, size, fixed=fixed,
-                         num_samples=num_samples):
+    stream = batches(itertools.chain([head], stream), specs, size, fixed=fixed,
+                     num_samples=num_samples)
+    for batch in progress.bar(stream, desc="auto-method", unit="batch"):
         collector.run(batch)
 
 

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 
+from qtool import providers
 from qtool.analysis.evaluate import LABELS_KEY
 from qtool.errors import DataError, PlanError
 
@@ -55,7 +56,7 @@ def session(model_bytes: bytes):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model_bytes, options, providers=providers.current())
 
 
 def feeds_of(batch: Mapping[str, np.ndarray], inputs: Sequence[str], index: int):

@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from qtool import progress
 from qtool.errors import QtoolError
 
 log = logging.getLogger(__name__)
@@ -201,34 +202,36 @@ def compare(
     cells = []
     float_accuracy = None
     samples = 0
-    for backend in backends:
-        for method in methods:
-            cell = Cell(backend, method)
-            try:
+    grid = [(backend, method) for backend in backends for method in methods]
+    for backend, method in progress.bar(grid, desc="compare", unit="cell"):
+        cell = Cell(backend, method)
+        try:
+            with progress.phase(f"{backend} x {method}"):
                 plan = _plan(graph, backend, None)
                 evaluation = _quantize_and_evaluate(graph, backend, plan, method, calib,
                                                     batches, batch_size)
-            except QtoolError as exc:
-                cell.error = exc.message
-                log.warning("%s x %s: %s", backend, method, exc.message)
-            else:
-                from qtool.analysis.sensitivity import model_sqnr
+        except QtoolError as exc:
+            cell.error = exc.message
+            log.warning("%s x %s: %s", backend, method, exc.message)
+        else:
+            from qtool.analysis.sensitivity import model_sqnr
 
-                cell.sqnr_db = model_sqnr(evaluation)
-                cell.cosine = min(o.cosine for o in evaluation.outputs)
-                accuracy = evaluation.accuracy
-                if accuracy:
-                    float_accuracy, cell.accuracy = accuracy
-                samples = evaluation.samples
-            cells.append(cell)
+            cell.sqnr_db = model_sqnr(evaluation)
+            cell.cosine = min(o.cosine for o in evaluation.outputs)
+            accuracy = evaluation.accuracy
+            if accuracy:
+                float_accuracy, cell.accuracy = accuracy
+            samples = evaluation.samples
+        cells.append(cell)
     result = Comparison(str(model), str(data), str(eval_path), samples, float_accuracy,
                         backends, methods, cells)
     if sweep_backend == "" or not precisions:
         return result
     result.sweep_backend = sweep_backend or backends[0]
     result.sweep_method = sweep_method or methods[0]
-    result.sweep = _sweep(graph, result.sweep_backend, result.sweep_method, precisions, calib,
-                          batches, batch_size, evaluate)
+    with progress.phase("bit-width sweep"):
+        result.sweep = _sweep(graph, result.sweep_backend, result.sweep_method, precisions,
+                              calib, batches, batch_size, evaluate)
     if result.float_accuracy is not None:
         result.sweep[0].accuracy = result.float_accuracy
     if not result.samples:

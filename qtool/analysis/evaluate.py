@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from qtool import providers
 from qtool.errors import DataError, InvalidModelError
 from qtool.io import ModelSource, load_model, serialize
 
@@ -399,7 +400,7 @@ def _session(model: onnx.ModelProto, intra_op_threads: int | None):
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
     try:
-        return ort.InferenceSession(serialize(model), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(serialize(model), options, providers=providers.current())
     except Exception as exc:  # onnxruntime raises its own exception types
         raise InvalidModelError(
             f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}"

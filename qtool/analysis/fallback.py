@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from qtool import progress
 from qtool.analysis.common import (
     Batches,
     db_text,
@@ -125,7 +126,7 @@ def float_fallback(
         log.info("fallback with %d float layer(s): %s dB, drop %s", len(layers), sqnr, drop)
         return met, candidate
 
-    for k in range(len(order) + 1):
+    for k in progress.bar(range(len(order) + 1), desc="fallback search", unit="step"):
         met, candidate = judge(order[:k])
         if met:
             break

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from qtool import progress
 from qtool.analysis.common import (
     Batches,
     iterate_batches,
@@ -98,7 +99,7 @@ def layer_sensitivity(float_graph, result, batches: Batches) -> list[LayerSensit
     }
     reference = load_model(float_graph)
     sensitivity = []
-    for node, tensors in layers.items():
+    for node, tensors in progress.bar(list(layers.items()), desc="sensitivity", unit="layer"):
         alone = keep_float(plan, [n for n in layers if n != node])
         quantized = quantize(float_graph, result.backend, union, plan=alone,
                              weight_method=result.weight_method)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qtool import progress
 from qtool.analysis.common import (
     Batches,
     exposed,
@@ -107,7 +108,8 @@ def tensor_errors(
     observed = {e.tensor: HistogramObserver(None, e.tensor, bins=HISTOGRAM_BINS)
                 for e in activations}
     samples = 0
-    for index, batch in enumerate(iterate_batches(batches)):
+    stream = progress.bar(iterate_batches(batches), desc="tensor errors", unit="batch")
+    for index, batch in enumerate(stream):
         feeds = feeds_of(batch, inputs, index)
         samples += int(next(iter(feeds.values())).shape[0])
         float_values = dict(zip(float_fetch, float_session.run(float_fetch, feeds), strict=True))

@@ -17,17 +17,27 @@ onnx-graphsurgeon graph for the rules that follow edges.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import onnx
 import onnx_graphsurgeon as gs
 
 import qtool.lint.rules  # noqa: F401  (registers the built-in rules)
-from qtool.errors import QtoolError
+from qtool.errors import BackendError, QtoolError
 from qtool.io import ModelSource, load_model
-from qtool.lint.registry import _RULES, Finding, LintContext, LintResult, Rule
+from qtool.lint.registry import _RULES, Finding, LintContext, LintResult, Rule, rule
 
 log = logging.getLogger(__name__)
+
+
+UNREADABLE = "QT000"
+
+
+@rule(UNREADABLE, "unreadable-model", "error", "The file cannot be read as an ONNX model.")
+def unreadable_model(ctx: LintContext) -> Iterator[Finding]:
+    """A model that loaded is readable: :func:`lint_files` reports the ones that did not."""
+    return iter(())
 
 
 def available_rules() -> dict[str, Rule]:
@@ -91,6 +101,48 @@ def lint_model(
     display = name if name is not None else (str(source) if _is_path(source) else "<model>")
     ordered = sorted(findings, key=lambda f: (f.rule_id, f.node or "", f.tensor or "", f.message))
     return LintResult(display, backend, ordered, rules)
+
+
+def lint_files(
+    models: Sequence[ModelSource], *, backend: str | None = None,
+    on_error: Callable[[str, QtoolError], None] | None = None,
+) -> tuple[list[LintResult], bool]:
+    """Lint several models; one that cannot be read does not stop the others.
+
+    An unreadable model (missing, not ONNX, truncated, unsafe) becomes a result with one
+    ``QT000 unreadable-model`` error, so every output format records it.
+
+    Args:
+        models: The model files.
+        backend: As for :func:`lint_model`.
+        on_error: Called with the model and the error for each unreadable one.
+
+    Returns:
+        ``(results in the order given, whether some model could not be read)``.
+
+    Raises:
+        BackendError: Unknown backend (nothing is linted).
+    """
+    if backend is not None:
+        from qtool.backends import get_backend
+
+        get_backend(backend)
+    results, unreadable = [], False
+    for model in models:
+        try:
+            results.append(lint_model(model, backend=backend))
+        except BackendError:
+            raise
+        except QtoolError as exc:
+            unreadable = True
+            if on_error is not None:
+                on_error(str(model), exc)
+            finding = _RULES[UNREADABLE].finding(
+                exc.message + (f" ({exc.hint})" if exc.hint else "")
+            )
+            name = str(model) if _is_path(model) else "<model>"
+            results.append(LintResult(name, backend, [finding], available_rules()))
+    return results, unreadable
 
 
 def _checker_error(model: onnx.ModelProto) -> str | None:

@@ -12,6 +12,9 @@ Several models can be linted at once (a pre-commit hook passes every staged ``.o
 * junit: one ``<testsuite>`` per model and one ``<testcase>`` per rule; findings at or above
   ``fail_on`` are its ``<failure>``, lower ones go to ``<system-out>``.
 
+A model that cannot be read does not stop the others: it is a result with one
+``QT000 unreadable-model`` error in every format, and the exit code is 2.
+
 Every format is deterministic: findings are already sorted, no timestamps are written.
 """
 
@@ -22,8 +25,9 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 
 import qtool
+from qtool.errors import QtoolError
 from qtool.io import atomic_write_text
-from qtool.lint.engine import lint_model
+from qtool.lint.engine import UNREADABLE, lint_files
 from qtool.lint.registry import _RANK, Finding, LintResult
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
@@ -37,13 +41,23 @@ def lint_and_render(
     fmt: str = "text",
     fail_on: str = "error",
     output: str | None = None,
+    on_error: Callable[[str, QtoolError], None] | None = None,
 ) -> tuple[str, int]:
     """Lint model files, render the findings, and write them to ``output`` if given.
 
+    Args:
+        models: The model files.
+        backend: Check against this backend's rules too.
+        fmt: One of :data:`FORMATS`.
+        fail_on: Lowest severity that fails.
+        output: Write the rendering here (atomically) instead of returning it only.
+        on_error: Called for each model that cannot be read (it is linted as QT000).
+
     Returns:
-        ``(rendered text, exit code)``: 0 clean, 1 findings at or above ``fail_on``.
+        ``(rendered text, exit code)``: 0 clean, 1 findings at or above ``fail_on``, 2 when
+        a model could not be read (the others are linted and rendered all the same).
     """
-    results = [lint_model(model, backend=backend) for model in models]
+    results, _ = lint_files(models, backend=backend, on_error=on_error)
     text = format_results(results, fmt, fail_on=fail_on)
     if output is not None:
         atomic_write_text(output, text)
@@ -51,7 +65,9 @@ def lint_and_render(
 
 
 def exit_code(results: Sequence[LintResult], fail_on: str = "error") -> int:
-    """0 when no result has a finding at or above ``fail_on``, else 1."""
+    """2 when a model could not be read (QT000), else 0 clean, 1 findings at ``fail_on``."""
+    if any(f.rule_id == UNREADABLE for r in results for f in r.findings):
+        return 2
     return max((r.exit_code(fail_on) for r in results), default=0)
 
 

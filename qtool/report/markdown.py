@@ -58,7 +58,8 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     plan = report["plan"]
     lines += ["## Plan", "", f"{plan['quantized_tensors']} tensors quantized "
               f"({plan['activations']} activations, {plan['weights']} weights, "
-              f"{plan['biases']} biases); {len(plan['float_nodes'])} nodes stay float.", ""]
+              f"{plan['biases']} biases); {len(plan['float_nodes'])} nodes stay float"
+              + _shape_text(plan) + ".", ""]
     if plan["float_nodes"]:
         lines += ["| node | why it stays float |", "|---|---|"]
         lines += [f"| {node} | {why} |" for node, why in plan["float_nodes"].items()]
@@ -112,6 +113,11 @@ def _analysis_markdown(analysis: Mapping[str, Any] | None) -> list[str]:
     return lines
 
 
+def _shape_text(plan: Mapping[str, Any]) -> str:
+    count = plan.get("shape_nodes", 0)
+    return f" (+{count} shape arithmetic)" if count else ""
+
+
 def summary_table(report: Mapping[str, Any], output: str | None = None) -> str:
     """The short text summary ``qtool calibrate`` prints."""
     cal = report["calibration"]
@@ -128,7 +134,7 @@ def summary_table(report: Mapping[str, Any], output: str | None = None) -> str:
     lines.append(
         f"  quantized tensors  {plan['quantized_tensors']} ({plan['activations']} activations, "
         f"{plan['weights']} weights, {plan['biases']} biases); float nodes "
-        f"{len(plan['float_nodes'])}"
+        f"{len(plan['float_nodes'])}" + _shape_text(plan)
     )
     if ev:
         lines.append("")

@@ -15,6 +15,10 @@ constant scale and zero point inputs (zero point absent: 0 of type uint8).
 * QT108 non-pot-scale: a scale that is not a power of two where the backend needs one.
 * QT109 granularity-mismatch: per-channel weight scales where the backend wants one per
   tensor, or the reverse.
+* QT110 qoperator-format: onnxruntime's QOperator format (QLinearConv, QLinearMatMul,
+  ConvInteger, ...): integer operators that take the quantized tensors themselves. Q feeding
+  them directly is how that format works, so QT101/QT102 do not flag it; engines that read
+  QDQ (TensorRT, SNPE/QNN, ...) need the QDQ format instead.
 """
 
 from __future__ import annotations
@@ -31,6 +35,15 @@ from qtool.lint.rules.expectations import backend_expectations, shares_scale
 from qtool.scheme import QuantScheme
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
+# onnxruntime's QOperator format: operators on quantized tensors (quantize_static with
+# quant_format=QuantFormat.QOperator, and its com.microsoft contrib ops)
+QOPERATORS = frozenset({
+    "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearAdd",
+    "QLinearMul", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat",
+    "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearReduceMean",
+    "QLinearWhere", "QLinearConvTranspose", "QGemm", "QAttention", "DynamicQuantizeLinear",
+    "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+})
 
 
 @dataclass(frozen=True)
@@ -91,7 +104,7 @@ def q_without_dq(ctx: LintContext) -> Iterator[Finding]:
         if node.op != "QuantizeLinear":
             continue
         out = node.outputs[0]
-        readers = [c for c in out.outputs if c.op != "DequantizeLinear"]
+        readers = [c for c in out.outputs if c.op != "DequantizeLinear" and c.op not in QOPERATORS]
         if readers:
             names = ", ".join(sorted(c.name for c in readers))
             yield ctx.rule.finding(
@@ -122,6 +135,8 @@ def dq_without_q(ctx: LintContext) -> Iterator[Finding]:
         if isinstance(data, gs.Constant) or data.name in inputs:
             continue
         producer = data.inputs[0] if data.inputs else None
+        if producer is not None and producer.op in QOPERATORS:
+            continue  # QOperator format: QT110
         if producer is None or producer.op != "QuantizeLinear":
             what = producer.op if producer is not None else "nothing"
             yield ctx.rule.finding(
@@ -282,6 +297,24 @@ def granularity_mismatch(ctx: LintContext) -> Iterator[Finding]:
                 node=params.node.name,
                 tensor=params.node.inputs[0].name,
             )
+
+
+@rule("QT110", "qoperator-format", "warning",
+      "onnxruntime QOperator model (QLinearConv...): not QDQ.")
+def qoperator_format(ctx: LintContext) -> Iterator[Finding]:
+    """One finding per model in onnxruntime's QOperator format, naming its integer ops."""
+    found = sorted({n.op_type for n in ctx.model.graph.node if n.op_type in QOPERATORS})
+    if not found:
+        return
+    count = sum(n.op_type in QOPERATORS for n in ctx.model.graph.node)
+    yield ctx.rule.finding(
+        f"onnxruntime QOperator format: {count} integer operator(s) ({', '.join(found)}) "
+        "compute on quantized tensors; that is not QDQ, so the Q/DQ rules do not apply to "
+        "them. onnxruntime runs it as is; engines that read QDQ (tensorrt, snpe, qnn, ...) "
+        "need the float model quantized with quant_format=QuantFormat.QDQ (or qtool "
+        "calibrate)",
+        node=None,
+    )
 
 
 def _with_schemes(ctx: LintContext) -> Iterator[tuple[QuantParams, QuantScheme]]:

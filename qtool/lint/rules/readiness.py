@@ -22,6 +22,7 @@ from onnx import numpy_helper
 from qtool.io import DEFAULT_DOMAINS, MAX_OPSET, MIN_OPSET, default_opset
 from qtool.lint.registry import Finding, LintContext, rule
 from qtool.lint.rules.expectations import backend_expectations
+from qtool.lint.rules.qdq import QOPERATORS
 
 QUANTIZE_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (axis attribute)
 
@@ -58,6 +59,8 @@ def opset_out_of_range(ctx: LintContext) -> Iterator[Finding]:
 def unknown_domain(ctx: LintContext) -> Iterator[Finding]:
     """Custom-domain nodes cannot be run in onnxruntime's CPU provider nor quantized."""
     for node in ctx.model.graph.node:
+        if node.domain == "com.microsoft" and node.op_type in QOPERATORS:
+            continue  # onnxruntime's QOperator format: QT110 says what it is
         if node.domain not in DEFAULT_DOMAINS:
             yield ctx.rule.finding(
                 f"node {node.name or '<unnamed>'} ({node.op_type}) is in domain "
