@@ -228,11 +228,17 @@ def build_plan(
             or op in backend.fused_activations
         ):
             continue  # data movement keeps the scale; fused activations run with their producer
+        elif placement.quantize_outputs:
+            continue  # the converter quantizes every op (its output, below)
         else:
             float_nodes[node.name] = (
                 f"{op} has no integer kernel under the {backend.name} rules "
                 f"(MQBench graph {placement.graph}); it runs in float"
             )
+
+    if placement.quantize_outputs:
+        act_consumers = _converter_activations(graph, backend, consumers, is_activation)
+        order = _converter_order(graph, act_consumers, set(weights) | set(biases))
 
     groups = _sharing_groups(nodes, backend, shape, constant)
     group_ids = _group_ids(order, act_consumers, groups)
@@ -271,6 +277,58 @@ def build_plan(
         len(plan.float_nodes),
     )
     return plan
+
+
+def _converter_activations(
+    graph: gs.Graph, backend, consumers, is_activation
+) -> dict[str, list[str]]:
+    """The tensors a converter (SNPE/QNN, AIMET) quantizes, each with all its readers.
+
+    Graph inputs and every activation output of a node, except the output of a
+    data-movement op (it keeps its input's quantizer) and an output whose only reader is a
+    fused activation (Conv+Relu, Add+Relu: quantized after the activation). Every node that
+    reads such a tensor's values reads the quantized one.
+    """
+    graph_outputs = {t.name for t in graph.outputs}
+
+    def readers(name: str) -> list[str]:
+        return [n.name for n, _ in consumers.get(name, ()) if n.op not in SHAPE_SOURCES]
+
+    encoded: dict[str, list[str]] = {}
+    for tensor in graph.inputs:
+        if is_activation(tensor):
+            encoded[tensor.name] = readers(tensor.name)
+    for node in graph.nodes:
+        if node.op == "Constant" or backend.passes_scale_through(node.op, node.attrs):
+            continue
+        for tensor in node.outputs:
+            if not is_activation(tensor) or tensor.name in encoded:
+                continue
+            uses = consumers.get(tensor.name, ())
+            fused = (
+                tensor.name not in graph_outputs
+                and len(uses) == 1
+                and uses[0][0].op in backend.fused_activations
+            )
+            if not fused:
+                encoded[tensor.name] = readers(tensor.name)
+    return encoded
+
+
+def _converter_order(
+    graph: gs.Graph, act_consumers: Mapping[str, list[str]], params: set[str]
+) -> list[str]:
+    """Graph order: inputs, then per node its weight/bias entries and its encoded outputs."""
+    result = [t.name for t in graph.inputs if t.name in act_consumers]
+    seen = set(result)
+    for node in graph.nodes:
+        names = [t.name for t in node.inputs if t.name in params]
+        names += [t.name for t in node.outputs if t.name in act_consumers]
+        for name in names:
+            if name not in seen:
+                seen.add(name)
+                result.append(name)
+    return result
 
 
 def name_nodes(graph: gs.Graph) -> None:
