@@ -21,6 +21,10 @@ Three steps, each a plain walk over the graph:
    first produced by a fusable op and read by nothing else (MQBench's choice). Where the
    backend wants an int32 bias, a Conv/ConvTranspose/Gemm bias whose input and weight are both
    quantized gets one. Every other compute node goes to ``float_nodes`` with its reason.
+   The converter placement (``placement.quantize_outputs``: SNPE/QNN, as AIMET's QuantSim)
+   instead quantizes the graph inputs and every activation output (all readers take the
+   quantized value), except data-movement outputs and an output read only by a fused
+   activation; nothing is float there (see :func:`_converter_activations`).
 3. **Sharing** is one union-find over tensors: a sharing op (Concat) joins its inputs and
    output; a pass-through op (Reshape, Transpose, Flatten, Squeeze, Unsqueeze, MaxPool, Slice,
    Split, Pad, Resize nearest) joins its data input and outputs. Quantized activations with
@@ -114,7 +118,7 @@ def build_plan(
 
     Raises:
         PlanError: A skip pattern matches no node.
-        BackendError: Unknown backend name.
+        BackendError: Unknown backend name, or ``act_bits`` it cannot run.
     """
     from qtool.backends import resolve_backend
 
@@ -264,6 +268,8 @@ def build_plan(
         float_nodes=float_nodes,
         nodes={n.name: n.op for n in nodes},
     )
+    if act_bits is not None:
+        backend.check_activation_bits(act_bits)
     if weight_bits is not None or act_bits is not None:
         plan = plan.with_bits(weight_bits, act_bits)
     if skip:

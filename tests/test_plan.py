@@ -17,7 +17,6 @@ from qdq_helpers import (
     prepared,
     run,
 )
-
 from qtool.backends import get_backend
 
 from qtool.errors import PlanError

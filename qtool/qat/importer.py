@@ -351,7 +351,7 @@ def to_torch(
 
 def _replace_pairs(graph: gs.Graph, tensor: gs.Tensor, quantizer: FakeQuantize,
                    build: _Build, name: str) -> None:
-    """Every QuantizeLinear of ``tensor`` (planned as ``name``) and its DQ(s) -> one FakeQuantize."""
+    """Every QuantizeLinear of ``tensor`` (planned as ``name``) and its DQs -> one FakeQuantize."""
     key = f"activation:{name}"
     build.modules[key] = quantizer
     for q_node in [n for n in tensor.outputs if n.op == "QuantizeLinear"]:
