@@ -34,6 +34,7 @@ from qtool.cli import main
 import qtool
 from qtool.errors import BackendError, PlanError
 from qtool.io import serialize
+from qtool.plan import QuantPlan
 from qtool.planner import build_plan, shape_tensors
 from qtool.qdq import quantize
 from qtool.scheme import QuantScheme, onnx_dtype
@@ -260,6 +261,25 @@ def test_qnn_per_channel_weight_encodings_match_numpy():
     snpe = _encodings(_digits("snpe")[1])
     assert {(e["enc_type"], e["is_sym"], len(e["scale"])) for e in snpe["param_encodings"]} == {
         ("PER_TENSOR", False, 1)}
+
+
+def test_converter_plan_round_trips_and_keeps_the_output_when_skipping():
+    plan = build_plan(prepared("digits"), "qnn")
+    assert QuantPlan.from_json(plan.to_json()) == plan
+    assert plan.tensors["input"].scheme.min_range == 0.01
+    skipped = plan.skip("/head/head.2/Gemm")
+    assert "logits" in skipped.tensors and "head.2.weight" not in skipped.tensors
+
+
+def test_eight_bit_reference_survives_onnxruntime_optimizations():
+    _, x = _digits_data()
+    graph = prepared("digits")
+    want = _run(graph, x, optimize=False)
+    for backend in ("snpe", "qnn"):
+        result = _digits(backend)[1]
+        off = sqnr_db(want, _run(result.graph, x, optimize=False))
+        on = sqnr_db(want, _run(result.graph, x, optimize=True))
+        assert abs(off - on) < 0.5, (backend, off, on)
 
 
 def test_encoding_version_0_6_1_option():
