@@ -443,4 +443,4 @@ def _copy(graph: gs.Graph) -> gs.Graph:
     return copied
 
 
-__all__ = ["QuantizedModel", "TensorQParams", "compute_qparams", "quantize"]
+__all__ = ["QuantizedModel", "TensorQParams", "compute_qparams", "qdq_opset", "quantize"]
