@@ -1,8 +1,8 @@
 """Backends: one module per inference engine, its rules (data) and its emitter.
 
 Installed as ``qtool.backends``. The registry is the explicit tuple :data:`MODULES`; each
-module holds one :class:`~qtool.backends.base.Backend` named ``BACKEND``. ``qnn`` is an alias
-of ``snpe`` (same rules and files; Qualcomm's QNN reads the same encodings).
+module holds one :class:`~qtool.backends.base.Backend` named ``BACKEND``. ``qnn`` (HTP:
+per-channel weights, 16-bit activations) shares ``snpe``'s encodings file and placement.
 
 Example:
     >>> from qtool.backends import backend_names, get_backend
@@ -15,16 +15,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from qtool.backends import academic, acl, fbgemm, snpe, tensorrt, tvm
+from qtool.backends import academic, acl, fbgemm, qnn, snpe, tensorrt, tvm
 from qtool.backends.base import Backend
 
 from qtool.errors import BackendError
 
 #: The backends, in the order ``--backend`` lists them.
-MODULES = (academic, tensorrt, acl, tvm, snpe, fbgemm)
+MODULES = (academic, tensorrt, acl, tvm, snpe, qnn, fbgemm)
 
 #: Other names for a backend's rules: alias -> backend name.
-ALIASES = {"qnn": "snpe"}
+ALIASES: dict[str, str] = {}
 
 _BY_NAME = {module.BACKEND.name: module.BACKEND for module in MODULES}
 

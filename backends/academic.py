@@ -2,7 +2,8 @@
 
 Rules: weights and activations per-tensor symmetric signed int8 (``scale = amax / 127``,
 zero point 0), Q/DQ only on the inputs of Conv/ConvTranspose/Gemm/MatMul and on their
-weights (MQBench Fig. 4(a)); bias, elementwise ops and pooling stay float.
+weights (MQBench Fig. 4(a)); bias, elementwise ops and pooling stay float. A pure
+simulation: any activation width from 2 to 16 bits (9 to 16 stored as int16 at opset 21).
 
 Files: ``model.qdq.onnx`` (the QDQ graph).
 """
@@ -22,4 +23,5 @@ BACKEND = Backend(
     bias_mode="float",
     placement=GRAPH_1,
     emitter=qdq_model_file,
+    activation_bits_supported=frozenset(range(2, 17)),  # a simulation: 9-16 bits in int16
 )

@@ -88,6 +88,11 @@ class Placement:
         fusable_producers: Ops a ``shortcut_ops`` node can fuse into.
         requires_weight: A weighted op without a constant weight stays float (ACL/AMCT
             quantizes layers with weights only).
+        quantize_outputs: Converter placement (SNPE/QNN, AIMET): instead of op inputs, the
+            graph inputs and every op output carrying activations are quantized, and every
+            reader takes the quantized value; a data-movement op's output keeps its input's
+            quantizer, and an op whose output only feeds a fused activation (Conv+Relu) is
+            quantized after the activation. See :func:`qtool.planner.build_plan`.
     """
 
     graph: int
@@ -96,6 +101,7 @@ class Placement:
     shortcut_ops: frozenset[str] = frozenset()
     fusable_producers: frozenset[str] = frozenset()
     requires_weight: bool = False
+    quantize_outputs: bool = False
 
     @property
     def quantizable_ops(self) -> frozenset[str]:
@@ -149,6 +155,8 @@ class Backend:
         fused_activations: Activations fused into the op before them.
         options: Option names and their current values (defaults in the module's BACKEND).
         configure: Hook turning ``options`` into rules; returns the configured backend.
+        activation_bits_supported: Activation bit widths the engine runs; ``quantize``
+            refuses a plan with others (9 to 16 bits are stored as int16/uint16 at opset 21).
     """
 
     name: str
@@ -164,6 +172,7 @@ class Backend:
     fused_activations: frozenset[str] = FUSED_ACTIVATIONS
     options: Mapping[str, Any] = field(default_factory=dict)
     configure: Callable[[Backend], Backend] = _no_configuration
+    activation_bits_supported: frozenset[int] = frozenset(range(2, 9))
 
     def __post_init__(self):
         if self.bias_mode not in BIAS_MODES:
@@ -209,6 +218,21 @@ class Backend:
         merged = {**self.options, **options}
         return self.configure(dataclasses.replace(self, options=merged))
 
+    def check_activation_bits(self, bits: int, tensor: str | None = None) -> None:
+        """Refuse an activation bit width this engine cannot run.
+
+        Raises:
+            BackendError: ``bits`` is not in ``activation_bits_supported``.
+        """
+        if bits in self.activation_bits_supported:
+            return
+        where = f" ({tensor})" if tensor else ""
+        raise BackendError(
+            f"backend {self.name} cannot run {bits}-bit activations{where}",
+            f"use --act-bits {_bit_ranges(self.activation_bits_supported)} with {self.name}, "
+            f"or a backend that runs {bits}-bit activations",
+        )
+
     def passes_scale_through(self, op: str, attrs: Mapping[str, Any]) -> bool:
         """True if ``op`` with ``attrs`` only moves data (its output keeps the input scale)."""
         required = self.pass_through.get(op)
@@ -221,6 +245,17 @@ class Backend:
             if actual != value:
                 return False
         return True
+
+
+def _bit_ranges(bits: frozenset[int]) -> str:
+    """``{2, ..., 8, 16}`` as ``"2-8 or 16"``."""
+    runs: list[list[int]] = []
+    for value in sorted(bits):
+        if runs and value == runs[-1][-1] + 1:
+            runs[-1].append(value)
+        else:
+            runs.append([value])
+    return " or ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 # ----------------------------------------------------------------- helpers for emitters

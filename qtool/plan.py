@@ -226,7 +226,7 @@ class QuantPlan:
         tensors: dict[str, TensorPlan] = {}
         for name, entry in self.tensors.items():
             consumers = tuple(c for c in entry.consumers if c not in skipped)
-            if consumers:
+            if consumers or not entry.consumers:  # a quantized graph output has no readers
                 tensors[name] = dataclasses.replace(entry, consumers=consumers)
         tensors = {
             name: entry

@@ -21,6 +21,10 @@ Three steps, each a plain walk over the graph:
    first produced by a fusable op and read by nothing else (MQBench's choice). Where the
    backend wants an int32 bias, a Conv/ConvTranspose/Gemm bias whose input and weight are both
    quantized gets one. Every other compute node goes to ``float_nodes`` with its reason.
+   The converter placement (``placement.quantize_outputs``: SNPE/QNN, as AIMET's QuantSim)
+   instead quantizes the graph inputs and every activation output (all readers take the
+   quantized value), except data-movement outputs and an output read only by a fused
+   activation; nothing is float there (see :func:`_converter_activations`).
 3. **Sharing** is one union-find over tensors: a sharing op (Concat) joins its inputs and
    output; a pass-through op (Reshape, Transpose, Flatten, Squeeze, Unsqueeze, MaxPool, Slice,
    Split, Pad, Resize nearest) joins its data input and outputs. Quantized activations with
@@ -114,7 +118,7 @@ def build_plan(
 
     Raises:
         PlanError: A skip pattern matches no node.
-        BackendError: Unknown backend name.
+        BackendError: Unknown backend name, or ``act_bits`` it cannot run.
     """
     from qtool.backends import resolve_backend
 
@@ -228,11 +232,17 @@ def build_plan(
             or op in backend.fused_activations
         ):
             continue  # data movement keeps the scale; fused activations run with their producer
+        elif placement.quantize_outputs:
+            continue  # the converter quantizes every op (its output, below)
         else:
             float_nodes[node.name] = (
                 f"{op} has no integer kernel under the {backend.name} rules "
                 f"(MQBench graph {placement.graph}); it runs in float"
             )
+
+    if placement.quantize_outputs:
+        act_consumers = _converter_activations(graph, backend, consumers, is_activation)
+        order = _converter_order(graph, act_consumers, set(weights) | set(biases))
 
     groups = _sharing_groups(nodes, backend, shape, constant)
     group_ids = _group_ids(order, act_consumers, groups)
@@ -258,6 +268,8 @@ def build_plan(
         float_nodes=float_nodes,
         nodes={n.name: n.op for n in nodes},
     )
+    if act_bits is not None:
+        backend.check_activation_bits(act_bits)
     if weight_bits is not None or act_bits is not None:
         plan = plan.with_bits(weight_bits, act_bits)
     if skip:
@@ -271,6 +283,58 @@ def build_plan(
         len(plan.float_nodes),
     )
     return plan
+
+
+def _converter_activations(
+    graph: gs.Graph, backend, consumers, is_activation
+) -> dict[str, list[str]]:
+    """The tensors a converter (SNPE/QNN, AIMET) quantizes, each with all its readers.
+
+    Graph inputs and every activation output of a node, except the output of a
+    data-movement op (it keeps its input's quantizer) and an output whose only reader is a
+    fused activation (Conv+Relu, Add+Relu: quantized after the activation). Every node that
+    reads such a tensor's values reads the quantized one.
+    """
+    graph_outputs = {t.name for t in graph.outputs}
+
+    def readers(name: str) -> list[str]:
+        return [n.name for n, _ in consumers.get(name, ()) if n.op not in SHAPE_SOURCES]
+
+    encoded: dict[str, list[str]] = {}
+    for tensor in graph.inputs:
+        if is_activation(tensor):
+            encoded[tensor.name] = readers(tensor.name)
+    for node in graph.nodes:
+        if node.op == "Constant" or backend.passes_scale_through(node.op, node.attrs):
+            continue
+        for tensor in node.outputs:
+            if not is_activation(tensor) or tensor.name in encoded:
+                continue
+            uses = consumers.get(tensor.name, ())
+            fused = (
+                tensor.name not in graph_outputs
+                and len(uses) == 1
+                and uses[0][0].op in backend.fused_activations
+            )
+            if not fused:
+                encoded[tensor.name] = readers(tensor.name)
+    return encoded
+
+
+def _converter_order(
+    graph: gs.Graph, act_consumers: Mapping[str, list[str]], params: set[str]
+) -> list[str]:
+    """Graph order: inputs, then per node its weight/bias entries and its encoded outputs."""
+    result = [t.name for t in graph.inputs if t.name in act_consumers]
+    seen = set(result)
+    for node in graph.nodes:
+        names = [t.name for t in node.inputs if t.name in params]
+        names += [t.name for t in node.outputs if t.name in act_consumers]
+        for name in names:
+            if name not in seen:
+                seen.add(name)
+                result.append(name)
+    return result
 
 
 def name_nodes(graph: gs.Graph) -> None:

@@ -19,7 +19,16 @@ storage with the 4-bit range below it; FBGEMM's reduce_range (7-bit unsigned) is
 levels 0..127. QuantizeLinear saturates only at the storage type's limits, so such activations
 get a Clip to their levels' range in front of the QuantizeLinear (weights are quantized
 offline, already inside it). The graph is raised to opset 13 first if needed (per-axis
-DequantizeLinear).
+DequantizeLinear). 9 to 16-bit levels are int16/uint16, which Q/DQ take from opset 21: a plan
+with such tensors gets its QDQ graph converted to opset 21 (``float_graph``, the model the
+vendor files describe, keeps its opset); onnxruntime runs these Q/DQ with graph
+optimizations off and on. A backend refuses activation widths it cannot run
+(``Backend.activation_bits_supported``).
+
+Converter placement (``placement.quantize_outputs``, SNPE/QNN): a planned graph output gets its
+Q/DQ too, and the graph output becomes the dequantized value (same name, through an Identity
+from ``<name>_dequantized``; the float tensor is renamed ``<name>_float``), as the device
+returns it.
 """
 
 from __future__ import annotations
@@ -163,10 +172,11 @@ def quantize(
             f"build a plan for {backend.name}, or quantize with backend={plan.backend!r}",
         )
     _check_plan_fits(plan, float_graph)
+    _check_activation_bits(plan, backend)
     _check_ranges(plan, ranges)
     qparams = compute_qparams(float_graph, plan, ranges, weight_method)
-    qdq = _copy(float_graph)
-    insert_qdq(qdq, plan, qparams)
+    qdq = ensure_opset(_copy(float_graph), qdq_opset(plan))
+    insert_qdq(qdq, plan, qparams, quantize_graph_outputs=backend.placement.quantize_outputs)
     qdq.cleanup().toposort()
     log.info(
         "quantized for %s: %d Q/DQ activations, %d weights, %d int32 biases",
@@ -257,6 +267,16 @@ def _activation_range(entry: TensorPlan, ranges: Mapping[str, tuple[Any, Any]]):
     return min(lo, hi), max(lo, hi)
 
 
+def qdq_opset(plan: QuantPlan) -> int:
+    """Lowest opset whose Q/DQ store every planned tensor (21 with 9 to 16-bit levels)."""
+    return max([QDQ_MIN_OPSET] + [e.scheme.min_opset for e in plan.tensors.values()])
+
+
+def _check_activation_bits(plan: QuantPlan, backend) -> None:
+    for entry in plan.entries("activation"):
+        backend.check_activation_bits(entry.scheme.bits, entry.tensor)
+
+
 def _check_ranges(plan: QuantPlan, ranges: Mapping[str, tuple[Any, Any]]) -> None:
     missing = [name for name in plan.activation_schemes() if name not in ranges]
     if missing:
@@ -290,12 +310,20 @@ def _check_plan_fits(plan: QuantPlan, graph: gs.Graph) -> None:
                 )
 
 
-def insert_qdq(graph: gs.Graph, plan: QuantPlan, qparams: Mapping[str, TensorQParams]) -> None:
+def insert_qdq(
+    graph: gs.Graph,
+    plan: QuantPlan,
+    qparams: Mapping[str, TensorQParams],
+    *,
+    quantize_graph_outputs: bool = False,
+) -> None:
     """Put Q/DQ pairs (activations) and quantized initializers + DQ (weights, biases) in place.
 
     An activation whose levels are narrower than their storage type (4-bit in int8 below
     opset 21, FBGEMM's 7-bit reduce_range in uint8) gets a Clip to the levels' real range
     before its QuantizeLinear, which would otherwise saturate only at the storage limits.
+    With ``quantize_graph_outputs`` a planned activation that is a graph output is replaced
+    there by its dequantized value (see the module docstring).
     """
     tensors = graph.tensors()
     by_name = {n.name: n for n in graph.nodes}
@@ -341,6 +369,26 @@ def insert_qdq(graph: gs.Graph, plan: QuantPlan, qparams: Mapping[str, TensorQPa
             for index, inp in enumerate(node.inputs):
                 if inp is tensor:
                     node.inputs[index] = dequantized
+        if quantize_graph_outputs and entry.role == "activation":
+            _dequantized_graph_output(graph, tensor, dequantized)
+
+
+def _dequantized_graph_output(graph: gs.Graph, tensor: gs.Tensor, dequantized: gs.Variable):
+    """Make the graph output ``tensor`` the dequantized value, under the same name.
+
+    The float tensor becomes ``<name>_float`` and an Identity copies ``<name>_dequantized``
+    (the name every activation's dequantized value has) to the output.
+    """
+    for index, output in enumerate(graph.outputs):
+        if output is tensor:
+            name = tensor.name
+            tensor.name = f"{name}_float"
+            result = gs.Variable(name, dtype=tensor.dtype, shape=tensor.shape)
+            graph.nodes.append(
+                gs.Node("Identity", name=f"{name}_output", inputs=[dequantized],
+                        outputs=[result])
+            )
+            graph.outputs[index] = result
 
 
 def _clip_to_levels(graph: gs.Graph, tensor: gs.Tensor, qp: TensorQParams, opset: int):
@@ -395,4 +443,4 @@ def _copy(graph: gs.Graph) -> gs.Graph:
     return copied
 
 
-__all__ = ["QuantizedModel", "TensorQParams", "compute_qparams", "quantize"]
+__all__ = ["QuantizedModel", "TensorQParams", "compute_qparams", "qdq_opset", "quantize"]

@@ -16,7 +16,14 @@ A scheme says how real values map to integers:
   spread uniformly over the observed range:
   E = s^2/12 * (c/a) + (a - c)^3 / (3a), with a the observed amax and c = s * qmax the clip.
 
-A zero range (a constant tensor) gets ``MIN_SCALE`` (2^-100), never 0 or NaN.
+A zero range (a constant tensor) gets ``MIN_SCALE`` (2^-100), never 0 or NaN. A scheme with
+``min_range`` (SNPE/QNN's 0.01) widens narrower ranges first: ``hi = lo + min_range``
+(asymmetric, after including 0), ``amax = min_range / 2`` (signed symmetric) or ``min_range``
+(unsigned symmetric).
+
+Storage (:func:`onnx_dtype`): 8-bit and narrower levels in int8/uint8 (int4/uint4 from opset
+21 for 4 bits and less); 9 to 16 bits in int16/uint16, which QuantizeLinear/DequantizeLinear
+take from opset 21 (:data:`INT16_OPSET`; onnxruntime runs them, optimizations off and on).
 Per-channel schemes take arrays of lo/hi, one entry per channel along ``per_channel_axis``.
 """
 
@@ -37,6 +44,9 @@ from qtool.errors import PlanError
 # finite in float32 for any |x| < 1e8, so a constant (zero-range) tensor still quantizes.
 MIN_SCALE = 2.0**-100
 
+#: First default-domain opset whose QuantizeLinear/DequantizeLinear take int16/uint16.
+INT16_OPSET = 21
+
 
 @dataclass(frozen=True)
 class QuantScheme:
@@ -50,6 +60,7 @@ class QuantScheme:
         per_channel_axis: Axis of per-channel scales, None for one scale per tensor.
         narrow_range: Symmetric signed range [-(2^(b-1)-1), 2^(b-1)-1] instead of [-2^(b-1), ...].
         power_of_two: Scales restricted to powers of two (TVM's shift-based requantization).
+        min_range: Smallest range ``hi - lo`` (SNPE/QNN: 0.01); narrower ranges are widened.
     """
 
     bits: int = 8
@@ -58,12 +69,15 @@ class QuantScheme:
     per_channel_axis: int | None = None
     narrow_range: bool = False
     power_of_two: bool = False
+    min_range: float = 0.0
 
     def __post_init__(self):
         if not 2 <= self.bits <= 32:
             raise PlanError(f"bits={self.bits} is out of range", "use 2 to 16 (32 for bias)")
         if self.narrow_range and not self.signed:
             raise PlanError("narrow_range applies to signed schemes only")
+        if not (math.isfinite(self.min_range) and self.min_range >= 0.0):
+            raise PlanError(f"min_range={self.min_range} must be a finite number >= 0")
 
     @property
     def qmin(self) -> int:
@@ -83,17 +97,32 @@ class QuantScheme:
         """True when the scheme has one scale per channel."""
         return self.per_channel_axis is not None
 
+    @property
+    def min_opset(self) -> int:
+        """Lowest opset whose Q/DQ store these levels: 21 for 9 to 16 bits, else 13."""
+        return INT16_OPSET if 8 < self.bits <= 16 else 13
+
     def storage_bits(self, opset: int) -> int:
         """Bits of the ONNX integer type that stores the levels at this opset.
 
         4-bit levels use INT4/UINT4 from opset 21; below that (and for 5..7 bits) they are
-        kept in 8-bit storage with the narrower range. Bias schemes use 32.
+        kept in 8-bit storage with the narrower range. 9 to 16 bits use INT16/UINT16, valid
+        in Q/DQ from opset 21 only. Bias schemes use 32.
+
+        Raises:
+            PlanError: 9 to 16-bit levels below opset 21.
         """
-        if self.bits <= 4 and opset >= 21:
+        if self.bits <= 4 and opset >= INT16_OPSET:
             return 4
         if self.bits <= 8:
             return 8
-        if self.bits <= 16 and opset >= 21:
+        if self.bits <= 16:
+            if opset < INT16_OPSET:
+                raise PlanError(
+                    f"{self.bits}-bit levels need int16 Q/DQ, which ONNX has from opset "
+                    f"{INT16_OPSET} (the graph is at {opset})",
+                    "quantize with qtool.qdq.quantize, which raises the opset for them",
+                )
             return 16
         return 32
 
@@ -102,8 +131,11 @@ class QuantScheme:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict, for plan JSON files."""
-        return dataclasses.asdict(self)
+        """Plain dict, for plan JSON files; ``min_range`` only when set (older plans' bytes)."""
+        data = dataclasses.asdict(self)
+        if not self.min_range:
+            del data["min_range"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantScheme:
@@ -121,10 +153,13 @@ class QuantScheme:
                 valid = is_int
             elif key == "per_channel_axis":
                 valid = value is None or is_int
+            elif key == "min_range":
+                valid = is_int or isinstance(value, float)
             else:
                 valid = isinstance(value, bool)
             if not valid:
-                kind = {"bits": "an integer", "per_channel_axis": "an integer or null"}
+                kind = {"bits": "an integer", "per_channel_axis": "an integer or null",
+                        "min_range": "a number"}
                 raise PlanError(
                     f"scheme field {key}={value!r} must be {kind.get(key, 'true or false')}"
                 )
@@ -149,12 +184,14 @@ class QuantScheme:
         lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
         if self.symmetric:
             amax = np.maximum(np.abs(lo), np.abs(hi)) if self.signed else np.maximum(hi, 0.0)
+            amax = np.maximum(amax, self.min_range / 2.0 if self.signed else self.min_range)
             scale = amax / self.qmax
             if self.power_of_two:
                 scale = np.vectorize(self._power_of_two_scale, otypes=[np.float64])(amax)
             zero_point = np.zeros(lo.shape, dtype=np.int64)
         else:
             lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+            hi = np.maximum(hi, lo + self.min_range)
             scale = (hi - lo) / (self.qmax - self.qmin)
             if self.power_of_two:
                 scale = np.vectorize(self._power_of_two_scale, otypes=[np.float64])(

@@ -10,6 +10,7 @@ own text parser for the AMCT record) and compared with numbers computed from the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -63,13 +64,15 @@ TRT_ADD_INPUTS = {
 #: Q and DQ node counts on the ResNet block, derived by hand: 6 conv/gemm activation inputs
 #: (the stem ReLU feeds two convs through one pair), 7 weights; TensorRT adds the Add shortcut
 #: /a/a.2 output and the pooling input; graph 3 adds all four Add inputs and the pooling input
-#: (one of which, /Relu_output_0, is already quantized); acl/tvm add 7 int32 biases.
+#: (one of which, /Relu_output_0, is already quantized); acl/tvm add 7 int32 biases. snpe
+#: (converter placement) quantizes outputs: the input, the 4 ReLUs (their convs and Adds are
+#: fused), the 3 convs feeding an Add, the pooling output and the logits: 11, + 7 weights.
 RESNET_COUNTS = {
     "academic": (6, 13),
     "tensorrt": (8, 15),
     "acl": (6, 20),
     "tvm": (10, 24),
-    "snpe": (10, 17),
+    "snpe": (11, 18),
     "fbgemm": (10, 17),
 }
 
@@ -119,17 +122,6 @@ def test_registry_names_alias_and_errors():
                       "fbgemm": 3}
 
 
-def test_qnn_alias_emits_snpe_files():
-    graph = prepared("resnet")
-    plan = build_plan(graph, "qnn")
-    assert plan.backend == "qnn"
-    ranges = minmax_ranges(graph, plan, feeds_for(graph))
-    files = quantize(graph, "qnn", ranges, plan=plan).files()
-    snpe = _result("resnet", "snpe")[3].files()
-    assert files["model.encodings"] == snpe["model.encodings"]
-    assert sorted(files) == ["model.encodings", "model.onnx", "plan.json"]
-
-
 # ----------------------------------------------------------------------------- placement
 
 
@@ -139,6 +131,9 @@ def _expected_inputs(model, backend, node: gs.Node, shape: set[str]) -> list[int
     if any(o.name in shape for o in node.outputs):
         return []
     variable = [i for i, t in enumerate(node.inputs) if not isinstance(t, gs.Constant)]
+    if rules.placement.quantize_outputs:
+        return [i for i, t in enumerate(node.inputs) if _converter_encodes(t, rules, shape)] + (
+            [1] if node.op in WEIGHTED and isinstance(node.inputs[1], gs.Constant) else [])
     if node.op in WEIGHTED:
         has_weight = isinstance(node.inputs[1], gs.Constant)
         if backend in WEIGHT_REQUIRED and not has_weight:
@@ -158,12 +153,26 @@ def _expected_inputs(model, backend, node: gs.Node, shape: set[str]) -> list[int
     return []
 
 
+def _converter_encodes(tensor: gs.Tensor, rules, shape: set[str]) -> bool:
+    """SNPE/QNN: a graph input or an op output, except data movement and Conv(+Relu)."""
+    if isinstance(tensor, gs.Constant) or tensor.name in shape:
+        return False
+    if not tensor.inputs:
+        return True
+    producer = tensor.inputs[0]
+    if producer.op in ("Reshape", "Flatten", "Transpose", "MaxPool", "Squeeze", "Unsqueeze"):
+        return False
+    return not (len(tensor.outputs) == 1 and tensor.outputs[0].op in ("Relu", "Clip"))
+
+
 @pytest.mark.parametrize("model, backend", CASES)
 def test_placement_follows_the_graph_rules(model, backend):
     graph, _, _, result = _result(model, backend)
     shape = shape_tensors(graph)
     got = quantized_inputs(result.graph)
     float_nodes = {n.name: n for n in graph.nodes}
+    if get_backend(backend).placement.quantize_outputs:  # Identity: DQ -> graph output
+        got = {k: v for k, v in got.items() if k not in {f"{o.name}_output" for o in graph.outputs}}
     assert set(got) == set(float_nodes)  # no node lost or added besides Q/DQ
     for name, node in float_nodes.items():
         assert got[name] == _expected_inputs(model, backend, node, shape), name
@@ -191,6 +200,9 @@ def test_resnet_qdq_counts_by_hand(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float_nodes_say_why(backend):
     plan = _result("attention", backend)[3].plan
+    if get_backend(backend).placement.quantize_outputs:  # the converter quantizes every op
+        assert not {"/Softmax", "/ReduceMean", "/Add"} & set(plan.float_nodes)
+        return
     assert "Softmax has no integer kernel" in plan.float_nodes["/Softmax"]
     assert "ReduceMean has no integer kernel" in plan.float_nodes["/ReduceMean"]
     if backend in WEIGHT_REQUIRED:
@@ -226,8 +238,9 @@ def test_concat_inputs_share_one_scale_in_the_model(backend):
             assert len({q.inputs[2].name for q in q_nodes}) == 1
     # The first Concat's output (read by a conv) is an input of the second in every graph.
     assert with_quantized_member == 2
-    # The MaxPool branch: its output shares the scale of the stem output it reads (graph 3).
-    if placement == 3:
+    # The MaxPool branch: its output shares the scale of the stem output it reads (graph 3;
+    # the converter placement quantizes the stem output only).
+    if placement == 3 and not get_backend(backend).placement.quantize_outputs:
         stem, pooled = quantizers["/stem/stem.1/Relu_output_0"], quantizers[
             "/bp/bp.0/MaxPool_output_0"]
         assert stem.inputs[1] is pooled.inputs[1] and stem.inputs[2] is pooled.inputs[2]
@@ -389,8 +402,10 @@ ENCODINGS_SCHEMA = {
 
 @pytest.mark.parametrize("model", models.MODEL_NAMES)
 def test_snpe_encodings_round_trip(model):
+    """The legacy 0.6.1 layout (backend option encoding_version=0.6.1)."""
     _, _, ranges, result = _result(model, "snpe")
-    files = result.files()
+    legacy = get_backend("snpe", encoding_version="0.6.1")
+    files = dataclasses.replace(result, backend=legacy).files()
     doc = json.loads(files["model.encodings"])
     jsonschema.validate(doc, ENCODINGS_SCHEMA)
     float_model = onnx.load_from_string(files["model.onnx"])
@@ -510,7 +525,7 @@ GOLDEN_FILES = {
     "tensorrt": ["plan.json", "calibration.cache", "dynamic_range.json"],
     "acl": ["plan.json", "record.txt"],
     "tvm": ["plan.json", "shifts.json"],
-    "snpe": ["plan.json", "model.encodings"],
+    "snpe": ["plan.json"],  # model.encodings: test_qualcomm checks it against AIMET's schema
     "fbgemm": ["plan.json"],
 }
 

