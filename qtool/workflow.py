@@ -68,6 +68,11 @@ class CalibrateOptions:
             calibration data) reaches this.
         max_accuracy_drop: Keep the most sensitive layers float until the top-1 accuracy on
             the (labelled) evaluation data is at most this many points below float.
+        backend_options: The backend's options, ``{"reduce_range": False}`` or
+            ``("reduce_range=false", ...)`` (``--backend-option``); unknown keys are an error.
+        kernel_check: Also run the QDQ model in onnxruntime's integer kernels (default
+            optimizations) on a few evaluation samples and report how far they are from the
+            simulation (:mod:`qtool.analysis.kernels`).
     """
 
     data: str | os.PathLike | None = None
@@ -87,6 +92,8 @@ class CalibrateOptions:
     sensitivity: bool = False
     target_sqnr: float | None = None
     max_accuracy_drop: float | None = None
+    backend_options: Mapping[str, Any] | tuple[str, ...] = ()
+    kernel_check: bool = True
 
 
 @dataclass
@@ -143,7 +150,7 @@ def calibrate_to_folder(
     """
     if save_plan is not None:
         graph, _ = prepare(load(model))
-        plan = _build_plan(graph, backend, options)
+        plan = _build_plan(graph, backend_rules(backend, options.backend_options), options)
         atomic_write_text(save_plan, plan.to_json())
         return CalibrationRun(Path(save_plan))
     folder = Path(output) if output is not None else default_output(model, backend)
@@ -170,7 +177,8 @@ def quantize_model(
     from qtool.report.html import render_html
 
     graph, pass_reports = prepare(load(model))
-    plan = _build_plan(graph, backend, options)
+    rules = backend_rules(backend, options.backend_options)
+    plan = _build_plan(graph, rules, options)
     calib_data = load_samples(options.data, graph, options.num_samples, options.seed)
     method_choice = None
     if options.method == AUTO_METHOD:
@@ -183,18 +191,19 @@ def quantize_model(
             graph, plan.activation_schemes(), calib_data, method=options.method,
             batch_size=options.batch_size, workers=options.workers, progress=options.progress,
         )
-    result = quantize(graph, backend, ranges, plan=plan, weight_method=options.weight_method)
+    result = quantize(graph, rules, ranges, plan=plan, weight_method=options.weight_method,
+                      activation_method=options.method)
 
     eval_path = options.eval_data if options.eval_data is not None else options.data
     eval_samples = (
         calib_data if options.eval_data is None
         else load_samples(eval_path, graph, options.num_samples, options.seed)
     )
-    analysis = _analyze(graph, backend, result, ranges, calib_data, eval_samples, eval_path,
+    analysis = _analyze(graph, rules, result, ranges, calib_data, eval_samples, eval_path,
                         options)
     if analysis.fallback is not None:
-        result = quantize(graph, backend, ranges, plan=analysis.fallback.plan,
-                          weight_method=options.weight_method)
+        result = quantize(graph, rules, ranges, plan=analysis.fallback.plan,
+                          weight_method=options.weight_method, activation_method=options.method)
     analysis.method_choice = method_choice.to_dict() if method_choice else None
     analysis.samples, analysis.tensors, analysis.histograms = _tensor_errors(
         graph, result, calib_data, options.batch_size
@@ -222,6 +231,17 @@ def quantize_model(
         files=files,
         analysis=analysis,
     )
+    report["backend_options"] = dict(rules.options)
+    report["warnings"] += result.warnings
+    if options.kernel_check:
+        from qtool.analysis.kernels import check_kernels
+
+        kernels = check_kernels(
+            result.graph, load(model),
+            labelled_batches(eval_samples, eval_path, options.batch_size), rules,
+        )
+        report["ort_kernels"] = kernels.to_dict()
+        report["warnings"] += kernels.warnings(rules.name)
     files[REPORT_JSON] = to_json(report).encode("utf-8")
     files[REPORT_MD] = to_markdown(report).encode("utf-8")
     files[REPORT_HTML] = render_html(report).encode("utf-8")
@@ -393,12 +413,28 @@ def describe_passes() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _build_plan(graph: gs.Graph, backend: str, options: CalibrateOptions):
+def backend_rules(backend, backend_options: Mapping[str, Any] | tuple[str, ...] = ()):
+    """The Backend for a name (or Backend) with ``backend_options`` applied.
+
+    Raises:
+        BackendError: Unknown backend, option key (the message lists its options) or value.
+    """
+    from qtool.backends import resolve_backend
+
+    rules = resolve_backend(backend)
+    if not backend_options:
+        return rules
+    return rules.with_options(**rules.parse_options(backend_options))
+
+
+def _build_plan(graph: gs.Graph, backend, options: CalibrateOptions):
     from qtool.planner import build_plan
 
     if options.plan is None:
-        return build_plan(graph, backend, skip=options.skip, weight_bits=options.weight_bits,
+        plan = build_plan(graph, backend, skip=options.skip, weight_bits=options.weight_bits,
                           act_bits=options.act_bits)
+        backend_rules(backend).check_plan(plan)  # widths its files cannot hold: before calibrating
+        return plan
     if options.skip or options.weight_bits or options.act_bits:
         raise PlanError(
             "--skip and --bits shape a new plan; they cannot change a plan given with --plan",
