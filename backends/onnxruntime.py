@@ -16,7 +16,8 @@ that flows between such ops is quantized, which puts a Q after each op's output:
   HardSwish get quantized inputs (onnxruntime has QLinear kernels for them);
 * weights per output channel, symmetric int8; int32 biases with ``s_in * s_w`` (what
   QLinearConv and QGemm take);
-* activations per tensor, asymmetric uint8 (option ``activations=int8`` for int8).
+* activations per tensor, asymmetric uint8 (option ``activations=int8`` for int8: for ARM;
+  on x86 onnxruntime shifts int8 activations to uint8 and then fuses only part of the graph).
 
 Option ``reduce_range`` (default True, safe everywhere): weights use 7 bits, levels
 -64..63 in int8, as onnxruntime's own quantizer does with ``reduce_range``: on x86 CPUs without

@@ -117,7 +117,6 @@ def build_plan(
         BackendError: Unknown backend name.
     """
     from qtool.backends import resolve_backend
-
     from qtool.bias import split_shared_biases
 
     backend = resolve_backend(backend)

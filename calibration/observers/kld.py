@@ -8,8 +8,8 @@ re-binned onto the linear grid, values spread uniformly inside each fine bin
 (:func:`linear_rebin`). So the search sees the same ``bins`` bins whatever the data's scale,
 and scaling the data by ``k`` scales the threshold by ``k`` (the power-of-two grid alone
 leaves between a quarter and all of the bins, and the threshold moved by 20 % over data
-scaled by 1 to 2). For each candidate threshold of ``i`` bins, ``i`` from the number of levels ``L`` (and past the second non-empty bin) to the last
-non-empty bin:
+scaled by 1 to 2). For each candidate threshold of ``i`` bins, ``i`` from the number of
+levels ``L`` (and past the second non-empty bin) to the last non-empty bin:
 
     P = counts[:i], with the clipped tail counts[i:] added to its last bin
     Q = counts[:i] merged into L equal groups, each group's sum spread evenly over the
