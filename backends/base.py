@@ -153,7 +153,8 @@ class Backend:
         configure: Hook turning ``options`` into rules; returns the configured backend.
         per_channel_ops: Weighted ops whose weights are per channel when
             ``per_channel_weights`` is set (None: all of them).
-        activation_bits: Activation widths the engine's files can describe (None: any).
+        activation_bits: Activation widths the engine's files can describe (None: any); the
+            simulation runs any width, the emitter and ``qtool calibrate`` refuse others.
     """
 
     name: str

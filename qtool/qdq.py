@@ -160,7 +160,7 @@ def quantize(
     Raises:
         PlanError: The plan is for another backend, names tensors or nodes the graph lacks,
             or ranges are missing or invalid.
-        BackendError: Unknown backend, or activation widths the backend cannot describe.
+        BackendError: Unknown backend.
     """
     from qtool.backends import resolve_backend
     from qtool.bias import split_shared_biases
@@ -178,7 +178,6 @@ def quantize(
             f"the plan was built for backend {plan.backend}, not {backend.name}",
             f"build a plan for {backend.name}, or quantize with backend={plan.backend!r}",
         )
-    backend.check_plan(plan)
     _check_plan_fits(plan, float_graph)
     _check_ranges(plan, ranges)
     warnings: list[str] = []

@@ -645,8 +645,9 @@ def test_tensorrt_cache_header_names_the_calibrator(method, header):
 def test_tensorrt_refuses_other_activation_widths(tmp_path):
     graph = prepared("digits")
     plan = build_plan(graph, "tensorrt", act_bits=4)
+    simulated = quantize(graph, "tensorrt", _golden_ranges(plan), plan=plan)  # what-if sweeps
     with pytest.raises(BackendError, match="cannot describe 4-bit activations"):
-        quantize(graph, "tensorrt", _golden_ranges(plan), plan=plan)
+        simulated.files()  # but no calibration.cache that TensorRT would read as amax 127*s
     from click.testing import CliRunner
     from qtool.cli import main
 
