@@ -822,3 +822,24 @@ def test_scale_math_matches_torch_ao_observers():
         scale, zero_point = qtool_qparams(scheme, values, axis)
         np.testing.assert_allclose(scale, want_scale, rtol=1e-6)
         np.testing.assert_array_equal(zero_point, want_zp)
+
+
+@pytest.mark.parametrize("backend", ["acl", "onnxruntime"])
+def test_lint_accepts_the_granularity_each_op_gets(backend):
+    """acl: per-channel Conv, per-tensor Gemm/MatMul; lint's QT109 knows which op wants which,
+    and flags a per-tensor Conv weight."""
+    from qtool.lint import lint_model
+
+    result = _result("resnet", backend)[3]
+    ops = {e.tensor: e.scheme.per_channel for e in result.plan.entries("weight")}
+    assert (False in ops.values()) == (backend == "acl")  # the resnet's Gemm, on acl
+    findings = lint_model(result.graph, backend=backend).findings
+    assert not [f for f in findings if f.rule_id == "QT109"]
+    academic = _result("resnet", "academic")[3]  # per-tensor everywhere
+    findings = lint_model(academic.graph, backend=backend).findings
+    flagged = {f.node for f in findings if f.rule_id == "QT109"}
+    wanted = {"Conv"} if backend == "acl" else WEIGHTED
+    per_channel_weights = {n.name for n in academic.graph.nodes if n.op == "DequantizeLinear"
+                           and isinstance(n.inputs[0], gs.Constant)
+                           and n.outputs[0].outputs[0].op in wanted}
+    assert flagged == per_channel_weights
