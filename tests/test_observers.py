@@ -430,7 +430,7 @@ def test_registry_names_and_constructors():
     assert sorted(OBSERVERS) == ["kld", "meanstd", "minmax", "mse", "norm", "quantile"]
     assert get_observer("KLD") is KLDObserver
     ctor = get_observer(KLDObserver.with_args(bins=256))
-    assert ctor(SYM, "t").bins == 256
+    assert ctor(SYM, "t").kl_bins == 256
     assert get_observer(MSEObserver) is MSEObserver
 
 
