@@ -7,7 +7,8 @@ digits CNN (and its outlier variant) and the output SQNR against the float model
 drop by more than 1 dB (0.5 dB for the ``onnxruntime`` backend, made for those kernels).
 
 On x86 CPUs without VNNI the u8 x s8 kernels saturate (``vpmaddubsw``); this machine may
-have VNNI, so the rule that flags the risk from the schemes is checked by itself too.
+have VNNI, so the rule that flags the risk from the schemes is checked by itself too, and
+against an emulation of ``vpmaddubsw`` on the digits model's real integer activations.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 from outlier_model import outlier_graph
@@ -128,3 +130,65 @@ def test_report_measures_the_kernels(tmp_path):
     assert report["ort_kernels"]["saturation_risk_without_vnni"] is False
     assert not any("onnxruntime's" in w for w in report["warnings"])
     assert report["backend_options"] == {"reduce_range": True, "activations": "uint8"}
+
+
+def _saturated_pairs(result, val) -> int:
+    """Pairs of products that overflow int16 in a u8 x s8 ``vpmaddubsw`` emulation.
+
+    Every quantized Conv of the QDQ model, on its real integer inputs (captured from the
+    Q nodes, optimizations off) and integer weights: im2col in onnxruntime's NHWC order
+    (kh, kw, c_in; padding with the zero point), int8 activations shifted to uint8 as MLAS
+    does (+128), products of neighbouring k summed in pairs, as ``vpmaddubsw`` sums them.
+    """
+    model = qtool.io.to_model(result.graph)
+    convs = [n for n in result.graph.nodes if n.op == "Conv" and n.inputs[0].inputs
+             and n.inputs[0].inputs[0].op == "DequantizeLinear"
+             and isinstance(n.inputs[1].inputs[0].inputs[0], gs.Constant)]
+    names = [c.inputs[0].inputs[0].inputs[0].name for c in convs]  # the Q outputs
+    for name in names:
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    levels = _session(model.SerializeToString(), False).run(names, {"input": val})
+    saturated = 0
+    for conv, a in zip(convs, levels, strict=True):
+        dq_x, dq_w = conv.inputs[0].inputs[0], conv.inputs[1].inputs[0]
+        w = dq_w.inputs[0].values.astype(np.int64)  # (c_out, c_in, kh, kw)
+        zero = int(np.asarray(dq_x.inputs[2].values))
+        signed = dq_x.inputs[2].values.dtype == np.int8
+        a = a.astype(np.int64)
+        if signed:
+            a, zero = a + 128, zero + 128  # s8 activations run as u8 with a shifted zero point
+        kh, kw = w.shape[2:]
+        pad = conv.attrs.get("pads", [0, 0, 0, 0])
+        a = np.pad(a, ((0, 0), (0, 0), (pad[0], pad[2]), (pad[1], pad[3])),
+                   constant_values=zero)
+        height, width = a.shape[2] - kh + 1, a.shape[3] - kw + 1
+        patches = np.stack([a[:, :, i:i + height, j:j + width]
+                            for i in range(kh) for j in range(kw)], axis=1)
+        cols = patches.transpose(0, 3, 4, 1, 2).reshape(a.shape[0], height * width, -1)
+        weights = w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
+        if cols.shape[-1] % 2:
+            continue  # a single input channel: no pairs to saturate in this order
+        products = cols[:, :, None, :] * weights[None, None, :, :]
+        pairs = products[..., 0::2] + products[..., 1::2]
+        saturated += int(np.count_nonzero(np.abs(pairs) > 32767))
+    return saturated
+
+
+@pytest.mark.parametrize("backend, options", [
+    ("tensorrt", {}), ("academic", {}), ("fbgemm", {"reduce_range": False}),
+    ("fbgemm", {}), ("onnxruntime", {}),
+])
+def test_saturation_is_real_on_the_digits_model(backend, options):
+    """The rule's risk is not hypothetical: on the digits CNN's real integer activations the
+    8-bit x 8-bit schemes give int16 pair sums that overflow (their non-VNNI kernels clip),
+    and the 7-bit schemes (fbgemm's and onnxruntime's defaults) never do."""
+    calib, val = _data()
+    rules = get_backend(backend, **options)
+    graph = prepared("digits")
+    plan = build_plan(graph, rules)
+    ranges = qtool.calibrate(graph, plan.activation_schemes(), [{"input": calib}],
+                             method="minmax")
+    result = quantize(graph, rules, ranges, plan=plan)
+    saturated = _saturated_pairs(result, val[:16])
+    print(f"{backend}{options}: {saturated} saturated pairs")
+    assert (saturated > 0) == saturation_risk(rules)
