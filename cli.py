@@ -206,6 +206,9 @@ def main() -> None:
 @click.argument("model", type=EXISTING_FILE)
 @click.option("--backend", "-b", required=True, type=click.Choice(_backend_names()),
               help="Inference engine whose rules place and shape the quantization.")
+@click.option("--backend-option", "backend_options", multiple=True, metavar="KEY=VALUE",
+              help="A backend option, e.g. reduce_range=false (fbgemm, onnxruntime), "
+                   "activations=int8 (onnxruntime), version=10000 (tensorrt). Repeatable.")
 @click.option("--data", "data_path", type=EXISTING_PATH,
               help="Calibration data: .npz/.npy or an image folder. Without it: random inputs "
                    "(smoke tests only, the ranges are unfit for deployment).")
@@ -256,10 +259,10 @@ def main() -> None:
 @provider_option
 @_quiet_option
 @debug_option
-def calibrate(model, backend, data_path, eval_path, method, weight_method, num_samples,
-              batch_size, bits, weight_bits, act_bits, skip, plan_path, save_plan_path, workers,
-              seed, output, force, layerwise, sensitivity, target_sqnr, max_accuracy_drop,
-              quiet, provider, preprocess_file, **image_flags):
+def calibrate(model, backend, backend_options, data_path, eval_path, method, weight_method,
+              num_samples, batch_size, bits, weight_bits, act_bits, skip, plan_path,
+              save_plan_path, workers, seed, output, force, layerwise, sensitivity, target_sqnr,
+              max_accuracy_drop, quiet, provider, preprocess_file, **image_flags):
     """Quantize MODEL for a backend: calibrate, write the model, vendor files and a report.
 
     The output folder gets the quantized model, the backend's files (encodings, calibration
@@ -287,6 +290,7 @@ def calibrate(model, backend, data_path, eval_path, method, weight_method, num_s
         progress=False if quiet else None, sensitivity=sensitivity, target_sqnr=target_sqnr,
         max_accuracy_drop=max_accuracy_drop, providers=provider,
         preprocess=_preprocessing(preprocess_file, **image_flags),
+        backend_options=tuple(backend_options),
     )
     with progress.shown(False if quiet else None):
         result = calibrate_to_folder(model, backend, output, options, force=force,

@@ -6,8 +6,8 @@ per-channel weights, 16-bit activations) shares ``snpe``'s encodings file and pl
 
 Example:
     >>> from qtool.backends import backend_names, get_backend
-    >>> get_backend("fbgemm", reduce_range=True).activation_scheme.bits
-    7
+    >>> get_backend("fbgemm", reduce_range=False).activation_scheme.bits
+    8
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from qtool.backends import academic, acl, fbgemm, qnn, snpe, tensorrt, tvm
+from qtool.backends import academic, acl, fbgemm, onnxruntime, qnn, snpe, tensorrt, tvm
 from qtool.backends.base import Backend
 
 from qtool.errors import BackendError
 
 #: The backends, in the order ``--backend`` lists them.
-MODULES = (academic, tensorrt, acl, tvm, snpe, qnn, fbgemm)
+MODULES = (academic, tensorrt, acl, tvm, snpe, qnn, fbgemm, onnxruntime)
 
 #: Other names for a backend's rules: alias -> backend name.
 ALIASES: dict[str, str] = {}

@@ -1,6 +1,8 @@
 """Huawei Ascend (ACL / AMCT): graph 1 on layers with weights, plus an AMCT record file.
 
-Rules: weights per output channel symmetric int8 (``offset_w`` must be 0), activations per
+Rules: Conv weights per output channel symmetric int8 (``offset_w`` must be 0; AMCT takes a
+``scale_w`` vector only for channel-wise Conv, so ConvTranspose/Gemm/MatMul weights are per
+tensor, one ``scale_w``), activations per
 tensor asymmetric int8, bias int32 with ``scale = scale_d * scale_w`` (the Ascend cube unit
 adds it in int32), Q/DQ only on the input and weight of Conv/ConvTranspose/Gemm/MatMul that
 have a constant weight (MQBench Fig. 4(a); a MatMul of two activations stays float).
@@ -14,8 +16,8 @@ per quantized layer, keyed by the **node name**; AMCT quantizes data as
       value {
         scale_d: 0.0123
         offset_d: -128
-        scale_w: 0.001      # repeated, one per output channel
-        offset_w: 0         # repeated, one per output channel
+        scale_w: 0.001      # repeated: one per output channel (Conv), else one
+        offset_w: 0         # repeated, as scale_w
       }
     }
 
@@ -78,10 +80,11 @@ def emit(result) -> dict[str, bytes]:
 
 BACKEND = Backend(
     name="acl",
-    summary="per-channel symmetric weights, asymmetric int8 activations, layers with weights "
+    summary="per-channel symmetric Conv weights, asymmetric int8 activations, layers with weights "
     "only (graph 1) + AMCT record",
     weight_scheme=QuantScheme(bits=8, signed=True, symmetric=True),
     per_channel_weights=True,
+    per_channel_ops=frozenset({"Conv"}),
     activation_scheme=QuantScheme(bits=8, signed=True, symmetric=False),
     bias_mode="int32",
     placement=Placement(graph=GRAPH_1.graph, requires_weight=True),

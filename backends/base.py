@@ -3,7 +3,8 @@
 A backend says *what* an engine runs in integers and *how* the integers look:
 
 * ``weight_scheme`` / ``activation_scheme``: bits, signed, symmetric, narrow range, power of
-  two. Per-channel weights are a flag (``per_channel_weights``): the axis depends on the op
+  two. Per-channel weights are a flag (``per_channel_weights``), limited to some op types by
+  ``per_channel_ops`` (AMCT takes a scale vector for Conv only): the axis depends on the op
   (Conv 0, ConvTranspose 1, Gemm by ``transB``, MatMul the last axis) and the planner picks it.
 * ``bias_mode``: ``"int32"`` (bias stored as int32 with scale ``s_in * s_w``, zero point 0) or
   ``"float"`` (the engine adds a float bias itself).
@@ -14,7 +15,8 @@ A backend says *what* an engine runs in integers and *how* the integers look:
   planner joins both with one union-find; no op is special-cased anywhere else.
 * ``options``: typed options with their defaults (FBGEMM's ``reduce_range``, the TensorRT cache
   header's version). :meth:`Backend.with_options` validates them and lets the backend module's
-  ``configure`` hook turn them into rules.
+  ``configure`` hook turn them into rules; :meth:`Backend.parse_options` reads them from
+  ``KEY=VALUE`` text (``--backend-option``, recipes).
 * ``emitter``: ``emit(result) -> {file name: bytes}``, the engine's files for a
   :class:`qtool.qdq.QuantizedModel`.
 
@@ -157,6 +159,10 @@ class Backend:
         configure: Hook turning ``options`` into rules; returns the configured backend.
         activation_bits_supported: Activation bit widths the engine runs; ``quantize``
             refuses a plan with others (9 to 16 bits are stored as int16/uint16 at opset 21).
+        per_channel_ops: Weighted ops whose weights are per channel when
+            ``per_channel_weights`` is set (None: all of them).
+        file_activation_bits: Activation widths the engine's files can describe (None: any); the
+            simulation runs any width, the emitter and ``qtool calibrate`` refuse others.
     """
 
     name: str
@@ -173,6 +179,8 @@ class Backend:
     options: Mapping[str, Any] = field(default_factory=dict)
     configure: Callable[[Backend], Backend] = _no_configuration
     activation_bits_supported: frozenset[int] = frozenset(range(2, 9))
+    per_channel_ops: frozenset[str] | None = None
+    file_activation_bits: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.bias_mode not in BIAS_MODES:
@@ -192,6 +200,31 @@ class Backend:
     def quantizable_ops(self) -> frozenset[str]:
         """Op types that get quantized inputs."""
         return self.placement.quantizable_ops
+
+    def weight_per_channel(self, op: str) -> bool:
+        """Whether the weight of an ``op`` node gets one scale per output channel."""
+        return self.per_channel_weights and (
+            self.per_channel_ops is None or op in self.per_channel_ops
+        )
+
+    def check_plan(self, plan) -> None:
+        """Refuse a plan whose activation widths the engine's files cannot describe.
+
+        Raises:
+            BackendError: An activation of a width outside ``file_activation_bits``.
+        """
+        if self.file_activation_bits is None:
+            return
+        widths = sorted({e.scheme.bits for e in plan.entries("activation")})
+        bad = [w for w in widths if w not in self.file_activation_bits]
+        if bad:
+            allowed = ", ".join(str(b) for b in self.file_activation_bits)
+            raise BackendError(
+                f"backend {self.name} cannot describe {bad[0]}-bit activations "
+                f"(its files hold {allowed}-bit ones only)",
+                f"use --act-bits {self.file_activation_bits[0]}, or a backend that runs "
+                f"{bad[0]}-bit activations",
+            )
 
     def emit(self, result: QuantizedModel) -> dict[str, bytes]:
         """The engine's files for a quantized model: ``{file name: bytes}``."""
@@ -232,6 +265,40 @@ class Backend:
             f"use --act-bits {_bit_ranges(self.activation_bits_supported)} with {self.name}, "
             f"or a backend that runs {bits}-bit activations",
         )
+    def parse_options(self, items: Mapping[str, str] | list[str] | tuple[str, ...]) -> dict:
+        """Typed option values from text: ``["reduce_range=false", ...]`` or a mapping.
+
+        Values are read as the type of the option's default: ``true/false/1/0/yes/no`` for
+        booleans, decimal integers, numbers, or the text itself. Non-text values of a mapping
+        (a YAML recipe) are passed through and checked by :meth:`with_options`.
+
+        Raises:
+            BackendError: An item without ``=``, an unknown key (the message lists the
+                backend's options), or a value that does not read as the option's type.
+        """
+        pairs: list[tuple[str, Any]] = []
+        if isinstance(items, Mapping):
+            pairs = [(str(k), v) for k, v in items.items()]
+        else:
+            for item in items:
+                key, sep, value = str(item).partition("=")
+                if not sep or not key.strip():
+                    raise BackendError(
+                        f"backend option {item!r} is not KEY=VALUE",
+                        f"e.g. --backend-option {next(iter(self.options), 'key')}=VALUE",
+                    )
+                pairs.append((key.strip(), value.strip()))
+        parsed: dict[str, Any] = {}
+        for key, value in pairs:
+            if key not in self.options:
+                known = ", ".join(
+                    f"{k} (default {_show(v)})" for k, v in sorted(self.options.items())
+                ) or "none"
+                raise BackendError(
+                    f"backend {self.name} has no option {key}", f"its options: {known}"
+                )
+            parsed[key] = _read_option(self.name, key, value, type(self.options[key]))
+        return parsed
 
     def passes_scale_through(self, op: str, attrs: Mapping[str, Any]) -> bool:
         """True if ``op`` with ``attrs`` only moves data (its output keeps the input scale)."""
@@ -256,6 +323,31 @@ def _bit_ranges(bits: frozenset[int]) -> str:
         else:
             runs.append([value])
     return " or ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _show(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _read_option(backend: str, key: str, value: Any, kind: type) -> Any:
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    try:
+        if kind is bool:
+            if text.lower() in _TRUE | _FALSE:
+                return text.lower() in _TRUE
+            raise ValueError(text)
+        if kind in (int, float):
+            return kind(text)
+    except ValueError:
+        raise BackendError(
+            f"backend {backend}: option {key}={value!r} must be {kind.__name__}",
+            "booleans: true/false" if kind is bool else f"give a {kind.__name__}",
+        ) from None
+    return text
 
 
 # ----------------------------------------------------------------- helpers for emitters

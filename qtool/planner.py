@@ -121,9 +121,12 @@ def build_plan(
         BackendError: Unknown backend name, or ``act_bits`` it cannot run.
     """
     from qtool.backends import resolve_backend
+    from qtool.bias import split_shared_biases
 
     backend = resolve_backend(backend)
     name_nodes(graph)
+    if backend.bias_mode == "int32":
+        split_shared_biases(graph)  # one int32 bias per consumer (its own s_in * s_w)
     nodes = list(graph.nodes)
     consumers = _consumers(nodes)
     graph_outputs = {t.name for t in graph.outputs}
@@ -181,7 +184,7 @@ def build_plan(
                 if entry is None:
                     scheme = backend.weight_scheme.with_(
                         per_channel_axis=_weight_axis(node, weight)
-                        if backend.per_channel_weights
+                        if backend.weight_per_channel(op)
                         else None
                     )
                     entry = TensorPlan(weight.name, "weight", scheme, ())

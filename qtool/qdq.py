@@ -12,7 +12,11 @@ For every planned tensor:
   integers are stored as an initializer ``<w>_quantized`` feeding ``DequantizeLinear``.
 * **bias** (backends with ``bias_mode="int32"``): ``scale = s_in * s_w`` (float32 product,
   per channel when the weight is; a grouped ConvTranspose's per-channel weight scales repeat
-  once per group), zero point 0, ``q = clip(round(b / scale), int32)``.
+  once per group), zero point 0, ``q = clip(round(b / scale), int32)``. Every consumer of a
+  shared bias gets its own copy and quantization, and a weight scale too small for its bias
+  (a pruned channel, an input range of (0, 0)) is raised so that the bias fits in int32
+  (:mod:`qtool.bias`); raised scales of non-zero weights and clipped biases are listed in
+  :attr:`QuantizedModel.warnings`.
 
 Storage: ``onnx_dtype(scheme, opset)``: 4-bit schemes use INT4/UINT4 from opset 21 and 8-bit
 storage with the 4-bit range below it; FBGEMM's reduce_range (7-bit unsigned) is uint8 with
@@ -33,10 +37,11 @@ returns it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +103,9 @@ class QuantizedModel:
         backend: The :class:`qtool.backends.base.Backend`.
         qparams: Scale and zero point per planned tensor.
         weight_method: Observer used for the weights.
+        activation_method: Calibration method of the activation ranges, if known (the
+            TensorRT cache header names its calibrator after it).
+        warnings: What the report must say (weight scales raised for a bias, clipped biases).
     """
 
     graph: gs.Graph
@@ -106,6 +114,8 @@ class QuantizedModel:
     backend: Any
     qparams: dict[str, TensorQParams]
     weight_method: str = "minmax"
+    activation_method: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def files(self) -> dict[str, bytes]:
         """The backend's files (model and vendor files) plus ``plan.json``, sorted by name."""
@@ -138,6 +148,7 @@ def quantize(
     *,
     plan: QuantPlan | None = None,
     weight_method: str = "minmax",
+    activation_method: str | None = None,
 ) -> QuantizedModel:
     """Quantize a prepared float graph for one backend.
 
@@ -149,6 +160,8 @@ def quantize(
             (from :func:`qtool.calibration.calibrate`); extra entries are ignored.
         plan: The plan to apply; built with :func:`qtool.planner.build_plan` if None.
         weight_method: Observer name for the weight ranges (``minmax``, ``mse``, ...).
+        activation_method: The calibration method the ranges came from (for vendor files
+            that name it, e.g. the TensorRT cache header).
 
     Returns:
         The :class:`QuantizedModel`.
@@ -159,11 +172,14 @@ def quantize(
         BackendError: Unknown backend.
     """
     from qtool.backends import resolve_backend
+    from qtool.bias import split_shared_biases
     from qtool.passes.opset import ensure_opset
 
     backend = resolve_backend(backend)
     float_graph = ensure_opset(_copy(load(graph)), QDQ_MIN_OPSET)
     name_nodes(float_graph)
+    if backend.bias_mode == "int32":
+        split_shared_biases(float_graph)
     if plan is None:
         plan = build_plan(float_graph, backend)
     elif plan.backend != backend.name:
@@ -174,7 +190,8 @@ def quantize(
     _check_plan_fits(plan, float_graph)
     _check_activation_bits(plan, backend)
     _check_ranges(plan, ranges)
-    qparams = compute_qparams(float_graph, plan, ranges, weight_method)
+    warnings: list[str] = []
+    qparams = compute_qparams(float_graph, plan, ranges, weight_method, warnings)
     qdq = ensure_opset(_copy(float_graph), qdq_opset(plan))
     insert_qdq(qdq, plan, qparams, quantize_graph_outputs=backend.placement.quantize_outputs)
     qdq.cleanup().toposort()
@@ -185,7 +202,10 @@ def quantize(
         len(plan.entries("weight")),
         len(plan.entries("bias")),
     )
-    return QuantizedModel(qdq, float_graph, plan, backend, qparams, weight_method)
+    for warning in warnings:
+        log.warning("%s", warning)
+    return QuantizedModel(qdq, float_graph, plan, backend, qparams, weight_method,
+                          activation_method, warnings)
 
 
 def compute_qparams(
@@ -193,8 +213,13 @@ def compute_qparams(
     plan: QuantPlan,
     ranges: Mapping[str, tuple[Any, Any]],
     weight_method: str = "minmax",
+    warnings: list[str] | None = None,
 ) -> dict[str, TensorQParams]:
-    """Scale and zero point of every planned tensor (see the module docstring)."""
+    """Scale and zero point of every planned tensor (see the module docstring).
+
+    ``warnings``, if given, collects a line per weight scale raised for a bias and per bias
+    that still had to be clipped to int32.
+    """
     from qtool.calibration.observers import get_observer
 
     tensors = graph.tensors()
@@ -233,23 +258,74 @@ def compute_qparams(
             entry.tensor, "weight", entry.scheme, scale, zero_point, lo, hi
         )
 
+    _raise_weight_scales_for_biases(tensors, plan, result, warnings)
     for entry in plan.entries("bias"):
         act, weight = (result[name] for name in entry.bias_inputs)
         bias = np.asarray(tensors[entry.tensor].values)
-        weight_scale = weight.scale
-        if weight_scale.ndim:
-            if bias.shape[0] % weight_scale.shape[0]:
-                raise PlanError(
-                    f"bias {entry.tensor}: {bias.shape[0]} channels do not repeat the "
-                    f"{weight_scale.shape[0]} weight scales of {weight.tensor}"
-                )
-            weight_scale = np.tile(weight_scale, bias.shape[0] // weight_scale.shape[0])
+        weight_scale = _tiled_weight_scale(entry.tensor, weight, bias)
         scale = (act.scale * weight_scale).astype(np.float32)
         scheme = entry.scheme.with_(per_channel_axis=0 if scale.ndim else None)
-        result[entry.tensor] = TensorQParams(
-            entry.tensor, "bias", scheme, scale, np.zeros(scale.shape, dtype=np.int64)
-        )
+        zero_point = np.zeros(scale.shape, dtype=np.int64)
+        levels = np.round(bias.astype(np.float64) / scale.astype(np.float64))
+        clipped = int(np.count_nonzero((levels < _INT32.qmin) | (levels > _INT32.qmax)))
+        if clipped and warnings is not None:
+            warnings.append(
+                f"bias {entry.tensor} of {', '.join(entry.consumers)}: {clipped} value(s) "
+                "clipped to int32 (the bias scale s_in * s_w is too small for them)"
+            )
+        result[entry.tensor] = TensorQParams(entry.tensor, "bias", scheme, scale, zero_point)
     return result
+
+
+def _tiled_weight_scale(bias_name: str, weight: TensorQParams, bias: np.ndarray) -> np.ndarray:
+    """The weight scales repeated over the bias (a grouped ConvTranspose repeats them)."""
+    weight_scale = weight.scale
+    if weight_scale.ndim:
+        if bias.shape[0] % weight_scale.shape[0]:
+            raise PlanError(
+                f"bias {bias_name}: {bias.shape[0]} channels do not repeat the "
+                f"{weight_scale.shape[0]} weight scales of {weight.tensor}"
+            )
+        weight_scale = np.tile(weight_scale, bias.shape[0] // weight_scale.shape[0])
+    return weight_scale
+
+
+def _raise_weight_scales_for_biases(tensors, plan: QuantPlan, result: dict, warnings) -> None:
+    """Raise weight scales whose ``s_in * s_w`` cannot hold their int32 bias (qtool.bias).
+
+    A weight read by several layers keeps the largest scale any of their biases needs.
+    """
+    from qtool.bias import adjust_weight_scales
+
+    for entry in plan.entries("bias"):
+        act, weight = (result[name] for name in entry.bias_inputs)
+        bias = np.asarray(tensors[entry.tensor].values)
+        _tiled_weight_scale(entry.tensor, weight, bias)  # shape check first
+        raised = adjust_weight_scales(
+            float(act.scale), weight.scale, bias, weight.scheme.power_of_two
+        )
+        changed = raised > weight.scale
+        if not changed.any():
+            continue
+        zero_point = weight.zero_point
+        if not weight.scheme.symmetric:
+            lo = np.minimum(np.asarray(weight.lo, dtype=np.float64), 0.0)
+            zero_point = np.clip(np.round(weight.scheme.qmin - lo / raised),
+                                 weight.scheme.qmin, weight.scheme.qmax).astype(np.int64)
+        result[weight.tensor] = dataclasses.replace(weight, scale=raised, zero_point=zero_point)
+        values = np.asarray(tensors[weight.tensor].values)
+        axis = weight.scheme.per_channel_axis if weight.scale.ndim else None
+        if axis is None:
+            nonzero = np.array([bool(np.any(values))])
+        else:
+            nonzero = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1).any(axis=1)
+        affected = int(np.count_nonzero(changed.reshape(-1) & nonzero.reshape(-1)))
+        if affected and warnings is not None:
+            warnings.append(
+                f"weight {weight.tensor}: scale raised on {affected} channel(s) so that the "
+                f"int32 bias {entry.tensor} fits (input {entry.bias_inputs[0]} has scale "
+                f"{float(act.scale):.3g}); those weights lose precision"
+            )
 
 
 def _activation_range(entry: TensorPlan, ranges: Mapping[str, tuple[Any, Any]]):

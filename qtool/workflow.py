@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,11 @@ class CalibrateOptions:
             Preprocessing` or a dict of its keys); None: the defaults for the model.
         providers: onnxruntime execution providers of every session, in order (names or
             ``"cuda,cpu"``); None: the CPU.
+        backend_options: The backend's options, ``{"reduce_range": False}`` or
+            ``("reduce_range=false", ...)`` (``--backend-option``); unknown keys are an error.
+        kernel_check: Also run the QDQ model in onnxruntime's integer kernels (default
+            optimizations) on a few evaluation samples and report how far they are from the
+            simulation (:mod:`qtool.analysis.kernels`).
     """
 
     data: str | os.PathLike | None = None
@@ -101,6 +106,8 @@ class CalibrateOptions:
     max_accuracy_drop: float | None = None
     preprocess: Any = None
     providers: str | tuple[str, ...] | None = None
+    backend_options: Mapping[str, Any] | tuple[str, ...] = ()
+    kernel_check: bool = True
 
 
 @dataclass
@@ -161,7 +168,7 @@ def calibrate_to_folder(
     if save_plan is not None:
         refuse_existing_file(save_plan, force=force, inputs=[model])
         graph, _ = prepare(load(model))
-        plan = _build_plan(graph, backend, options)
+        plan = _build_plan(graph, backend_rules(backend, options.backend_options), options)
         atomic_write_text(save_plan, plan.to_json())
         return CalibrationRun(Path(save_plan))
     from qtool import progress
@@ -209,7 +216,8 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
     with progress.phase("prepare"):
         graph, pass_reports = prepare(loaded)
     with progress.phase("plan"):
-        plan = _build_plan(graph, backend, options)
+        rules = backend_rules(backend, options.backend_options)
+        plan = _build_plan(graph, rules, options)
     with progress.phase("calibrate"):
         calib_data = load_samples(options.data, graph, options.num_samples, options.seed,
                                   options.preprocess)
@@ -226,7 +234,8 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
                 progress=options.progress,
             )
     with progress.phase("quantize"):
-        result = quantize(graph, backend, ranges, plan=plan, weight_method=options.weight_method)
+        result = quantize(graph, rules, ranges, plan=plan, weight_method=options.weight_method,
+                          activation_method=options.method)
 
     eval_path = options.eval_data if options.eval_data is not None else options.data
     with progress.phase("analysis"):
@@ -235,11 +244,12 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
             else load_samples(eval_path, graph, options.num_samples, options.seed,
                               options.preprocess)
         )
-        analysis = _analyze(graph, backend, result, ranges, calib_data, eval_samples,
+        analysis = _analyze(graph, rules, result, ranges, calib_data, eval_samples,
                             eval_path, options)
         if analysis.fallback is not None:
-            result = quantize(graph, backend, ranges, plan=analysis.fallback.plan,
-                              weight_method=options.weight_method)
+            result = quantize(graph, rules, ranges, plan=analysis.fallback.plan,
+                              weight_method=options.weight_method,
+                              activation_method=options.method)
         analysis.method_choice = method_choice.to_dict() if method_choice else None
         analysis.samples, analysis.tensors, analysis.histograms = _tensor_errors(
             graph, result, calib_data, options.batch_size
@@ -271,6 +281,17 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
     _count_shape_nodes(graph, report)
     if hasattr(calib_data, "to_dict"):  # an image folder: the preprocessing applied
         report["calibration"]["preprocessing"] = calib_data.to_dict()
+    report["backend_options"] = dict(rules.options)
+    report["warnings"] += result.warnings
+    if options.kernel_check:
+        from qtool.analysis.kernels import check_kernels
+
+        kernels = check_kernels(
+            result.graph, load(model),
+            labelled_batches(eval_samples, eval_path, options.batch_size), rules,
+        )
+        report["ort_kernels"] = kernels.to_dict()
+        report["warnings"] += kernels.warnings(rules.name)
     files[REPORT_JSON] = to_json(report).encode("utf-8")
     files[REPORT_MD] = to_markdown(report).encode("utf-8")
     files[REPORT_HTML] = render_html(report).encode("utf-8")
@@ -473,12 +494,28 @@ def describe_passes() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _build_plan(graph: gs.Graph, backend: str, options: CalibrateOptions):
+def backend_rules(backend, backend_options: Mapping[str, Any] | tuple[str, ...] = ()):
+    """The Backend for a name (or Backend) with ``backend_options`` applied.
+
+    Raises:
+        BackendError: Unknown backend, option key (the message lists its options) or value.
+    """
+    from qtool.backends import resolve_backend
+
+    rules = resolve_backend(backend)
+    if not backend_options:
+        return rules
+    return rules.with_options(**rules.parse_options(backend_options))
+
+
+def _build_plan(graph: gs.Graph, backend, options: CalibrateOptions):
     from qtool.planner import build_plan
 
     if options.plan is None:
-        return build_plan(graph, backend, skip=options.skip, weight_bits=options.weight_bits,
+        plan = build_plan(graph, backend, skip=options.skip, weight_bits=options.weight_bits,
                           act_bits=options.act_bits)
+        backend_rules(backend).check_plan(plan)  # widths its files cannot hold: before calibrating
+        return plan
     if options.skip or options.weight_bits or options.act_bits:
         raise PlanError(
             "--skip and --bits shape a new plan; they cannot change a plan given with --plan",

@@ -220,35 +220,50 @@ def test_meanstd_matches_numpy():
     assert hi == pytest.approx(x.mean(dtype=np.float64) + 3 * x.std(dtype=np.float64), rel=1e-9)
 
 
-def test_kld_matches_reference_search():
-    """Threshold equals an independent brute-force TensorRT-style search on the same bins."""
-    x = laplace()
-    obs = observe(KLDObserver, SYM, x, bins=1024)
-    counts, width = obs.abs_histogram(0)
-    counts = counts.astype(float)
-    counts[0] = counts[1]  # pytorch-quantization's treatment of the zero bin
-    assert counts[1] > 0
-    levels = 128
-    best, best_i = np.inf, None
-    for i in range(levels, len(counts) + 1):
-        p = counts[:i].astype(float)
-        p[-1] += counts[i:].sum()
-        q = np.zeros(i)
-        m = i // levels
-        for j in range(levels):
-            a, b = j * m, (j + 1) * m if j < levels - 1 else i
-            nz = p[a:b] > 0
-            if nz.sum():
-                q[a:b][nz] = counts[a:b].sum() / nz.sum()
-        p, q = p / p.sum(), q / q.sum()
-        q[(p > 0) & (q == 0)] = 1e-10
-        mask = p > 0
-        kl = float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
-        if kl < best:
-            best, best_i = kl, i
-    assert best_i < len(counts)  # the search does clip this tail
-    t = best_i * width
-    assert obs.range() == (pytest.approx(max(-t, x.min())), pytest.approx(min(t, x.max())))
+def _tensorrt_entropy_amax(x, bins=2048, levels=128):
+    """TensorRT's entropy calibration as MXNet's and onnxruntime's reproductions write it,
+    restated here with loops: a histogram of |x| on ``bins`` linear bins over [0, amax], bin 0
+    set to bin 1 (pytorch-quantization's zero-bin treatment), every threshold ``i`` from
+    ``levels``: P = bins[:i] with the clipped tail added to its last bin; Q = bins[:i] merged
+    into ``levels`` groups of ``i // levels`` bins (the last one takes the remainder), each
+    group's sum spread over its non-empty bins; the threshold with the least KL(P || Q)."""
+    from scipy.stats import entropy
+
+    hist, edges = np.histogram(np.abs(x), bins=bins, range=(0.0, float(np.abs(x).max())))
+    hist = hist.astype(np.float64)
+    hist[0] = hist[1]
+    divergences = []
+    for i in range(levels, bins + 1):
+        p = hist[:i].copy()
+        p[-1] += hist[i:].sum()
+        starts = np.arange(levels) * (i // levels)  # last group: up to i
+        group = np.minimum(np.arange(i) // (i // levels), levels - 1)
+        sums = np.add.reduceat(hist[:i], starts)
+        counts = np.add.reduceat((hist[:i] > 0).astype(np.float64), starts)
+        q = np.where(hist[:i] > 0, sums[group] / np.maximum(counts[group], 1), 0.0)
+        q[(p > 0) & (q == 0)] = 1e-10  # smoothing, as the reproductions do
+        divergences.append(entropy(p / p.sum(), q / q.sum()))
+    return edges[int(np.argmin(divergences)) + levels]
+
+
+@pytest.mark.parametrize("data", ["laplace", "gaussian"])
+def test_kld_matches_tensorrt_entropy_reference(data):
+    """The threshold of qtool's KLD is that of an independent TensorRT entropy calibration
+    computed on exactly 2048 linear bins of the data itself (within 2 %)."""
+    x = laplace() if data == "laplace" else gaussian()
+    reference = _tensorrt_entropy_amax(x)
+    lo, hi = observe(KLDObserver, SYM, x).range()
+    assert max(-lo, hi) == pytest.approx(reference, rel=0.02)
+    assert reference < np.abs(x).max()  # the tail is clipped: the comparison means something
+
+
+def test_kld_threshold_scales_with_the_data():
+    """2048 linear bins over [0, amax] whatever the scale: data times k, threshold times k."""
+    x = laplace(100_000)
+    _, base = observe(KLDObserver, SYM, x).range()
+    for k in (1.1, 1.3, 1.5, 1.7, 1.9, 3.0):
+        _, hi = observe(KLDObserver, SYM, x * k).range()
+        assert hi / base == pytest.approx(k, rel=0.02), k
 
 
 @pytest.mark.parametrize("scheme", [SYM, UNSIGNED])
@@ -415,7 +430,7 @@ def test_registry_names_and_constructors():
     assert sorted(OBSERVERS) == ["kld", "meanstd", "minmax", "mse", "norm", "quantile"]
     assert get_observer("KLD") is KLDObserver
     ctor = get_observer(KLDObserver.with_args(bins=256))
-    assert ctor(SYM, "t").bins == 256
+    assert ctor(SYM, "t").kl_bins == 256
     assert get_observer(MSEObserver) is MSEObserver
 
 
@@ -427,7 +442,7 @@ def test_registry_refuses_instances_and_unknown_names():
 
 
 def test_default_options_follow_mqbench():
-    assert KLDObserver().bins == 2048
+    assert KLDObserver().kl_bins == 2048
     assert QuantileObserver().q == 0.9999
     assert NormObserver().p == 2.0
     assert MeanStdObserver().k == 3.0

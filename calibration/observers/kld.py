@@ -1,9 +1,15 @@
 r"""KLD: the clip threshold minimising KL(P || Q) between float and quantized histograms.
 
 The TensorRT entropy method (MQBench appendix C, 2048 bins by default) on the histogram of
-``|x|`` (:meth:`HistogramObserver.abs_histogram`). For each candidate threshold of ``i``
-bins, ``i`` from the number of levels ``L`` (and past the second non-empty bin) to the last
-non-empty bin:
+``|x|`` over exactly ``bins`` linear bins of ``[0, amax]`` (``amax = max |x|``). The streamed
+histogram keeps ``FINE`` times more bins on its power-of-two grid
+(:class:`HistogramObserver`), folded to ``|x|`` (:meth:`HistogramObserver.abs_histogram`) and
+re-binned onto the linear grid, values spread uniformly inside each fine bin
+(:func:`linear_rebin`). So the search sees the same ``bins`` bins whatever the data's scale,
+and scaling the data by ``k`` scales the threshold by ``k`` (the power-of-two grid alone
+leaves between a quarter and all of the bins, and the threshold moved by 20 % over data
+scaled by 1 to 2). For each candidate threshold of ``i`` bins, ``i`` from the number of
+levels ``L`` (and past the second non-empty bin) to the last non-empty bin:
 
     P = counts[:i], with the clipped tail counts[i:] added to its last bin
     Q = counts[:i] merged into L equal groups, each group's sum spread evenly over the
@@ -34,19 +40,39 @@ from qtool.calibration.observers.histogram import HistogramObserver
 _EPS = 1e-10
 
 
+#: Fine bins streamed per linear bin of the KL search.
+FINE = 8
+
+
+def linear_rebin(counts: np.ndarray, width: float, amax: float, bins: int) -> np.ndarray:
+    """Counts of ``bins`` equal bins over ``[0, amax]`` from counts on bins of ``width`` from 0.
+
+    The counts of a fine bin are spread uniformly over it (the cumulative count is linear
+    inside it); mass past ``amax`` (the last fine bin overhangs it) goes to the last bin.
+    """
+    cumulative = np.concatenate([[0.0], np.cumsum(counts, dtype=np.float64)])
+    edges = np.arange(len(counts) + 1, dtype=np.float64) * width
+    targets = np.linspace(0.0, amax, bins + 1)
+    at = np.interp(targets, edges, cumulative)
+    at[-1] = cumulative[-1]
+    return np.maximum(np.diff(at), 0.0)
+
+
 class KLDObserver(HistogramObserver):
     """Entropy (KL divergence) calibration over the streamed histogram.
 
     Args:
         scheme: The scheme the range is for.
         name: Tensor name.
-        bins: Histogram bins (2048 by default).
+        bins: Linear bins of the KL search over ``[0, amax]`` (2048 by default); the streamed
+            histogram keeps ``FINE * bins``.
         max_candidates: Thresholds tried at most (None: all).
     """
 
     def __init__(self, scheme=None, name="<tensor>", *, bins: int = 2048,
                  max_candidates: int | None = None):
-        super().__init__(scheme, name, bins=bins)
+        super().__init__(scheme, name, bins=bins * FINE)
+        self.kl_bins = int(bins)
         self.max_candidates = max_candidates
 
     def _levels(self, lo: float, hi: float) -> int:
@@ -58,7 +84,10 @@ class KLDObserver(HistogramObserver):
 
     def _channel_range(self, c: int) -> tuple[float, float]:
         lo, hi = float(self.min_val[c]), float(self.max_val[c])
-        counts, width = self.abs_histogram(c)
+        fine, fine_width = self.abs_histogram(c)
+        amax = max(abs(lo), abs(hi))
+        counts = linear_rebin(fine, fine_width, amax, self.kl_bins)
+        width = amax / self.kl_bins
         levels = self._levels(lo, hi)
         nonempty = np.flatnonzero(counts)
         if len(counts) <= levels or len(nonempty) < 2:
@@ -71,7 +100,6 @@ class KLDObserver(HistogramObserver):
         if self.max_candidates and len(candidates) > self.max_candidates:
             pick = np.linspace(0, len(candidates) - 1, self.max_candidates).round()
             candidates = candidates[pick.astype(np.int64)]
-        counts = counts.astype(np.float64)
         # the spike at the low end (ReLU's zeros, or a ReLU shifted by a constant) must not
         # dominate the divergence: it gets the count of the next non-empty bin
         counts[int(nonempty[0])] = counts[int(nonempty[1])]

@@ -354,7 +354,14 @@ def _replace_pairs(graph: gs.Graph, tensor: gs.Tensor, quantizer: FakeQuantize,
     """Every QuantizeLinear of ``tensor`` (planned as ``name``) and its DQs -> one FakeQuantize."""
     key = f"activation:{name}"
     build.modules[key] = quantizer
-    for q_node in [n for n in tensor.outputs if n.op == "QuantizeLinear"]:
+    q_nodes = [n for n in tensor.outputs if n.op == "QuantizeLinear"]
+    # levels narrower than their storage (fbgemm's 7-bit reduce_range) go through a Clip to
+    # the levels' range first (qtool.qdq._clip_to_levels): the FakeQuantize clamps there too
+    for clip in [n for n in tensor.outputs
+                 if n.op == "Clip" and n.outputs[0].name == f"{tensor.name}_clipped"]:
+        q_nodes += [n for n in clip.outputs[0].outputs if n.op == "QuantizeLinear"]
+        clip.inputs.clear()
+    for q_node in q_nodes:
         quantized = q_node.outputs[0]
         for dq_node in [n for n in quantized.outputs if n.op == "DequantizeLinear"]:
             out = dq_node.outputs[0]

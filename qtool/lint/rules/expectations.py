@@ -27,6 +27,7 @@ class BackendExpectations:
         per_channel_weights: Weights carry one scale per output channel.
         activation: Scheme of activations.
         static_shapes: The engine compiles for fixed input shapes.
+        per_channel_ops: Weighted ops that get per-channel weights (None: all of them).
     """
 
     name: str
@@ -34,6 +35,7 @@ class BackendExpectations:
     per_channel_weights: bool
     activation: QuantScheme
     static_shapes: bool = False
+    per_channel_ops: frozenset[str] | None = None
 
 
 @functools.cache
@@ -52,6 +54,7 @@ def backend_expectations(name: str) -> BackendExpectations:
         per_channel_weights=bool(backend.per_channel_weights),
         activation=backend.activation_scheme,
         static_shapes=bool(getattr(backend, "static_shapes", False)),
+        per_channel_ops=backend.per_channel_ops,
     )
 
 

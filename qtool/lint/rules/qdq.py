@@ -283,10 +283,14 @@ def granularity_mismatch(ctx: LintContext) -> Iterator[Finding]:
     """Weights quantized per channel where the backend wants per tensor, or the reverse."""
     if ctx.backend is None:
         return
-    wanted = backend_expectations(ctx.backend).per_channel_weights
+    expected = backend_expectations(ctx.backend)
     for params, _ in _with_schemes(ctx):
         if params.role != "weight" or params.scale is None:
             continue
+        users = {n.op for o in params.node.outputs for n in o.outputs}
+        wanted = expected.per_channel_weights and (
+            expected.per_channel_ops is None or bool(users & expected.per_channel_ops)
+        )
         per_channel = np.asarray(params.scale).size > 1
         if per_channel != wanted:
             have, want = ("per-channel", "per-tensor") if per_channel else (
