@@ -167,12 +167,17 @@ def main() -> None:
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0.0), metavar="PTS",
               help="Keep the most sensitive layers float until the top-1 accuracy on the "
                    "evaluation data (needs 'labels') is at most PTS points below float.")
+@click.option("--adaround", is_flag=True,
+              help="Learn the rounding of Conv/Gemm weights on the calibration data (AdaRound; "
+                   "needs the qat extra).")
+@click.option("--adaround-iters", default=500, show_default=True, type=click.IntRange(min=1),
+              metavar="N", help="AdaRound optimisation steps per layer.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
 @debug_option
 def calibrate(model, backend, data_path, eval_path, method, weight_method, num_samples,
               batch_size, bits, weight_bits, act_bits, skip, plan_path, save_plan_path, workers,
               seed, output, force, layerwise, sensitivity, target_sqnr, max_accuracy_drop,
-              quiet):
+              adaround, adaround_iters, quiet):
     """Quantize MODEL for a backend: calibrate, write the model, vendor files and a report.
 
     The output folder gets the quantized model, the backend's files (encodings, calibration
@@ -195,7 +200,7 @@ def calibrate(model, backend, data_path, eval_path, method, weight_method, num_s
         weight_bits=weight_bits or bits, act_bits=act_bits or bits, skip=tuple(skip),
         plan=plan_path, workers=workers, seed=seed, layerwise=layerwise,
         progress=False if quiet else None, sensitivity=sensitivity, target_sqnr=target_sqnr,
-        max_accuracy_drop=max_accuracy_drop,
+        max_accuracy_drop=max_accuracy_drop, adaround=adaround, adaround_iters=adaround_iters,
     )
     result = calibrate_to_folder(model, backend, output, options, force=force,
                                  save_plan=save_plan_path)

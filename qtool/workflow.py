@@ -5,6 +5,7 @@
     load -> Pipeline(cleanup, fold_bn, upgrade_opset) -> build_plan (or a saved plan)
          -> calibrate (streaming, onnxruntime; ``auto``: qtool.analysis.autoselect) -> quantize
          -> [sensitivity per layer, float fallback to a target: qtool.analysis]
+         -> [learned rounding of the weights: qtool.qat.adaround, needs qtool[qat]]
          -> accumulated error per quantized tensor -> evaluate on held-out data
          -> files: quantized model + backend vendor files + plan.json + report.json
             + report.md + report.html
@@ -68,6 +69,9 @@ class CalibrateOptions:
             calibration data) reaches this.
         max_accuracy_drop: Keep the most sensitive layers float until the top-1 accuracy on
             the (labelled) evaluation data is at most this many points below float.
+        adaround: Learn the rounding of the Conv/Gemm weights on the calibration data
+            (AdaRound, :mod:`qtool.qat.adaround`; needs ``qtool[qat]``).
+        adaround_iters: AdaRound's optimisation steps per layer.
     """
 
     data: str | os.PathLike | None = None
@@ -87,6 +91,8 @@ class CalibrateOptions:
     sensitivity: bool = False
     target_sqnr: float | None = None
     max_accuracy_drop: float | None = None
+    adaround: bool = False
+    adaround_iters: int = 500
 
 
 @dataclass
@@ -169,6 +175,8 @@ def quantize_model(
     from qtool.report import build_report, to_json, to_markdown
     from qtool.report.html import render_html
 
+    if options.adaround:
+        import qtool.qat  # noqa: F401  (fails fast, naming the extra, without torch)
     graph, pass_reports = prepare(load(model))
     plan = _build_plan(graph, backend, options)
     calib_data = load_samples(options.data, graph, options.num_samples, options.seed)
@@ -195,6 +203,12 @@ def quantize_model(
     if analysis.fallback is not None:
         result = quantize(graph, backend, ranges, plan=analysis.fallback.plan,
                           weight_method=options.weight_method)
+    rounding = None
+    if options.adaround:
+        from qtool.qat.adaround import AdaRoundOptions, adaround
+
+        result, rounding = adaround(result, calib_data, AdaRoundOptions(
+            iterations=options.adaround_iters, seed=options.seed))
     analysis.method_choice = method_choice.to_dict() if method_choice else None
     analysis.samples, analysis.tensors, analysis.histograms = _tensor_errors(
         graph, result, calib_data, options.batch_size
@@ -222,6 +236,9 @@ def quantize_model(
         files=files,
         analysis=analysis,
     )
+    if rounding is not None:
+        report["adaround"] = {"iterations": options.adaround_iters,
+                              "layers": [r.to_dict() for r in rounding]}
     files[REPORT_JSON] = to_json(report).encode("utf-8")
     files[REPORT_MD] = to_markdown(report).encode("utf-8")
     files[REPORT_HTML] = render_html(report).encode("utf-8")
