@@ -371,8 +371,12 @@ def compare(model, data_path, eval_path, backends, methods, sweep_backend, sweep
 @click.option("--algorithm", "-a", default="lsq", show_default=True,
               type=click.Choice(["lsq", "lsq+", "pact", "dorefa", "dsq"]))
 @click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=1e-3, show_default=True,
-              type=click.FloatRange(min=0.0, min_open=True))
+@click.option("--lr", default=1e-5, show_default=True,
+              type=click.FloatRange(min=0.0, min_open=True),
+              help="Peak learning rate of the weights (small: the model is pretrained).")
+@click.option("--quant-lr", default=1e-3, show_default=True,
+              type=click.FloatRange(min=0.0, min_open=True),
+              help="Peak learning rate of the quantizer parameters, relative to each one's size.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--bn-strategy", default=0, show_default=True, type=click.IntRange(0, 4),
               help="MQBench BN folding strategy (1-4 keep the model's BN for training).")
@@ -382,12 +386,16 @@ def compare(model, data_path, eval_path, backends, methods, sweep_backend, sweep
 @click.option("--weight-bits", type=click.IntRange(2, 16))
 @click.option("--act-bits", type=click.IntRange(2, 16))
 @click.option("--eval-data", "eval_path", type=EXISTING_FILE,
-              help=".npz with labels: accuracies in the report.")
+              help="Held-out .npz that picks the best epoch and scores the report (top-1 too "
+                   "with 'labels'). Default: --holdout of the training data.")
+@click.option("--holdout", default=0.1, show_default=True,
+              type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+              help="Without --eval-data, the fraction of the training samples held out.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @debug_option
-def qat(model, backend, data_path, algorithm, epochs, lr, batch_size, bn_strategy, recalibrate_bn,
-        method, weight_bits, act_bits, eval_path, output, force):
+def qat(model, backend, data_path, algorithm, epochs, lr, quant_lr, batch_size, bn_strategy,
+        recalibrate_bn, method, weight_bits, act_bits, eval_path, holdout, output, force):
     """Quantization-aware training of MODEL for a backend, exported through its emitter.
 
     Needs the qat extra (pip install "qtool[qat]").
@@ -399,13 +407,19 @@ def qat(model, backend, data_path, algorithm, epochs, lr, batch_size, bn_strateg
     """  # noqa: D301  (click reads \b as a no-rewrap marker)
     from qtool.qat import QatOptions, qat_to_folder  # QtoolError 'pip install "qtool[qat]"'
 
-    options = QatOptions(algorithm=algorithm, epochs=epochs, lr=lr, batch_size=batch_size,
-                         bn_strategy=bn_strategy, recalibrate_bn=recalibrate_bn, method=method,
-                         weight_bits=weight_bits, act_bits=act_bits, eval_data=eval_path)
+    options = QatOptions(algorithm=algorithm, epochs=epochs, lr=lr, quant_lr=quant_lr,
+                         batch_size=batch_size, bn_strategy=bn_strategy,
+                         recalibrate_bn=recalibrate_bn, method=method, weight_bits=weight_bits,
+                         act_bits=act_bits, eval_data=eval_path, holdout=holdout)
     folder, report = qat_to_folder(model, backend, data_path, output, options, force=force)
     accuracy = report.get("accuracy")
     click.echo(f"wrote {folder}" + (f" (top-1 float {accuracy['float']:.3f}, ptq "
                f"{accuracy['ptq']:.3f}, qat {accuracy['qat']:.3f})" if accuracy else ""))
+    held = report["held_out"]
+    click.echo(f"held-out SQNR ({held['data']}): ptq {held['ptq']['sqnr_db']:.2f} dB, exported "
+               f"{held['qat']['sqnr_db']:.2f} dB; "
+               + (f"best epoch {held['best_epoch']}" if held["improved"]
+                  else "training did not improve on PTQ, the PTQ model was written"))
 
 
 @main.command()
