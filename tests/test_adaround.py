@@ -76,7 +76,14 @@ def _run(graph_or_model, x, outputs=()):
 
 
 def _layer_outputs(graph):
-    return [n.outputs[0].name for n in graph.nodes if n.op in ("Conv", "Gemm")]
+    """Each Conv/Gemm output, after its ReLU where it only feeds one (AdaRound's objective)."""
+    names = []
+    for node in graph.nodes:
+        if node.op in ("Conv", "Gemm"):
+            readers = node.outputs[0].outputs
+            relu = len(readers) == 1 and readers[0].op == "Relu"
+            names.append(readers[0].outputs[0].name if relu else node.outputs[0].name)
+    return names
 
 
 def _weight_levels(result, name):
@@ -120,7 +127,6 @@ def test_learned_rounding_beats_nearest_on_each_layer(graph, digits, inputs):
     for name, f, n, o in zip(names, reference, nearest, ours, strict=True):
         err_nearest = float(np.mean((n - f) ** 2))
         err_learned = float(np.mean((o - f) ** 2))
-        # the first layer sees the same quantized input in both: its own rounding only
         assert err_learned < err_nearest, f"{name}: {err_learned} >= {err_nearest}"
     first = layers[0]
     assert first.learned_error < first.nearest_error and 0 < first.changed < 0.5
@@ -143,13 +149,13 @@ def test_learned_rounding_beats_nearest_on_each_layer(graph, digits, inputs):
 def test_w4a8_digits_within_one_point_of_float(graph, digits):
     x_val, y_val = digits[2], digits[3]
     ptq, calib = _ptq(graph, digits, "tensorrt")
-    learned, _ = adaround(ptq, calib, AdaRoundOptions(iterations=500))
+    learned, _ = adaround(ptq, calib, AdaRoundOptions(iterations=200))
 
     def top1(g):
         return float((_run(g, x_val, [g.outputs[0].name])[0].argmax(1) == y_val).mean())
 
     float_acc, nearest_acc, learned_acc = top1(graph), top1(ptq.graph), top1(learned.graph)
-    # measured: float 99.4 %, nearest 97.2 %, AdaRound 99.4 % (benchmarks/qat_digits.py)
+    # measured: float 99.4 %, nearest 97.2 %, AdaRound 99.2 % (500 steps: 99.4 %)
     assert learned_acc >= float_acc - 0.01
     assert learned_acc > nearest_acc
 

@@ -10,10 +10,11 @@ zero point ``z`` (the PTQ scheme's, per channel where it is)::
 
 (the rectified sigmoid), and per layer, in graph order::
 
-    min_V  sum_c (W_soft x_q - W x)_c^2  (mean over samples and positions)
+    min_V  sum_c (f_a(W_soft x_q) - f_a(W x))_c^2  (mean over samples and positions)
            + lambda * sum (1 - |2 h(V) - 1| ^ beta)
 
-with ``lambda = 0.01`` and ``beta`` annealed linearly from 20 to 2 after a warm start (the
+with ``f_a`` the ReLU where the layer's output only feeds ReLUs (else the identity),
+``lambda = 0.01`` and ``beta`` annealed linearly from 20 to 2 after a warm start (the
 first 20 % of the iterations, without the regulariser), Adam on ``V`` (initialised so that
 ``h(V) = w/s - floor(w/s)``, the fractional part). ``x_q`` is the layer's input in the model
 with everything upstream quantized, learned layers included (the paper's asymmetric
@@ -68,6 +69,8 @@ class AdaRoundOptions:
         warm_start: Fraction of the iterations without the regulariser.
         samples: At most this many calibration samples (held in memory, one layer at a time).
         inputs: ``quantized`` (upstream quantized, learned layers included) or ``float``.
+        activation: Compare after the layer's ReLU where its output only feeds ReLUs (the
+            paper's ``f_a``: errors a ReLU clips away do not count).
         device: torch device; None: CUDA when available, else the CPU.
         seed: Seed of the batch order.
     """
@@ -80,6 +83,7 @@ class AdaRoundOptions:
     warm_start: float = 0.2
     samples: int = 256
     inputs: str = "quantized"
+    activation: bool = True
     device: str | None = None
     seed: int = 0
 
@@ -209,6 +213,7 @@ def adaround(
         p.requires_grad_(False)
     originals = {name: w.weight.detach().clone() for name, w in model.weights.items()}
     generator = torch.Generator().manual_seed(options.seed)
+    relu_after = _followed_by_relu(result.float_graph)
     done: set[str] = set()
     reports = []
     for name, layer in model.layers.items():
@@ -218,7 +223,8 @@ def adaround(
             continue
         done.add(weight.name)
         x, target = _layer_data(model, layer, inputs, originals, options, device)
-        report = _learn(layer, name, x, target, options, generator)
+        report = _learn(layer, name, x, target, options, generator,
+                        torch.relu if options.activation and name in relu_after else None)
         reports.append(report)
         log.info("adaround %s: error %.4g -> %.4g (%.1f%% of weights flipped%s)", name,
                  report.nearest_error, report.learned_error, 100 * report.changed,
@@ -238,6 +244,17 @@ def _check(options: AdaRoundOptions) -> None:
         raise PlanError("AdaRound needs at least one iteration, batch and sample")
 
 
+def _followed_by_relu(graph: gs.Graph) -> set[str]:
+    """Names of the Conv/Gemm nodes whose output only feeds Relu nodes."""
+    found = set()
+    for node in graph.nodes:
+        out = node.outputs[0]
+        if node.op in ("Conv", "Gemm") and out.outputs and out not in graph.outputs and \
+                all(c.op == "Relu" for c in out.outputs):
+            found.add(node.name)
+    return found
+
+
 def _stack(samples, names: list[str], limit: int) -> list[torch.Tensor]:
     columns: dict[str, list[np.ndarray]] = {n: [] for n in names}
     count = 0
@@ -255,8 +272,15 @@ def _stack(samples, names: list[str], limit: int) -> list[torch.Tensor]:
     return [torch.as_tensor(np.concatenate(columns[n])[:limit]) for n in names]
 
 
+class _Stop(Exception):
+    """Raised by the capture hook: nothing downstream of the layer needs to run."""
+
+
 def _layer_data(model, layer, inputs, originals, options, device):
-    """``(x, target)`` of ``layer`` over all samples: its input and the float output."""
+    """``(x, target)`` of ``layer`` over all samples: its input and the float output.
+
+    Each forward pass stops at the layer (the hook raises :class:`_Stop`).
+    """
     seen: dict[str, list[torch.Tensor]] = {"x": [], "y": []}
     float_pass = {"on": False}
 
@@ -267,6 +291,7 @@ def _layer_data(model, layer, inputs, originals, options, device):
                 seen["x"].append(args[0].detach())
         elif options.inputs == "quantized":
             seen["x"].append(args[0].detach())
+        raise _Stop
 
     handle = layer.register_forward_hook(hook)
     learned = {name: w.weight.detach().clone() for name, w in model.weights.items()}
@@ -290,7 +315,10 @@ def _layer_data(model, layer, inputs, originals, options, device):
 
 def _run(model, inputs, batch_size: int, device) -> None:
     for start in range(0, len(inputs[0]), batch_size):
-        model(*(a[start : start + batch_size].to(device) for a in inputs))
+        try:
+            model(*(a[start : start + batch_size].to(device) for a in inputs))
+        except _Stop:
+            pass
 
 
 def _set_weights(model, values: dict[str, torch.Tensor]) -> None:
@@ -298,8 +326,12 @@ def _set_weights(model, values: dict[str, torch.Tensor]) -> None:
         w.weight.data.copy_(values[name])
 
 
-def _learn(layer, name, x, target, options: AdaRoundOptions, generator) -> LayerRounding:
+def _learn(layer, name, x, target, options: AdaRoundOptions, generator,
+           activation) -> LayerRounding:
     weight = layer.weight
+    if activation is not None:
+        target = activation(target)
+        layer = _Then(layer, activation)
     quantizer = weight.quantizer
     rounding = AdaRoundWeight(quantizer, weight.weight).to(x.device)
     nearest = rounding.nearest_levels(weight.weight.detach())
@@ -332,6 +364,15 @@ def _learn(layer, name, x, target, options: AdaRoundOptions, generator) -> Layer
         weight.weight.data.copy_((chosen - rounding.zero_point) * rounding.scale)
     return LayerRounding(name, weight.name, float(nearest_error), float(learned_error),
                          changed, kept)
+
+
+class _Then(nn.Module):
+    def __init__(self, layer, activation):
+        super().__init__()
+        self.layer, self.activation = layer, activation
+
+    def forward(self, x):
+        return self.activation(self.layer(x))
 
 
 def _error(layer, x, target, batch_size: int) -> float:
