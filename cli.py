@@ -170,7 +170,7 @@ def main() -> None:
 @click.option("--adaround", is_flag=True,
               help="Learn the rounding of Conv/Gemm weights on the calibration data (AdaRound; "
                    "needs the qat extra).")
-@click.option("--adaround-iters", default=500, show_default=True, type=click.IntRange(min=1),
+@click.option("--adaround-iters", default=200, show_default=True, type=click.IntRange(min=1),
               metavar="N", help="AdaRound optimisation steps per layer.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
 @debug_option

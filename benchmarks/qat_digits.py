@@ -11,7 +11,7 @@ cosine decay, batch 64, 10 epochs, seed 0, one CPU thread. Accuracies are top-1 
 validation images of the exported QDQ graph in onnxruntime (optimizations off).
 
 ``adaround``: W4A8 per backend, round-to-nearest against learned rounding
-(:func:`qtool.qat.adaround`, default options: 500 steps per layer, the 256 calibration
+(:func:`qtool.qat.adaround`, default options: 200 steps per layer, the 256 calibration
 images). ``safe``: ``qtool qat`` (:func:`qtool.qat.workflow.qat_model`) at its defaults from
 the PTQ start, distilled from the float model without labels, held-out SQNR and top-1 before
 and after; and the same with an absurd learning rate, where the PTQ model must come back.

@@ -92,7 +92,7 @@ class CalibrateOptions:
     target_sqnr: float | None = None
     max_accuracy_drop: float | None = None
     adaround: bool = False
-    adaround_iters: int = 500
+    adaround_iters: int = 200
 
 
 @dataclass

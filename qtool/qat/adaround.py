@@ -75,7 +75,7 @@ class AdaRoundOptions:
         seed: Seed of the batch order.
     """
 
-    iterations: int = 500
+    iterations: int = 200
     batch_size: int = 32
     lr: float = 1e-2
     reg_weight: float = 0.01
