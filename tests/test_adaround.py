@@ -194,3 +194,23 @@ def test_cli_adaround_without_torch_names_the_extra(tmp_path):
     assert "EXIT 0" not in done.stdout
     assert "QAT needs torch" in done.stdout and 'pip install "qtool[qat]"' in done.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_snpe_files_carry_the_learned_levels(graph, digits):
+    """SNPE ships the float model + encodings: its weights re-quantize to the learned levels."""
+    import io
+
+    ptq, calib = _ptq(graph, digits, "snpe")
+    learned, layers = adaround(ptq, calib, AdaRoundOptions(iterations=30))
+    files = learned.files()
+    encodings = json.loads(files["model.encodings"])["param_encodings"]
+    shipped = {t.name: t.values for t in load(onnx.load(io.BytesIO(files["model.onnx"]))
+                                              ).tensors().values() if hasattr(t, "values")}
+    changed = 0
+    for r in layers:
+        (enc,) = encodings[r.weight]  # per tensor: scale and offset (= -zero point)
+        levels = np.asarray(shipped[r.weight], np.float64) / enc["scale"] - enc["offset"]
+        assert np.all(np.abs(levels - np.round(levels)) < 1e-3)
+        assert np.array_equal(np.round(levels), _weight_levels(learned, r.weight))
+        changed += int(np.sum(_weight_levels(learned, r.weight) != _weight_levels(ptq, r.weight)))
+    assert changed > 0
