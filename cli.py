@@ -255,6 +255,11 @@ def main() -> None:
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0.0), metavar="PTS",
               help="Keep the most sensitive layers float until the top-1 accuracy on the "
                    "evaluation data (needs 'labels') is at most PTS points below float.")
+@click.option("--adaround", is_flag=True,
+              help="Learn the rounding of Conv/Gemm weights on the calibration data (AdaRound; "
+                   "needs the qat extra).")
+@click.option("--adaround-iters", default=200, show_default=True, type=click.IntRange(min=1),
+              metavar="N", help="AdaRound optimisation steps per layer.")
 @preprocess_options
 @provider_option
 @_quiet_option
@@ -262,7 +267,8 @@ def main() -> None:
 def calibrate(model, backend, backend_options, data_path, eval_path, method, weight_method,
               num_samples, batch_size, bits, weight_bits, act_bits, skip, plan_path,
               save_plan_path, workers, seed, output, force, layerwise, sensitivity, target_sqnr,
-              max_accuracy_drop, quiet, provider, preprocess_file, **image_flags):
+              max_accuracy_drop, adaround, adaround_iters, quiet, provider, preprocess_file,
+              **image_flags):
     """Quantize MODEL for a backend: calibrate, write the model, vendor files and a report.
 
     The output folder gets the quantized model, the backend's files (encodings, calibration
@@ -291,6 +297,7 @@ def calibrate(model, backend, backend_options, data_path, eval_path, method, wei
         max_accuracy_drop=max_accuracy_drop, providers=provider,
         preprocess=_preprocessing(preprocess_file, **image_flags),
         backend_options=tuple(backend_options),
+        adaround=adaround, adaround_iters=adaround_iters,
     )
     with progress.shown(False if quiet else None):
         result = calibrate_to_folder(model, backend, output, options, force=force,
@@ -494,8 +501,12 @@ def compare(model, data_path, eval_path, backends, methods, sweep_backend, sweep
 @click.option("--algorithm", "-a", default="lsq", show_default=True,
               type=click.Choice(["lsq", "lsq+", "pact", "dorefa", "dsq"]))
 @click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=1e-3, show_default=True,
-              type=click.FloatRange(min=0.0, min_open=True))
+@click.option("--lr", default=1e-5, show_default=True,
+              type=click.FloatRange(min=0.0, min_open=True),
+              help="Peak learning rate of the weights (small: the model is pretrained).")
+@click.option("--quant-lr", default=1e-3, show_default=True,
+              type=click.FloatRange(min=0.0, min_open=True),
+              help="Peak learning rate of the quantizer parameters, relative to each one's size.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--bn-strategy", default=0, show_default=True, type=click.IntRange(0, 4),
               help="MQBench BN folding strategy (1-4 keep the model's BN for training).")
@@ -506,13 +517,17 @@ def compare(model, data_path, eval_path, backends, methods, sweep_backend, sweep
 @click.option("--weight-bits", type=click.IntRange(2, 16))
 @click.option("--act-bits", type=click.IntRange(2, 16))
 @click.option("--eval-data", "eval_path", type=EXISTING_FILE,
-              help=".npz with labels: accuracies in the report.")
+              help="Held-out .npz that picks the best epoch and scores the report (top-1 too "
+                   "with 'labels'). Default: --holdout of the training data.")
+@click.option("--holdout", default=0.1, show_default=True,
+              type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+              help="Without --eval-data, the fraction of the training samples held out.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True,
               help="Replace an output folder qtool wrote (never one with other files).")
 @debug_option
-def qat(model, backend, data_path, algorithm, epochs, lr, batch_size, bn_strategy, recalibrate_bn,
-        method, weight_bits, act_bits, eval_path, output, force):
+def qat(model, backend, data_path, algorithm, epochs, lr, quant_lr, batch_size, bn_strategy,
+        recalibrate_bn, method, weight_bits, act_bits, eval_path, holdout, output, force):
     """Quantization-aware training of MODEL for a backend, exported through its emitter.
 
     Needs the qat extra (pip install "qtool[qat]").
@@ -524,13 +539,19 @@ def qat(model, backend, data_path, algorithm, epochs, lr, batch_size, bn_strateg
     """  # noqa: D301  (click reads \b as a no-rewrap marker)
     from qtool.qat import QatOptions, qat_to_folder  # QtoolError 'pip install "qtool[qat]"'
 
-    options = QatOptions(algorithm=algorithm, epochs=epochs, lr=lr, batch_size=batch_size,
-                         bn_strategy=bn_strategy, recalibrate_bn=recalibrate_bn, method=method,
-                         weight_bits=weight_bits, act_bits=act_bits, eval_data=eval_path)
+    options = QatOptions(algorithm=algorithm, epochs=epochs, lr=lr, quant_lr=quant_lr,
+                         batch_size=batch_size, bn_strategy=bn_strategy,
+                         recalibrate_bn=recalibrate_bn, method=method, weight_bits=weight_bits,
+                         act_bits=act_bits, eval_data=eval_path, holdout=holdout)
     folder, report = qat_to_folder(model, backend, data_path, output, options, force=force)
     accuracy = report.get("accuracy")
     click.echo(f"wrote {folder}" + (f" (top-1 float {accuracy['float']:.3f}, ptq "
                f"{accuracy['ptq']:.3f}, qat {accuracy['qat']:.3f})" if accuracy else ""))
+    held = report["held_out"]
+    click.echo(f"held-out SQNR ({held['data']}): ptq {held['ptq']['sqnr_db']:.2f} dB, exported "
+               f"{held['qat']['sqnr_db']:.2f} dB; "
+               + (f"best epoch {held['best_epoch']}" if held["improved"]
+                  else "training did not improve on PTQ, the PTQ model was written"))
 
 
 @main.command()

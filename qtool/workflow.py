@@ -5,6 +5,7 @@
     load -> Pipeline(cleanup, fold_bn, upgrade_opset) -> build_plan (or a saved plan)
          -> calibrate (streaming, onnxruntime; ``auto``: qtool.analysis.autoselect) -> quantize
          -> [sensitivity per layer, float fallback to a target: qtool.analysis]
+         -> [learned rounding of the weights: qtool.qat.adaround, needs qtool[qat]]
          -> accumulated error per quantized tensor -> evaluate on held-out data
          -> files: quantized model + backend vendor files + plan.json + report.json
             + report.md + report.html
@@ -85,6 +86,9 @@ class CalibrateOptions:
         kernel_check: Also run the QDQ model in onnxruntime's integer kernels (default
             optimizations) on a few evaluation samples and report how far they are from the
             simulation (:mod:`qtool.analysis.kernels`).
+        adaround: Learn the rounding of the Conv/Gemm weights on the calibration data
+            (AdaRound, :mod:`qtool.qat.adaround`; needs ``qtool[qat]``).
+        adaround_iters: AdaRound's optimisation steps per layer.
     """
 
     data: str | os.PathLike | None = None
@@ -108,6 +112,8 @@ class CalibrateOptions:
     providers: str | tuple[str, ...] | None = None
     backend_options: Mapping[str, Any] | tuple[str, ...] = ()
     kernel_check: bool = True
+    adaround: bool = False
+    adaround_iters: int = 200
 
 
 @dataclass
@@ -211,6 +217,8 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
     from qtool.report import build_report, to_json, to_markdown
     from qtool.report.html import render_html
 
+    if options.adaround:
+        import qtool.qat  # noqa: F401  (fails fast, naming the extra, without torch)
     with progress.phase("load"):
         loaded = load(model)
     with progress.phase("prepare"):
@@ -250,6 +258,14 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
             result = quantize(graph, rules, ranges, plan=analysis.fallback.plan,
                               weight_method=options.weight_method,
                               activation_method=options.method)
+    rounding = None
+    if options.adaround:
+        from qtool.qat.adaround import AdaRoundOptions, adaround
+
+        with progress.phase("adaround"):
+            result, rounding = adaround(result, calib_data, AdaRoundOptions(
+                iterations=options.adaround_iters, seed=options.seed))
+    with progress.phase("analysis"):
         analysis.method_choice = method_choice.to_dict() if method_choice else None
         analysis.samples, analysis.tensors, analysis.histograms = _tensor_errors(
             graph, result, calib_data, options.batch_size
@@ -292,6 +308,9 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
         )
         report["ort_kernels"] = kernels.to_dict()
         report["warnings"] += kernels.warnings(rules.name)
+    if rounding is not None:
+        report["adaround"] = {"iterations": options.adaround_iters,
+                              "layers": [r.to_dict() for r in rounding]}
     files[REPORT_JSON] = to_json(report).encode("utf-8")
     files[REPORT_MD] = to_markdown(report).encode("utf-8")
     files[REPORT_HTML] = render_html(report).encode("utf-8")

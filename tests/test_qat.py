@@ -403,12 +403,96 @@ def test_qat_without_labels_distills_the_float_model(tmp_path, digits):
     np.savez(train, input=digits[0])
     options = qat.QatOptions(epochs=4, lr=1e-3, weight_bits=4, act_bits=8)
     files, report = qat_model(MODEL, "tvm", train, options)
-    assert report["loss"] == "mse to the float outputs"
+    assert report["loss"] == "mse to the float outputs, each divided by its variance"
     assert report["epoch_losses"][-1] < report["epoch_losses"][0]
     assert accuracy(load(files["model.qdq.onnx"], check=False), digits[2], digits[3]) >= 0.96
+    held = report["held_out"]  # no eval data: the last 10 % of the training samples
+    assert held["data"] == "the last 130 training samples" and held["samples"] == 130
+    assert len(held["epochs"]) == 5 and held["ptq"] == held["epochs"][0] | {}
+    assert held["qat"]["sqnr_db"] >= held["ptq"]["sqnr_db"]
     with pytest.raises(DataError, match="no array for model input"):
         np.savez(tmp_path / "wrong.npz", pixels=digits[0][:8])
         qat_model(MODEL, "tvm", tmp_path / "wrong.npz", options)
+
+
+def _sqnr(reference, output) -> float:
+    return 10 * math.log10(float(np.sum(reference.astype(np.float64) ** 2))
+                           / float(np.sum((reference.astype(np.float64) - output) ** 2)))
+
+
+def test_default_qat_of_a_pretrained_model_is_never_worse_than_ptq(tmp_path, digits, graphs):
+    """Defaults (weights 1e-5, quantizer parameters 1e-3 relative), held-out scores."""
+    x_train, y_train, x_val, y_val = digits
+    np.savez(tmp_path / "train.npz", input=x_train[:512], labels=y_train[:512])
+    np.savez(tmp_path / "val.npz", input=x_val, labels=y_val)
+    options = qat.QatOptions(epochs=3, weight_bits=4, act_bits=8, eval_data=tmp_path / "val.npz")
+    assert (options.lr, options.quant_lr) == (1e-5, 1e-3)
+    files, report = qat_model(MODEL, "tvm", tmp_path / "train.npz", options)
+    # independent PTQ start and float reference, scored here in onnxruntime
+    plan = build_plan(graphs[0], "tvm", weight_bits=4, act_bits=8)
+    ranges = calibrate(graphs[0], plan.activation_schemes(),
+                       [{"input": x_train[i : i + 1]} for i in range(256)], progress=False)
+    start = quantize(graphs[0], "tvm", ranges, plan=plan)
+    reference = run_ort(graphs[0], x_val)[0]
+    exported = run_ort(load(files["model.qdq.onnx"], check=False), x_val)[0]
+    ptq_sqnr = _sqnr(reference, run_ort(start.graph, x_val)[0])
+    qat_sqnr = _sqnr(reference, exported)
+    held = report["held_out"]
+    assert held["ptq"]["sqnr_db"] == pytest.approx(ptq_sqnr, abs=1e-3)
+    assert held["qat"]["sqnr_db"] == pytest.approx(qat_sqnr, abs=1e-3)
+    assert held["qat"]["accuracy"] == pytest.approx(float((exported.argmax(1) == y_val).mean()))
+    assert (held["qat"]["accuracy"], qat_sqnr) >= (held["ptq"]["accuracy"], ptq_sqnr)
+    assert report["accuracy"]["qat"] >= report["accuracy"]["ptq"]
+    assert held["data"] == (tmp_path / "val.npz").as_posix() and len(held["epochs"]) == 4
+
+
+def test_absurd_learning_rate_exports_the_ptq_start(tmp_path, digits, ptq):
+    x_train, y_train, x_val, y_val = digits
+    np.savez(tmp_path / "train.npz", input=x_train[:256], labels=y_train[:256])
+    np.savez(tmp_path / "val.npz", input=x_val, labels=y_val)
+    options = qat.QatOptions(epochs=2, lr=10.0, quant_lr=10.0, weight_bits=4, act_bits=8,
+                             eval_data=tmp_path / "val.npz")
+    files, report = qat_model(MODEL, "snpe", tmp_path / "train.npz", options)
+    held = report["held_out"]
+    assert held["improved"] is False and held["best_epoch"] == 0
+    assert held["exported"] == "ptq (training did not improve on it)"
+    assert all(e["accuracy"] < held["ptq"]["accuracy"] for e in held["epochs"][1:])
+    assert held["qat"] == held["ptq"]
+    assert report["accuracy"]["qat"] == report["accuracy"]["ptq"]
+    # the files are the PTQ model's, byte for byte (the fixture's PTQ: same calibration)
+    assert {k: v for k, v in files.items() if k != "qat_report.json"} == ptq["snpe"].files()
+
+
+def test_normalized_distillation_divides_each_output_by_its_variance():
+    from qtool.qat.workflow import normalized_distillation, sqnr_db
+
+    gen = torch.Generator().manual_seed(0)
+    scores, boxes = torch.rand(16, 4, generator=gen), 500 * torch.rand(16, 4, generator=gen)
+    target = (scores + 0.1, boxes + 5.0)
+    loss = normalized_distillation([float(scores.var()), float(boxes.var())])
+    expected = 0.01 / float(scores.var()) + 25.0 / float(boxes.var())
+    assert float(loss((scores, boxes), target)) == pytest.approx(expected, rel=1e-5)
+    one = normalized_distillation([4.0])
+    assert float(one(torch.zeros(3), torch.full((3,), 2.0))) == pytest.approx(1.0)
+    x = np.array([3.0, 4.0])
+    assert sqnr_db([x, x], [x + 0.5, x]) == pytest.approx((10 * math.log10(25 / 0.5) + 200) / 2)
+
+
+def test_quantizer_parameters_get_their_own_relative_learning_rate(ptq):
+    from qtool.qat.train import parameter_groups
+
+    model = qat.to_torch(ptq["snpe"], "lsq")
+    groups = parameter_groups(model, 1e-5, 1e-4, 1e-3)
+    weights, quant = groups[0], groups[1:]
+    assert weights["lr"] == 1e-5 and weights["weight_decay"] == 1e-4
+    assert len(quant) == sum(1 for q in model.quantizers() for _ in q.parameters())
+    for group in quant:
+        (p,) = group["params"]
+        assert group["lr"] == pytest.approx(1e-3 * float(p.detach().abs().mean()))
+        assert group["weight_decay"] == 0.0
+    quant_ids = {id(g["params"][0]) for g in quant}
+    assert not quant_ids & {id(p) for p in weights["params"]}
+    assert len(parameter_groups(model, 1e-3, 0.0, None)) == 1
 
 
 def _mlp() -> onnx.ModelProto:
@@ -513,6 +597,7 @@ def test_cli_qat_command_trains_and_writes_the_backend_files(tmp_path):
     ])
     assert result.exit_code == 0, result.output
     assert "wrote" in result.output
+    assert "held-out SQNR (the last 50 training samples): ptq" in result.output
     files = sorted(p.name for p in out.iterdir())
     assert "model.encodings" in files and "model.onnx" in files
     encodings = json.loads((out / "model.encodings").read_text())

@@ -9,6 +9,10 @@ The flow, each step one function::
     qat_result = qtool.qat.export(model)                           # learned scales -> QDQ
     qat_result.save("out/")                                        # the backend's emitter
 
+Learned rounding without training (AdaRound, :mod:`qtool.qat.adaround`)::
+
+    rounded, layers = qtool.qat.adaround(result, calibration_samples)
+
 Every Quantize/Dequantize pair becomes one learnable fake-quant module that keeps the
 backend's scheme (bits, signedness, symmetry, per-channel axis, narrow range, power of two;
 members of a shared-scale group share one module), initialised from the pair's scale and zero
@@ -34,6 +38,7 @@ except ImportError as exc:  # also raised when sys.modules holds None for them
         f"QAT needs torch and onnx2torch ({exc})", 'pip install "qtool[qat]"'
     ) from None
 
+from qtool.qat.adaround import AdaRoundOptions, adaround  # noqa: E402
 from qtool.qat.bn import BN_STRATEGIES, QuantConv, QuantLinear, recalibrate_bn  # noqa: E402
 from qtool.qat.export import export  # noqa: E402
 from qtool.qat.fake_quant import ALGORITHMS, FakeQuantize, algorithm_names  # noqa: E402
@@ -43,12 +48,14 @@ from qtool.qat.workflow import QatOptions, qat_to_folder  # noqa: E402
 
 __all__ = [
     "ALGORITHMS",
+    "AdaRoundOptions",
     "BN_STRATEGIES",
     "FakeQuantize",
     "QatModel",
     "QatOptions",
     "QuantConv",
     "QuantLinear",
+    "adaround",
     "algorithm_names",
     "export",
     "fit",

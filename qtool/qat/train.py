@@ -6,7 +6,11 @@ with cosine decay and recommends warm-up when BN is folded)::
     lr(t) = lr * t / T_w                                   for t <  T_w
     lr(t) = lr * 0.5 * (1 + cos(pi * (t - T_w) / (T - T_w)))  for t >= T_w
 
-with ``T`` the total and ``T_w`` the warm-up steps. Under ``torchrun`` (a process group
+with ``T`` the total and ``T_w`` the warm-up steps. With ``quant_lr`` the parameters of the
+fake-quant modules (scales, zero points, clips) get their own learning rate, scaled to each
+parameter's magnitude (``quant_lr * mean|p|``: a step moves a scale by about ``quant_lr`` of
+itself whatever the data's units), and no weight decay; the weights keep ``lr``, which for a
+pretrained model should be small (Adam, 1e-5). Under ``torchrun`` (a process group
 initialised) the model is wrapped in ``DistributedDataParallel`` and the sampler's epoch is
 set, so the same call trains data-parallel; give the DataLoader a ``DistributedSampler``.
 Users with their own loop skip this module: the imported model is a plain ``nn.Module``.
@@ -54,6 +58,8 @@ def fit(
     momentum: float = 0.9,
     warmup_epochs: float = 1.0,
     find_unused_parameters: bool = False,
+    quant_lr: float | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train ``model`` in place.
 
@@ -69,6 +75,10 @@ def fit(
         weight_decay: L2 on every parameter (scales, PACT's alpha included).
         warmup_epochs: Linear warm-up length in epochs (may be fractional; 0 for none).
         find_unused_parameters: Passed to DistributedDataParallel.
+        quant_lr: Learning rate of the fake-quant parameters relative to their magnitude
+            (None: they train with ``lr`` like the weights).
+        on_epoch: Called after each epoch with the epoch number (from 1) and its mean loss,
+            the model in eval mode (e.g. to score it on held-out data and keep the best state).
 
     Returns:
         The mean loss of each epoch (this process's batches).
@@ -84,7 +94,7 @@ def fit(
         raise PlanError("the training data is empty", "give at least one batch")
     prepare = getattr(model, "prepare_inputs", None)
     runner = _distributed(model, find_unused_parameters)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = parameter_groups(model, lr, weight_decay, quant_lr)
     if optimizer == "adam":
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     else:
@@ -111,8 +121,36 @@ def fit(
         history.append(sum(losses) / max(1, len(losses)))
         log.info("epoch %d/%d: loss %.4f, lr %.2e", epoch + 1, epochs, history[-1],
                  schedule.get_last_lr()[0])
+        if on_epoch is not None:
+            model.eval()
+            on_epoch(epoch + 1, history[-1])
     model.eval()
     return history
+
+
+def parameter_groups(model: nn.Module, lr: float, weight_decay: float,
+                     quant_lr: float | None) -> list[dict]:
+    """The optimizer's parameter groups: the weights, then one group per quantizer parameter.
+
+    Without ``quant_lr`` every trainable parameter is in one group with ``lr``.
+    """
+    from qtool.qat.fake_quant import FakeQuantize
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if quant_lr is None:
+        return [{"params": trainable, "lr": lr, "weight_decay": weight_decay}]
+    quant: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        if isinstance(module, FakeQuantize):
+            for p in module.parameters(recurse=False):
+                if p.requires_grad:
+                    quant.setdefault(id(p), p)
+    groups = [{"params": [p for p in trainable if id(p) not in quant], "lr": lr,
+               "weight_decay": weight_decay}]
+    for p in quant.values():
+        magnitude = float(p.detach().abs().mean()) or 1.0
+        groups.append({"params": [p], "lr": quant_lr * magnitude, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
 
 
 def _distributed(model: nn.Module, find_unused_parameters: bool) -> nn.Module:
@@ -136,4 +174,4 @@ def _as_tuple(batch):
     return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
 
 
-__all__ = ["OPTIMIZERS", "fit", "warmup_cosine"]
+__all__ = ["OPTIMIZERS", "fit", "parameter_groups", "warmup_cosine"]

@@ -8,14 +8,32 @@ Schemes below 8 bits raise the graph to opset 21 first (:data:`NARROW_OPSET`).
 
 The training data is one ``.npz`` with one array per model input (keyed by input name) and
 optionally ``labels``: with labels the loss is cross-entropy on the first output; without,
-the QAT model is distilled from the float model's outputs (mean squared error), computed
-once in onnxruntime. ``eval_data`` (an ``.npz`` with labels) gives the report's float, PTQ
-and QAT accuracies (top-1 of the first output, onnxruntime with optimizations off). The
-output folder is written whole or not at all.
+the QAT model is distilled from the float model's outputs, computed once in onnxruntime,
+with every output's mean squared error divided by the variance of the float output over
+the training data::
+
+    loss = sum_k mean((y_k - t_k)^2) / var(t_k)
+
+so an output in large units (box coordinates in pixels) weighs as much as one in small
+units (scores).
+
+QAT is a safe fine-tune of a pretrained model: the defaults are small steps (weights: Adam
+at 1e-5; quantizer parameters: 1e-3 of their own magnitude per step, :func:`qtool.qat.fit`),
+and the model is scored on held-out data before training (the PTQ start) and after every
+epoch, in torch: top-1 of the first output where there are labels, then the SQNR of the
+outputs against float (mean over outputs, dB). The best state is exported; when no epoch
+beats the start, or the exported graph scores below the PTQ graph in onnxruntime, the PTQ
+model itself is written, so the result is never worse than the PTQ model on the held-out
+data. The held-out data is ``eval_data`` (an ``.npz``; with ``labels`` the report also has
+float, PTQ and QAT top-1), else the last ``holdout`` fraction of the training samples,
+which then are not trained on. The report's ``held_out`` section gives the scores before and
+after, per epoch, the best epoch and whether training improved. The output folder is
+written whole or not at all.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -43,7 +61,9 @@ class QatOptions:
     Attributes:
         algorithm: ``lsq``, ``lsq+``, ``pact``, ``dorefa``, ``dsq``.
         epochs: Training epochs.
-        lr: Peak learning rate.
+        lr: Peak learning rate of the weights (and BN, biases).
+        quant_lr: Peak learning rate of the quantizer parameters, relative to each one's
+            magnitude (:func:`qtool.qat.train.parameter_groups`).
         batch_size: Training batch size.
         optimizer: ``adam`` or ``sgd``.
         weight_decay: L2 on all parameters.
@@ -56,13 +76,16 @@ class QatOptions:
         weight_bits: Override the backend's weight bits (e.g. 4).
         act_bits: Override the backend's activation bits.
         skip: Node names, op types or regexes kept float.
-        eval_data: An ``.npz`` with labels for the report's accuracies, or None.
+        eval_data: Held-out ``.npz`` (labels optional) that chooses the best state and
+            scores the report, or None.
+        holdout: Without ``eval_data``, the fraction of the training samples held out.
         seed: Seed of torch and of the data order.
     """
 
     algorithm: str = "lsq"
     epochs: int = 5
-    lr: float = 1e-3
+    lr: float = 1e-5
+    quant_lr: float = 1e-3
     batch_size: int = 64
     optimizer: str = "adam"
     weight_decay: float = 0.0
@@ -76,6 +99,7 @@ class QatOptions:
     act_bits: int | None = None
     skip: tuple[str, ...] = ()
     eval_data: str | os.PathLike | None = None
+    holdout: float = 0.1
     seed: int = 0
 
 
@@ -102,7 +126,6 @@ def qat_model(model: str | os.PathLike, backend: str, data: str | os.PathLike,
     from qtool.pipeline import Pipeline
     from qtool.planner import build_plan
     from qtool.qat.bn import recalibrate_bn
-    from qtool.qat.export import export
     from qtool.qat.importer import to_torch
     from qtool.qat.train import fit
     from qtool.qdq import quantize
@@ -120,8 +143,13 @@ def qat_model(model: str | os.PathLike, backend: str, data: str | os.PathLike,
     names = [t.name for t in graph.inputs]
     inputs, labels = read_arrays(data, names)
     count = len(inputs[0])
+    held = _held_out(options, names, inputs, labels)
+    if options.eval_data is None:
+        keep = count - len(held.inputs[0])
+        inputs = [a[:keep] for a in inputs]
+        labels = labels[:keep] if labels is not None else None
     calib = [{n: a[i : i + 1] for n, a in zip(names, inputs, strict=True)}
-             for i in range(min(count, options.calib_samples))]
+             for i in range(min(len(inputs[0]), options.calib_samples))]
     ranges = calibrate(graph, plan.activation_schemes(), calib, method=options.method,
                        progress=False)
     ptq = quantize(graph, backend, ranges, plan=plan, weight_method=options.weight_method)
@@ -135,20 +163,24 @@ def qat_model(model: str | os.PathLike, backend: str, data: str | os.PathLike,
         recalibrate_bn(qat, [tuple(a[: options.calib_samples] for a in inputs)])
 
     if labels is not None:
-        targets = torch.as_tensor(labels)
+        targets: tuple[torch.Tensor, ...] = (torch.as_tensor(labels),)
         loss_fn = _first_output(torch.nn.functional.cross_entropy)
     else:
-        targets = torch.as_tensor(run_onnx(graph, dict(zip(names, inputs, strict=True)))[0])
-        loss_fn = _first_output(torch.nn.functional.mse_loss)
+        outputs = run_onnx(graph, dict(zip(names, inputs, strict=True)))
+        targets = tuple(torch.as_tensor(o) for o in outputs)
+        loss_fn = normalized_distillation([float(np.var(o)) for o in outputs])
     loader = torch.utils.data.DataLoader(
         _Samples([torch.as_tensor(a) for a in inputs], targets),
         batch_size=options.batch_size, shuffle=True,
         generator=torch.Generator().manual_seed(options.seed),
     )
+    held.reference = run_onnx(graph, held.feeds())
+    keeper = _BestState(qat, held)
     history = fit(qat, loader, loss_fn, epochs=options.epochs, lr=options.lr,
                   optimizer=options.optimizer, weight_decay=options.weight_decay,
-                  warmup_epochs=options.warmup_epochs)
-    result = export(qat)
+                  warmup_epochs=options.warmup_epochs, quant_lr=options.quant_lr,
+                  on_epoch=keeper.update)
+    result, choice = keeper.result(ptq)
     files = dict(result.files())
     report: dict[str, Any] = {
         "model": Path(model).as_posix(),
@@ -156,19 +188,18 @@ def qat_model(model: str | os.PathLike, backend: str, data: str | os.PathLike,
         "data": Path(data).as_posix(),
         "samples": count,
         "opset": {"model": opset, "quantized": graph.opset},
-        "loss": "cross_entropy on labels" if labels is not None else "mse to the float outputs",
+        "loss": "cross_entropy on labels" if labels is not None else
+                "mse to the float outputs, each divided by its variance",
         "options": {k: (list(v) if isinstance(v, tuple) else
                         (Path(v).as_posix() if isinstance(v, os.PathLike) else v))
                     for k, v in asdict(options).items()},
         "epoch_losses": [round(x, 6) for x in history],
+        "held_out": choice,
     }
-    if options.eval_data is not None:
-        eval_inputs, eval_labels = read_arrays(options.eval_data, names)
-        if eval_labels is None:
-            raise DataError(f"{options.eval_data}: no '{LABELS_KEY}' array to score against")
-        feeds = dict(zip(names, eval_inputs, strict=True))
+    if held.labels is not None:
+        feeds = held.feeds()
         report["accuracy"] = {
-            name: accuracy(g, feeds, eval_labels)
+            name: accuracy(g, feeds, held.labels)
             for name, g in (("float", graph), ("ptq", ptq.graph), ("qat", result.graph))
         }
     files[REPORT_FILE] = (json.dumps(report, indent=2) + "\n").encode("utf-8")
@@ -194,6 +225,130 @@ def qat_to_folder(model: str | os.PathLike, backend: str, data: str | os.PathLik
         files, report = qat_model(model, backend, data, options)
         fill_folder(staging, files)
     return folder, report
+
+
+def normalized_distillation(variances: list[float]):
+    """``loss(outputs, targets) = sum_k mse(outputs[k], targets[k]) / variances[k]``.
+
+    A zero variance (a constant output) counts as 1.
+    """
+    weights = [1.0 / v if v > 0 else 1.0 for v in variances]
+
+    def loss_fn(output, target):
+        output = output if isinstance(output, (tuple, list)) else (output,)
+        target = target if isinstance(target, (tuple, list)) else (target,)
+        return sum(w * torch.nn.functional.mse_loss(o, t)
+                   for w, o, t in zip(weights, output, target, strict=True))
+
+    return loss_fn
+
+
+def sqnr_db(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
+    """Mean over outputs of ``10 log10(sum x^2 / sum (x - y)^2)`` (equal outputs: 200 dB)."""
+    values = []
+    for x, y in zip(reference, outputs, strict=True):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        noise, signal = float(np.sum((x - y) ** 2)), float(np.sum(x * x))
+        values.append(200.0 if noise == 0.0 else
+                      (10.0 * np.log10(signal / noise) if signal > 0 else -200.0))
+    return float(np.mean(values))
+
+
+@dataclass
+class _HeldOut:
+    names: list[str]
+    inputs: list[np.ndarray]
+    labels: np.ndarray | None
+    source: str
+    reference: list[np.ndarray] | None = None
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return dict(zip(self.names, self.inputs, strict=True))
+
+    def score(self, outputs: list[np.ndarray]) -> dict[str, float]:
+        """``{"accuracy": top-1 (with labels), "sqnr_db": ...}`` of outputs against float."""
+        scores = {}
+        if self.labels is not None:
+            scores["accuracy"] = float((outputs[0].argmax(axis=1) == self.labels).mean())
+        scores["sqnr_db"] = round(sqnr_db(self.reference, outputs), 4)
+        return scores
+
+
+def _held_out(options: QatOptions, names, inputs, labels) -> _HeldOut:
+    if options.eval_data is not None:
+        held_inputs, held_labels = read_arrays(options.eval_data, names)
+        return _HeldOut(names, held_inputs, held_labels, Path(options.eval_data).as_posix())
+    count = len(inputs[0])
+    if not 0.0 < options.holdout < 1.0:
+        raise DataError(f"holdout {options.holdout} is not a fraction between 0 and 1")
+    size = max(1, round(options.holdout * count))
+    if size >= count:
+        raise DataError(f"{count} training sample(s) leave none to train on after holding out "
+                        f"{size}", "give more samples, or held-out data with --eval-data")
+    return _HeldOut(names, [a[count - size :] for a in inputs],
+                    labels[count - size :] if labels is not None else None,
+                    f"the last {size} training samples")
+
+
+def _rank(scores: dict[str, float]) -> tuple[float, ...]:
+    return (scores.get("accuracy", 0.0), scores["sqnr_db"])
+
+
+class _BestState:
+    """Scores the model on held-out data after each epoch and keeps the best state."""
+
+    def __init__(self, model, held: _HeldOut):
+        self.model, self.held = model, held
+        self.scores = [self._score()]  # epoch 0: the PTQ start
+        self.best_epoch, self.best_state = 0, None
+
+    def _score(self) -> dict[str, float]:
+        model = self.model
+        model.eval()
+        batches = []
+        with torch.no_grad():
+            size = len(self.held.inputs[0])
+            for start in range(0, size, 256):
+                out = model(*(torch.as_tensor(a[start : start + 256]) for a in self.held.inputs))
+                out = out if isinstance(out, (tuple, list)) else (out,)
+                batches.append([o.detach().cpu().numpy() for o in out])
+        outputs = [np.concatenate(parts) for parts in zip(*batches, strict=True)]
+        return self.held.score(outputs)
+
+    def update(self, epoch: int, loss: float) -> None:
+        """``fit``'s ``on_epoch``: score, and keep the state if it beats the best so far."""
+        scores = self._score()
+        self.scores.append(scores)
+        if _rank(scores) > _rank(self.scores[self.best_epoch]):
+            self.best_epoch = epoch
+            self.best_state = copy.deepcopy(self.model.state_dict())
+
+    def result(self, ptq):
+        """``(the model to write, the report's held_out section)``."""
+        from qtool.qat.export import export
+
+        feeds = self.held.feeds()
+        before = self.held.score(run_onnx(ptq.graph, feeds))
+        chosen, after = ptq, before
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+            exported = export(self.model)
+            scores = self.held.score(run_onnx(exported.graph, feeds))
+            if _rank(scores) > _rank(before):
+                chosen, after = exported, scores
+        improved = chosen is not ptq
+        return chosen, {
+            "data": self.held.source,
+            "samples": len(self.held.inputs[0]),
+            "ranked_by": ("top-1, then " if self.held.labels is not None else "") +
+                         "SQNR of the outputs against float (mean over outputs, dB)",
+            "ptq": before,
+            "qat": after,
+            "epochs": self.scores,
+            "best_epoch": self.best_epoch if improved else 0,
+            "improved": improved,
+            "exported": "qat" if improved else "ptq (training did not improve on it)",
+        }
 
 
 def read_arrays(path: str | os.PathLike, names: list[str]):
@@ -240,14 +395,15 @@ def accuracy(graph: gs.Graph, feeds: dict[str, np.ndarray], labels: np.ndarray) 
 
 
 class _Samples(torch.utils.data.Dataset):
-    def __init__(self, inputs: list[torch.Tensor], targets: torch.Tensor):
+    def __init__(self, inputs: list[torch.Tensor], targets: tuple[torch.Tensor, ...]):
         self.inputs, self.targets = inputs, targets
 
     def __len__(self) -> int:
-        return len(self.targets)
+        return len(self.inputs[0])
 
     def __getitem__(self, index):
-        return tuple(a[index] for a in self.inputs), self.targets[index]
+        target = tuple(t[index] for t in self.targets)
+        return tuple(a[index] for a in self.inputs), target[0] if len(target) == 1 else target
 
 
 def _first_output(loss):
@@ -259,4 +415,13 @@ def _first_output(loss):
     return loss_fn
 
 
-__all__ = ["QatOptions", "accuracy", "qat_model", "qat_to_folder", "read_arrays", "run_onnx"]
+__all__ = [
+    "QatOptions",
+    "accuracy",
+    "normalized_distillation",
+    "qat_model",
+    "qat_to_folder",
+    "read_arrays",
+    "run_onnx",
+    "sqnr_db",
+]

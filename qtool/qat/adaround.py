@@ -1,0 +1,411 @@
+r"""Learned rounding of the weights: AdaRound (Nagel et al. 2020, "Up or Down?").
+
+Round-to-nearest minimises each weight's own error, not the layer's output error. AdaRound
+learns, per weight, whether to round down or up so that the layer's output on the
+calibration data stays close to the float layer's. For a weight ``w`` with scale ``s`` and
+zero point ``z`` (the PTQ scheme's, per channel where it is)::
+
+    w_soft(V) = s * (clamp(floor(w / s) + z + h(V), qmin, qmax) - z)
+    h(V)      = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)     zeta = 1.1, gamma = -0.1
+
+(the rectified sigmoid), and per layer, in graph order::
+
+    min_V  sum_c (f_a(W_soft x_q) - f_a(W x))_c^2  (mean over samples and positions)
+           + lambda * sum (1 - |2 h(V) - 1| ^ beta)
+
+with ``f_a`` the ReLU where the layer's output only feeds ReLUs (else the identity),
+``lambda = 0.01`` and ``beta`` annealed linearly from 20 to 2 after a warm start (the
+first 20 % of the iterations, without the regulariser), Adam on ``V`` (initialised so that
+``h(V) = w/s - floor(w/s)``, the fractional part). ``x_q`` is the layer's input in the model
+with everything upstream quantized, learned layers included (the paper's asymmetric
+reconstruction; ``inputs="float"`` takes the float model's input instead), and ``W x`` the
+float model's layer output. At the end ``h(V)`` is hardened to ``V >= 0`` (rounded up).
+
+The layers are the Conv and Gemm nodes with a quantized weight, imported into torch by
+:func:`qtool.qat.to_torch` (the QAT importer: the same fake quantization as the QDQ graph).
+A layer keeps round-to-nearest when the learned rounding does not lower its reconstruction
+error on the data (short budgets can end there); a weight shared by several layers is learned
+on its first reader. Weights read by other ops (MatMul) keep round-to-nearest.
+
+The learned integers are written back as float weights on the grid, ``s * (q - z)``, into the
+quantized model's float graph: rounding them to nearest reproduces ``q`` exactly, so the
+scales, zero points and the rest of the Q/DQ graph are the PTQ model's and the backend's
+emitter runs as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import torch
+from torch import nn
+
+from qtool.errors import DataError, PlanError
+from qtool.io import to_model
+from qtool.qdq import QuantizedModel, insert_qdq
+
+log = logging.getLogger(__name__)
+
+ZETA, GAMMA = 1.1, -0.1
+INPUTS = ("quantized", "float")
+
+
+@dataclass(frozen=True)
+class AdaRoundOptions:
+    """Options of :func:`adaround`.
+
+    Attributes:
+        iterations: Optimisation steps per layer (the paper: 10 000; a few hundred already
+            gain most of it on small layers).
+        batch_size: Samples per step.
+        lr: Adam's learning rate on ``V``.
+        reg_weight: ``lambda``, the weight of the rounding regulariser.
+        beta: ``(start, end)`` of the annealed regulariser exponent.
+        warm_start: Fraction of the iterations without the regulariser.
+        samples: At most this many calibration samples (held in memory, one layer at a time).
+        inputs: ``quantized`` (upstream quantized, learned layers included) or ``float``.
+        activation: Compare after the layer's ReLU where its output only feeds ReLUs (the
+            paper's ``f_a``: errors a ReLU clips away do not count).
+        device: torch device; None: CUDA when available, else the CPU.
+        seed: Seed of the batch order.
+    """
+
+    iterations: int = 200
+    batch_size: int = 32
+    lr: float = 1e-2
+    reg_weight: float = 0.01
+    beta: tuple[float, float] = (20.0, 2.0)
+    warm_start: float = 0.2
+    samples: int = 256
+    inputs: str = "quantized"
+    activation: bool = True
+    device: str | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LayerRounding:
+    """What AdaRound did to one layer.
+
+    Attributes:
+        layer: The ONNX node name.
+        weight: The weight initializer.
+        nearest_error: Reconstruction error with round-to-nearest (the objective's first term).
+        learned_error: Reconstruction error with the learned rounding.
+        changed: Fraction of the weights rounded the other way than to nearest (0 if kept).
+        kept_nearest: True when the learned rounding did not help and nearest was kept.
+    """
+
+    layer: str
+    weight: str
+    nearest_error: float
+    learned_error: float
+    changed: float
+    kept_nearest: bool
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields (errors rounded to 6 significant digits)."""
+        return {"layer": self.layer, "weight": self.weight,
+                "nearest_error": float(f"{self.nearest_error:.6g}"),
+                "learned_error": float(f"{self.learned_error:.6g}"),
+                "changed": round(self.changed, 6), "kept_nearest": self.kept_nearest}
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """``h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)``."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def initial_v(fraction: torch.Tensor) -> torch.Tensor:
+    """``V`` with ``h(V) = fraction`` (fractions of 0 or 1 land just inside)."""
+    fraction = torch.clamp(fraction, 0.01, 0.99)
+    return -torch.log((ZETA - GAMMA) / (fraction - GAMMA) - 1.0)
+
+
+def beta_at(step: int, iterations: int, options: AdaRoundOptions) -> float | None:
+    """The regulariser's exponent at ``step`` (None during the warm start)."""
+    start = int(options.warm_start * iterations)
+    if step < start:
+        return None
+    progress = (step - start) / max(1, iterations - start)
+    high, low = options.beta
+    return low + (high - low) * max(0.0, 1.0 - progress)
+
+
+class AdaRoundWeight(nn.Module):
+    """Stands in for a weight's fake-quant while its rounding is learned.
+
+    Called with the float weight (as :class:`qtool.qat.bn.QuantWeight` calls its quantizer),
+    it returns ``w_soft(V)`` while ``soft`` is True and the hardened rounding otherwise.
+    """
+
+    def __init__(self, quantizer, weight: torch.Tensor):
+        super().__init__()
+        with torch.no_grad():
+            scale, zero_point = quantizer.effective()
+            self.register_buffer("scale", quantizer._view(scale.detach(), weight).clone())
+            self.register_buffer("zero_point", quantizer._view(zero_point.detach(), weight).clone())
+            scaled = weight.detach() / self.scale
+            self.register_buffer("floor", torch.floor(scaled))
+        self.quant_min, self.quant_max = quantizer.quant_min, quantizer.quant_max
+        self.v = nn.Parameter(initial_v(scaled - self.floor))
+        self.soft = True
+
+    def forward(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight with the soft (training) or hardened (``V >= 0`` up) rounding."""
+        return (self.levels() - self.zero_point) * self.scale
+
+    def levels(self, hard: bool | None = None) -> torch.Tensor:
+        """The integer levels (soft: fractional while learning)."""
+        hard = not self.soft if hard is None else hard
+        up = (self.v >= 0).to(self.floor.dtype) if hard else rectified_sigmoid(self.v)
+        return torch.clamp(self.floor + self.zero_point + up, self.quant_min, self.quant_max)
+
+    def nearest_levels(self, weight: torch.Tensor) -> torch.Tensor:
+        """Round-to-nearest levels of ``weight`` (what the PTQ graph stores)."""
+        return torch.clamp(torch.round(weight / self.scale) + self.zero_point,
+                           self.quant_min, self.quant_max)
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        """``sum(1 - |2 h(V) - 1| ^ beta)``: zero when every ``h`` is 0 or 1."""
+        return (1.0 - (2.0 * rectified_sigmoid(self.v) - 1.0).abs().pow(beta)).sum()
+
+
+def reconstruction_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over channels (dim 1), averaged over samples and positions."""
+    diff = (output - target).pow(2)
+    return diff.sum(dim=1).mean() if diff.ndim > 1 else diff.mean()
+
+
+def adaround(
+    result: QuantizedModel,
+    samples: Iterable[Mapping[str, np.ndarray]],
+    options: AdaRoundOptions = AdaRoundOptions(),
+) -> tuple[QuantizedModel, list[LayerRounding]]:
+    """Learn the rounding of every quantized Conv/Gemm weight of a PTQ model.
+
+    Args:
+        result: The post-training quantized model (:func:`qtool.qdq.quantize`).
+        samples: Calibration samples: dicts of model input -> array (batch first).
+        options: Iterations, batch size, learning rate, regulariser, inputs, device.
+
+    Returns:
+        ``(model, layers)``: the quantized model with the learned weights (same plan, scales
+        and zero points), and one :class:`LayerRounding` per learned layer in graph order.
+
+    Raises:
+        DataError: No samples, or a sample without a model input.
+        PlanError: Bad options.
+    """
+    from qtool.qat.importer import to_torch
+
+    _check(options)
+    model = to_torch(result, "lsq")
+    inputs = _stack(samples, model.input_names, options.samples)
+    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    originals = {name: w.weight.detach().clone() for name, w in model.weights.items()}
+    generator = torch.Generator().manual_seed(options.seed)
+    relu_after = _followed_by_relu(result.float_graph)
+    done: set[str] = set()
+    reports = []
+    for name, layer in model.layers.items():
+        weight = layer.weight
+        if weight.quantizer is None or getattr(layer, "bn", None) is not None \
+                or weight.name in done:
+            continue
+        done.add(weight.name)
+        x, target = _layer_data(model, layer, inputs, originals, options, device)
+        report = _learn(layer, name, x, target, options, generator,
+                        torch.relu if options.activation and name in relu_after else None)
+        reports.append(report)
+        log.info("adaround %s: error %.4g -> %.4g (%.1f%% of weights flipped%s)", name,
+                 report.nearest_error, report.learned_error, 100 * report.changed,
+                 ", kept nearest" if report.kept_nearest else "")
+    learned = {w.name: w.weight.detach().cpu().numpy() for w in model.weights.values()
+               if w.name in done}
+    return _rebuild(result, learned), reports
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _check(options: AdaRoundOptions) -> None:
+    if options.inputs not in INPUTS:
+        raise PlanError(f"AdaRound inputs {options.inputs!r} is not one of {', '.join(INPUTS)}")
+    if options.iterations < 1 or options.batch_size < 1 or options.samples < 1:
+        raise PlanError("AdaRound needs at least one iteration, batch and sample")
+
+
+def _followed_by_relu(graph: gs.Graph) -> set[str]:
+    """Names of the Conv/Gemm nodes whose output only feeds Relu nodes."""
+    found = set()
+    for node in graph.nodes:
+        out = node.outputs[0]
+        if node.op in ("Conv", "Gemm") and out.outputs and out not in graph.outputs and \
+                all(c.op == "Relu" for c in out.outputs):
+            found.add(node.name)
+    return found
+
+
+def _stack(samples, names: list[str], limit: int) -> list[torch.Tensor]:
+    columns: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    count = 0
+    for sample in samples:
+        missing = [n for n in names if n not in sample]
+        if missing:
+            raise DataError(f"a calibration sample lacks model input(s) {', '.join(missing)}")
+        for n in names:
+            columns[n].append(np.asarray(sample[n], dtype=np.float32))
+        count += len(columns[names[0]][-1])
+        if count >= limit:
+            break
+    if count == 0:
+        raise DataError("AdaRound got no calibration samples", "give calibration data (--data)")
+    return [torch.as_tensor(np.concatenate(columns[n])[:limit]) for n in names]
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: nothing downstream of the layer needs to run."""
+
+
+def _layer_data(model, layer, inputs, originals, options, device):
+    """``(x, target)`` of ``layer`` over all samples: its input and the float output.
+
+    Each forward pass stops at the layer (the hook raises :class:`_Stop`).
+    """
+    seen: dict[str, list[torch.Tensor]] = {"x": [], "y": []}
+    float_pass = {"on": False}
+
+    def hook(module, args, output):
+        if float_pass["on"]:
+            seen["y"].append(output.detach())
+            if options.inputs == "float":
+                seen["x"].append(args[0].detach())
+        elif options.inputs == "quantized":
+            seen["x"].append(args[0].detach())
+        raise _Stop
+
+    handle = layer.register_forward_hook(hook)
+    learned = {name: w.weight.detach().clone() for name, w in model.weights.items()}
+    try:
+        with torch.no_grad():
+            float_pass["on"] = True
+            _set_weights(model, originals)
+            model.set_quantization(False)
+            _run(model, inputs, options.batch_size, device)
+            float_pass["on"] = False
+            _set_weights(model, learned)
+            model.set_quantization(True)
+            if options.inputs == "quantized":
+                _run(model, inputs, options.batch_size, device)
+    finally:
+        handle.remove()
+        _set_weights(model, learned)
+        model.set_quantization(True)
+    return torch.cat(seen["x"]), torch.cat(seen["y"])
+
+
+def _run(model, inputs, batch_size: int, device) -> None:
+    for start in range(0, len(inputs[0]), batch_size):
+        try:
+            model(*(a[start : start + batch_size].to(device) for a in inputs))
+        except _Stop:
+            pass
+
+
+def _set_weights(model, values: dict[str, torch.Tensor]) -> None:
+    for name, w in model.weights.items():
+        w.weight.data.copy_(values[name])
+
+
+def _learn(layer, name, x, target, options: AdaRoundOptions, generator,
+           activation) -> LayerRounding:
+    weight = layer.weight
+    if activation is not None:
+        target = activation(target)
+        layer = _Then(layer, activation)
+    quantizer = weight.quantizer
+    rounding = AdaRoundWeight(quantizer, weight.weight).to(x.device)
+    nearest = rounding.nearest_levels(weight.weight.detach())
+    optimizer = torch.optim.Adam([rounding.v], lr=options.lr)
+    weight.quantizer = rounding
+    try:
+        for step in range(options.iterations):
+            index = torch.randint(len(x), (min(options.batch_size, len(x)),), generator=generator)
+            index = index.to(x.device)
+            with torch.enable_grad():
+                loss = reconstruction_error(layer(x[index]), target[index])
+                beta = beta_at(step, options.iterations, options)
+                if beta is not None:
+                    loss = loss + options.reg_weight * rounding.regularizer(beta)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        rounding.soft = False
+        with torch.no_grad():
+            learned_error = _error(layer, x, target, options.batch_size)
+            levels = rounding.levels(hard=True)
+            rounding.v.data = torch.where(nearest > rounding.floor + rounding.zero_point, 1.0, -1.0)
+            nearest_error = _error(layer, x, target, options.batch_size)
+    finally:
+        weight.quantizer = quantizer
+    kept = not learned_error < nearest_error
+    changed = 0.0 if kept else float((levels != nearest).float().mean())
+    with torch.no_grad():
+        chosen = nearest if kept else levels
+        weight.weight.data.copy_((chosen - rounding.zero_point) * rounding.scale)
+    return LayerRounding(name, weight.name, float(nearest_error), float(learned_error),
+                         changed, kept)
+
+
+class _Then(nn.Module):
+    def __init__(self, layer, activation):
+        super().__init__()
+        self.layer, self.activation = layer, activation
+
+    def forward(self, x):
+        return self.activation(self.layer(x))
+
+
+def _error(layer, x, target, batch_size: int) -> float:
+    total, count = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        part = slice(start, start + batch_size)
+        n = len(x[part])
+        total += float(reconstruction_error(layer(x[part]), target[part])) * n
+        count += n
+    return total / max(1, count) if not math.isnan(total) else math.inf
+
+
+def _rebuild(result: QuantizedModel, learned: dict[str, np.ndarray]) -> QuantizedModel:
+    """The PTQ model with the learned on-grid weights in its float graph, Q/DQ re-inserted."""
+    float_graph = gs.import_onnx(to_model(result.float_graph))
+    tensors = float_graph.tensors()
+    for name, values in learned.items():
+        old = np.asarray(tensors[name].values)
+        tensors[name].values = values.astype(old.dtype).reshape(old.shape)
+    qdq = gs.import_onnx(to_model(float_graph))
+    insert_qdq(qdq, result.plan, result.qparams)
+    qdq.cleanup().toposort()
+    return QuantizedModel(qdq, float_graph, result.plan, result.backend, result.qparams,
+                          result.weight_method)
+
+
+__all__ = [
+    "AdaRoundOptions",
+    "AdaRoundWeight",
+    "LayerRounding",
+    "adaround",
+    "beta_at",
+    "initial_v",
+    "rectified_sigmoid",
+    "reconstruction_error",
+]
