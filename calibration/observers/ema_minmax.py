@@ -1,5 +1,6 @@
-r"""EMA MinMax: the mean of the per-batch minima and maxima (MQBench's EMAMinMax at its fixed
-point, NNCF's ``mean_min_max`` range estimator).
+r"""EMA MinMax: the mean of the per-batch minima and maxima.
+
+MQBench's EMAMinMax at its fixed point, NNCF's ``mean_min_max`` range estimator:
 
     lo = (1 / B) * sum_b min(x_b),   hi = (1 / B) * sum_b max(x_b)
 
