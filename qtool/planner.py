@@ -20,7 +20,9 @@ Three steps, each a plain walk over the graph:
    except the branch fused into its producer: walking the inputs from last to first, the
    first produced by a fusable op and read by nothing else (MQBench's choice). Where the
    backend wants an int32 bias, a Conv/ConvTranspose/Gemm bias whose input and weight are both
-   quantized gets one. Every other compute node goes to ``float_nodes`` with its reason.
+   quantized gets one. Every other compute node goes to ``float_nodes`` with its reason,
+   and so do the numerically sensitive nodes of :mod:`qtool.sensitive_patterns` (variance
+   decompositions, roots, reciprocals, Exp, GELU's cube) on every backend.
 3. **Sharing** is one union-find over tensors: a sharing op (Concat) joins its inputs and
    output; a pass-through op (Reshape, Transpose, Flatten, Squeeze, Unsqueeze, MaxPool, Slice,
    Split, Pad, Resize nearest) joins its data input and outputs. Quantized activations with
@@ -42,6 +44,7 @@ import onnx_graphsurgeon as gs
 from qtool.errors import PlanError
 from qtool.plan import QuantPlan, TensorPlan
 from qtool.scheme import QuantScheme
+from qtool.sensitive_patterns import sensitive_nodes
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +123,7 @@ def build_plan(
 
     backend = resolve_backend(backend)
     name_nodes(graph)
+    sensitive = sensitive_nodes(graph)  # qtool.sensitive_patterns: kept float everywhere
     nodes = list(graph.nodes)
     consumers = _consumers(nodes)
     graph_outputs = {t.name for t in graph.outputs}
@@ -160,6 +164,9 @@ def build_plan(
             float_nodes[node.name] = "shape/index computation: never quantized"
             continue
         if op == "Constant" or op in SHAPE_SOURCES:
+            continue
+        if node.name in sensitive:
+            float_nodes[node.name] = sensitive[node.name]
             continue
         if op in placement.weighted_ops:
             weight = _weight_of(node)
