@@ -167,12 +167,23 @@ def main() -> None:
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0.0), metavar="PTS",
               help="Keep the most sensitive layers float until the top-1 accuracy on the "
                    "evaluation data (needs 'labels') is at most PTS points below float.")
+@click.option("--cle/--no-cle", default=False, show_default=True,
+              help="Cross-layer equalization (Conv/Gemm pairs through ReLU) and high-bias "
+                   "absorption before planning: evens per-channel weight ranges for per-tensor "
+                   "backends.")
+@click.option("--bias-correction/--no-bias-correction", default=False, show_default=True,
+              help="Add each quantized layer's mean output error on the calibration data to "
+                   "its bias (one pass of the data per layer depth).")
+@click.option("--fail-under-sqnr", type=float, metavar="DB",
+              help="Exit 1 when an output's SQNR on the evaluation data is below DB (the "
+                   "report always warns below 10 dB, or below DB when given).")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
 @debug_option
-def calibrate(model, backend, data_path, eval_path, method, weight_method, num_samples,
+@click.pass_context
+def calibrate(ctx, model, backend, data_path, eval_path, method, weight_method, num_samples,
               batch_size, bits, weight_bits, act_bits, skip, plan_path, save_plan_path, workers,
               seed, output, force, layerwise, sensitivity, target_sqnr, max_accuracy_drop,
-              quiet):
+              cle, bias_correction, fail_under_sqnr, quiet):
     """Quantize MODEL for a backend: calibrate, write the model, vendor files and a report.
 
     The output folder gets the quantized model, the backend's files (encodings, calibration
@@ -195,16 +206,24 @@ def calibrate(model, backend, data_path, eval_path, method, weight_method, num_s
         weight_bits=weight_bits or bits, act_bits=act_bits or bits, skip=tuple(skip),
         plan=plan_path, workers=workers, seed=seed, layerwise=layerwise,
         progress=False if quiet else None, sensitivity=sensitivity, target_sqnr=target_sqnr,
-        max_accuracy_drop=max_accuracy_drop,
+        max_accuracy_drop=max_accuracy_drop, cle=cle, bias_correction=bias_correction,
+        fail_under_sqnr=fail_under_sqnr,
     )
     result = calibrate_to_folder(model, backend, output, options, force=force,
                                  save_plan=save_plan_path)
-    if quiet:
-        return
-    if result.report is None:
-        click.echo(f"plan written to {result.output}")
-    else:
-        click.echo(summary_table(result.report, str(result.output)), nl=False)
+    if not quiet:
+        if result.report is None:
+            click.echo(f"plan written to {result.output}")
+        else:
+            click.echo(summary_table(result.report, str(result.output)), nl=False)
+    below = (result.report or {}).get("sqnr_floor", {}).get("below")
+    if fail_under_sqnr is not None and below:
+        from qtool.report.sqnr_floor import FAIL_EXIT
+
+        names = ", ".join(f"{b['output']} ({b['sqnr_db']:.2f} dB)" for b in below)
+        click.echo(f"error: SQNR below --fail-under-sqnr {fail_under_sqnr:g} dB: {names}",
+                   err=True)
+        ctx.exit(FAIL_EXIT)
 
 
 @main.command()

@@ -68,6 +68,12 @@ class CalibrateOptions:
             calibration data) reaches this.
         max_accuracy_drop: Keep the most sensitive layers float until the top-1 accuracy on
             the (labelled) evaluation data is at most this many points below float.
+        cle: Cross-layer equalization before planning (:mod:`qtool.passes.cle`), with
+            high-bias absorption measured on the calibration data.
+        bias_correction: Correct each quantized layer's bias for the mean error it adds on
+            the calibration data (:mod:`qtool.bias_correction`).
+        fail_under_sqnr: SQNR floor (dB) of every output on the evaluation data; below it
+            the report warns (at 10 dB when None) and the CLI exits 1.
     """
 
     data: str | os.PathLike | None = None
@@ -87,6 +93,9 @@ class CalibrateOptions:
     sensitivity: bool = False
     target_sqnr: float | None = None
     max_accuracy_drop: float | None = None
+    cle: bool = False
+    bias_correction: bool = False
+    fail_under_sqnr: float | None = None
 
 
 @dataclass
@@ -170,8 +179,13 @@ def quantize_model(
     from qtool.report.html import render_html
 
     graph, pass_reports = prepare(load(model))
-    plan = _build_plan(graph, backend, options)
     calib_data = load_samples(options.data, graph, options.num_samples, options.seed)
+    if options.cle:
+        from qtool.passes.cle import equalize
+
+        graph, cle_reports = equalize(graph, calib_data, batch_size=options.batch_size)
+        pass_reports = [*pass_reports, *cle_reports]
+    plan = _build_plan(graph, backend, options)
     method_choice = None
     if options.method == AUTO_METHOD:
         from qtool.analysis.autoselect import select_ranges
@@ -196,6 +210,14 @@ def quantize_model(
         result = quantize(graph, backend, ranges, plan=analysis.fallback.plan,
                           weight_method=options.weight_method)
     analysis.method_choice = method_choice.to_dict() if method_choice else None
+    bias_correction = None
+    if options.bias_correction:
+        from qtool.bias_correction import correct_biases
+
+        result, bias_correction = correct_biases(
+            graph, backend, ranges, result.plan,
+            _batches(calib_data, None, options.batch_size), weight_method=options.weight_method,
+        )
     analysis.samples, analysis.tensors, analysis.histograms = _tensor_errors(
         graph, result, calib_data, options.batch_size
     )
@@ -221,6 +243,7 @@ def quantize_model(
         eval_data=_display(eval_path) if eval_path is not None else None,
         files=files,
         analysis=analysis,
+        bias_correction=bias_correction,
     )
     files[REPORT_JSON] = to_json(report).encode("utf-8")
     files[REPORT_MD] = to_markdown(report).encode("utf-8")

@@ -64,6 +64,14 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         lines += [f"| {node} | {why} |" for node, why in plan["float_nodes"].items()]
         lines.append("")
     lines += ["## Passes", ""] + [f"- {p}" for p in report["passes"]] + [""]
+    correction = report.get("bias_correction")
+    if correction:
+        lines += ["## Bias correction", "", f"{len(correction['layers'])} layer biases corrected "
+                  f"for their mean output error on {correction['samples']} calibration samples "
+                  f"({correction['stages']} passes of the quantized model).", "",
+                  "| layer | largest bias change |", "|---|---|"]
+        lines += [f"| {name} | {delta:.4g} |" for name, delta in correction["layers"].items()]
+        lines.append("")
     lines += ["## Files", "", "| file | sha256 |", "|---|---|"]
     lines += [f"| {name} | `{digest}` |" for name, digest in report["files"].items()]
     return "\n".join(lines) + "\n"

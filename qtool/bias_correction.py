@@ -1,0 +1,183 @@
+r"""Empirical bias correction of quantized layers.
+
+Nagel et al. 2019; AIMET's empirical bias correction, NNCF's FastBiasCorrection.
+
+Quantizing a layer's weights (and everything upstream) shifts the mean of its output: the
+rounding errors of a channel's weights do not cancel, and the next layers read a biased
+input. For each Conv/Gemm whose weight is quantized, in topological order, with every layer
+upstream already corrected, the per-channel mean of the error on the calibration data
+
+    delta_c = E[y_float_c] - E[y_quant_c]     (mean over rows and spatial positions)
+
+is added to the layer's bias (a zero bias is created where the layer has none), so that the
+corrected quantized model has the float model's mean at every corrected layer's output.
+Correcting a layer changes what its downstream layers see, not what any layer upstream or
+beside it sees, so the layers go in *stages*: a stage holds the layers with no uncorrected
+weighted layer upstream, and one pass of the quantized model over the data corrects all of
+them. The cost is one pass of the float model plus one pass per stage (the depth in weighted
+layers, not their number); memory is one batch plus a sum and a count per channel.
+
+Int32 biases are re-quantized from the corrected float bias with the layer's ``s_in * s_w``,
+so the residual mean error is below half a bias step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qtool.io import load, load_model, serialize
+
+log = logging.getLogger(__name__)
+
+LAYERS = frozenset({"Conv", "Gemm"})
+
+
+@dataclass
+class BiasCorrection:
+    """What :func:`correct_biases` did.
+
+    Attributes:
+        layers: Corrected layer name -> largest absolute bias change.
+        stages: Passes of the quantized model over the data.
+        samples: Rows of calibration data used.
+    """
+
+    layers: dict[str, float] = field(default_factory=dict)
+    stages: int = 0
+    samples: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """For report.json (floats rounded to 6 significant digits: stable bytes)."""
+        from qtool.analysis.evaluate import _rounded
+
+        return _rounded({"layers": dict(self.layers), "stages": self.stages,
+                         "samples": self.samples})
+
+
+def correct_biases(graph: gs.Graph, backend, ranges: Mapping[str, Any], plan,
+                   batches: Callable[[], Iterable[Mapping[str, np.ndarray]]], *,
+                   weight_method: str = "minmax"):
+    """Quantize ``graph`` with the biases corrected (see the module docstring).
+
+    Args:
+        graph: The prepared float graph; not modified (a corrected copy is quantized).
+        backend: Backend name or object.
+        ranges: Activation ranges from calibration.
+        plan: The plan to apply.
+        batches: Calibration data: a callable giving fresh batches on every call.
+        weight_method: Observer for the weight ranges.
+
+    Returns:
+        ``(result, report)``: the :class:`qtool.qdq.QuantizedModel` of the corrected graph
+        and a :class:`BiasCorrection`.
+    """
+    from qtool.qdq import quantize
+
+    work = load(serialize(graph))
+    quantized_weights = {e.tensor for e in plan.entries("weight")}
+    layers = [n for n in work.nodes if n.op in LAYERS and len(n.inputs) > 1
+              and isinstance(n.inputs[1], gs.Constant) and n.inputs[1].name in quantized_weights
+              and _bias_ok(n)]
+    report = BiasCorrection()
+    if not layers:
+        return quantize(work, backend, ranges, plan=plan, weight_method=weight_method), report
+    outputs = [n.outputs[0].name for n in layers]
+    float_means, report.samples = channel_means(work, outputs, batches)
+    for stage in _stages(work, layers):
+        result = quantize(work, backend, ranges, plan=plan, weight_method=weight_method)
+        names = [n.outputs[0].name for n in stage]
+        quant_means, _ = channel_means(result.graph, names, batches)
+        report.stages += 1
+        for node, name in zip(stage, names, strict=True):
+            delta = float_means[name] - quant_means[name]
+            if node.op == "Gemm":  # Y = alpha A B' + beta C
+                delta = delta / float(node.attrs.get("beta", 1.0))
+            bias = _bias(node)
+            old = np.asarray(bias.values)
+            bias.values = (old.astype(np.float64).reshape(-1) + delta).reshape(old.shape).astype(
+                old.dtype)
+            report.layers[node.name] = float(np.abs(delta).max())
+    result = quantize(work, backend, ranges, plan=plan, weight_method=weight_method)
+    log.info("bias correction: %d layers in %d stages", len(report.layers), report.stages)
+    return result, report
+
+
+def channel_means(graph, names: list[str], batches) -> tuple[dict[str, np.ndarray], int]:
+    """Per-channel (axis 1) mean of each tensor over the data, streamed in float64."""
+    from qtool.analysis.common import exposed, feeds_of, iterate_batches, session
+
+    proto = load_model(graph)
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    fixed = {i.name: i.type.tensor_type.shape.dim[0].dim_value for i in inputs
+             if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_value}
+    run = session(exposed(proto, names))
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = dict.fromkeys(names, 0)
+    rows = 0
+    for index, batch in enumerate(iterate_batches(batches)):
+        feeds = feeds_of(batch, [i.name for i in inputs], index)
+        for part in _split(feeds, fixed):
+            rows += int(next(iter(part.values())).shape[0])
+            for name, value in zip(names, run.run(names, part), strict=True):
+                value = np.asarray(value, dtype=np.float64)
+                per_channel = np.moveaxis(value, 1, 0).reshape(value.shape[1], -1)
+                sums[name] = sums.get(name, 0.0) + per_channel.sum(axis=1)
+                counts[name] += per_channel.shape[1]
+    return {name: sums[name] / counts[name] for name in names}, rows
+
+
+def _split(feeds: dict[str, np.ndarray], fixed: Mapping[str, int]):
+    """A batch cut to the model's fixed batch dim (a fixed batch-1 export runs row by row)."""
+    size = min((fixed[n] for n in feeds if n in fixed), default=0)
+    rows = int(next(iter(feeds.values())).shape[0])
+    if not size or size == rows:
+        yield feeds
+        return
+    for start in range(0, rows - size + 1, size):
+        yield {n: a[start:start + size] for n, a in feeds.items()}
+
+
+def _stages(graph: gs.Graph, layers: list[gs.Node]) -> list[list[gs.Node]]:
+    """Layers grouped by how many corrected layers lie upstream (graph order within)."""
+    targets = {id(n) for n in layers}
+    depth: dict[str, int] = {}  # tensor -> weighted layers on the longest path to it
+    stage_of: dict[int, int] = {}
+    for node in graph.nodes:  # topological order
+        level = max((depth.get(t.name, 0) for t in node.inputs), default=0)
+        if id(node) in targets:
+            stage_of[id(node)] = level
+            level += 1
+        for out in node.outputs:
+            depth[out.name] = level
+    stages: dict[int, list[gs.Node]] = {}
+    for node in layers:
+        stages.setdefault(stage_of[id(node)], []).append(node)
+    return [stages[k] for k in sorted(stages)]
+
+
+def _bias_ok(node: gs.Node) -> bool:
+    """The layer has a 1-D constant bias read only by it, or none (one is then added)."""
+    if node.op == "Gemm" and float(node.attrs.get("beta", 1.0)) == 0.0:
+        return False
+    if len(node.inputs) > 2:
+        bias = node.inputs[2]
+        return isinstance(bias, gs.Constant) and len(bias.outputs) == 1 and (
+            bias.values.size == max(bias.values.shape, default=1))
+    return True
+
+
+def _bias(node: gs.Node) -> gs.Constant:
+    if len(node.inputs) > 2:
+        return node.inputs[2]
+    w = node.inputs[1].values
+    channels = w.shape[0] if node.op == "Conv" or node.attrs.get("transB", 0) else w.shape[1]
+    bias = gs.Constant(f"{node.name}_bias", np.zeros(channels, dtype=w.dtype))
+    node.inputs.append(bias)
+    return bias
