@@ -171,7 +171,7 @@ def main() -> None:
               help="Cross-layer equalization (Conv/Gemm pairs through ReLU) and high-bias "
                    "absorption before planning: evens per-channel weight ranges for per-tensor "
                    "backends.")
-@click.option("--bias-correction/--no-bias-correction", default=False, show_default=True,
+@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
               help="Add each quantized layer's mean output error on the calibration data to "
                    "its bias (one pass of the data per layer depth).")
 @click.option("--fail-under-sqnr", type=float, metavar="DB",

@@ -94,7 +94,7 @@ class CalibrateOptions:
     target_sqnr: float | None = None
     max_accuracy_drop: float | None = None
     cle: bool = False
-    bias_correction: bool = False
+    bias_correction: bool = True
     fail_under_sqnr: float | None = None
 
 

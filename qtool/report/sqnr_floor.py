@@ -57,7 +57,7 @@ def floor_warnings(check: Mapping[str, Any]) -> list[str]:
                 f"data is below {check['floor_db']:g} dB: the quantized model is likely useless")
         if check["collapse"] is not None:
             text += (f"; the error first collapses at {check['collapse']['tensor']} "
-                     f"({check['collapse']['sqnr_db']:.2f} dB): keep it float (--skip) or try "
-                     "--cle, another --method or a per-channel backend")
+                     f"({check['collapse']['sqnr_db']:.2f} dB): keep its readers float "
+                     "(--skip), or try --cle, another --method or a per-channel backend")
         warnings.append(text)
     return warnings
