@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-from qdq_helpers import run, sqnr_db
+from qdq_helpers import run
 
 import qtool
 from qtool.io import serialize, to_model
@@ -157,7 +157,6 @@ def _exposing(graph, name: str):
 
 def test_cle_on_the_command_line_is_reported(tmp_path):
     from click.testing import CliRunner
-
     from qtool.cli import main
 
     (tmp_path / "dw.onnx").write_bytes(depthwise_digits_onnx())
