@@ -169,3 +169,17 @@ def test_cle_on_the_command_line_is_reported(tmp_path):
     report = (out / "report.md").read_text()
     assert "cle: 4 layer pairs equalized" in report
     assert "high_bias_absorption" in report and "## Bias correction" not in report
+
+
+def test_cle_runs_from_a_recipe(tmp_path):
+    from qtool.workflow import run_recipe
+
+    (tmp_path / "dw.onnx").write_bytes(depthwise_digits_onnx())
+    (tmp_path / "r.yaml").write_text("model: dw.onnx\noutput: dw.cle.onnx\n"
+                                     "passes: [cleanup, fold_bn, upgrade_opset, cle]\n")
+    ran = run_recipe(tmp_path / "r.yaml")
+    assert [r.name for r in ran.reports][-1] == "cle" and ran.reports[-1].changed
+    _, _, images, _ = digits_split()
+    reference = _outputs(qtool.load(depthwise_digits_onnx()), images[:8])
+    np.testing.assert_allclose(_outputs(qtool.load(ran.output), images[:8]), reference,
+                               atol=1e-5 * np.abs(reference).max(), rtol=0)
