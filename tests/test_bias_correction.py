@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 from qdq_helpers import run
 from qtool.calibration import calibrate
+from qtool.cli import main
 
 import qtool
 from qtool.bias_correction import correct_biases
-from qtool.cli import main
 from qtool.io import serialize, to_model
 from qtool.planner import build_plan
 from qtool.qdq import quantize
