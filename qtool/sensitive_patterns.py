@@ -9,6 +9,9 @@ the engine (onnxruntime's and NNCF's quantizers ignore the same patterns):
   rounding each to one of 256 levels cancels the variance to zero (or below: then
   ``Max(v, 0)`` gives 0 and ``Rsqrt`` explodes). Power spectra ``re^2 + im^2`` before a
   ``Sqrt`` have the same shape.
+* **Centering.** ``x - mean(x)`` (the first step of a decomposed LayerNorm): when the mean
+  is large against the spread, rounding ``x`` and its mean to one scale each leaves little of
+  the difference.
 * **Roots, reciprocals and powers.** ``Sqrt``, ``Reciprocal``, ``Pow`` and a ``Div`` by a
   computed tensor amplify the relative error of small inputs without bound (``1/x`` near 0).
   A ``Div`` by a constant is a scale and stays as the backend plans it.
@@ -26,7 +29,8 @@ The rules, applied by :func:`sensitive_nodes` and the planner:
    ``Max``, ``Clip``, ``Relu``, ``Abs``, reductions, ``Mul``/``Div`` by a constant) and keeps
    them float, up to and including the squares (``Pow(a, 2)`` or ``Mul(a, a)``), where it
    stops: both operands of ``E[x^2] - E[x]^2`` and of ``re^2 + im^2`` stay float.
-3. From a cube (``Pow(x, 3)`` or ``Mul(x, Mul(x, x))``) the walk goes downstream through
+3. ``Sub(x, ReduceMean(x))`` is kept float.
+4. From a cube (``Pow(x, 3)`` or ``Mul(x, Mul(x, x))``) the walk goes downstream through
    ``Mul`` by a constant to the ``Add`` that joins it back with ``x``, and keeps those float.
 
 A node kept float reads float inputs; other consumers of the same tensors are quantized as
@@ -106,7 +110,17 @@ def sensitive_nodes(graph: gs.Graph) -> dict[str, str]:
         if node.op == "Mul" and node.name not in found and _is_cube(node):
             keep(node, "GELU's cubic term")
             _walk_cubic(node, keep)
+        elif node.op == "Sub" and _is_centering(node):
+            keep(node, "centering x - mean(x)")
     return found
+
+
+def _is_centering(node: gs.Node) -> bool:
+    """``Sub(x, ReduceMean(x))``."""
+    if len(node.inputs) != 2:
+        return False
+    mean = _producer(node.inputs[1])
+    return mean is not None and mean.op == "ReduceMean" and mean.inputs[0] is node.inputs[0]
 
 
 def _walk_variance(tensor: gs.Tensor, keep) -> None:

@@ -111,11 +111,12 @@ def _float_ops(plan, graph) -> dict[str, int]:
 
 # what each pattern keeps float (op -> count), found by reading the exported graphs
 EXPECTED = {
-    # Pow(d, 2) -> ReduceMean -> Add eps -> Sqrt -> Div
-    _LayerNorm: {"Add": 1, "Div": 1, "Pow": 1, "ReduceMean": 1, "Sqrt": 1},
-    # Mul(h, h), Mul(m, m) -> ReduceMean -> Sub -> Clip -> Add eps -> Sqrt -> Div(1, .)
+    # x - mean(x); Pow(d, 2) -> ReduceMean -> Add eps -> Sqrt -> Div
+    _LayerNorm: {"Add": 1, "Div": 1, "Pow": 1, "ReduceMean": 1, "Sqrt": 1, "Sub": 1},
+    # Mul(h, h), Mul(m, m) -> ReduceMean -> Sub -> Clip -> Add eps -> Sqrt -> Div(1, .);
+    # h - mean(h)
     _MomentVariance: {"Add": 1, "Clip": 1, "Div": 1, "Mul": 2, "ReduceMean": 1, "Sqrt": 1,
-                      "Sub": 1},
+                      "Sub": 2},
     # Mul(Mul(x, x), x) -> Mul 0.044715 -> Add x
     _Gelu: {"Add": 1, "Mul": 2},
     # Pow(re, 2) + Pow(im, 2) -> Sqrt
