@@ -50,18 +50,33 @@ class BiasCorrection:
         layers: Corrected layer name -> largest absolute bias change.
         stages: Passes of the quantized model over the data.
         samples: Rows of calibration data used.
+        sqnr_db: Output name -> ``[without, with]`` the correction, on the evaluation data
+            (filled by :meth:`measure`).
     """
 
     layers: dict[str, float] = field(default_factory=dict)
     stages: int = 0
     samples: int = 0
+    sqnr_db: dict[str, list] = field(default_factory=dict)
+
+    def measure(self, without, with_) -> None:
+        """Record each output's SQNR without and with the correction (two Evaluations)."""
+        self.sqnr_db = {
+            a.name: [a.sqnr_db, b.sqnr_db]
+            for a, b in zip(without.outputs, with_.outputs, strict=True)
+        }
+
+    def worse(self, tolerance_db: float = 0.05) -> list[str]:
+        """Outputs whose SQNR the correction lowered by more than ``tolerance_db``."""
+        return [name for name, (a, b) in self.sqnr_db.items()
+                if b is not None and (a is None or b < a - tolerance_db)]
 
     def to_dict(self) -> dict[str, Any]:
         """For report.json (floats rounded to 6 significant digits: stable bytes)."""
         from qtool.analysis.evaluate import _rounded
 
         return _rounded({"layers": dict(self.layers), "stages": self.stages,
-                         "samples": self.samples})
+                         "samples": self.samples, "sqnr_db": dict(self.sqnr_db)})
 
 
 def correct_biases(graph: gs.Graph, backend, ranges: Mapping[str, Any], plan,

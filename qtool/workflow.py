@@ -214,6 +214,7 @@ def quantize_model(
     if options.bias_correction:
         from qtool.bias_correction import correct_biases
 
+        uncorrected = result
         result, bias_correction = correct_biases(
             graph, backend, ranges, result.plan,
             _batches(calib_data, None, options.batch_size), weight_method=options.weight_method,
@@ -232,6 +233,10 @@ def quantize_model(
         labelled_batches(eval_samples, eval_path, options.batch_size),
         layerwise=options.layerwise,
     )
+    if bias_correction is not None and bias_correction.layers:
+        before = evaluate(load(model), uncorrected.graph,
+                          labelled_batches(eval_samples, eval_path, options.batch_size))
+        bias_correction.measure(before, evaluation)
     report = build_report(
         model=_display(model),
         backend=backend,

@@ -96,7 +96,10 @@ def test_report_lists_corrected_layers(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert len(report["bias_correction"]["layers"]) == 7
     assert report["bias_correction"]["samples"] == 32
-    assert "## Bias correction" in (out / "report.md").read_text()
+    without, with_ = report["bias_correction"]["sqnr_db"]["logits"]
+    assert with_ == report["evaluation"]["outputs"][0]["sqnr_db"] and with_ > without
+    assert f"{without:.2f} dB without, {with_:.2f} dB with it" in (out / "report.md").read_text()
+    assert not any("bias correction lowered" in w for w in report["warnings"])
     result = CliRunner().invoke(main, ["calibrate", MODEL, "-b", "acl", "--data", CALIB,
                                        "--num-samples", "32", "-o", str(out), "--force",
                                        "--no-bias-correction"])
@@ -131,3 +134,11 @@ def test_fail_under_sqnr_exits_1_and_names_where_it_collapses(tmp_path):
     result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "c"),
                                        "--fail-under-sqnr", f"{sqnr - 0.5:.2f}"])
     assert result.exit_code == 0 and "below" not in result.output
+
+
+def test_a_correction_that_lowers_sqnr_is_flagged():
+    from qtool.bias_correction import BiasCorrection
+
+    correction = BiasCorrection(sqnr_db={"a": [30.0, 29.9], "b": [30.0, 30.02],
+                                         "c": [None, 80.0], "d": [20.0, None]})
+    assert correction.worse() == ["a", "c"]

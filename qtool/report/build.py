@@ -112,6 +112,13 @@ def build_report(
         report["analysis"] = analysis.to_dict()
     if bias_correction is not None:
         report["bias_correction"] = bias_correction.to_dict()
+        for name in bias_correction.worse():
+            without, with_ = bias_correction.sqnr_db[name]
+            warnings.append(
+                f"bias correction lowered output {name}'s SQNR on the evaluation data from "
+                f"{'exact' if without is None else f'{without:.2f} dB'} to {with_:.2f} dB: "
+                "rerun with --no-bias-correction"
+            )
     floor = getattr(options, "fail_under_sqnr", None)
     check = sqnr_floor(report["evaluation"], report.get("analysis"),
                        WARN_UNDER_SQNR if floor is None else floor)

@@ -68,7 +68,11 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     if correction:
         lines += ["## Bias correction", "", f"{len(correction['layers'])} layer biases corrected "
                   f"for their mean output error on {correction['samples']} calibration samples "
-                  f"({correction['stages']} passes of the quantized model).", "",
+                  f"({correction['stages']} passes of the quantized model)."]
+        lines += [f"Output {name} SQNR on the evaluation data: {fmt_db(a)} dB without, "
+                  f"{fmt_db(b)} dB with it." for name, (a, b) in
+                  correction.get("sqnr_db", {}).items()]
+        lines += ["",
                   "| layer | largest bias change |", "|---|---|"]
         lines += [f"| {name} | {delta:.4g} |" for name, delta in correction["layers"].items()]
         lines.append("")
