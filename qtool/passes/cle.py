@@ -96,7 +96,8 @@ def find_pairs(graph: gs.Graph) -> tuple[list[Pair], int]:
             if activation.op == "Clip":
                 clipped += int(_layer(second))
                 continue
-        if not _layer(second) or second.inputs[0] is not (activation or first).outputs[0]:
+        feeding = (activation if activation is not None else first).outputs[0]
+        if not _layer(second) or second.inputs[0] is not feeding:
             continue
         if second.op == "Gemm" and second.attrs.get("transA", 0):
             continue
