@@ -4,8 +4,9 @@ Nagel et al. 2019; AIMET's empirical bias correction, NNCF's FastBiasCorrection.
 
 Quantizing a layer's weights (and everything upstream) shifts the mean of its output: the
 rounding errors of a channel's weights do not cancel, and the next layers read a biased
-input. For each Conv/Gemm whose weight is quantized, in topological order, with every layer
-upstream already corrected, the per-channel mean of the error on the calibration data
+input. For each Conv/Gemm (or MatMul + Add of a constant) whose weight is quantized, in
+topological order, with every layer upstream already corrected, the per-channel mean of the
+error on the calibration data
 
     delta_c = E[y_float_c] - E[y_quant_c]     (mean over rows and spatial positions)
 
@@ -39,7 +40,7 @@ from qtool.planner import name_nodes
 
 log = logging.getLogger(__name__)
 
-LAYERS = frozenset({"Conv", "Gemm"})
+LAYERS = frozenset({"Conv", "Gemm"})  # and MatMul followed by an Add of a constant
 
 
 @dataclass
@@ -101,39 +102,38 @@ def correct_biases(graph: gs.Graph, backend, ranges: Mapping[str, Any], plan,
     work = load(serialize(graph))
     name_nodes(work)
     quantized_weights = {e.tensor for e in plan.entries("weight")}
-    layers = [n for n in work.nodes if n.op in LAYERS and len(n.inputs) > 1
-              and isinstance(n.inputs[1], gs.Constant) and n.inputs[1].name in quantized_weights
-              and _bias_ok(n)]
+    targets = [t for n in work.nodes if (t := _target(n, quantized_weights)) is not None]
     report = BiasCorrection()
-    if not layers:
+    if not targets:
         return quantize(work, backend, ranges, plan=plan, weight_method=weight_method), report
-    outputs = [n.outputs[0].name for n in layers]
-    float_means, report.samples = channel_means(work, outputs, batches)
+    axes = {t.output: t.axis for t in targets}
+    float_means, report.samples = channel_means(work, list(axes), batches, axes)
     result = quantize(work, backend, ranges, plan=plan, weight_method=weight_method)
     quantized_nodes = {n.name: n for n in result.graph.nodes}
-    for stage in _stages(work, layers):
-        names = [n.outputs[0].name for n in stage]
-        quant_means, _ = channel_means(result.graph, names, batches)
+    for stage in _stages(work, targets):
+        quant_means, _ = channel_means(result.graph, [t.output for t in stage], batches, axes)
         report.stages += 1
-        for node, name in zip(stage, names, strict=True):
-            delta = float_means[name] - quant_means[name]
-            if node.op == "Gemm":  # Y = alpha A B' + beta C
-                delta = delta / float(node.attrs.get("beta", 1.0))
-            bias = _bias(node)
+        for target in stage:
+            delta = (float_means[target.output] - quant_means[target.output]) / target.divisor
+            bias = target.bias()
             corrected = np.asarray(bias.values, dtype=np.float64).reshape(-1) + delta
             _set(bias, corrected)
-            if not _set_quantized_bias(quantized_nodes[node.name], corrected):
+            holder = quantized_nodes[target.holder.name]
+            if not _set_quantized_bias(holder, target.index, corrected):
                 result = quantize(work, backend, ranges, plan=plan, weight_method=weight_method)
                 quantized_nodes = {n.name: n for n in result.graph.nodes}
-            report.layers[node.name] = float(np.abs(delta).max())
+            report.layers[target.layer.name] = float(np.abs(delta).max())
     # the final model comes out of quantize() like any other, from the corrected float graph
     result = quantize(work, backend, ranges, plan=plan, weight_method=weight_method)
     log.info("bias correction: %d layers in %d stages", len(report.layers), report.stages)
     return result, report
 
 
-def channel_means(graph, names: list[str], batches) -> tuple[dict[str, np.ndarray], int]:
-    """Per-channel (axis 1) mean of each tensor over the data, streamed in float64.
+def channel_means(graph, names: list[str], batches, axes: Mapping[str, int] | None = None
+                  ) -> tuple[dict[str, np.ndarray], int]:
+    """Per-channel mean of each tensor over the data, streamed in float64.
+
+    The channel axis is ``axes[name]`` (default 1: NCHW and (rows, features)).
 
     Only the nodes the tensors depend on run: an early stage costs a fraction of a pass.
     """
@@ -154,7 +154,8 @@ def channel_means(graph, names: list[str], batches) -> tuple[dict[str, np.ndarra
             rows += int(next(iter(part.values())).shape[0])
             for name, value in zip(names, run.run(names, part), strict=True):
                 value = np.asarray(value, dtype=np.float64)
-                per_channel = np.moveaxis(value, 1, 0).reshape(value.shape[1], -1)
+                axis = (axes or {}).get(name, 1)
+                per_channel = np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1)
                 sums[name] = sums.get(name, 0.0) + per_channel.sum(axis=1)
                 counts[name] += per_channel.shape[1]
     return {name: sums[name] / counts[name] for name in names}, rows
@@ -182,22 +183,73 @@ def _split(feeds: dict[str, np.ndarray], fixed: Mapping[str, int]):
         yield {n: a[start:start + size] for n, a in feeds.items()}
 
 
-def _stages(graph: gs.Graph, layers: list[gs.Node]) -> list[list[gs.Node]]:
-    """Layers grouped by how many corrected layers lie upstream (graph order within)."""
-    targets = {id(n) for n in layers}
+def _stages(graph: gs.Graph, targets: list[Target]) -> list[list[Target]]:
+    """Targets grouped by how many corrected layers lie upstream (graph order within)."""
+    layer_of = {id(t.layer): t for t in targets}
     depth: dict[str, int] = {}  # tensor -> weighted layers on the longest path to it
     stage_of: dict[int, int] = {}
     for node in graph.nodes:  # topological order
         level = max((depth.get(t.name, 0) for t in node.inputs), default=0)
-        if id(node) in targets:
+        if id(node) in layer_of:
             stage_of[id(node)] = level
             level += 1
         for out in node.outputs:
             depth[out.name] = level
-    stages: dict[int, list[gs.Node]] = {}
-    for node in layers:
-        stages.setdefault(stage_of[id(node)], []).append(node)
+    stages: dict[int, list[Target]] = {}
+    for target in targets:
+        stages.setdefault(stage_of[id(target.layer)], []).append(target)
     return [stages[k] for k in sorted(stages)]
+
+
+@dataclass
+class Target:
+    """One layer to correct: the weighted node, where its bias lives, how to read its output.
+
+    Conv/Gemm hold their bias as input 2 (Gemm's scaled by ``beta``: the divisor), channel
+    axis 1. A MatMul with a constant weight followed by an Add of a constant (a Linear layer
+    as exporters write it for 3-D inputs) holds it in the Add; the channel is the last axis.
+    """
+
+    layer: gs.Node
+    holder: gs.Node
+    index: int
+    axis: int
+    divisor: float = 1.0
+
+    @property
+    def output(self) -> str:
+        """The tensor whose mean is corrected."""
+        return self.holder.outputs[0].name
+
+    def bias(self) -> gs.Constant:
+        """The bias constant (a zero bias is added to a Conv/Gemm without one)."""
+        if self.index >= len(self.holder.inputs):
+            return _bias(self.holder)
+        return self.holder.inputs[self.index]
+
+
+def _target(node: gs.Node, quantized_weights: set[str]) -> Target | None:
+    if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+        return None
+    if node.inputs[1].name not in quantized_weights:
+        return None
+    if node.op in LAYERS:
+        if not _bias_ok(node):
+            return None
+        beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
+        return Target(node, node, 2, 1, beta)
+    if node.op != "MatMul" or node.inputs[1].values.ndim != 2 or len(node.outputs[0].outputs) != 1:
+        return None
+    add = node.outputs[0].outputs[0]
+    if add.op != "Add" or len(add.inputs) != 2:
+        return None
+    index = 1 if add.inputs[0] is node.outputs[0] else 0
+    bias = add.inputs[index]
+    channels = node.inputs[1].values.shape[1]
+    if (not isinstance(bias, gs.Constant) or len(bias.outputs) != 1
+            or bias.values.size != channels or bias.values.shape[-1:] != (channels,)):
+        return None
+    return Target(node, add, index, -1)
 
 
 def _bias_ok(node: gs.Node) -> bool:
@@ -216,11 +268,11 @@ def _set(constant: gs.Constant, values: np.ndarray) -> None:
     constant.values = np.asarray(values).reshape(old.shape).astype(old.dtype)
 
 
-def _set_quantized_bias(node: gs.Node, values: np.ndarray) -> bool:
+def _set_quantized_bias(node: gs.Node, index: int, values: np.ndarray) -> bool:
     """Write a corrected bias into the quantized graph's layer; False if it cannot."""
-    if len(node.inputs) < 3:
+    if index >= len(node.inputs):
         return False  # the layer had no bias: quantize again
-    bias = node.inputs[2]
+    bias = node.inputs[index]
     if isinstance(bias, gs.Constant):
         _set(bias, values)
         return True

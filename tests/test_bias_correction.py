@@ -31,7 +31,7 @@ def _samples(count: int) -> list[dict[str, np.ndarray]]:
     return [{"input": images[i:i + 16]} for i in range(0, count, 16)]
 
 
-def _means(graph, names: list[str], samples) -> dict[str, np.ndarray]:
+def _means(graph, names: list[str], samples, axis: int = 1) -> dict[str, np.ndarray]:
     """Per-channel means of the named tensors, computed here with numpy (the reference)."""
     model = to_model(graph)
     for name in names:
@@ -42,7 +42,7 @@ def _means(graph, names: list[str], samples) -> dict[str, np.ndarray]:
     for sample in samples:
         outputs = run(data, sample)[first:]
         for name, value in zip(names, outputs, strict=True):
-            values[name].append(np.swapaxes(value, 0, 1).reshape(value.shape[1], -1))
+            values[name].append(np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1))
     return {name: np.concatenate(v, axis=1).astype(np.float64).mean(axis=1)
             for name, v in values.items()}
 
@@ -142,3 +142,35 @@ def test_a_correction_that_lowers_sqnr_is_flagged():
     correction = BiasCorrection(sqnr_db={"a": [30.0, 29.9], "b": [30.0, 30.02],
                                          "c": [None, 80.0], "d": [20.0, None]})
     assert correction.worse() == ["a", "c"]
+
+
+def test_matmul_add_layers_are_corrected_along_the_last_axis():
+    torch = pytest.importorskip("torch")
+    import io
+    import warnings
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tokens x features: exported as MatMul + Add
+        torch.onnx.export(mlp.eval(), torch.zeros(1, 6, 8), buffer, opset_version=11,
+                          dynamo=False)
+    graph, _ = prepare(qtool.load(buffer.getvalue()))
+    assert [n.op for n in graph.nodes].count("MatMul") == 2
+    name = graph.inputs[0].name
+    rng = np.random.default_rng(0)
+    samples = [{name: rng.standard_normal((1, 6, 8)).astype(np.float32)} for _ in range(32)]
+    plan = build_plan(graph, "tensorrt")
+    ranges = calibrate(graph, plan.activation_schemes(), samples)
+    plain = quantize(graph, "tensorrt", ranges, plan=plan)
+    corrected, report = correct_biases(graph, "tensorrt", ranges, plan, lambda: iter(samples))
+    matmuls = [n for n in graph.nodes if n.op == "MatMul"]
+    assert sorted(report.layers) == sorted(n.name for n in matmuls) and report.stages == 2
+    adds = [n.outputs[0].outputs[0].outputs[0].name for n in matmuls]
+    reference = _means(graph, adds, samples, axis=-1)
+    before = _means(plain.graph, adds, samples, axis=-1)
+    after = _means(corrected.graph, adds, samples, axis=-1)
+    for add in adds:
+        error_before = np.abs(reference[add] - before[add]).max()
+        assert np.abs(reference[add] - after[add]).max() < min(error_before / 20, 1e-5)
