@@ -118,6 +118,27 @@ def test_gemm_pair_is_exact_and_relu6_pair_is_left_alone():
     assert all(np.array_equal(a, b) for a, b in zip(weights, after, strict=True))
 
 
+def test_relu6_option_turns_the_clip_into_relu_and_equalizes():
+    nn = torch.nn
+    torch.manual_seed(0)
+    convs = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU6(), nn.Conv2d(8, 4, 1))
+    with torch.no_grad():
+        convs[0].weight.mul_(torch.logspace(-1, 1, 8)[:, None, None, None])
+    graph, _ = prepare(qtool.load(_export(convs, (1, 3, 8, 8))))
+    relu = nn.Sequential(convs[0], nn.ReLU(), convs[2])  # what relu6="relu" computes
+    reference, _ = prepare(qtool.load(_export(relu, (1, 3, 8, 8))))
+    equalized, reports = qtool.Pipeline([("cle", {"relu6": "relu"})]).run(graph)
+    assert "1 Clip(0, 6) between layers turned into Relu" in reports[0].summary()
+    assert [n.op for n in equalized.nodes] == ["Conv", "Relu", "Conv"]
+    x = {graph.inputs[0].name: np.random.default_rng(0).uniform(0, 4, (1, 3, 8, 8))
+         .astype(np.float32)}
+    expected = run(reference, x)[0]
+    np.testing.assert_allclose(run(equalized, x)[0], expected, rtol=0,
+                               atol=1e-5 * np.abs(expected).max())
+    with pytest.raises(qtool.errors.PassError, match="relu6"):
+        qtool.Pipeline([("cle", {"relu6": "hardtanh"})]).run(qtool.load(serialize(graph)))
+
+
 def test_high_bias_absorption_is_exact_on_the_calibration_data():
     nn = torch.nn
     torch.manual_seed(0)

@@ -19,8 +19,10 @@ Where the channel sits: Conv output channel is weight axis 0 and input channel `
 column ``i mod (C/group)`` of group ``i div (C/group)`` (depthwise: row ``i``); Gemm's ``B``
 has the output channel on axis 0 with ``transB`` (input on axis 1), else the other way round.
 ``Clip(0, 6)`` (ReLU6) does not commute with a scale (``min(s z, 6) != s min(z, 6)``): pairs
-through it are left alone and counted in the pass's note. Layers whose weights or bias are
-shared with another node, or whose output is a graph output or read twice, are skipped.
+through it are left alone and counted in the pass's note; the option ``relu6="relu"`` turns
+them into ``Relu`` first, as AIMET's CLE does (not exact where activations exceed 6).
+Layers whose weights or bias are shared with another node, or whose output is a graph
+output or read twice, are skipped.
 
 :func:`absorb_high_bias` is the paper's high-bias absorption, with the per-channel minimum of
 the first layer's output measured on calibration data instead of BatchNorm statistics (gone
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qtool.errors import PassError
 from qtool.pipeline import note, register_pass
 
 log = logging.getLogger(__name__)
@@ -57,9 +60,25 @@ class Pair:
     activation: gs.Node | None
 
 
+RELU6_MODES = ("skip", "relu")
+
+
 @register_pass("cle")
-def cle(graph: gs.Graph) -> gs.Graph:
-    """Equalize per-channel weight ranges of consecutive Conv/Gemm layers (exact in float)."""
+def cle(graph: gs.Graph, *, relu6: str = "skip") -> gs.Graph:
+    """Equalize per-channel weight ranges of consecutive Conv/Gemm layers (exact in float).
+
+    Args:
+        graph: The prepared float graph.
+        relu6: ``skip`` leaves pairs through ``Clip(0, 6)`` alone (exact); ``relu`` turns
+            those clips into ``Relu`` first, as AIMET's CLE does (not exact: activations
+            above 6 are no longer clipped; judge it on the evaluation data).
+    """
+    if relu6 not in RELU6_MODES:
+        raise PassError(f"cle: relu6={relu6!r}", f"choose one of: {', '.join(RELU6_MODES)}")
+    if relu6 == "relu":
+        turned = _clips_to_relu(graph)
+        if turned:
+            note(f"{turned} Clip(0, 6) between layers turned into Relu (not exact above 6)")
     pairs, clipped = find_pairs(graph)
     rounds = 0
     for rounds in range(1, MAX_ROUNDS + 1):  # noqa: B007  (reported below)
@@ -74,6 +93,32 @@ def cle(graph: gs.Graph) -> gs.Graph:
     if not pairs and not clipped:
         note("no Conv/Gemm pairs to equalize", changed=False)
     return graph.cleanup().toposort()
+
+
+def _clips_to_relu(graph: gs.Graph) -> int:
+    """Turn each ``Clip(0, max)`` that sits between two layers into ``Relu``; returns how many."""
+    turned = 0
+    for first in graph.nodes:
+        if not _layer(first) or len(first.outputs[0].outputs) != 1:
+            continue
+        clip = first.outputs[0].outputs[0]
+        if clip.op != "Clip" or len(clip.outputs[0].outputs) != 1:
+            continue
+        if not _layer(clip.outputs[0].outputs[0]) or _clip_min(clip) != 0.0:
+            continue
+        clip.op, clip.attrs = "Relu", {}
+        while len(clip.inputs) > 1:  # gs keeps tensor links in sync one item at a time
+            clip.inputs.pop()
+        turned += 1
+    return turned
+
+
+def _clip_min(clip: gs.Node) -> float | None:
+    if "min" in clip.attrs:
+        return float(clip.attrs["min"])
+    if len(clip.inputs) > 1 and isinstance(clip.inputs[1], gs.Constant):
+        return float(np.asarray(clip.inputs[1].values).reshape(-1)[0])
+    return None
 
 
 def find_pairs(graph: gs.Graph) -> tuple[list[Pair], int]:
