@@ -100,6 +100,8 @@ def test_report_lists_corrected_layers(tmp_path):
     assert with_ == report["evaluation"]["outputs"][0]["sqnr_db"] and with_ > without
     assert f"{without:.2f} dB without, {with_:.2f} dB with it" in (out / "report.md").read_text()
     assert not any("bias correction lowered" in w for w in report["warnings"])
+    assert f"bias correction    7 layers; SQNR logits {without:.2f} -> {with_:.2f} dB" in (
+        result.output)
     result = CliRunner().invoke(main, ["calibrate", MODEL, "-b", "acl", "--data", CALIB,
                                        "--num-samples", "32", "-o", str(out), "--force",
                                        "--no-bias-correction"])

@@ -150,6 +150,12 @@ def summary_table(report: Mapping[str, Any], output: str | None = None) -> str:
         kept = ", ".join(fallback["float_layers"]) or "none"
         lines.append(f"  float fallback     {'met' if fallback['met'] else 'NOT met'}; "
                      f"kept float: {kept}")
+    correction = report.get("bias_correction")
+    if correction:
+        effect = "; ".join(f"{name} {fmt_db(a)} -> {fmt_db(b)} dB"
+                           for name, (a, b) in correction.get("sqnr_db", {}).items())
+        lines.append(f"  bias correction    {len(correction['layers'])} layers"
+                     + (f"; SQNR {effect}" if effect else ""))
     if plan["float_nodes"]:
         lines.append("")
         shown = list(plan["float_nodes"].items())
