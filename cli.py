@@ -255,6 +255,16 @@ def main() -> None:
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0.0), metavar="PTS",
               help="Keep the most sensitive layers float until the top-1 accuracy on the "
                    "evaluation data (needs 'labels') is at most PTS points below float.")
+@click.option("--cle/--no-cle", default=False, show_default=True,
+              help="Cross-layer equalization (Conv/Gemm pairs through ReLU) and high-bias "
+                   "absorption before planning: evens per-channel weight ranges for per-tensor "
+                   "backends.")
+@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
+              help="Add each quantized layer's mean output error on the calibration data to "
+                   "its bias (one pass of the data per layer depth).")
+@click.option("--fail-under-sqnr", type=float, metavar="DB",
+              help="Exit 1 when an output's SQNR on the evaluation data is below DB (the "
+                   "report always warns below 10 dB, or below DB when given).")
 @click.option("--adaround", is_flag=True,
               help="Learn the rounding of Conv/Gemm weights on the calibration data (AdaRound; "
                    "needs the qat extra).")
@@ -264,11 +274,12 @@ def main() -> None:
 @provider_option
 @_quiet_option
 @debug_option
-def calibrate(model, backend, backend_options, data_path, eval_path, method, weight_method,
+@click.pass_context
+def calibrate(ctx, model, backend, backend_options, data_path, eval_path, method, weight_method,
               num_samples, batch_size, bits, weight_bits, act_bits, skip, plan_path,
               save_plan_path, workers, seed, output, force, layerwise, sensitivity, target_sqnr,
-              max_accuracy_drop, adaround, adaround_iters, quiet, provider, preprocess_file,
-              **image_flags):
+              max_accuracy_drop, cle, bias_correction, fail_under_sqnr, adaround,
+              adaround_iters, quiet, provider, preprocess_file, **image_flags):
     """Quantize MODEL for a backend: calibrate, write the model, vendor files and a report.
 
     The output folder gets the quantized model, the backend's files (encodings, calibration
@@ -298,17 +309,25 @@ def calibrate(model, backend, backend_options, data_path, eval_path, method, wei
         preprocess=_preprocessing(preprocess_file, **image_flags),
         backend_options=tuple(backend_options),
         adaround=adaround, adaround_iters=adaround_iters,
+        cle=cle, bias_correction=bias_correction, fail_under_sqnr=fail_under_sqnr,
     )
     with progress.shown(False if quiet else None):
         result = calibrate_to_folder(model, backend, output, options, force=force,
                                      save_plan=save_plan_path)
-    if quiet:
-        return
-    if result.report is None:
-        click.echo(f"plan written to {result.output}")
-    else:
-        click.echo(_with_paths(summary_table(result.report, str(result.output)), result.paths),
-                   nl=False)
+    if not quiet:
+        if result.report is None:
+            click.echo(f"plan written to {result.output}")
+        else:
+            click.echo(_with_paths(summary_table(result.report, str(result.output)),
+                                   result.paths), nl=False)
+    below = (result.report or {}).get("sqnr_floor", {}).get("below")
+    if fail_under_sqnr is not None and below:
+        from qtool.report.sqnr_floor import FAIL_EXIT
+
+        names = ", ".join(f"{b['output']} ({b['sqnr_db']:.2f} dB)" for b in below)
+        click.echo(f"error: SQNR below --fail-under-sqnr {fail_under_sqnr:g} dB: {names}",
+                   err=True)
+        ctx.exit(FAIL_EXIT)
 
 
 def _with_paths(summary: str, paths) -> str:

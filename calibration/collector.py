@@ -342,7 +342,8 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
         schemes: The tensors to observe and the scheme each range is for.
         data: Iterable of samples ``dict[input_name, ndarray]`` (see ``qtool.calibration.data``).
         method: Observer name (``minmax``, ``mse``, ``kld``, ``quantile``, ``norm``,
-            ``meanstd``), an observer class, or ``Cls.with_args(...)``; not an instance.
+            ``meanstd``, ``ema_minmax``), an observer class, or ``Cls.with_args(...)``; not
+            an instance.
         batch_size: Rows per session run (default 16; a fixed batch dim wins).
         num_samples: Use at most this many samples.
         workers: Processes to split the batches over; their observers are merged. The result

@@ -25,6 +25,8 @@ Three steps, each a plain walk over the graph:
    instead quantizes the graph inputs and every activation output (all readers take the
    quantized value), except data-movement outputs and an output read only by a fused
    activation; nothing is float there (see :func:`_converter_activations`).
+   The numerically sensitive nodes of :mod:`qtool.sensitive_patterns` (variance
+   decompositions, roots, reciprocals, Exp, GELU's cube) stay float on every backend.
 3. **Sharing** is one union-find over tensors: a sharing op (Concat) joins its inputs and
    output; a pass-through op (Reshape, Transpose, Flatten, Squeeze, Unsqueeze, MaxPool, Slice,
    Split, Pad, Resize nearest) joins its data input and outputs. Quantized activations with
@@ -46,6 +48,7 @@ import onnx_graphsurgeon as gs
 from qtool.errors import PlanError
 from qtool.plan import QuantPlan, TensorPlan
 from qtool.scheme import QuantScheme
+from qtool.sensitive_patterns import sensitive_nodes
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +130,7 @@ def build_plan(
     name_nodes(graph)
     if backend.bias_mode == "int32":
         split_shared_biases(graph)  # one int32 bias per consumer (its own s_in * s_w)
+    sensitive = sensitive_nodes(graph)  # qtool.sensitive_patterns: kept float everywhere
     nodes = list(graph.nodes)
     consumers = _consumers(nodes)
     graph_outputs = {t.name for t in graph.outputs}
@@ -167,6 +171,9 @@ def build_plan(
             float_nodes[node.name] = "shape/index computation: never quantized"
             continue
         if op == "Constant" or op in SHAPE_SOURCES:
+            continue
+        if node.name in sensitive:
+            float_nodes[node.name] = sensitive[node.name]
             continue
         if op in placement.weighted_ops:
             weight = _weight_of(node)
@@ -244,7 +251,8 @@ def build_plan(
             )
 
     if placement.quantize_outputs:
-        act_consumers = _converter_activations(graph, backend, consumers, is_activation)
+        act_consumers = _converter_activations(graph, backend, consumers, is_activation,
+                                               kept_float=set(sensitive))
         order = _converter_order(graph, act_consumers, set(weights) | set(biases))
 
     groups = _sharing_groups(nodes, backend, shape, constant)
@@ -289,26 +297,29 @@ def build_plan(
 
 
 def _converter_activations(
-    graph: gs.Graph, backend, consumers, is_activation
+    graph: gs.Graph, backend, consumers, is_activation, kept_float: set[str] = frozenset()
 ) -> dict[str, list[str]]:
     """The tensors a converter (SNPE/QNN, AIMET) quantizes, each with all its readers.
 
     Graph inputs and every activation output of a node, except the output of a
     data-movement op (it keeps its input's quantizer) and an output whose only reader is a
     fused activation (Conv+Relu, Add+Relu: quantized after the activation). Every node that
-    reads such a tensor's values reads the quantized one.
+    reads such a tensor's values reads the quantized one, except the nodes ``kept_float``
+    (numerically sensitive ones): they read float values and their outputs get no encoding.
     """
     graph_outputs = {t.name for t in graph.outputs}
 
     def readers(name: str) -> list[str]:
-        return [n.name for n, _ in consumers.get(name, ()) if n.op not in SHAPE_SOURCES]
+        return [n.name for n, _ in consumers.get(name, ())
+                if n.op not in SHAPE_SOURCES and n.name not in kept_float]
 
     encoded: dict[str, list[str]] = {}
     for tensor in graph.inputs:
         if is_activation(tensor):
             encoded[tensor.name] = readers(tensor.name)
     for node in graph.nodes:
-        if node.op == "Constant" or backend.passes_scale_through(node.op, node.attrs):
+        if (node.op == "Constant" or node.name in kept_float
+                or backend.passes_scale_through(node.op, node.attrs)):
             continue
         for tensor in node.outputs:
             if not is_activation(tensor) or tensor.name in encoded:
@@ -319,7 +330,7 @@ def _converter_activations(
                 and len(uses) == 1
                 and uses[0][0].op in backend.fused_activations
             )
-            if not fused:
+            if not fused and (readers(tensor.name) or tensor.name in graph_outputs):
                 encoded[tensor.name] = readers(tensor.name)
     return encoded
 

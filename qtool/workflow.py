@@ -89,6 +89,12 @@ class CalibrateOptions:
         adaround: Learn the rounding of the Conv/Gemm weights on the calibration data
             (AdaRound, :mod:`qtool.qat.adaround`; needs ``qtool[qat]``).
         adaround_iters: AdaRound's optimisation steps per layer.
+        cle: Cross-layer equalization before planning (:mod:`qtool.passes.cle`), with
+            high-bias absorption measured on the calibration data.
+        bias_correction: Correct each quantized layer's bias for the mean error it adds on
+            the calibration data (:mod:`qtool.bias_correction`).
+        fail_under_sqnr: SQNR floor (dB) of every output on the evaluation data; below it
+            the report warns (at 10 dB when None) and the CLI exits 1.
     """
 
     data: str | os.PathLike | None = None
@@ -114,6 +120,9 @@ class CalibrateOptions:
     kernel_check: bool = True
     adaround: bool = False
     adaround_iters: int = 200
+    cle: bool = False
+    bias_correction: bool = True
+    fail_under_sqnr: float | None = None
 
 
 @dataclass
@@ -223,12 +232,18 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
         loaded = load(model)
     with progress.phase("prepare"):
         graph, pass_reports = prepare(loaded)
+        calib_data = load_samples(options.data, graph, options.num_samples, options.seed,
+                                  options.preprocess)
+    if options.cle:
+        from qtool.passes.cle import equalize
+
+        with progress.phase("cle"):
+            graph, cle_reports = equalize(graph, calib_data, batch_size=options.batch_size)
+        pass_reports = [*pass_reports, *cle_reports]
     with progress.phase("plan"):
         rules = backend_rules(backend, options.backend_options)
         plan = _build_plan(graph, rules, options)
     with progress.phase("calibrate"):
-        calib_data = load_samples(options.data, graph, options.num_samples, options.seed,
-                                  options.preprocess)
         method_choice = None
         if options.method == AUTO_METHOD:
             from qtool.analysis.autoselect import select_ranges
@@ -258,6 +273,17 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
             result = quantize(graph, rules, ranges, plan=analysis.fallback.plan,
                               weight_method=options.weight_method,
                               activation_method=options.method)
+    bias_correction = None
+    if options.bias_correction:
+        from qtool.bias_correction import correct_biases
+
+        with progress.phase("bias correction"):
+            uncorrected = result
+            result, bias_correction = correct_biases(
+                graph, rules, ranges, result.plan,
+                _batches(calib_data, None, options.batch_size),
+                weight_method=options.weight_method, activation_method=options.method,
+            )
     rounding = None
     if options.adaround:
         from qtool.qat.adaround import AdaRoundOptions, adaround
@@ -282,6 +308,10 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
             labelled_batches(eval_samples, eval_path, options.batch_size),
             layerwise=options.layerwise,
         )
+        if bias_correction is not None and bias_correction.layers:
+            before = evaluate(load(model), uncorrected.graph,
+                              labelled_batches(eval_samples, eval_path, options.batch_size))
+            bias_correction.measure(before, evaluation)
     report = build_report(
         model=_display(model),
         backend=backend,
@@ -293,6 +323,7 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
         eval_data=_display(eval_path) if eval_path is not None else None,
         files=files,
         analysis=analysis,
+        bias_correction=bias_correction,
     )
     _count_shape_nodes(graph, report)
     if hasattr(calib_data, "to_dict"):  # an image folder: the preprocessing applied

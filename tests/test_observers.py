@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from qtool.calibration.observers import (
     OBSERVERS,
+    EMAMinMaxObserver,
     HistogramObserver,
     KLDObserver,
     MeanStdObserver,
@@ -77,6 +78,23 @@ def test_minmax_hand_computed():
     assert obs.range() == (-2.0, 3.0)
     scale, zp = obs.qparams()
     assert scale == np.float32(3.0 / 127) and zp == 0
+
+
+def test_ema_minmax_hand_computed():
+    obs = EMAMinMaxObserver(SYM, "t")
+    obs.update(np.array([[1.0, -2.0], [3.0, 0.5]], dtype=np.float32))  # min -2, max 3
+    obs.update(np.array([0.5, 10.0, -1.0], dtype=np.float32))  # min -1, max 10
+    obs.update(np.zeros((0, 4), dtype=np.float32))  # an empty batch counts for nothing
+    assert obs.range() == (-1.5, 6.5)
+    per_channel = EMAMinMaxObserver(QuantScheme(per_channel_axis=1), "t")
+    per_channel.update(np.array([[1.0, -2.0], [3.0, 0.5]], dtype=np.float32))
+    per_channel.update(np.array([[2.0, 4.0]], dtype=np.float32))
+    lo, hi = per_channel.range()
+    assert lo.tolist() == [1.5, 1.0] and hi.tolist() == [2.5, 2.25]
+    merged = EMAMinMaxObserver(SYM, "t")
+    merged.merge(obs)
+    merged.merge(observe(EMAMinMaxObserver, SYM, np.array([4.0, -4.5], dtype=np.float32)))
+    assert merged.range() == ((-2.0 - 1.0 - 4.5) / 3, (3.0 + 10.0 + 4.0) / 3)
 
 
 def test_meanstd_hand_computed():
@@ -309,6 +327,10 @@ def test_merged_shards_equal_one_pass(case, method, scheme):
     cls = OBSERVERS[method]
     whole = observe(cls, scheme, x)
     parts = np.array_split(np.random.default_rng(seed).permutation(x), shards)
+    if method == "ema_minmax":  # a mean over batches: one pass must see the same batches
+        whole = cls(scheme, "t")
+        for part in parts:
+            whole.update(part)
     merged = cls(scheme, "t")
     for part in parts:
         shard = cls(scheme, "t")
@@ -427,7 +449,9 @@ def test_per_channel_minmax_hand_computed():
 
 
 def test_registry_names_and_constructors():
-    assert sorted(OBSERVERS) == ["kld", "meanstd", "minmax", "mse", "norm", "quantile"]
+    assert sorted(OBSERVERS) == [
+        "ema_minmax", "kld", "meanstd", "minmax", "mse", "norm", "quantile"
+    ]
     assert get_observer("KLD") is KLDObserver
     ctor = get_observer(KLDObserver.with_args(bins=256))
     assert ctor(SYM, "t").kl_bins == 256

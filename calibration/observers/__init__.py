@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Union
 
 from qtool.calibration.observers.base import NonFiniteError, Observer
+from qtool.calibration.observers.ema_minmax import EMAMinMaxObserver
 from qtool.calibration.observers.histogram import HistogramObserver
 from qtool.calibration.observers.kld import KLDObserver
 from qtool.calibration.observers.meanstd import MeanStdObserver
@@ -29,6 +30,7 @@ OBSERVERS: dict[str, type[Observer]] = {
     "quantile": QuantileObserver,
     "norm": NormObserver,
     "meanstd": MeanStdObserver,
+    "ema_minmax": EMAMinMaxObserver,
 }
 
 ObserverSpec = Union[str, type[Observer], Callable[..., Observer]]  # noqa: UP007 (py3.10 alias)
@@ -74,6 +76,7 @@ def get_observer(spec: ObserverSpec) -> Callable[..., Observer]:
 
 __all__ = [
     "OBSERVERS",
+    "EMAMinMaxObserver",
     "HistogramObserver",
     "KLDObserver",
     "MSEObserver",

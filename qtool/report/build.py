@@ -14,6 +14,8 @@ The JSON report holds what was done and how well it went:
   every quantized tensor, histograms of the worst activations with their clip ranges, and
   when asked the sensitivity of each layer quantized alone, the float fallback search and
   ``--method auto``'s choice per tensor;
+* ``bias_correction``: the layers whose bias was corrected (with ``--bias-correction``);
+* ``sqnr_floor``: the outputs whose SQNR is below the floor (:mod:`qtool.report.sqnr_floor`);
 * ``files``: the SHA-256 of every other file written;
 * ``warnings``: what a reader must know before trusting the numbers.
 
@@ -28,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import qtool
+from qtool.report.sqnr_floor import WARN_UNDER_SQNR, floor_warnings, sqnr_floor
 
 
 def build_report(
@@ -42,6 +45,7 @@ def build_report(
     eval_data: str | None,
     files: Mapping[str, bytes],
     analysis: Any = None,
+    bias_correction: Any = None,
 ) -> dict[str, Any]:
     """The report of one ``qtool calibrate`` run (see the module docstring for its keys).
 
@@ -56,6 +60,7 @@ def build_report(
         eval_data: The evaluation data path as given (None: random inputs).
         files: The other files of the output folder, by name.
         analysis: The :class:`qtool.analysis.Analysis` of the run, or None.
+        bias_correction: The :class:`qtool.bias_correction.BiasCorrection`, or None.
     """
     random_inputs = options.data is None
     warnings = []
@@ -105,6 +110,20 @@ def build_report(
     }
     if analysis is not None:
         report["analysis"] = analysis.to_dict()
+    if bias_correction is not None:
+        report["bias_correction"] = bias_correction.to_dict()
+        for name in bias_correction.worse():
+            without, with_ = bias_correction.sqnr_db[name]
+            warnings.append(
+                f"bias correction lowered output {name}'s SQNR on the evaluation data from "
+                f"{'exact' if without is None else f'{without:.2f} dB'} to {with_:.2f} dB: "
+                "rerun with --no-bias-correction"
+            )
+    floor = getattr(options, "fail_under_sqnr", None)
+    check = sqnr_floor(report["evaluation"], report.get("analysis"),
+                       WARN_UNDER_SQNR if floor is None else floor)
+    report["sqnr_floor"] = check
+    warnings.extend(floor_warnings(check))
     return report
 
 

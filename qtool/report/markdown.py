@@ -65,6 +65,18 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         lines += [f"| {node} | {why} |" for node, why in plan["float_nodes"].items()]
         lines.append("")
     lines += ["## Passes", ""] + [f"- {p}" for p in report["passes"]] + [""]
+    correction = report.get("bias_correction")
+    if correction:
+        lines += ["## Bias correction", "", f"{len(correction['layers'])} layer biases corrected "
+                  f"for their mean output error on {correction['samples']} calibration samples "
+                  f"({correction['stages']} passes of the quantized model)."]
+        lines += [f"Output {name} SQNR on the evaluation data: {fmt_db(a)} dB without, "
+                  f"{fmt_db(b)} dB with it." for name, (a, b) in
+                  correction.get("sqnr_db", {}).items()]
+        lines += ["",
+                  "| layer | largest bias change |", "|---|---|"]
+        lines += [f"| {name} | {delta:.4g} |" for name, delta in correction["layers"].items()]
+        lines.append("")
     lines += ["## Files", "", "| file | sha256 |", "|---|---|"]
     lines += [f"| {name} | `{digest}` |" for name, digest in report["files"].items()]
     return "\n".join(lines) + "\n"
@@ -144,6 +156,12 @@ def summary_table(report: Mapping[str, Any], output: str | None = None) -> str:
         kept = ", ".join(fallback["float_layers"]) or "none"
         lines.append(f"  float fallback     {'met' if fallback['met'] else 'NOT met'}; "
                      f"kept float: {kept}")
+    correction = report.get("bias_correction")
+    if correction:
+        effect = "; ".join(f"{name} {fmt_db(a)} -> {fmt_db(b)} dB"
+                           for name, (a, b) in correction.get("sqnr_db", {}).items())
+        lines.append(f"  bias correction    {len(correction['layers'])} layers"
+                     + (f"; SQNR {effect}" if effect else ""))
     if plan["float_nodes"]:
         lines.append("")
         shown = list(plan["float_nodes"].items())
