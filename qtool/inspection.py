@@ -4,7 +4,9 @@ Reports the opset, IR version and producer, the inputs and outputs with dtypes a
 (symbolic dims by name), the op histogram, the number of weights, and for every backend (or
 the ones asked for) how many tensors its plan quantizes and which nodes stay float and why.
 The per-backend part plans the prepared graph (cleanup, BN folding, opset >= 13) with
-:func:`qtool.planner.build_plan`, exactly as ``qtool calibrate`` would.
+:func:`qtool.planner.build_plan`, exactly as ``qtool calibrate`` would. A node outside the
+default ONNX domain (a ``com.microsoft`` op) is marked, and no backend is planned: qtool
+cannot run such a model.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from qtool.io import ModelSource, default_opset, load, load_model
+from qtool.io import DEFAULT_DOMAINS, ModelSource, default_opset, load, load_model
 from qtool.pipeline import op_histogram
 
 
@@ -58,6 +60,7 @@ class Inspection:
     nodes: int
     weights: int
     backends: list[BackendView] = field(default_factory=list)
+    foreign_nodes: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict."""
@@ -76,6 +79,9 @@ class Inspection:
             for t in tensors:
                 lines.append(f"  {label} {t.name}: {t.dtype}[{', '.join(map(str, t.shape))}]")
         lines.append("  ops: " + ", ".join(f"{op} {n}" for op, n in self.op_histogram.items()))
+        for node, op in self.foreign_nodes.items():
+            lines.append(f"  ! node {node} ({op}) is outside the default ONNX domain: qtool "
+                         "cannot quantize or run the model; no backend plan")
         if self.backends:
             lines.append("")
             width = max(len(b.backend) for b in self.backends)
@@ -104,11 +110,16 @@ def inspect_model(source: ModelSource, *, backends: Sequence[str] | None = None)
         ModelLoadError, InvalidModelError, UnsupportedModelError: The model cannot be read.
         BackendError: An unknown backend name.
     """
-    from qtool.backends import backend_names
+    from qtool.backends import backend_names, resolve_backend
 
     model = load_model(source)
-    graph = load(model)
+    foreign = _foreign_nodes(model.graph)
+    graph = load(model, check=not foreign)
     names = list(backend_names()) if backends is None else list(backends)
+    if foreign:
+        for name in names:
+            resolve_backend(name)  # an unknown name is still an error
+        names = []
     prepared = _prepared(model) if names else None
     views = [_backend_view(prepared, name) for name in names]
     return Inspection(
@@ -122,7 +133,20 @@ def inspect_model(source: ModelSource, *, backends: Sequence[str] | None = None)
         nodes=len(graph.nodes),
         weights=_weight_count(graph),
         backends=views,
+        foreign_nodes=foreign,
     )
+
+
+def _foreign_nodes(graph: onnx.GraphProto) -> dict[str, str]:
+    """Nodes outside the default domain (subgraphs included): name -> ``domain.op``."""
+    found: dict[str, str] = {}
+    for index, node in enumerate(graph.node):
+        if node.domain not in DEFAULT_DOMAINS:
+            found[node.name or f"{node.op_type}_{index}"] = f"{node.domain}.{node.op_type}"
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                found.update(_foreign_nodes(sub))
+    return found
 
 
 def float_nodes_for_backend(source: ModelSource, backend: str) -> dict[str, str]:

@@ -91,6 +91,9 @@ WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 #: Ops that take a bias as input 2.
 BIAS_INPUT = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
 
+#: Below this share of the model's weight values quantized, a run warns loudly.
+MIN_WEIGHT_COVERAGE = 0.5
+
 
 def build_plan(
     graph: gs.Graph,
@@ -271,6 +274,44 @@ def build_plan(
         len(plan.float_nodes),
     )
     return plan
+
+
+def coverage_warning(graph: gs.Graph, plan: QuantPlan) -> str | None:
+    """A warning when (almost) nothing gets quantized, else None.
+
+    "Almost nothing" is less than :data:`MIN_WEIGHT_COVERAGE` of the weight values; the
+    warning names the likely cause (compute inside subgraph bodies). Weights are the float constants of rank >= 2 of the graph and its subgraphs.
+    """
+    weights: dict[str, int] = {}
+    body_nodes = 0
+    for depth, node in _walk(graph):
+        body_nodes += depth > 0
+        for tensor in node.inputs:
+            if (isinstance(tensor, gs.Constant) and len(tensor.shape) >= 2
+                    and _is_float(tensor)):
+                weights[tensor.name] = int(np.prod(tensor.shape))
+    total = sum(weights.values())
+    quantized = sum(weights.get(e.tensor, 0) for e in plan.entries("weight"))
+    why = (f"; {body_nodes} node(s) run inside If/Loop/Scan bodies, which qtool leaves float"
+           if body_nodes else "")
+    if not plan.entries("activation") and not plan.entries("weight"):
+        return (f"nothing was quantized: the {plan.backend} plan has no tensor to quantize"
+                f"{why}; the output model runs in float")
+    if total and quantized / total < MIN_WEIGHT_COVERAGE:
+        return (f"almost nothing was quantized: {quantized / total:.0%} of the weight values "
+                f"({quantized} of {total}) get quantized{why}")
+    return None
+
+
+def _walk(graph: gs.Graph, depth: int = 0):
+    """``(depth, node)`` for every node of ``graph`` and of its subgraphs (depth > 0)."""
+    for node in graph.nodes:
+        yield depth, node
+        for value in node.attrs.values():
+            subgraphs = value if isinstance(value, list) else [value]
+            for sub in subgraphs:
+                if isinstance(sub, gs.Graph):
+                    yield from _walk(sub, depth + 1)
 
 
 def name_nodes(graph: gs.Graph) -> None:

@@ -68,6 +68,8 @@ class CalibrateOptions:
             calibration data) reaches this.
         max_accuracy_drop: Keep the most sensitive layers float until the top-1 accuracy on
             the (labelled) evaluation data is at most this many points below float.
+        input_axes: ``(input, axis)`` pairs declaring an input's batch axis (None: the input
+            is not a batch, its value goes with every sample); others are inferred.
     """
 
     data: str | os.PathLike | None = None
@@ -87,6 +89,7 @@ class CalibrateOptions:
     sensitivity: bool = False
     target_sqnr: float | None = None
     max_accuracy_drop: float | None = None
+    input_axes: tuple[tuple[str, int | None], ...] = ()
 
 
 @dataclass
@@ -169,9 +172,12 @@ def quantize_model(
     from qtool.report import build_report, to_json, to_markdown
     from qtool.report.html import render_html
 
-    graph, pass_reports = prepare(load(model))
+    loaded = load(model)
+    model_warnings = list(getattr(loaded, "load_warnings", ()))
+    graph, pass_reports = prepare(loaded)
     plan = _build_plan(graph, backend, options)
-    calib_data = load_samples(options.data, graph, options.num_samples, options.seed)
+    calib_data = load_samples(options.data, graph, options.num_samples, options.seed,
+                              axes=dict(options.input_axes))
     method_choice = None
     if options.method == AUTO_METHOD:
         from qtool.analysis.autoselect import select_ranges
@@ -188,7 +194,8 @@ def quantize_model(
     eval_path = options.eval_data if options.eval_data is not None else options.data
     eval_samples = (
         calib_data if options.eval_data is None
-        else load_samples(eval_path, graph, options.num_samples, options.seed)
+        else load_samples(eval_path, graph, options.num_samples, options.seed,
+                          axes=dict(options.input_axes))
     )
     analysis = _analyze(graph, backend, result, ranges, calib_data, eval_samples, eval_path,
                         options)
@@ -222,6 +229,10 @@ def quantize_model(
         files=files,
         analysis=analysis,
     )
+    from qtool.planner import coverage_warning
+
+    coverage = coverage_warning(graph, result.plan)
+    report["warnings"] += model_warnings + ([coverage] if coverage else [])
     files[REPORT_JSON] = to_json(report).encode("utf-8")
     files[REPORT_MD] = to_markdown(report).encode("utf-8")
     files[REPORT_HTML] = render_html(report).encode("utf-8")
@@ -309,8 +320,11 @@ def evaluate_files(
     layerwise: bool = False,
     num_samples: int | None = None,
     batch_size: int = 32,
+    input_axes: Mapping[str, int | None] | None = None,
 ):
     """``qtool evaluate``: compare two model files on a data set (labels from an .npz).
+
+    ``input_axes`` declares inputs' batch axes (``--input-axis``); others are inferred.
 
     Returns:
         A :class:`qtool.analysis.evaluate.Evaluation`.
@@ -318,7 +332,7 @@ def evaluate_files(
     from qtool.analysis.evaluate import evaluate
 
     reference = load(float_model)
-    samples = load_samples(data, reference, num_samples, seed=0)
+    samples = load_samples(data, reference, num_samples, seed=0, axes=input_axes)
     batches = labelled_batches(samples, data, batch_size)
     return evaluate(reference, load(quant_model, check=False), batches, layerwise=layerwise)
 
@@ -414,22 +428,29 @@ def _build_plan(graph: gs.Graph, backend: str, options: CalibrateOptions):
     return QuantPlan.from_json(text)
 
 
-def load_samples(path, graph: gs.Graph, num_samples: int | None, seed: int):
-    """The samples of a data path (None: seeded random inputs shaped from ``graph``)."""
+def load_samples(path, graph: gs.Graph, num_samples: int | None, seed: int, *,
+                 axes: Mapping[str, int | None] | None = None):
+    """The samples of a data path (None: seeded random inputs shaped from ``graph``).
+
+    ``axes`` declares inputs' batch axes (see :func:`qtool.calibration.data.model_inputs`).
+    """
     from qtool.calibration.data import load_data
 
     if path is None:
-        return load_data(None, graph, num_samples=num_samples or RANDOM_SAMPLES, seed=seed)
-    return load_data(path, graph, num_samples=num_samples)
+        return load_data(None, graph, axes=axes, num_samples=num_samples or RANDOM_SAMPLES,
+                         seed=seed)
+    return load_data(path, graph, axes=axes, num_samples=num_samples)
 
 
 def labelled_batches(samples, path, batch_size: int) -> Iterator[dict]:
     """Evaluation batches of ``samples`` (loaded from ``path``), with labels if it has any.
 
     An .npz's ``labels`` array rides along under the key ``labels``, row for row (the
-    loaders keep the file's order).
+    loaders keep the file's order). The batches are what the model accepts: its fixed batch
+    size, each input's batch axis (:func:`qtool.calibration.batching.batches`).
     """
-    from qtool.analysis.evaluate import LABELS_KEY, rebatch
+    from qtool.analysis.evaluate import LABELS_KEY
+    from qtool.calibration.batching import batches, resolve_batch_size
 
     labels = _labels(path)
     if labels is not None and len(labels) < len(samples):
@@ -445,7 +466,11 @@ def labelled_batches(samples, path, batch_size: int) -> Iterator[dict]:
             else:
                 yield {**sample, LABELS_KEY: labels[index : index + 1]}
 
-    return rebatch(with_labels(), batch_size)
+    specs = samples.specs
+    size, fixed = resolve_batch_size(specs, batch_size)
+    extra = (LABELS_KEY,) if labels is not None else ()
+    joined = batches(with_labels(), specs, size, fixed=fixed, extra=extra)
+    return ({**batch.feeds, **batch.extra} for batch in joined)
 
 
 def _labels(path) -> np.ndarray | None:

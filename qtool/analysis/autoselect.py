@@ -167,10 +167,10 @@ def _stream(model, observers: Mapping[str, Any], data, batch_size, num_samples, 
         plan_observation,
         resolve_batch_size,
     )
-    from qtool.calibration.data import check_inputs, model_inputs
+    from qtool.calibration.data import check_inputs, specs_of
     from qtool.errors import DataError
 
-    specs = model_inputs(model)
+    specs = specs_of(data, model)
     stream = iter(data)
     head = next(stream, None)
     if head is None:

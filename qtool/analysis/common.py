@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from qtool.analysis.evaluate import LABELS_KEY
-from qtool.errors import DataError, PlanError
+from qtool.errors import DataError, InvalidModelError, PlanError
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]] | Sequence[Mapping[str, np.ndarray]]
 
@@ -52,10 +52,37 @@ def session(model_bytes: bytes):
     """An onnxruntime CPU session with optimizations off (the pure Q/DQ simulation)."""
     import onnxruntime as ort
 
+    from qtool.calibration.collector import _first_line
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise InvalidModelError(
+            f"onnxruntime cannot load the model to analyse it: {_first_line(exc)}",
+            "qtool runs models in onnxruntime: the model must run there (CPU)",
+        ) from exc
+
+
+def run(session, fetch: Sequence[str], feeds: Mapping[str, np.ndarray], where: str) -> list:
+    """``session.run`` with onnxruntime's failures as clear errors (naming node and batch).
+
+    An empty ``fetch`` fetches nothing (onnxruntime would return every graph output).
+
+    Raises:
+        InvalidModelError: onnxruntime cannot allocate what the model asks for.
+        DataError: The model does not run on the data.
+    """
+    from qtool.calibration.collector import run_error
+
+    if not fetch:
+        return []
+    try:
+        return session.run(list(fetch), dict(feeds))
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise run_error(exc, where) from exc
 
 
 def feeds_of(batch: Mapping[str, np.ndarray], inputs: Sequence[str], index: int):

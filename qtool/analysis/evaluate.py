@@ -227,12 +227,9 @@ def evaluate(
             float_values = float_session.run(fetch, feeds)
             quant_values = quant_session.run(quant_fetch, feeds)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise DataError(
-                f"batch {index}: onnxruntime cannot run the models on it: "
-                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
-                "check that the data fits the model's inputs (a dynamic dim may accept only "
-                "some sizes)",
-            ) from exc
+            from qtool.calibration.collector import run_error
+
+            raise run_error(exc, f"on evaluation batch {index}") from exc
         rows = int(next(iter(feeds.values())).shape[0])
         if labels is not None and labels.shape[0] != rows:
             raise DataError(

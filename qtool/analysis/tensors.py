@@ -13,6 +13,7 @@ from qtool.analysis.common import (
     feeds_of,
     initializer,
     iterate_batches,
+    run,
     session,
     sort_db,
 )
@@ -110,9 +111,11 @@ def tensor_errors(
     for index, batch in enumerate(iterate_batches(batches)):
         feeds = feeds_of(batch, inputs, index)
         samples += int(next(iter(feeds.values())).shape[0])
-        float_values = dict(zip(float_fetch, float_session.run(float_fetch, feeds), strict=True))
+        where = f"on analysis batch {index}"
+        float_values = dict(zip(float_fetch, run(float_session, float_fetch, feeds, where),
+                                strict=True))
         float_values.update({n: feeds[n] for n in inputs})
-        quant_values = quant_session.run(quant_fetch, feeds) if quant_fetch else []
+        quant_values = run(quant_session, quant_fetch, feeds, where + " (quantized model)")
         for entry, q in zip(activations, quant_values, strict=True):
             x = float_values[entry.tensor]
             sums[entry.tensor].update(x, q)

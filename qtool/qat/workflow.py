@@ -222,15 +222,25 @@ def read_arrays(path: str | os.PathLike, names: list[str]):
 
 
 def run_onnx(graph: gs.Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Outputs of a graph in onnxruntime with graph optimizations off."""
-    import onnxruntime as ort
+    """Outputs of a graph in onnxruntime with graph optimizations off.
 
+    A model with a fixed batch dim runs the rows in batches of that size (the shared
+    :func:`qtool.calibration.batching.batches`), the outputs joined along axis 0.
+    """
+    from qtool.analysis.common import run, session
+    from qtool.calibration.batching import batches, resolve_batch_size
+    from qtool.calibration.data import model_inputs
     from qtool.io import serialize
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(serialize(graph), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
+    runner = session(serialize(graph))
+    names = [o.name for o in runner.get_outputs()]
+    specs = model_inputs(graph)
+    size, fixed = resolve_batch_size(specs, None)
+    if not fixed:
+        return run(runner, names, feeds, "on the QAT data")
+    parts = [run(runner, names, b.feeds, f"on the QAT samples {b.first}..")
+             for b in batches([feeds], specs, size, fixed=True)]
+    return [np.concatenate(values) for values in zip(*parts, strict=True)]
 
 
 def accuracy(graph: gs.Graph, feeds: dict[str, np.ndarray], labels: np.ndarray) -> float:
