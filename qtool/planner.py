@@ -280,7 +280,8 @@ def coverage_warning(graph: gs.Graph, plan: QuantPlan) -> str | None:
     """A warning when (almost) nothing gets quantized, else None.
 
     "Almost nothing" is less than :data:`MIN_WEIGHT_COVERAGE` of the weight values; the
-    warning names the likely cause (compute inside subgraph bodies). Weights are the float constants of rank >= 2 of the graph and its subgraphs.
+    warning names the likely cause (compute inside subgraph bodies). Weights are the float
+    constants of rank >= 2 of the graph and its subgraphs.
     """
     weights: dict[str, int] = {}
     body_nodes = 0
