@@ -14,9 +14,11 @@ exactly ``B``; a remainder of fewer than ``B`` rows is dropped with a warning.
 After the first batch of a given input shape, the session writes the observed tensors into
 output buffers bound once (onnxruntime IO binding) instead of allocating them per run.
 Observed tensors that are graph inputs are read from the feeds, initializers once from the
-model. NaN or Inf raises :class:`qtool.errors.CalibrationError` naming the tensor and the
-sample. With ``workers > 1`` the batches are dealt to spawned processes, each with its own
-session and observers, and the observers are merged at the end (see :func:`calibrate`).
+model; tensors inside If/Loop/Scan bodies leave them as extra outputs of their node
+(:func:`qtool.io.expose_outputs`). NaN or Inf raises :class:`qtool.errors.CalibrationError`
+naming the tensor and the sample. With ``workers > 1`` the batches are dealt to spawned
+processes, each with its own session and observers, and the observers are merged at the
+end (see :func:`calibrate`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import os
 import queue
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -62,6 +64,7 @@ class ObservePlan:
     outputs: tuple[str, ...]
     feeds: tuple[str, ...]
     constants: dict[str, np.ndarray]
+    aliases: dict[str, str] = field(default_factory=dict)  # output -> tensor in a body
 
 
 def plan_observation(model, tensors: Iterable[str]) -> ObservePlan:
@@ -87,7 +90,7 @@ def plan_observation(model, tensors: Iterable[str]) -> ObservePlan:
     inputs = {i.name for i in graph.input} - set(initializers)
     produced = {name for node in graph.node for name in node.output if name}
     existing_outputs = {o.name for o in graph.output}
-    outputs, feeds, constants = [], [], {}
+    outputs, feeds, constants, in_bodies = [], [], {}, []
     for name in dict.fromkeys(tensors):
         if name in inputs:
             feeds.append(name)
@@ -98,11 +101,22 @@ def plan_observation(model, tensors: Iterable[str]) -> ObservePlan:
             if name not in existing_outputs:
                 graph.output.append(onnx.ValueInfoProto(name=name))
         else:
+            in_bodies.append(name)
+    aliases = {}
+    if in_bodies:
+        from qtool.io import expose_outputs
+
+        exposed = expose_outputs(proto, in_bodies)
+        missing = [name for name in in_bodies if name not in exposed]
+        if missing:
             raise CalibrationError(
-                f"tensor {name} to calibrate is not in the model",
+                f"tensor {missing[0]} to calibrate is not in the model",
                 "the plan and the model disagree: build the plan from this model",
             )
-    return ObservePlan(proto.SerializeToString(), tuple(outputs), tuple(feeds), constants)
+        aliases = {out: name for name, out in exposed.items()}
+        outputs.extend(exposed.values())
+    return ObservePlan(proto.SerializeToString(), tuple(outputs), tuple(feeds), constants,
+                       aliases)
 
 
 def make_session(model_bytes: bytes, *, intra_op_threads: int | None = None,
@@ -212,7 +226,7 @@ class Collector:
                 raise run_error(exc, f"on the samples {batch.first}.."
                                      f"{batch.first + batch.rows - 1}") from exc
             for name, value in zip(self.plan.outputs, values, strict=True):
-                self._feed(name, value, batch)
+                self._feed(self.plan.aliases.get(name, name), value, batch)
         for name in self.plan.feeds:
             self._feed(name, batch.feeds[name], batch)
 
@@ -245,6 +259,8 @@ class Collector:
         return values
 
     def _feed(self, name: str, value: np.ndarray, batch: Batch | None) -> None:
+        if value.size == 0:
+            return  # a tensor of an If branch that did not run
         try:
             self.observers[name].update(value)
         except NonFiniteError as exc:
@@ -287,7 +303,8 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
             computes every tensor exactly as the QDQ model run with optimizations off does.
 
     Returns:
-        ``{tensor: (lo, hi)}`` per observed tensor (floats, or arrays for per-channel schemes).
+        ``{tensor: (lo, hi)}`` per observed tensor (floats, or arrays for per-channel schemes);
+        a tensor inside an If branch that no sample took has none (a warning is logged).
 
     Raises:
         DataError: The data does not fit the model (checked on the first sample, before any
@@ -308,6 +325,7 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
     if not observers:
         return {}
     plan = plan_observation(model, observers)
+    plan_aliases = set(plan.aliases.values())
     trim_heap()  # the proto copy that was serialized is freed
     size, fixed = resolve_batch_size(specs, batch_size)
     stream = batches(itertools.chain([head], stream), specs, size, fixed=fixed,
@@ -326,7 +344,17 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
             threads = intra_op_threads or max(1, (os.cpu_count() or 1) // workers)
             _run_workers(plan, ctor, schemes, observers, stream, workers, threads, bar,
                          optimization or DEFAULT_OPTIMIZATION)
-    return {name: _as_range(obs.range()) for name, obs in observers.items()}
+    ranges = {}
+    for name, observer in observers.items():
+        try:
+            ranges[name] = _as_range(observer.range())
+        except CalibrationError:
+            if name not in plan_aliases:
+                raise
+            # inside an If branch the data never took: no range (the plan keeps it float)
+            log.warning("tensor %s (inside a subgraph body) was never computed on the "
+                        "calibration data: it gets no range", name)
+    return ranges
 
 
 def _as_range(lo_hi) -> tuple:

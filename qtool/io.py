@@ -202,6 +202,83 @@ def _all_nodes(graph: onnx.GraphProto):
                     yield from _all_nodes(sub)
 
 
+def expose_outputs(model: onnx.ModelProto, names) -> dict[str, str]:
+    """Make tensors readable as graph outputs, in place, those inside If/Loop/Scan bodies too.
+
+    A tensor of a body leaves it as one more output of its If/Loop/Scan node, level by level
+    up to the main graph: Loop and Scan stack its values over the iterations (a scan
+    output), and an If branch that does not produce it gives an empty tensor instead.
+
+    Args:
+        model: The model, changed in place.
+        names: Tensor names.
+
+    Returns:
+        ``{tensor: graph output holding its values}`` for every name found.
+    """
+    wanted = list(dict.fromkeys(names))
+    types = _elem_types(model)
+    found = _expose(model.graph, wanted, types, top=True)
+    existing = {o.name for o in model.graph.output}
+    for name in wanted:
+        if name in found and found[name] not in existing:
+            model.graph.output.append(onnx.ValueInfoProto(name=found[name]))
+            existing.add(found[name])
+    return {name: found[name] for name in wanted if name in found}
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every typed value (subgraphs included), from shape inference."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # a model shape inference cannot follow: types stay unknown
+        inferred = model
+    types: dict[str, int] = {}
+    stack = [inferred.graph]
+    while stack:
+        graph = stack.pop()
+        for value in (*graph.input, *graph.output, *graph.value_info):
+            if value.type.HasField("tensor_type"):
+                types[value.name] = value.type.tensor_type.elem_type
+        for node in graph.node:
+            for attr in node.attribute:
+                stack.extend([attr.g] if attr.HasField("g") else list(attr.graphs))
+    return types
+
+
+def _expose(graph: onnx.GraphProto, wanted: list[str], types: dict[str, int], *,
+            top: bool) -> dict[str, str]:
+    """``{tensor: name in this graph's scope}`` for the wanted tensors here or in bodies."""
+    here = {o for node in graph.node for o in node.output if o}
+    if not top:
+        here |= {i.name for i in graph.input}
+    found = {name: name for name in wanted if name in here}
+    rest = [name for name in wanted if name not in here]
+    for index, node in enumerate(graph.node):
+        rest = [name for name in rest if name not in found]
+        bodies = [attr for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH]
+        if not rest or not bodies:
+            continue
+        inner = {attr.name: _expose(attr.g, rest, types, top=False) for attr in bodies}
+        for name in [n for n in rest if any(n in found_in for found_in in inner.values())]:
+            out = f"{name}__{node.name or node.op_type + str(index)}_exposed"
+            elem = types.get(name, onnx.TensorProto.FLOAT)
+            for attr in bodies:
+                source = inner[attr.name].get(name)
+                if source is None:  # an If branch without it: an empty tensor of its type
+                    source = f"{out}_{attr.name}_empty"
+                    attr.g.node.append(onnx.helper.make_node(
+                        "Constant", [], [source],
+                        value=onnx.helper.make_tensor(source, elem, [0], [])))
+                attr.g.output.append(onnx.helper.make_tensor_value_info(source, elem, None))
+            for attr in node.attribute:
+                if attr.name in ("scan_output_axes", "scan_output_directions"):
+                    attr.ints.append(0)
+            node.output.append(out)
+            found[name] = out
+    return found
+
+
 def check_model(model: onnx.ModelProto) -> None:
     """Run onnx.checker, then strict shape inference, on the model.
 

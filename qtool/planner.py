@@ -33,8 +33,10 @@ graph by ``<op>_<index>`` before planning (the same renaming quantize() applies)
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -91,8 +93,11 @@ WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 #: Ops that take a bias as input 2.
 BIAS_INPUT = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
 
+#: Ops whose compute lives in subgraph bodies (planned node by node, inside the bodies).
+CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
+
 #: Below this share of the model's weight values quantized, a run warns loudly.
-MIN_WEIGHT_COVERAGE = 0.5
+MIN_WEIGHT_COVERAGE = 0.25
 
 
 def build_plan(
@@ -123,9 +128,9 @@ def build_plan(
 
     backend = resolve_backend(backend)
     name_nodes(graph)
-    nodes = list(graph.nodes)
+    nodes = all_nodes(graph)
     consumers = _consumers(nodes)
-    graph_outputs = {t.name for t in graph.outputs}
+    graph_outputs = {t.name for g in all_graphs(graph) for t in g.outputs}
     constant = _constant_tensors(nodes)
     shape = shape_tensors(graph)
     shape_nodes = {
@@ -162,8 +167,8 @@ def build_plan(
         if node.name in shape_nodes:
             float_nodes[node.name] = "shape/index computation: never quantized"
             continue
-        if op == "Constant" or op in SHAPE_SOURCES:
-            continue
+        if op == "Constant" or op in SHAPE_SOURCES or op in CONTROL_FLOW:
+            continue  # control flow: the nodes of its bodies are planned one by one
         if op in placement.weighted_ops:
             weight = _weight_of(node)
             if weight is None and placement.requires_weight:
@@ -276,6 +281,22 @@ def build_plan(
     return plan
 
 
+def drop_unreached(plan: QuantPlan, ranges: Mapping[str, Any]) -> QuantPlan:
+    """The plan without the activations calibration never saw (an If branch no sample took).
+
+    Their consumers stay float, with the reason in ``float_nodes``.
+    """
+    unreached = [e for e in plan.entries("activation")
+                 if e.tensor not in ranges and e.pinned_range is None]
+    if not unreached:
+        return plan
+    nodes = sorted({c for e in unreached for c in e.consumers})
+    kept = plan.skip(*(f"name:{n}" for n in nodes))
+    reason = "reads a tensor the calibration data never computed (an If branch no sample took)"
+    return dataclasses.replace(kept, float_nodes={**kept.float_nodes,
+                                                  **dict.fromkeys(nodes, reason)})
+
+
 def coverage_warning(graph: gs.Graph, plan: QuantPlan) -> str | None:
     """A warning when (almost) nothing gets quantized, else None.
 
@@ -293,14 +314,14 @@ def coverage_warning(graph: gs.Graph, plan: QuantPlan) -> str | None:
                 weights[tensor.name] = int(np.prod(tensor.shape))
     total = sum(weights.values())
     quantized = sum(weights.get(e.tensor, 0) for e in plan.entries("weight"))
-    why = (f"; {body_nodes} node(s) run inside If/Loop/Scan bodies, which qtool leaves float"
-           if body_nodes else "")
+    why = (f"; {body_nodes} node(s) run inside If/Loop/Scan bodies (a branch no calibration "
+           "sample takes stays float)" if body_nodes else "")
     if not plan.entries("activation") and not plan.entries("weight"):
         return (f"nothing was quantized: the {plan.backend} plan has no tensor to quantize"
                 f"{why}; the output model runs in float")
     if total and quantized / total < MIN_WEIGHT_COVERAGE:
-        return (f"almost nothing was quantized: {quantized / total:.0%} of the weight values "
-                f"({quantized} of {total}) get quantized{why}")
+        return (f"almost nothing was quantized: only {quantized / total:.0%} of the weight "
+                f"values ({quantized} of {total}) get quantized{why}")
     return None
 
 
@@ -315,11 +336,63 @@ def _walk(graph: gs.Graph, depth: int = 0):
                     yield from _walk(sub, depth + 1)
 
 
+def all_graphs(graph: gs.Graph) -> list[gs.Graph]:
+    """``graph`` and every If/Loop/Scan body in it (nested ones too), outermost first."""
+    graphs = [graph]
+    for _, node in _walk(graph):
+        for value in node.attrs.values():
+            for sub in value if isinstance(value, list) else [value]:
+                if isinstance(sub, gs.Graph):
+                    graphs.append(sub)
+    return graphs
+
+
+def all_nodes(graph: gs.Graph) -> list[gs.Node]:
+    """Every node of ``graph`` and of its bodies, each body's nodes after the node holding it.
+
+    Body nodes read outer tensors by name (onnx-graphsurgeon shares the tensor objects), so
+    one walk over this list sees every producer and consumer of every tensor.
+    """
+    return [node for _, node in _walk(graph)]
+
+
+def all_tensors(graph: gs.Graph) -> dict[str, gs.Tensor]:
+    """The tensors of ``graph`` and of its bodies, by name."""
+    tensors: dict[str, gs.Tensor] = {}
+    for sub in all_graphs(graph):
+        for name, tensor in sub.tensors().items():
+            tensors.setdefault(name, tensor)
+    return tensors
+
+
+def owner_graph(graph: gs.Graph, tensor: gs.Tensor, consumers: Sequence[gs.Node]) -> gs.Graph:
+    """The (sub)graph where nodes reading ``tensor`` for ``consumers`` go.
+
+    That is the body producing the tensor (or holding it as a body input), else the body
+    holding every consumer, else ``graph`` itself: every body can read outer tensors.
+    """
+    graphs = all_graphs(graph)
+    for sub in graphs[1:]:
+        if any(t is tensor for t in sub.inputs) or any(
+            tensor is out for node in sub.nodes for out in node.outputs
+        ):
+            return sub
+    if consumers:
+        holders = [next((sub for sub in graphs[1:] if node in sub.nodes), graph)
+                   for node in consumers]
+        if all(h is holders[0] for h in holders):
+            return holders[0]
+    return graph
+
+
 def name_nodes(graph: gs.Graph) -> None:
-    """Give every node a unique name (``<op>_<index>`` for unnamed or repeated ones), in place."""
+    """Give every node a unique name (``<op>_<index>`` for unnamed or repeated ones), in place.
+
+    Nodes inside If/Loop/Scan bodies are named too (after the outer graph's nodes' indices).
+    """
     seen: set[str] = set()
     renamed = 0
-    for index, node in enumerate(graph.nodes):
+    for index, node in enumerate(all_nodes(graph)):
         if not node.name or node.name in seen:
             base = f"{node.op}_{index}"
             candidate, suffix = base, 0
@@ -335,10 +408,10 @@ def name_nodes(graph: gs.Graph) -> None:
 
 def shape_tensors(graph: gs.Graph) -> set[str]:
     """Names of the tensors on shape/index paths (rules (a)-(c) of the module docstring)."""
-    nodes = list(graph.nodes)
+    nodes = all_nodes(graph)
     consumers = _consumers(nodes)
     constant = _constant_tensors(nodes)
-    graph_outputs = {t.name for t in graph.outputs}
+    graph_outputs = {t.name for g in all_graphs(graph) for t in g.outputs}
     shape: set[str] = set()
 
     def add(name: str) -> bool:

@@ -39,7 +39,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from qtool.errors import OutputError, PlanError
 from qtool.io import atomic_write_bytes, load
 from qtool.plan import QuantPlan, TensorPlan
-from qtool.planner import build_plan, name_nodes
+from qtool.planner import all_nodes, all_tensors, build_plan, name_nodes, owner_graph
 from qtool.scheme import QuantScheme, onnx_dtype
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def compute_qparams(
     """Scale and zero point of every planned tensor (see the module docstring)."""
     from qtool.calibration.observers import get_observer
 
-    tensors = graph.tensors()
+    tensors = all_tensors(graph)
     result: dict[str, TensorQParams] = {}
 
     # Activations: one range per shared group, the union of its members' ranges.
@@ -269,8 +269,8 @@ def _check_ranges(plan: QuantPlan, ranges: Mapping[str, tuple[Any, Any]]) -> Non
 
 
 def _check_plan_fits(plan: QuantPlan, graph: gs.Graph) -> None:
-    tensors = graph.tensors()
-    node_names = {n.name for n in graph.nodes}
+    tensors = all_tensors(graph)
+    node_names = {n.name for n in all_nodes(graph)}
     for entry in plan.tensors.values():
         tensor = tensors.get(entry.tensor)
         if tensor is None:
@@ -296,14 +296,19 @@ def insert_qdq(graph: gs.Graph, plan: QuantPlan, qparams: Mapping[str, TensorQPa
     An activation whose levels are narrower than their storage type (4-bit in int8 below
     opset 21, FBGEMM's 7-bit reduce_range in uint8) gets a Clip to the levels' real range
     before its QuantizeLinear, which would otherwise saturate only at the storage limits.
+    A tensor of an If/Loop/Scan body gets its nodes in that body (outer tensors read by body
+    nodes keep theirs outside: a body reads the dequantized value from the outer scope).
     """
-    tensors = graph.tensors()
-    by_name = {n.name: n for n in graph.nodes}
+    tensors = all_tensors(graph)
+    by_name = {n.name: n for n in all_nodes(graph)}
     opset = graph.opset
     shared: dict[str, tuple[gs.Constant, gs.Constant]] = {}
+    top = graph
     for entry in plan.tensors.values():
         qp = qparams[entry.tensor]
         tensor = tensors[entry.tensor]
+        # inside an If/Loop/Scan body when the tensor (or every consumer) lives there
+        graph = owner_graph(top, tensor, [by_name[c] for c in entry.consumers])
         key = entry.group or entry.tensor
         if key not in shared:
             shared[key] = _qparam_constants(entry.tensor, qp, opset)

@@ -30,11 +30,33 @@ def db_text(value: float | None) -> str:
 
 
 def initializer(proto: onnx.ModelProto, name: str) -> np.ndarray:
-    """The value of initializer ``name`` of ``proto``."""
-    for init in proto.graph.initializer:
-        if init.name == name:
-            return onnx.numpy_helper.to_array(init)
+    """The value of initializer ``name`` of ``proto`` (or of one of its subgraph bodies)."""
+    stack = [proto.graph]
+    while stack:
+        graph = stack.pop()
+        for init in graph.initializer:
+            if init.name == name:
+                return onnx.numpy_helper.to_array(init)
+        for node in graph.node:
+            for attr in node.attribute:
+                stack.extend([attr.g] if attr.HasField("g") else list(attr.graphs))
+                if node.op_type == "Constant" and node.output[0] == name and attr.name == "value":
+                    return onnx.numpy_helper.to_array(attr.t)
     raise PlanError(f"weight {name} is not an initializer of the float model")
+
+
+def fetchable(proto: onnx.ModelProto, names: Sequence[str]) -> tuple[bytes, dict[str, str]]:
+    """The model with ``names`` readable as graph outputs (in bodies too), serialized.
+
+    Returns:
+        ``(model bytes, {tensor: output name to fetch})``.
+    """
+    from qtool.io import expose_outputs
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    fetch = expose_outputs(copy, names)
+    return copy.SerializeToString(), fetch
 
 
 def exposed(proto: onnx.ModelProto, names: Sequence[str]) -> bytes:
