@@ -128,6 +128,16 @@ def batches(data: Iterable[Mapping[str, np.ndarray]], specs: Sequence[InputSpec]
             yield joiner.emit(joiner.pending_rows)
 
 
+def batch_rows(feeds: Mapping[str, np.ndarray], specs: Sequence[InputSpec]) -> int:
+    """How many samples a batch of feeds holds: the size of the first batch axis (1 if none)."""
+    for spec in specs:
+        if spec.batch_axis is not None and spec.name in feeds:
+            shape = np.shape(feeds[spec.name])
+            if len(shape) > spec.batch_axis:
+                return int(shape[spec.batch_axis])
+    return 1
+
+
 class _Joiner:
     """The pending samples of :func:`batches` and how to join and split them."""
 

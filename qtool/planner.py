@@ -281,13 +281,17 @@ def build_plan(
     return plan
 
 
-def drop_unreached(plan: QuantPlan, ranges: Mapping[str, Any]) -> QuantPlan:
-    """The plan without the activations calibration never saw (an If branch no sample took).
+def drop_unreached(plan: QuantPlan, ranges: Mapping[str, Any], graph: gs.Graph) -> QuantPlan:
+    """The plan without the body activations that calibration never saw.
 
-    Their consumers stay float, with the reason in ``float_nodes``.
+    Such a tensor sits in an If branch no sample took: its consumers stay float, with the
+    reason in ``float_nodes``. Only tensors inside If/Loop/Scan bodies of ``graph`` are
+    dropped so; a missing range for any other tensor stays an error of
+    :func:`qtool.qdq.quantize`.
     """
+    in_bodies = {name for body in all_graphs(graph)[1:] for name in body.tensors()}
     unreached = [e for e in plan.entries("activation")
-                 if e.tensor not in ranges and e.pinned_range is None]
+                 if e.tensor not in ranges and e.pinned_range is None and e.tensor in in_bodies]
     if not unreached:
         return plan
     nodes = sorted({c for e in unreached for c in e.consumers})

@@ -39,7 +39,14 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from qtool.errors import OutputError, PlanError
 from qtool.io import atomic_write_bytes, load
 from qtool.plan import QuantPlan, TensorPlan
-from qtool.planner import all_nodes, all_tensors, build_plan, name_nodes, owner_graph
+from qtool.planner import (
+    all_nodes,
+    all_tensors,
+    build_plan,
+    drop_unreached,
+    name_nodes,
+    owner_graph,
+)
 from qtool.scheme import QuantScheme, onnx_dtype
 
 log = logging.getLogger(__name__)
@@ -137,7 +144,8 @@ def quantize(
             ``Pipeline(["cleanup", "fold_bn", "upgrade_opset"])``. It is not modified.
         backend: Backend name or :class:`qtool.backends.base.Backend`.
         ranges: ``{tensor: (lo, hi)}`` for every tensor of ``plan.activation_schemes()``
-            (from :func:`qtool.calibration.calibrate`); extra entries are ignored.
+            (from :func:`qtool.calibration.calibrate`); extra entries are ignored. A tensor
+            inside an If/Loop/Scan body without one (a branch no sample took) stays float.
         plan: The plan to apply; built with :func:`qtool.planner.build_plan` if None.
         weight_method: Observer name for the weight ranges (``minmax``, ``mse``, ...).
 
@@ -163,6 +171,7 @@ def quantize(
             f"build a plan for {backend.name}, or quantize with backend={plan.backend!r}",
         )
     _check_plan_fits(plan, float_graph)
+    plan = drop_unreached(plan, ranges, float_graph)
     _check_ranges(plan, ranges)
     qparams = compute_qparams(float_graph, plan, ranges, weight_method)
     qdq = _copy(float_graph)

@@ -189,9 +189,6 @@ def quantize_model(
             graph, plan.activation_schemes(), calib_data, method=options.method,
             batch_size=options.batch_size, workers=options.workers, progress=options.progress,
         )
-    from qtool.planner import drop_unreached
-
-    plan = drop_unreached(plan, ranges)
     result = quantize(graph, backend, ranges, plan=plan, weight_method=options.weight_method)
 
     eval_path = options.eval_data if options.eval_data is not None else options.data

@@ -299,6 +299,11 @@ def test_lstm_calibrates_end_to_end_with_declared_axes(lstm_model, tmp_path):
     assert result.exit_code == 0, result.output
     report = (out / "report.md").read_text()
     assert "almost nothing was quantized" in report  # the LSTM's weights stay float
+    import json
+
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["evaluation"]["samples"] == 6  # rows along axis 1, not the 4 time steps
+    assert summary["analysis"]["samples"] == 6
     bad = _invoke("calibrate", lstm_model, "-b", "snpe", "--input-axis", "h", "-o", out)
     assert bad.exit_code == 2 and "NAME=AXIS" in bad.output
 

@@ -112,10 +112,14 @@ def tensor_errors(
     sums = {e.tensor: _ErrorSums() for e in activations}
     observed = {e.tensor: HistogramObserver(None, e.tensor, bins=HISTOGRAM_BINS)
                 for e in activations}
+    from qtool.calibration.batching import batch_rows
+    from qtool.calibration.data import model_inputs
+
+    specs = model_inputs(float_proto)
     samples = 0
     for index, batch in enumerate(iterate_batches(batches)):
         feeds = feeds_of(batch, inputs, index)
-        samples += int(next(iter(feeds.values())).shape[0])
+        samples += batch_rows(feeds, specs)
         where = f"on analysis batch {index}"
         float_values = {from_fetch[name]: value for name, value in zip(
             float_fetch, run(float_session, float_fetch, feeds, where), strict=True)}
@@ -123,7 +127,7 @@ def tensor_errors(
         quant_values = run(quant_session, quant_fetch, feeds, where + " (quantized model)")
         for entry, q in zip(activations, quant_values, strict=True):
             x = float_values[entry.tensor]
-            if x.size == 0:
+            if x.size == 0 or q.size == 0:
                 continue  # inside an If branch that did not run
             sums[entry.tensor].update(x, q)
             observed[entry.tensor].update(x)
@@ -144,7 +148,7 @@ def tensor_errors(
         errors.append(TensorError(entry.tensor, entry.role, list(entry.consumers), s.sqnr_db,
                                   s.cosine, s.max_abs))
     worst = sorted(
-        (e for e in errors if e.role == "activation"),
+        (e for e in errors if e.role == "activation" and not observed[e.tensor].empty),
         key=lambda e: (sort_db(e.sqnr_db), e.tensor),
     )[:histograms]
     shown = [_histogram(observed[e.tensor], result.qparams[e.tensor], e.sqnr_db) for e in worst]
