@@ -463,3 +463,17 @@ def test_analysis_maps_onnxruntime_failures(tmp_path):
     wrong = [{"x": np.zeros((1, 3, 9, 9), np.float32)}]
     with pytest.raises(DataError, match="on analysis batch 0"):
         tensor_errors(graph, result, wrong)
+
+
+def test_if_model_through_auto_fallback_and_compare(if_model, tmp_path):
+    rng = np.random.default_rng(9)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((6, 8)).astype(np.float32),
+             sr=np.array(16000, np.int64))
+    _, report = quantize_model(if_model, "tvm", CalibrateOptions(
+        data=tmp_path / "d.npz", method="auto", target_sqnr=60.0))
+    floats = report["plan"]["float_nodes"]
+    assert "never computed" in floats["/b2/Gemm"]
+    assert report["analysis"]["fallback"]["met"]
+    result = _invoke("compare", if_model, "--data", tmp_path / "d.npz", "-b", "tvm",
+                     "-m", "minmax", "--no-sweep")
+    assert result.exit_code == 0, result.output

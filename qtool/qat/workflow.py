@@ -140,9 +140,14 @@ def qat_model(model: str | os.PathLike, backend: str, data: str | os.PathLike,
     else:
         targets = torch.as_tensor(run_onnx(graph, dict(zip(names, inputs, strict=True)))[0])
         loss_fn = _first_output(torch.nn.functional.mse_loss)
+    from qtool.calibration.batching import resolve_batch_size
+    from qtool.calibration.data import model_inputs
+
+    # a model that fixes its batch dim (torch.onnx.export's default) trains on that size
+    train_batch, fixed = resolve_batch_size(model_inputs(graph), options.batch_size)
     loader = torch.utils.data.DataLoader(
         _Samples([torch.as_tensor(a) for a in inputs], targets),
-        batch_size=options.batch_size, shuffle=True,
+        batch_size=train_batch, shuffle=True, drop_last=fixed,
         generator=torch.Generator().manual_seed(options.seed),
     )
     history = fit(qat, loader, loss_fn, epochs=options.epochs, lr=options.lr,
