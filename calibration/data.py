@@ -108,11 +108,10 @@ def infer_batch_axes(dims: Mapping[str, Sequence[int | str | None]]) -> dict[str
 
     * A scalar (rank 0) has no batch axis.
     * The batch is, in this order: the symbolic name most inputs have at axis 0 (an
-      unnamed dynamic dim, or one written as -1 or 0, counts as the name
-      ``dynamic``); a symbolic name with "batch" in it; axis
-      0 when every input has the same fixed size there (``torch.onnx.export``'s default
-      batch 1); the symbolic name most inputs share; the fixed size every input has
-      somewhere (1 preferred).
+      unnamed dynamic dim, or one written as -1 or 0, counts as the name ``dynamic``); a
+      symbolic name with "batch" in it; axis 0 when every input has the same fixed size
+      there (``torch.onnx.export``'s default batch 1); the symbolic name most inputs
+      share; the fixed size every input has somewhere (1 preferred).
     * Each input's batch axis is where it has that name or size; an input without it is
       not a batch (``state [2, batch, 128]`` has axis 1, ``sr []`` none).
     """
