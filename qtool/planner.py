@@ -13,7 +13,9 @@ Three steps, each a plain walk over the graph:
    (an embedding Gather of a float table by token ids is data, not a shape). Rules (a)-(c)
    run to a fixed point. Shape/Size read no values, so their input edges count for neither
    side. Integer tensors are never quantized either.
-2. **Placement** follows ``backend.placement`` (MQBench Fig. 4): weighted ops get their
+2. **Placement** walks the main graph and every If/Loop/Scan body (a body's nodes are
+   planned like the main graph's; the state a Loop/Scan carries between iterations is never
+   quantized) and follows ``backend.placement`` (MQBench Fig. 4): weighted ops get their
    activation inputs and their constant weight quantized (a per-channel weight's axis is Conv 0,
    ConvTranspose 1, Gemm 0 if ``transB`` else 1, MatMul the last), ``activation_ops`` get
    every activation input quantized, ``shortcut_ops`` (TensorRT's residual Add) every input
@@ -132,6 +134,7 @@ def build_plan(
     consumers = _consumers(nodes)
     graph_outputs = {t.name for g in all_graphs(graph) for t in g.outputs}
     constant = _constant_tensors(nodes)
+    carried = _loop_state(nodes)
     shape = shape_tensors(graph)
     shape_nodes = {
         n.name
@@ -145,6 +148,7 @@ def build_plan(
             and not isinstance(tensor, gs.Constant)
             and tensor.name not in constant
             and tensor.name not in shape
+            and tensor.name not in carried
             and _is_float(tensor)
         )
 
@@ -369,13 +373,15 @@ def all_tensors(graph: gs.Graph) -> dict[str, gs.Tensor]:
     return tensors
 
 
-def owner_graph(graph: gs.Graph, tensor: gs.Tensor, consumers: Sequence[gs.Node]) -> gs.Graph:
+def owner_graph(graph: gs.Graph, tensor: gs.Tensor, consumers: Sequence[gs.Node],
+                graphs: Sequence[gs.Graph] | None = None) -> gs.Graph:
     """The (sub)graph where nodes reading ``tensor`` for ``consumers`` go.
 
     That is the body producing the tensor (or holding it as a body input), else the body
     holding every consumer, else ``graph`` itself: every body can read outer tensors.
+    ``graphs`` is :func:`all_graphs` of ``graph`` when the caller has it already.
     """
-    graphs = all_graphs(graph)
+    graphs = all_graphs(graph) if graphs is None else graphs
     for sub in graphs[1:]:
         if any(t is tensor for t in sub.inputs) or any(
             tensor is out for node in sub.nodes for out in node.outputs
@@ -456,6 +462,24 @@ def shape_tensors(graph: gs.Graph) -> set[str]:
             if reads and all(_is_shape_edge(n, i, shape) for n, i in reads):
                 changed |= add(name)
     return shape
+
+
+def _loop_state(nodes: Iterable[gs.Node]) -> set[str]:
+    """The state Loop and Scan bodies carry from one iteration to the next.
+
+    Loop's iteration count and condition too. Never quantized: its rounding would compound
+    over the iterations. Scan's scanned slices are data and stay candidates.
+    """
+    state: set[str] = set()
+    for node in nodes:
+        body = node.attrs.get("body")
+        if node.op not in ("Loop", "Scan") or not isinstance(body, gs.Graph):
+            continue
+        inputs = list(body.inputs)
+        if node.op == "Scan":
+            inputs = inputs[: len(inputs) - int(node.attrs.get("num_scan_inputs", 0))]
+        state.update(t.name for t in inputs)
+    return state
 
 
 def _reads_constant_data(node: gs.Node, constant: set[str]) -> bool:

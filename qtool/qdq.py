@@ -40,6 +40,7 @@ from qtool.errors import OutputError, PlanError
 from qtool.io import atomic_write_bytes, load
 from qtool.plan import QuantPlan, TensorPlan
 from qtool.planner import (
+    all_graphs,
     all_nodes,
     all_tensors,
     build_plan,
@@ -312,12 +313,12 @@ def insert_qdq(graph: gs.Graph, plan: QuantPlan, qparams: Mapping[str, TensorQPa
     by_name = {n.name: n for n in all_nodes(graph)}
     opset = graph.opset
     shared: dict[str, tuple[gs.Constant, gs.Constant]] = {}
-    top = graph
+    top, graphs = graph, all_graphs(graph)
     for entry in plan.tensors.values():
         qp = qparams[entry.tensor]
         tensor = tensors[entry.tensor]
         # inside an If/Loop/Scan body when the tensor (or every consumer) lives there
-        graph = owner_graph(top, tensor, [by_name[c] for c in entry.consumers])
+        graph = owner_graph(top, tensor, [by_name[c] for c in entry.consumers], graphs)
         key = entry.group or entry.tensor
         if key not in shared:
             shared[key] = _qparam_constants(entry.tensor, qp, opset)
