@@ -20,6 +20,7 @@ from qtool.errors import QtoolError
 INTERNAL_ERROR_EXIT = 70  # EX_SOFTWARE: an exception qtool did not expect (a bug)
 INTERRUPTED_EXIT = 130  # the shell's code for a run stopped by Ctrl-C (128 + SIGINT)
 METHOD_ALIASES = {"entropy": "kld", "percentile": "quantile"}  # onnxruntime's, ModelOpt's
+COMPARE_FAILED_EXIT = 1  # `qtool compare`: the table is printed, but a cell failed
 _DEBUG_KEY = "qtool.debug"
 _ERROR_EXIT_KEY = "qtool.error_exit"
 
@@ -128,6 +129,27 @@ def _configure_logging(debug: bool) -> None:
 
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, readable=True)
+
+
+def _input_axes(_ctx, _param, values) -> tuple[tuple[str, int | None], ...]:
+    """``--input-axis NAME=AXIS`` (AXIS an integer, or ``none`` for an input that is no batch)."""
+    axes = []
+    for value in values:
+        name, sep, axis = value.partition("=")
+        if not sep or not name or not (axis.isdigit() or axis.lower() == "none"):
+            raise click.BadParameter(f"{value!r}: give NAME=AXIS, e.g. state=1 or sr=none")
+        axes.append((name, None if axis.lower() == "none" else int(axis)))
+    return tuple(axes)
+
+
+def input_axis_option(fn):
+    """``--input-axis``: declare an input's batch axis."""
+    return click.option(
+        "--input-axis", "input_axes", multiple=True, metavar="NAME=AXIS", callback=_input_axes,
+        help="The axis of input NAME that indexes samples (e.g. state=1), or 'none' for an "
+             "input that is not a batch (its one value goes with every sample). Default: "
+             "inferred from the model's dims. Repeatable.",
+    )(fn)
 EXISTING_PATH = click.Path(exists=True, readable=True)
 
 
@@ -226,6 +248,7 @@ def main() -> None:
 @click.option("--num-samples", type=click.IntRange(min=1), help="Use at most this many samples.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Samples per onnxruntime run.")
+@input_axis_option
 @click.option("--bits", type=click.IntRange(2, 16), help="Bits of weights and activations.")
 @click.option("--weight-bits", type=click.IntRange(2, 16), help="Bits of weights (over --bits).")
 @click.option("--act-bits", type=click.IntRange(2, 16), help="Bits of activations (over --bits).")
@@ -279,7 +302,7 @@ def calibrate(ctx, model, backend, backend_options, data_path, eval_path, method
               num_samples, batch_size, bits, weight_bits, act_bits, skip, plan_path,
               save_plan_path, workers, seed, output, force, layerwise, sensitivity, target_sqnr,
               max_accuracy_drop, cle, bias_correction, fail_under_sqnr, adaround,
-              adaround_iters, quiet, provider, preprocess_file, **image_flags):
+              adaround_iters, quiet, provider, preprocess_file, input_axes=(), **image_flags):
     """Quantize MODEL for a backend: calibrate, write the model, vendor files and a report.
 
     The output folder gets the quantized model, the backend's files (encodings, calibration
@@ -310,6 +333,7 @@ def calibrate(ctx, model, backend, backend_options, data_path, eval_path, method
         backend_options=tuple(backend_options),
         adaround=adaround, adaround_iters=adaround_iters,
         cle=cle, bias_correction=bias_correction, fail_under_sqnr=fail_under_sqnr,
+        input_axes=input_axes,
     )
     with progress.shown(False if quiet else None):
         result = calibrate_to_folder(model, backend, output, options, force=force,
@@ -411,13 +435,14 @@ def inspect(model, backends, fmt):
 @click.option("--num-samples", type=click.IntRange(min=1), help="Use at most this many samples.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Samples per onnxruntime run.")
+@input_axis_option
 @click.option("--format", "fmt", default="text", show_default=True,
               type=click.Choice(["text", "json"]), help="Output format.")
 @preprocess_options
 @provider_option
 @debug_option
 def evaluate(float_model, quant_model, data_path, layerwise, num_samples, batch_size, fmt,
-             provider, preprocess_file, **image_flags):
+             provider, preprocess_file, input_axes=(), **image_flags):
     """Compare QUANT with FLOAT: SQNR, cosine, max abs error, top-1 agreement per output.
 
     \b
@@ -430,7 +455,7 @@ def evaluate(float_model, quant_model, data_path, layerwise, num_samples, batch_
     evaluation = evaluate_files(float_model, quant_model, data_path, layerwise=layerwise,
                                 num_samples=num_samples, batch_size=batch_size,
                                 preprocess=_preprocessing(preprocess_file, **image_flags),
-                                providers=provider)
+                                providers=provider, input_axes=dict(input_axes))
     click.echo(evaluation.render(fmt), nl=False)
 
 
@@ -509,6 +534,14 @@ def compare(model, data_path, eval_path, backends, methods, sweep_backend, sweep
         click.echo(text, nl=False)
     else:
         atomic_write_text(output, text)
+    failed = [(f"{c.backend} x {c.method}", c.error) for c in result.cells if c.error]
+    failed += [(f"sweep {r.precision}", r.error) for r in result.sweep or () if r.error]
+    if failed:
+        where, message = failed[0]
+        click.echo(f"error: {len(failed)} cell(s) failed; {where}: {message}", err=True)
+        click.echo("hint: rerun `qtool calibrate` with that backend and method and --debug",
+                   err=True)
+        click.get_current_context().exit(COMPARE_FAILED_EXIT)
 
 
 @main.command()

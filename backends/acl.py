@@ -47,7 +47,9 @@ def record(result) -> str:
     for entry in result.plan.entries("weight"):
         for node in entry.consumers:
             weights.setdefault(node, entry)
-    by_name = {n.name: n for n in result.float_graph.nodes}
+    from qtool.planner import all_nodes
+
+    by_name = {n.name: n for n in all_nodes(result.float_graph)}  # If/Loop/Scan bodies too
     for node_name in result.plan.nodes:
         weight = weights.get(node_name)
         if weight is None:

@@ -5,17 +5,20 @@ outputs and only those fetched, runs batch by batch. Each batch's outputs go to 
 observer at once and are dropped before the next batch runs, so memory is one batch of the
 observed tensors plus the observers' fixed-size state, whatever the number of samples.
 
-Batching: samples (``dict[input, ndarray]``, batch axis first) are concatenated along axis
-0 into batches of ``batch_size`` rows; a sample whose other dims differ from the pending
-ones (dynamic shapes) starts a new batch. A model with a fixed batch dim ``B`` runs batches
-of exactly ``B``; a remainder of fewer than ``B`` rows is dropped with a warning.
+Batching (:mod:`qtool.calibration.batching`, shared with every phase that runs the model):
+samples (``dict[input, ndarray]``) are concatenated along each input's batch axis into
+batches of ``batch_size`` rows; a sample whose other dims differ from the pending ones
+(dynamic shapes) starts a new batch. A model with a fixed batch dim ``B`` runs batches of
+exactly ``B``; a remainder of fewer than ``B`` rows is dropped with a warning.
 
 After the first batch of a given input shape, the session writes the observed tensors into
 output buffers bound once (onnxruntime IO binding) instead of allocating them per run.
 Observed tensors that are graph inputs are read from the feeds, initializers once from the
-model. NaN or Inf raises :class:`qtool.errors.CalibrationError` naming the tensor and the
-sample. With ``workers > 1`` the batches are dealt to spawned processes, each with its own
-session and observers, and the observers are merged at the end (see :func:`calibrate`).
+model; tensors inside If/Loop/Scan bodies leave them as extra outputs of their node
+(:func:`qtool.io.expose_outputs`). NaN or Inf raises :class:`qtool.errors.CalibrationError`
+naming the tensor and the sample. With ``workers > 1`` the batches are dealt to spawned
+processes, each with its own session and observers, and the observers are merged at the
+end (see :func:`calibrate`).
 """
 
 from __future__ import annotations
@@ -29,11 +32,17 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
-from qtool.calibration.data import InputSpec, check_inputs, model_inputs
+from qtool.calibration.batching import (  # noqa: F401  (re-exported for callers)
+    DEFAULT_BATCH_SIZE,
+    Batch,
+    batches,
+    resolve_batch_size,
+)
+from qtool.calibration.data import check_inputs, specs_of
 from qtool.calibration.observers import NonFiniteError, Observer, get_observer
 
 from qtool import progress as qtool_progress
@@ -44,21 +53,11 @@ from qtool.scheme import QuantScheme
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 16
 # Graph optimizations of the calibration session. "all" (onnxruntime's default) adds layout
 # changes and fusions: fastest on CPU, ranges equal to the unoptimized graph's up to float32
 # rounding. "disable" runs every node as written, exactly as the QDQ model is judged.
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 DEFAULT_OPTIMIZATION = "all"
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Rows ``first .. first + rows - 1`` of the data stream, as session feeds."""
-
-    first: int
-    rows: int
-    feeds: dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -69,6 +68,7 @@ class ObservePlan:
     outputs: tuple[str, ...]
     feeds: tuple[str, ...]
     constants: dict[str, np.ndarray]
+    aliases: dict[str, str] = field(default_factory=dict)  # output -> tensor in a body
 
 
 def plan_observation(model, tensors: Iterable[str]) -> ObservePlan:
@@ -94,7 +94,7 @@ def plan_observation(model, tensors: Iterable[str]) -> ObservePlan:
     inputs = {i.name for i in graph.input} - set(initializers)
     produced = {name for node in graph.node for name in node.output if name}
     existing_outputs = {o.name for o in graph.output}
-    outputs, feeds, constants = [], [], {}
+    outputs, feeds, constants, in_bodies = [], [], {}, []
     for name in dict.fromkeys(tensors):
         if name in inputs:
             feeds.append(name)
@@ -105,11 +105,22 @@ def plan_observation(model, tensors: Iterable[str]) -> ObservePlan:
             if name not in existing_outputs:
                 graph.output.append(onnx.ValueInfoProto(name=name))
         else:
+            in_bodies.append(name)
+    aliases = {}
+    if in_bodies:
+        from qtool.io import expose_outputs
+
+        exposed = expose_outputs(proto, in_bodies)
+        missing = [name for name in in_bodies if name not in exposed]
+        if missing:
             raise CalibrationError(
-                f"tensor {name} to calibrate is not in the model",
+                f"tensor {missing[0]} to calibrate is not in the model",
                 "the plan and the model disagree: build the plan from this model",
             )
-    return ObservePlan(proto.SerializeToString(), tuple(outputs), tuple(feeds), constants)
+        aliases = {out: name for name, out in exposed.items()}
+        outputs.extend(exposed.values())
+    return ObservePlan(proto.SerializeToString(), tuple(outputs), tuple(feeds), constants,
+                       aliases)
 
 
 def make_session(model_bytes: bytes, *, intra_op_threads: int | None = None,
@@ -147,93 +158,35 @@ def make_session(model_bytes: bytes, *, intra_op_threads: int | None = None,
         ) from exc
 
 
+def run_error(exc: BaseException, where: str) -> QtoolError:
+    """The clear error for an onnxruntime run that failed (every phase maps failures so).
+
+    An allocation failure is the model's doing (a tensor sized from the data or from a
+    constant subgraph): :class:`InvalidModelError`; anything else is taken as data the model
+    does not accept: :class:`DataError`. onnxruntime's first line names the node.
+
+    Args:
+        exc: What onnxruntime raised.
+        where: Which run, e.g. "on the samples 0..15".
+    """
+    text = str(exc)
+    if any(word in text.lower() for word in ("alloc", "bad_alloc", "out of memory")):
+        return InvalidModelError(
+            f"onnxruntime cannot allocate the memory the model asks for {where}: "
+            f"{_first_line(exc)}",
+            "a tensor of the model is sized beyond this machine's memory (a ConstantOfShape, "
+            "Expand or Tile?): check the shapes that feed it, or lower --batch-size",
+        )
+    return DataError(
+        f"onnxruntime cannot run the model {where}: {_first_line(exc)}",
+        "check that the data fits the model's inputs (a dynamic dim may accept only some "
+        "sizes)",
+    )
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def resolve_batch_size(specs: list[InputSpec], batch_size: int | None) -> tuple[int, bool]:
-    """The batch size to run and whether the model fixes it.
-
-    Returns:
-        ``(batch_size, fixed)``: the model's fixed batch dim if it has one (a different
-        request is logged and ignored), else ``batch_size`` or :data:`DEFAULT_BATCH_SIZE`.
-    """
-    if batch_size is not None and batch_size < 1:
-        raise DataError(f"batch_size={batch_size}: must be a positive number")
-    fixed = {s.shape[0] for s in specs if s.shape and s.shape[0] is not None}
-    if fixed:
-        size = min(fixed)
-        if batch_size is not None and batch_size != size:
-            log.warning("the model fixes the batch dim to %d; batch_size=%d ignored",
-                        size, batch_size)
-        return size, True
-    return batch_size or DEFAULT_BATCH_SIZE, False
-
-
-def batches(data: Iterable[Mapping[str, np.ndarray]], specs: list[InputSpec], batch_size: int,
-            *, fixed: bool = False, num_samples: int | None = None) -> Iterator[Batch]:
-    """Concatenate samples into batches of ``batch_size`` rows (see the module docstring).
-
-    Every sample is checked against the model (:func:`check_inputs`) and for NaN/Inf.
-
-    Raises:
-        DataError: A sample that does not fit the model, or holds NaN/Inf.
-    """
-    names = [s.name for s in specs]
-    pending: list[dict[str, np.ndarray]] = []
-    pending_rows = 0
-    first = 0
-    seen = 0
-
-    def emit(rows: int) -> Batch:
-        nonlocal pending, pending_rows, first
-        joined = {n: np.concatenate([p[n] for p in pending]) if len(pending) > 1
-                  else pending[0][n] for n in names}
-        batch = Batch(first, rows, {n: np.ascontiguousarray(a[:rows]) for n, a in joined.items()})
-        rest = {n: a[rows:] for n, a in joined.items()}
-        pending_rows -= rows
-        pending = [rest] if pending_rows else []
-        first += rows
-        return batch
-
-    for sample in data:
-        check_inputs(specs, sample)
-        rows = int(np.asarray(sample[names[0]]).shape[0])
-        if any(np.asarray(sample[n]).shape[0] != rows for n in names):
-            raise DataError(f"sample {seen}: inputs disagree on the number of rows")
-        if num_samples is not None:
-            rows = min(rows, num_samples - seen)
-            if rows <= 0:
-                break
-        sample = {n: np.asarray(sample[n])[:rows] for n in names}
-        _check_finite_inputs(sample, seen)
-        if pending and any(sample[n].shape[1:] != pending[0][n].shape[1:] for n in names):
-            if fixed:
-                raise DataError(f"sample {seen}: shape changes in a model with fixed dims")
-            yield emit(pending_rows)
-        pending.append(sample)
-        pending_rows += rows
-        seen += rows
-        while pending_rows >= batch_size:
-            yield emit(batch_size)
-    if pending_rows:
-        if fixed and pending_rows < batch_size:
-            log.warning(
-                "the model's batch dim is fixed to %d: the last %d sample(s) were not used "
-                "(give a multiple of %d samples)", batch_size, pending_rows, batch_size,
-            )
-        else:
-            yield emit(pending_rows)
-
-
-def _check_finite_inputs(sample: Mapping[str, np.ndarray], index: int) -> None:
-    for name, array in sample.items():
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-            raise DataError(
-                f"input {name} of sample {index} contains NaN or Inf",
-                "clean the calibration data",
-            )
 
 
 class Collector:
@@ -274,14 +227,10 @@ class Collector:
             try:
                 values = self._outputs(batch.feeds)
             except Exception as exc:  # onnxruntime raises its own exception types
-                raise DataError(
-                    f"onnxruntime cannot run the model on the samples {batch.first}.."
-                    f"{batch.first + batch.rows - 1}: {_first_line(exc)}",
-                    "check that the data fits the model's inputs (a dynamic dim may accept "
-                    "only some sizes)",
-                ) from exc
+                raise run_error(exc, f"on the samples {batch.first}.."
+                                     f"{batch.first + batch.rows - 1}") from exc
             for name, value in zip(self.plan.outputs, values, strict=True):
-                self._feed(name, value, batch)
+                self._feed(self.plan.aliases.get(name, name), value, batch)
         for name in self.plan.feeds:
             self._feed(name, batch.feeds[name], batch)
 
@@ -314,6 +263,8 @@ class Collector:
         return values
 
     def _feed(self, name: str, value: np.ndarray, batch: Batch | None) -> None:
+        if value.size == 0:
+            return  # a tensor of an If branch that did not run
         try:
             self.observers[name].update(value)
         except NonFiniteError as exc:
@@ -357,7 +308,8 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
             computes every tensor exactly as the QDQ model run with optimizations off does.
 
     Returns:
-        ``{tensor: (lo, hi)}`` per observed tensor (floats, or arrays for per-channel schemes).
+        ``{tensor: (lo, hi)}`` per observed tensor (floats, or arrays for per-channel schemes);
+        a tensor inside an If branch that no sample took has none (a warning is logged).
 
     Raises:
         DataError: The data does not fit the model (checked on the first sample, before any
@@ -368,7 +320,7 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
     ctor = get_observer(method)
     if workers < 1:
         raise CalibrationError(f"workers={workers}: must be at least 1")
-    specs = model_inputs(model)
+    specs = specs_of(data, model)
     stream = iter(data)
     head = next(stream, None)
     if head is None:
@@ -378,6 +330,7 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
     if not observers:
         return {}
     plan = plan_observation(model, observers)
+    plan_aliases = set(plan.aliases.values())
     trim_heap()  # the proto copy that was serialized is freed
     size, fixed = resolve_batch_size(specs, batch_size)
     stream = batches(itertools.chain([head], stream), specs, size, fixed=fixed,
@@ -396,7 +349,17 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
             threads = intra_op_threads or max(1, (os.cpu_count() or 1) // workers)
             _run_workers(plan, ctor, schemes, observers, stream, workers, threads, bar,
                          optimization or DEFAULT_OPTIMIZATION)
-    return {name: _as_range(obs.range()) for name, obs in observers.items()}
+    ranges = {}
+    for name, observer in observers.items():
+        try:
+            ranges[name] = _as_range(observer.range())
+        except CalibrationError:
+            if name not in plan_aliases:
+                raise
+            # inside an If branch the data never took: no range (the plan keeps it float)
+            log.info("tensor %s (inside a subgraph body) was never computed on the "
+                     "calibration data: it gets no range", name)
+    return ranges
 
 
 def _as_range(lo_hi) -> tuple:

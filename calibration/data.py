@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,44 +38,125 @@ LABELS_KEY = "labels"
 IMAGE_NAMES = ("ImageFolder", "IMAGE_SUFFIXES", "IMAGENET_MEAN", "IMAGENET_STD")
 
 Sample = dict[str, np.ndarray]
+#: The name of a dynamic dim written without a name (or as -1 or 0): one name for all.
+DYNAMIC_DIM = "dynamic"
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One graph input: name, numpy dtype and shape (None for a symbolic dim)."""
+    """One graph input: name, numpy dtype, shape (None for a dynamic dim) and batch axis.
+
+    Attributes:
+        batch_axis: The axis that indexes samples, or None for an input that is not a
+            batch of samples (a scalar, a constant): its one value goes with every sample.
+    """
 
     name: str
     dtype: np.dtype
     shape: tuple[int | None, ...]
+    batch_axis: int | None = 0
 
 
-def model_inputs(model) -> list[InputSpec]:
+def model_inputs(model, axes: Mapping[str, int | None] | None = None) -> list[InputSpec]:
     """The real inputs of a model (initializers listed as inputs are left out).
+
+    A dim written as a value <= 0 (``-1``, as some exporters write a dynamic dim) is dynamic.
+    Each input's batch axis is inferred (:func:`infer_batch_axes`) unless ``axes`` gives it.
 
     Args:
         model: A path, ModelProto or onnx-graphsurgeon Graph.
+        axes: Input name -> batch axis (None: no batch axis) overriding the inferred ones.
+
+    Raises:
+        DataError: ``axes`` names an input the model does not have, or an axis out of range.
     """
     from qtool.io import load_model
 
     proto = load_model(model)
     initializers = {t.name for t in proto.graph.initializer}
-    specs = []
+    dims: dict[str, list[int | str | None]] = {}
+    dtypes: dict[str, np.dtype] = {}
     for value in proto.graph.input:
         if value.name in initializers:
             continue
         tensor_type = value.type.tensor_type
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        shape = tuple(
-            d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
-        )
-        specs.append(InputSpec(value.name, dtype, shape))
-    return specs
+        dtypes[value.name] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        dims[value.name] = [
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0
+            else (d.dim_param or None)
+            for d in tensor_type.shape.dim
+        ]
+    batch_axes = infer_batch_axes(dims)
+    for name, axis in (axes or {}).items():
+        if name not in dims:
+            raise DataError(f"batch axis given for {name!r}, which is not a model input",
+                            f"the model's inputs are: {', '.join(dims)}")
+        if axis is not None and not 0 <= axis < len(dims[name]):
+            raise DataError(f"batch axis {axis} of input {name!r} is out of range: it has "
+                            f"rank {len(dims[name])}", "give an axis from 0, or 'none'")
+        batch_axes[name] = axis
+    return [
+        InputSpec(name, dtypes[name],
+                  tuple(d if isinstance(d, int) else None for d in shape), batch_axes[name])
+        for name, shape in dims.items()
+    ]
+
+
+def infer_batch_axes(dims: Mapping[str, Sequence[int | str | None]]) -> dict[str, int | None]:
+    """The batch axis of each input, from its dims (ints, symbolic names or None).
+
+    * A scalar (rank 0) has no batch axis.
+    * The batch is, in this order: the symbolic name most inputs have at axis 0 (an
+      unnamed dynamic dim, or one written as -1 or 0, counts as the name ``dynamic``); a
+      symbolic name with "batch" in it; axis 0 when every input has the same fixed size
+      there (``torch.onnx.export``'s default batch 1); the symbolic name most inputs
+      share; the fixed size every input has somewhere (1 preferred).
+    * Each input's batch axis is where it has that name or size; an input without it is
+      not a batch (``state [2, batch, 128]`` has axis 1, ``sr []`` none).
+    """
+    named = {
+        name: [DYNAMIC_DIM if d is None else d for d in shape]
+        for name, shape in dims.items()
+    }
+    symbolic = Counter(s for shape in named.values() for s in {d for d in shape
+                                                               if isinstance(d, str)})
+    at_zero = Counter(shape[0] for shape in named.values() if shape and isinstance(shape[0], str))
+    ranked = [shape for shape in named.values() if shape]
+    firsts = {shape[0] for shape in ranked}
+    batch_named = sorted(s for s in symbolic if "batch" in s.lower())
+    batch: int | str | None = None
+    if at_zero:
+        batch = _most_common(at_zero)
+    elif batch_named:
+        batch = _most_common(Counter({s: symbolic[s] for s in batch_named}))
+    elif len(firsts) == 1:
+        batch = firsts.pop()
+    elif symbolic:
+        batch = _most_common(symbolic)
+    elif ranked:
+        common = set.intersection(*({d for d in shape if isinstance(d, int)}
+                                    for shape in ranked))
+        batch = 1 if 1 in common else min(common, default=None)
+    axes: dict[str, int | None] = {}
+    for name, shape in named.items():
+        if not shape:
+            axes[name] = None
+        elif batch is not None and batch in shape:
+            axes[name] = shape.index(batch)
+        else:
+            axes[name] = None if isinstance(batch, str) else 0
+    return axes
+
+
+def _most_common(counts: Counter):
+    best = max(counts.values())
+    return min((k for k, v in counts.items() if v == best), key=str)
 
 
 def check_inputs(model, sample: Mapping[str, np.ndarray]) -> None:
     """Check one sample against the model's inputs before any work starts.
 
-    The batch axis (axis 0) is not compared with a fixed batch dim: the collector batches.
+    The batch axis is not compared with a fixed batch dim: the collector batches.
 
     Raises:
         DataError: A missing or unknown input name, or a rank, dtype or fixed-dim mismatch.
@@ -103,7 +185,7 @@ def check_inputs(model, sample: Mapping[str, np.ndarray]) -> None:
             raise DataError(
                 f"input {name}: data has rank {array.ndim} {array.shape}, the model expects "
                 f"rank {len(spec.shape)} {_show(spec.shape)}",
-                "samples keep the batch axis first (size 1 for one example)",
+                _rank_hint(spec),
             )
         if array.dtype != spec.dtype:
             raise DataError(
@@ -111,12 +193,19 @@ def check_inputs(model, sample: Mapping[str, np.ndarray]) -> None:
                 f"convert the data with .astype(np.{spec.dtype})",
             )
         for axis, (have, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
-            if axis > 0 and want is not None and have != want:
+            if axis != spec.batch_axis and want is not None and have != want:
                 raise DataError(
                     f"input {name}: data shape {array.shape} does not fit the model's "
                     f"{_show(spec.shape)} (axis {axis}: {have} != {want})",
                     "resize or crop the data to the model's input size",
                 )
+
+
+def _rank_hint(spec: InputSpec) -> str:
+    if spec.batch_axis is None:
+        return "this input is not a batch of samples: give it with the model's exact rank"
+    return (f"samples keep the batch axis (axis {spec.batch_axis} of {spec.name}, size 1 for "
+            "one example)")
 
 
 def _is_specs(model) -> bool:
@@ -153,8 +242,11 @@ class _Loader:
 class ArrayData(_Loader):
     """Samples from ``.npz`` arrays keyed by input name, or from one ``.npy`` array.
 
-    Every array's first axis indexes the samples; all arrays must agree on its length. An
-    ``.npy`` file is memory-mapped, so only the rows in use are read.
+    Each array holds the samples along its input's batch axis (axis 0 unless ``specs`` say
+    otherwise: ``state [2, N, 128]`` holds N samples along axis 1); all arrays must agree on
+    how many. An input without a batch axis (a scalar such as a sample rate) is stored with
+    the model's rank and goes with every sample, or with one more leading axis holding one
+    value per sample. An ``.npy`` file is memory-mapped, so only the rows in use are read.
 
     Args:
         path: The ``.npz`` or ``.npy`` file.
@@ -162,13 +254,15 @@ class ArrayData(_Loader):
         num_samples: Use at most this many rows.
         shuffle: Shuffle the rows (seeded).
         seed: Shuffle seed.
+        specs: The model's inputs (:func:`model_inputs`), for their batch axes and ranks.
 
     Raises:
         DataError: Missing or unreadable file, no arrays, or arrays of different lengths.
     """
 
     def __init__(self, path, *, input_name: str | None = None, num_samples: int | None = None,
-                 shuffle: bool = False, seed: int = 0):
+                 shuffle: bool = False, seed: int = 0,
+                 specs: Sequence[InputSpec] | None = None):
         super().__init__(num_samples, shuffle, seed)
         self.path = Path(path)
         if not self.path.is_file():
@@ -187,27 +281,60 @@ class ArrayData(_Loader):
             raise DataError(f"{self.path}: cannot read the arrays ({exc})") from exc
         if not self.arrays:
             raise DataError(f"{self.path}: no input arrays in the file")
-        lengths = {k: (v.shape[0] if v.ndim else 0) for k, v in self.arrays.items()}
+        known = {s.name: s for s in specs or ()}
+        # name -> axis holding the samples; None: the same value for every sample
+        self.axes: dict[str, int | None] = {}
+        for name, array in self.arrays.items():
+            spec = known.get(name)
+            if spec is None:
+                self.axes[name] = 0
+            elif spec.batch_axis is not None:
+                self.axes[name] = spec.batch_axis
+            else:
+                self.axes[name] = 0 if array.ndim == len(spec.shape) + 1 else None
+        lengths = {k: v.shape[self.axes[k]] if self.axes[k] is not None and
+                   v.ndim > self.axes[k] else 0
+                   for k, v in self.arrays.items() if self.axes[k] is not None or not known}
+        if not lengths:
+            lengths = {"(every input)": 1}
         if len(set(lengths.values())) != 1 or 0 in lengths.values():
             raise DataError(
                 f"{self.path}: arrays disagree on the number of samples or are empty "
                 f"({', '.join(f'{k}: {n}' for k, n in lengths.items())})",
-                "the first axis of every array indexes the samples",
+                "each array holds the samples along its input's batch axis (axis 0 unless "
+                "declared, e.g. --input-axis state=1)",
             )
         self.rows = next(iter(lengths.values()))
+        self.specs = list(specs) if specs else None
+        self._shared = {k: v for k, v in self.arrays.items() if self.axes[k] is None}
+        self._per_sample = {k: v for k, v in self.arrays.items() if k in known
+                            and known[k].batch_axis is None and self.axes[k] == 0}
 
     def _total(self) -> int:
         return self.rows
 
     def __iter__(self) -> Iterator[Sample]:
         for index in self._order(self.rows):
-            yield {k: np.ascontiguousarray(v[index : index + 1]) for k, v in self.arrays.items()}
+            sample = {}
+            for name, array in self.arrays.items():
+                axis = self.axes[name]
+                if name in self._shared:
+                    sample[name] = np.asarray(array)
+                elif name in self._per_sample:
+                    sample[name] = np.asarray(array[index], order="C")
+                else:
+                    rows = [slice(None)] * array.ndim
+                    rows[axis] = slice(index, index + 1)
+                    sample[name] = np.ascontiguousarray(array[tuple(rows)])
+            yield sample
 
 
 class RandomData(_Loader):
     """Standard-normal samples shaped from the model: for smoke tests, not calibration.
 
-    Symbolic dims other than the batch get ``dynamic_size``. Integer inputs get zeros.
+    Dynamic dims other than the batch axis get ``dynamic_size``; the batch axis gets 1 and an
+    input without one (a scalar) keeps its own shape and one value for every sample. Integer
+    inputs get zeros.
 
     Attributes:
         fit_for_calibration: Always False: ranges from random data are meaningless.
@@ -218,7 +345,7 @@ class RandomData(_Loader):
     def __init__(self, model, *, num_samples: int = 16, dynamic_size: int = 1,
                  seed: int = 0, shuffle: bool = False):
         super().__init__(num_samples, shuffle, seed)
-        self.specs = model if _is_specs(model) else model_inputs(model)
+        self.specs = list(model) if _is_specs(model) else model_inputs(model)
         self.dynamic_size = dynamic_size
         log.warning(
             "calibrating with random inputs: the ranges are unfit for real calibration; "
@@ -230,14 +357,20 @@ class RandomData(_Loader):
 
     def __iter__(self) -> Iterator[Sample]:
         rng = np.random.default_rng(self.seed)
+        shared: dict[str, np.ndarray] = {}  # inputs that are not a batch: one value for all
         for _ in range(self.num_samples):
-            sample = {}
+            sample = dict(shared)
             for spec in self.specs:
-                shape = [1] + [d if d is not None else self.dynamic_size for d in spec.shape[1:]]
+                if spec.name in shared:
+                    continue
+                shape = [1 if axis == spec.batch_axis else self.dynamic_size if d is None else d
+                         for axis, d in enumerate(spec.shape)]
                 if np.issubdtype(spec.dtype, np.floating):
                     sample[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
                 else:
                     sample[spec.name] = np.zeros(shape, dtype=spec.dtype)
+                if spec.batch_axis is None:
+                    shared[spec.name] = sample[spec.name]
             yield sample
 
 
@@ -267,25 +400,28 @@ def random_inputs(model, **options: Any) -> RandomData:
     return RandomData(model, **options)
 
 
-def load_data(path: str | os.PathLike | None, model, **options: Any):
+def load_data(path: str | os.PathLike | None, model, *,
+              axes: Mapping[str, int | None] | None = None, **options: Any):
     """The loader for a path: a folder of images, an ``.npz``/``.npy`` file, or None (random).
 
     Args:
         path: Folder, ``.npz``, ``.npy``, or None for random inputs (a warning is logged).
         model: The model (path, ModelProto or Graph) the data feeds; gives input names,
             image size and layout defaults.
+        axes: Input name -> batch axis (None: not a batch), overriding the inferred ones
+            (see :func:`model_inputs`).
         **options: Options of the chosen loader (``num_samples``, ``shuffle``, ``seed`` for
             all; ``size`` or ``crop``, ``resize``, ``mean``, ``std``, ``scale``, ``layout``,
             ``color`` for images: :mod:`qtool.calibration.images`).
 
     Returns:
-        An iterable of samples.
+        An iterable of samples; its ``specs`` are the model's inputs with their batch axes.
 
     Raises:
         DataError: Unknown path kind, an option the loader does not take, or a data set
             that does not fit the model (checked on its first sample).
     """
-    specs = model_inputs(model)
+    specs = model_inputs(model, axes)
     if path is None:
         loader = _construct(RandomData, specs, options)
     else:
@@ -295,14 +431,15 @@ def load_data(path: str | os.PathLike | None, model, **options: Any):
 
             loader = _construct(ImageFolder, path, image_defaults(specs, path, options))
         elif path.suffix.lower() == ".npz":
-            loader = _construct(ArrayData, path, options)
+            loader = _construct(ArrayData, path, {"specs": specs, **options})
         elif path.suffix.lower() == ".npy":
             if len(specs) != 1:
                 raise DataError(
                     f"{path}: one .npy array cannot feed a model with {len(specs)} inputs",
                     "give an .npz with one array per input: " + ", ".join(s.name for s in specs),
                 )
-            loader = _construct(ArrayData, path, {"input_name": specs[0].name, **options})
+            loader = _construct(ArrayData, path,
+                                {"input_name": specs[0].name, "specs": specs, **options})
         elif not path.exists():
             raise DataError(f"{path}: no such file or folder")
         else:
@@ -313,7 +450,14 @@ def load_data(path: str | os.PathLike | None, model, **options: Any):
     if first is None:
         raise DataError(f"{path}: the data set is empty")
     check_inputs(specs, first)
+    loader.specs = specs
     return loader
+
+
+def specs_of(data, model) -> list[InputSpec]:
+    """The input specs a data set was loaded for (its ``specs``), else the model's own."""
+    specs = getattr(data, "specs", None)
+    return list(specs) if specs else model_inputs(model)
 
 
 def _construct(cls, first, options: Mapping[str, Any]):

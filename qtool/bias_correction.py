@@ -143,26 +143,27 @@ def channel_means(graph, names: list[str], batches, axes: Mapping[str, int] | No
     Only the nodes the tensors depend on run: an early stage costs a fraction of a pass.
     """
     from qtool.analysis.common import exposed, feeds_of, iterate_batches, session
+    from qtool.calibration.batching import batch_rows
+    from qtool.calibration.data import model_inputs
 
     proto = load_model(_pruned(graph, names))
     initializers = {t.name for t in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in initializers]
-    fixed = {i.name: i.type.tensor_type.shape.dim[0].dim_value for i in inputs
-             if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].dim_value}
+    specs = model_inputs(graph)
     run = session(exposed(proto, names))
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = dict.fromkeys(names, 0)
     rows = 0
+    # the batches already fit the model (its fixed batch size, each input's batch axis)
     for index, batch in enumerate(iterate_batches(batches)):
         feeds = feeds_of(batch, [i.name for i in inputs], index)
-        for part in _split(feeds, fixed):
-            rows += int(next(iter(part.values())).shape[0])
-            for name, value in zip(names, run.run(names, part), strict=True):
-                value = np.asarray(value, dtype=np.float64)
-                axis = (axes or {}).get(name, 1)
-                per_channel = np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1)
-                sums[name] = sums.get(name, 0.0) + per_channel.sum(axis=1)
-                counts[name] += per_channel.shape[1]
+        rows += batch_rows(feeds, specs)
+        for name, value in zip(names, run.run(names, feeds), strict=True):
+            value = np.asarray(value, dtype=np.float64)
+            axis = (axes or {}).get(name, 1)
+            per_channel = np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1)
+            sums[name] = sums.get(name, 0.0) + per_channel.sum(axis=1)
+            counts[name] += per_channel.shape[1]
     return {name: sums[name] / counts[name] for name in names}, rows
 
 
@@ -175,17 +176,6 @@ def _pruned(graph, names: list[str]) -> gs.Graph:
     copy.cleanup(remove_unused_graph_inputs=False)
     copy.inputs = inputs
     return copy
-
-
-def _split(feeds: dict[str, np.ndarray], fixed: Mapping[str, int]):
-    """A batch cut to the model's fixed batch dim (a fixed batch-1 export runs row by row)."""
-    size = min((fixed[n] for n in feeds if n in fixed), default=0)
-    rows = int(next(iter(feeds.values())).shape[0])
-    if not size or size == rows:
-        yield feeds
-        return
-    for start in range(0, rows - size + 1, size):
-        yield {n: a[start:start + size] for n, a in feeds.items()}
 
 
 def _stages(graph: gs.Graph, targets: list[Target]) -> list[list[Target]]:

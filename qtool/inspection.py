@@ -11,6 +11,9 @@ speed), listed one by one, and shape arithmetic, only counted. A node is shape a
 when none of its outputs depends on the values of the model's inputs: a tensor depends on
 them when it is a graph input, or an output of a node other than Shape/Size that reads
 such a tensor (Shape -> Gather -> Unsqueeze -> Concat -> the shape input of a Reshape).
+
+A node outside the default ONNX domain (a ``com.microsoft`` op) is marked, and no backend
+is planned: qtool cannot run such a model.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from qtool.io import ModelSource, default_opset, load, load_model
+from qtool.io import DEFAULT_DOMAINS, ModelSource, default_opset, load, load_model
 from qtool.pipeline import op_histogram
 
 SHAPE_SOURCES = frozenset({"Shape", "Size"})  # their outputs depend on shapes, not values
@@ -67,6 +70,7 @@ class Inspection:
     nodes: int
     weights: int
     backends: list[BackendView] = field(default_factory=list)
+    foreign_nodes: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict."""
@@ -85,6 +89,9 @@ class Inspection:
             for t in tensors:
                 lines.append(f"  {label} {t.name}: {t.dtype}[{', '.join(map(str, t.shape))}]")
         lines.append("  ops: " + ", ".join(f"{op} {n}" for op, n in self.op_histogram.items()))
+        for node, op in self.foreign_nodes.items():
+            lines.append(f"  ! node {node} ({op}) is outside the default ONNX domain: qtool "
+                         "cannot quantize or run the model; no backend plan")
         if self.backends:
             lines.append("")
             width = max(len(b.backend) for b in self.backends)
@@ -115,11 +122,16 @@ def inspect_model(source: ModelSource, *, backends: Sequence[str] | None = None)
         ModelLoadError, InvalidModelError, UnsupportedModelError: The model cannot be read.
         BackendError: An unknown backend name.
     """
-    from qtool.backends import backend_names
+    from qtool.backends import backend_names, resolve_backend
 
     model = load_model(source)
-    graph = load(model)
+    foreign = _foreign_nodes(model.graph)
+    graph = load(model, check=not foreign)
     names = list(backend_names()) if backends is None else list(backends)
+    if foreign:
+        for name in names:
+            resolve_backend(name)  # an unknown name is still an error
+        names = []
     prepared = _prepared(model) if names else None
     views = [_backend_view(prepared, name) for name in names]
     return Inspection(
@@ -133,7 +145,20 @@ def inspect_model(source: ModelSource, *, backends: Sequence[str] | None = None)
         nodes=len(graph.nodes),
         weights=_weight_count(graph),
         backends=views,
+        foreign_nodes=foreign,
     )
+
+
+def _foreign_nodes(graph: onnx.GraphProto) -> dict[str, str]:
+    """Nodes outside the default domain (subgraphs included): name -> ``domain.op``."""
+    found: dict[str, str] = {}
+    for index, node in enumerate(graph.node):
+        if node.domain not in DEFAULT_DOMAINS:
+            found[node.name or f"{node.op_type}_{index}"] = f"{node.domain}.{node.op_type}"
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                found.update(_foreign_nodes(sub))
+    return found
 
 
 def float_nodes_for_backend(source: ModelSource, backend: str) -> dict[str, str]:
@@ -165,16 +190,31 @@ def _backend_view(prepared: gs.Graph, backend: str) -> BackendView:
 
 
 def activation_nodes(graph: gs.Graph) -> set[str]:
-    """Names of the nodes that compute on activations (see the module docstring)."""
-    dependent = {t.name for t in graph.inputs}
-    computing = set()
+    """Names of the nodes that compute on activations (see the module docstring).
+
+    If/Loop/Scan bodies count too: a body node computes on activations when it reads one
+    (an outer tensor, or a body input of a node that does), and so does the node holding it.
+    """
+    computing: set[str] = set()
+    _mark_computing(graph, {t.name for t in graph.inputs}, computing)
+    return computing
+
+
+def _mark_computing(graph: gs.Graph, dependent: set[str], computing: set[str]) -> None:
     for node in _ordered(graph):
         if node.op in SHAPE_SOURCES:
             continue
-        if any(t.name in dependent for t in node.inputs):
+        reads = any(t.name in dependent for t in node.inputs)
+        for value in node.attrs.values():
+            for body in value if isinstance(value, list) else [value]:
+                if isinstance(body, gs.Graph):
+                    inner = dependent | ({t.name for t in body.inputs} if reads else set())
+                    before = len(computing)
+                    _mark_computing(body, inner, computing)
+                    reads = reads or len(computing) > before
+        if reads:
             computing.add(node.name)
             dependent.update(t.name for t in node.outputs)
-    return computing
 
 
 def _ordered(graph: gs.Graph) -> list[gs.Node]:

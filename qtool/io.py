@@ -7,6 +7,7 @@ model over 2 GB goes out with its weights in one external data file beside it.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -20,6 +21,8 @@ from onnx_graphsurgeon.logger import G_LOGGER
 from qtool.errors import InvalidModelError, ModelLoadError, OutputError, UnsupportedModelError
 from qtool.memory import trim_heap
 
+log = logging.getLogger(__name__)
+
 # onnx-graphsurgeon prints its warnings ("[W] Found distinct Nodes that share the same
 # name", ...) to stdout, where they corrupt `qtool inspect --format json` and `qtool lint
 # --format sarif`. qtool reports problems itself (errors, lint findings); silence gs's printer.
@@ -29,6 +32,8 @@ MIN_OPSET = 11
 MAX_OPSET = 21
 DEFAULT_DOMAINS = ("", "ai.onnx")
 _TWO_GB = 2**31 - 1
+#: Largest tensor (bytes) a model may ask for with a static shape; see check_tensor_sizes.
+MAX_TENSOR_BYTES = 2**32
 
 ModelSource = str | os.PathLike | bytes | onnx.ModelProto | gs.Graph
 
@@ -92,6 +97,7 @@ def load(source: ModelSource, *, check: bool = True) -> gs.Graph:
     if isinstance(source, gs.Graph):
         return source
     model = load_model(source)
+    model, negative = symbolic_dims(model, copy=model is source)
     if model.functions:
         # torch's dynamo exporter (and others) wrap blocks in model-local functions; inline
         # them so that every op is a plain node qtool can see, quantize and check.
@@ -101,9 +107,55 @@ def load(source: ModelSource, *, check: bool = True) -> gs.Graph:
         check_model(model)
         trim_heap()  # the checker and shape inference each parsed a copy of the weights
     try:
-        return gs.import_onnx(model)
+        graph = gs.import_onnx(model)
     except Exception as exc:  # graphsurgeon raises bare exceptions on malformed graphs
         raise InvalidModelError(f"cannot import the graph: {exc}") from exc
+    graph.load_warnings = []  # what a report on this model must say (read by the workflow)
+    if negative:
+        message = (f"{len(negative)} dim(s) written as a value <= 0 ({', '.join(negative[:4])}"
+                   f"{', ...' if len(negative) > 4 else ''}) are treated as dynamic")
+        log.info(message)
+        graph.load_warnings.append(message)
+    return graph
+
+
+def symbolic_dims(model: onnx.ModelProto, *, copy: bool = True
+                  ) -> tuple[onnx.ModelProto, list[str]]:
+    """Dims of graph inputs, outputs and value_info written as ``-1`` or ``0``, made symbolic.
+
+    Some exporters (paddle2onnx among them) write a dynamic dim as ``dim_value: -1`` instead
+    of a ``dim_param``. Each becomes the symbolic dim ``dynamic`` (one name for all of them,
+    as :func:`qtool.calibration.data.infer_batch_axes` reads an unnamed dynamic dim, so that
+    ``input [-1, -1]`` and ``state [2, -1, 128]`` keep matching batch axes).
+
+    Args:
+        model: The model.
+        copy: Rewrite a copy (the caller's proto is left alone) rather than ``model`` itself.
+
+    Returns:
+        ``(model, dims)``: the model (``model`` itself when nothing was written so) and the
+        dims rewritten, as ``tensor[axis]``.
+    """
+    graph = model.graph
+    values = [*graph.input, *graph.output, *graph.value_info]
+    found = [(v.name, axis) for v in values if v.type.HasField("tensor_type")
+             for axis, d in enumerate(v.type.tensor_type.shape.dim)
+             if d.HasField("dim_value") and d.dim_value <= 0]
+    if not found:
+        return model, []
+    if copy:
+        fresh = onnx.ModelProto()
+        fresh.CopyFrom(model)
+        model = fresh
+    for value in (*model.graph.input, *model.graph.output, *model.graph.value_info):
+        if not value.type.HasField("tensor_type"):
+            continue
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value <= 0:
+                dim.dim_param = "dynamic"
+    shown = [f"{name}[{axis}]" for name, axis in found
+             if name in {i.name for i in graph.input} | {o.name for o in graph.output}]
+    return model, shown or [f"{name}[{axis}]" for name, axis in found]
 
 
 def default_opset(model: onnx.ModelProto) -> int | None:
@@ -150,6 +202,83 @@ def _all_nodes(graph: onnx.GraphProto):
                     yield from _all_nodes(sub)
 
 
+def expose_outputs(model: onnx.ModelProto, names) -> dict[str, str]:
+    """Make tensors readable as graph outputs, in place, those inside If/Loop/Scan bodies too.
+
+    A tensor of a body leaves it as one more output of its If/Loop/Scan node, level by level
+    up to the main graph: Loop and Scan stack its values over the iterations (a scan
+    output), and an If branch that does not produce it gives an empty tensor instead.
+
+    Args:
+        model: The model, changed in place.
+        names: Tensor names.
+
+    Returns:
+        ``{tensor: graph output holding its values}`` for every name found.
+    """
+    wanted = list(dict.fromkeys(names))
+    types = _elem_types(model)
+    found = _expose(model.graph, wanted, types, top=True)
+    existing = {o.name for o in model.graph.output}
+    for name in wanted:
+        if name in found and found[name] not in existing:
+            model.graph.output.append(onnx.ValueInfoProto(name=found[name]))
+            existing.add(found[name])
+    return {name: found[name] for name in wanted if name in found}
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every typed value (subgraphs included), from shape inference."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # a model shape inference cannot follow: types stay unknown
+        inferred = model
+    types: dict[str, int] = {}
+    stack = [inferred.graph]
+    while stack:
+        graph = stack.pop()
+        for value in (*graph.input, *graph.output, *graph.value_info):
+            if value.type.HasField("tensor_type"):
+                types[value.name] = value.type.tensor_type.elem_type
+        for node in graph.node:
+            for attr in node.attribute:
+                stack.extend([attr.g] if attr.HasField("g") else list(attr.graphs))
+    return types
+
+
+def _expose(graph: onnx.GraphProto, wanted: list[str], types: dict[str, int], *,
+            top: bool) -> dict[str, str]:
+    """``{tensor: name in this graph's scope}`` for the wanted tensors here or in bodies."""
+    here = {o for node in graph.node for o in node.output if o}
+    if not top:
+        here |= {i.name for i in graph.input}
+    found = {name: name for name in wanted if name in here}
+    rest = [name for name in wanted if name not in here]
+    for index, node in enumerate(graph.node):
+        rest = [name for name in rest if name not in found]
+        bodies = [attr for attr in node.attribute if attr.type == onnx.AttributeProto.GRAPH]
+        if not rest or not bodies:
+            continue
+        inner = {attr.name: _expose(attr.g, rest, types, top=False) for attr in bodies}
+        for name in [n for n in rest if any(n in found_in for found_in in inner.values())]:
+            out = f"{name}__{node.name or node.op_type + str(index)}_exposed"
+            elem = types.get(name, onnx.TensorProto.FLOAT)
+            for attr in bodies:
+                source = inner[attr.name].get(name)
+                if source is None:  # an If branch without it: an empty tensor of its type
+                    source = f"{out}_{attr.name}_empty"
+                    attr.g.node.append(onnx.helper.make_node(
+                        "Constant", [], [source],
+                        value=onnx.helper.make_tensor(source, elem, [0], [])))
+                attr.g.output.append(onnx.helper.make_tensor_value_info(source, elem, None))
+            for attr in node.attribute:
+                if attr.name in ("scan_output_axes", "scan_output_directions"):
+                    attr.ints.append(0)
+            node.output.append(out)
+            found[name] = out
+    return found
+
+
 def check_model(model: onnx.ModelProto) -> None:
     """Run onnx.checker, then strict shape inference, on the model.
 
@@ -176,11 +305,53 @@ def check_model(model: onnx.ModelProto) -> None:
         probe.CopyFrom(model)
         probe.graph.ClearField("value_info")
     try:
-        onnx.shape_inference.infer_shapes(probe, check_type=True, strict_mode=True)
+        inferred = onnx.shape_inference.infer_shapes(probe, check_type=True, strict_mode=True)
     except Exception as exc:  # InferenceError, or a checker error raised from inside it
         lines = [line for line in str(exc).strip().splitlines() if line.strip()]
         first = lines[0] if lines else type(exc).__name__
         raise InvalidModelError(f"ONNX shape inference rejects the model: {first}") from exc
+    check_tensor_sizes(inferred)
+
+
+def check_tensor_sizes(model: onnx.ModelProto, limit: int = MAX_TENSOR_BYTES) -> None:
+    """Refuse a tensor whose static shape would take more than ``limit`` bytes.
+
+    A ``ConstantOfShape`` (or ``Expand``, ``Tile``, ``Range``) fed by constants can ask
+    onnxruntime for tens of gigabytes from a file of a few hundred bytes; the run then dies
+    in the middle of a phase. Shape inference knows those sizes before anything runs.
+
+    Args:
+        model: The model with inferred ``value_info``.
+        limit: Largest size in bytes accepted for one tensor.
+
+    Raises:
+        InvalidModelError: Naming the tensor, its producer, its shape and size.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for value in (*model.graph.value_info, *model.graph.output):
+        if not value.type.HasField("tensor_type"):
+            continue
+        tensor_type = value.type.tensor_type
+        dims = tensor_type.shape.dim
+        if not dims or not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims):
+            continue
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            continue
+        size = itemsize
+        for d in dims:
+            size *= int(d.dim_value)
+        if size > limit:
+            node = producers.get(value.name)
+            where = f" by node {node.name or '<unnamed>'} ({node.op_type})" if node else ""
+            shape = "x".join(str(d.dim_value) for d in dims)
+            raise InvalidModelError(
+                f"tensor {value.name} produced{where} would take {size / 2**30:.1f} GiB "
+                f"({shape}), over qtool's limit of {limit / 2**30:.0f} GiB for one tensor",
+                "the model asks for an allocation no run can make; fix the shape that "
+                "feeds it and re-export the model",
+            )
 
 
 def to_model(graph: gs.Graph | onnx.ModelProto) -> onnx.ModelProto:

@@ -13,7 +13,9 @@ Three steps, each a plain walk over the graph:
    (an embedding Gather of a float table by token ids is data, not a shape). Rules (a)-(c)
    run to a fixed point. Shape/Size read no values, so their input edges count for neither
    side. Integer tensors are never quantized either.
-2. **Placement** follows ``backend.placement`` (MQBench Fig. 4): weighted ops get their
+2. **Placement** walks the main graph and every If/Loop/Scan body (a body's nodes are
+   planned like the main graph's; the state a Loop/Scan carries between iterations is never
+   quantized) and follows ``backend.placement`` (MQBench Fig. 4): weighted ops get their
    activation inputs and their constant weight quantized (a per-channel weight's axis is Conv 0,
    ConvTranspose 1, Gemm 0 if ``transB`` else 1, MatMul the last), ``activation_ops`` get
    every activation input quantized, ``shortcut_ops`` (TensorRT's residual Add) every input
@@ -39,8 +41,10 @@ graph by ``<op>_<index>`` before planning (the same renaming quantize() applies)
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -98,6 +102,12 @@ WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 #: Ops that take a bias as input 2.
 BIAS_INPUT = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
 
+#: Ops whose compute lives in subgraph bodies (planned node by node, inside the bodies).
+CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
+
+#: Below this share of the model's weight values quantized, a run warns loudly.
+MIN_WEIGHT_COVERAGE = 0.25
+
 
 def build_plan(
     graph: gs.Graph,
@@ -131,10 +141,11 @@ def build_plan(
     if backend.bias_mode == "int32":
         split_shared_biases(graph)  # one int32 bias per consumer (its own s_in * s_w)
     sensitive = sensitive_nodes(graph)  # qtool.sensitive_patterns: kept float everywhere
-    nodes = list(graph.nodes)
+    nodes = all_nodes(graph)
     consumers = _consumers(nodes)
-    graph_outputs = {t.name for t in graph.outputs}
+    graph_outputs = {t.name for g in all_graphs(graph) for t in g.outputs}
     constant = _constant_tensors(nodes)
+    carried = _loop_state(nodes)
     shape = shape_tensors(graph)
     shape_nodes = {
         n.name
@@ -148,6 +159,7 @@ def build_plan(
             and not isinstance(tensor, gs.Constant)
             and tensor.name not in constant
             and tensor.name not in shape
+            and tensor.name not in carried
             and _is_float(tensor)
         )
 
@@ -170,8 +182,8 @@ def build_plan(
         if node.name in shape_nodes:
             float_nodes[node.name] = "shape/index computation: never quantized"
             continue
-        if op == "Constant" or op in SHAPE_SOURCES:
-            continue
+        if op == "Constant" or op in SHAPE_SOURCES or op in CONTROL_FLOW:
+            continue  # control flow: the nodes of its bodies are planned one by one
         if node.name in sensitive:
             float_nodes[node.name] = sensitive[node.name]
             continue
@@ -351,11 +363,124 @@ def _converter_order(
     return result
 
 
+def drop_unreached(plan: QuantPlan, ranges: Mapping[str, Any], graph: gs.Graph) -> QuantPlan:
+    """The plan without the body activations that calibration never saw.
+
+    Such a tensor sits in an If branch no sample took: its consumers stay float, with the
+    reason in ``float_nodes``. Only tensors inside If/Loop/Scan bodies of ``graph`` are
+    dropped so; a missing range for any other tensor stays an error of
+    :func:`qtool.qdq.quantize`.
+    """
+    in_bodies = {name for body in all_graphs(graph)[1:] for name in body.tensors()}
+    unreached = [e for e in plan.entries("activation")
+                 if e.tensor not in ranges and e.pinned_range is None and e.tensor in in_bodies]
+    if not unreached:
+        return plan
+    nodes = sorted({c for e in unreached for c in e.consumers})
+    kept = plan.skip(*(f"name:{n}" for n in nodes))
+    reason = "reads a tensor the calibration data never computed (an If branch no sample took)"
+    return dataclasses.replace(kept, float_nodes={**kept.float_nodes,
+                                                  **dict.fromkeys(nodes, reason)})
+
+
+def coverage_warning(graph: gs.Graph, plan: QuantPlan) -> str | None:
+    """A warning when (almost) nothing gets quantized, else None.
+
+    "Almost nothing" is less than :data:`MIN_WEIGHT_COVERAGE` of the weight values; the
+    warning names the likely cause (compute inside subgraph bodies). Weights are the float
+    constants of rank >= 2 of the graph and its subgraphs.
+    """
+    weights: dict[str, int] = {}
+    body_nodes = 0
+    for depth, node in _walk(graph):
+        body_nodes += depth > 0
+        for tensor in node.inputs:
+            if (isinstance(tensor, gs.Constant) and len(tensor.shape) >= 2
+                    and _is_float(tensor)):
+                weights[tensor.name] = int(np.prod(tensor.shape))
+    total = sum(weights.values())
+    quantized = sum(weights.get(e.tensor, 0) for e in plan.entries("weight"))
+    why = (f"; {body_nodes} node(s) run inside If/Loop/Scan bodies (a branch no calibration "
+           "sample takes stays float)" if body_nodes else "")
+    if not plan.entries("activation") and not plan.entries("weight"):
+        return (f"nothing was quantized: the {plan.backend} plan has no tensor to quantize"
+                f"{why}; the output model runs in float")
+    if total and quantized / total < MIN_WEIGHT_COVERAGE:
+        return (f"almost nothing was quantized: only {quantized / total:.0%} of the weight "
+                f"values ({quantized} of {total}) get quantized{why}")
+    return None
+
+
+def _walk(graph: gs.Graph, depth: int = 0):
+    """``(depth, node)`` for every node of ``graph`` and of its subgraphs (depth > 0)."""
+    for node in graph.nodes:
+        yield depth, node
+        for value in node.attrs.values():
+            subgraphs = value if isinstance(value, list) else [value]
+            for sub in subgraphs:
+                if isinstance(sub, gs.Graph):
+                    yield from _walk(sub, depth + 1)
+
+
+def all_graphs(graph: gs.Graph) -> list[gs.Graph]:
+    """``graph`` and every If/Loop/Scan body in it (nested ones too), outermost first."""
+    graphs = [graph]
+    for _, node in _walk(graph):
+        for value in node.attrs.values():
+            for sub in value if isinstance(value, list) else [value]:
+                if isinstance(sub, gs.Graph):
+                    graphs.append(sub)
+    return graphs
+
+
+def all_nodes(graph: gs.Graph) -> list[gs.Node]:
+    """Every node of ``graph`` and of its bodies, each body's nodes after the node holding it.
+
+    Body nodes read outer tensors by name (onnx-graphsurgeon shares the tensor objects), so
+    one walk over this list sees every producer and consumer of every tensor.
+    """
+    return [node for _, node in _walk(graph)]
+
+
+def all_tensors(graph: gs.Graph) -> dict[str, gs.Tensor]:
+    """The tensors of ``graph`` and of its bodies, by name."""
+    tensors: dict[str, gs.Tensor] = {}
+    for sub in all_graphs(graph):
+        for name, tensor in sub.tensors().items():
+            tensors.setdefault(name, tensor)
+    return tensors
+
+
+def owner_graph(graph: gs.Graph, tensor: gs.Tensor, consumers: Sequence[gs.Node],
+                graphs: Sequence[gs.Graph] | None = None) -> gs.Graph:
+    """The (sub)graph where nodes reading ``tensor`` for ``consumers`` go.
+
+    That is the body producing the tensor (or holding it as a body input), else the body
+    holding every consumer, else ``graph`` itself: every body can read outer tensors.
+    ``graphs`` is :func:`all_graphs` of ``graph`` when the caller has it already.
+    """
+    graphs = all_graphs(graph) if graphs is None else graphs
+    for sub in graphs[1:]:
+        if any(t is tensor for t in sub.inputs) or any(
+            tensor is out for node in sub.nodes for out in node.outputs
+        ):
+            return sub
+    if consumers:
+        holders = [next((sub for sub in graphs[1:] if node in sub.nodes), graph)
+                   for node in consumers]
+        if all(h is holders[0] for h in holders):
+            return holders[0]
+    return graph
+
+
 def name_nodes(graph: gs.Graph) -> None:
-    """Give every node a unique name (``<op>_<index>`` for unnamed or repeated ones), in place."""
+    """Give every node a unique name (``<op>_<index>`` for unnamed or repeated ones), in place.
+
+    Nodes inside If/Loop/Scan bodies are named too (after the outer graph's nodes' indices).
+    """
     seen: set[str] = set()
     renamed = 0
-    for index, node in enumerate(graph.nodes):
+    for index, node in enumerate(all_nodes(graph)):
         if not node.name or node.name in seen:
             base = f"{node.op}_{index}"
             candidate, suffix = base, 0
@@ -371,10 +496,10 @@ def name_nodes(graph: gs.Graph) -> None:
 
 def shape_tensors(graph: gs.Graph) -> set[str]:
     """Names of the tensors on shape/index paths (rules (a)-(c) of the module docstring)."""
-    nodes = list(graph.nodes)
+    nodes = all_nodes(graph)
     consumers = _consumers(nodes)
     constant = _constant_tensors(nodes)
-    graph_outputs = {t.name for t in graph.outputs}
+    graph_outputs = {t.name for g in all_graphs(graph) for t in g.outputs}
     shape: set[str] = set()
 
     def add(name: str) -> bool:
@@ -415,6 +540,24 @@ def shape_tensors(graph: gs.Graph) -> set[str]:
             if reads and all(_is_shape_edge(n, i, shape) for n, i in reads):
                 changed |= add(name)
     return shape
+
+
+def _loop_state(nodes: Iterable[gs.Node]) -> set[str]:
+    """The state Loop and Scan bodies carry from one iteration to the next.
+
+    Loop's iteration count and condition too. Never quantized: its rounding would compound
+    over the iterations. Scan's scanned slices are data and stay candidates.
+    """
+    state: set[str] = set()
+    for node in nodes:
+        body = node.attrs.get("body")
+        if node.op not in ("Loop", "Scan") or not isinstance(body, gs.Graph):
+            continue
+        inputs = list(body.inputs)
+        if node.op == "Scan":
+            inputs = inputs[: len(inputs) - int(node.attrs.get("num_scan_inputs", 0))]
+        state.update(t.name for t in inputs)
+    return state
 
 
 def _reads_constant_data(node: gs.Node, constant: set[str]) -> bool:

@@ -53,7 +53,15 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from qtool.errors import OutputError, PlanError
 from qtool.io import atomic_write_bytes, load
 from qtool.plan import QuantPlan, TensorPlan
-from qtool.planner import build_plan, name_nodes
+from qtool.planner import (
+    all_graphs,
+    all_nodes,
+    all_tensors,
+    build_plan,
+    drop_unreached,
+    name_nodes,
+    owner_graph,
+)
 from qtool.scheme import QuantScheme, onnx_dtype
 
 log = logging.getLogger(__name__)
@@ -157,7 +165,8 @@ def quantize(
             ``Pipeline(["cleanup", "fold_bn", "upgrade_opset"])``. It is not modified.
         backend: Backend name or :class:`qtool.backends.base.Backend`.
         ranges: ``{tensor: (lo, hi)}`` for every tensor of ``plan.activation_schemes()``
-            (from :func:`qtool.calibration.calibrate`); extra entries are ignored.
+            (from :func:`qtool.calibration.calibrate`); extra entries are ignored. A tensor
+            inside an If/Loop/Scan body without one (a branch no sample took) stays float.
         plan: The plan to apply; built with :func:`qtool.planner.build_plan` if None.
         weight_method: Observer name for the weight ranges (``minmax``, ``mse``, ...).
         activation_method: The calibration method the ranges came from (for vendor files
@@ -189,6 +198,7 @@ def quantize(
         )
     _check_plan_fits(plan, float_graph)
     _check_activation_bits(plan, backend)
+    plan = drop_unreached(plan, ranges, float_graph)
     _check_ranges(plan, ranges)
     warnings: list[str] = []
     qparams = compute_qparams(float_graph, plan, ranges, weight_method, warnings)
@@ -222,7 +232,7 @@ def compute_qparams(
     """
     from qtool.calibration.observers import get_observer
 
-    tensors = graph.tensors()
+    tensors = all_tensors(graph)
     result: dict[str, TensorQParams] = {}
 
     # Activations: one range per shared group, the union of its members' ranges.
@@ -365,8 +375,8 @@ def _check_ranges(plan: QuantPlan, ranges: Mapping[str, tuple[Any, Any]]) -> Non
 
 
 def _check_plan_fits(plan: QuantPlan, graph: gs.Graph) -> None:
-    tensors = graph.tensors()
-    node_names = {n.name for n in graph.nodes}
+    tensors = all_tensors(graph)
+    node_names = {n.name for n in all_nodes(graph)}
     for entry in plan.tensors.values():
         tensor = tensors.get(entry.tensor)
         if tensor is None:
@@ -400,14 +410,19 @@ def insert_qdq(
     before its QuantizeLinear, which would otherwise saturate only at the storage limits.
     With ``quantize_graph_outputs`` a planned activation that is a graph output is replaced
     there by its dequantized value (see the module docstring).
+    A tensor of an If/Loop/Scan body gets its nodes in that body (outer tensors read by body
+    nodes keep theirs outside: a body reads the dequantized value from the outer scope).
     """
-    tensors = graph.tensors()
-    by_name = {n.name: n for n in graph.nodes}
+    tensors = all_tensors(graph)
+    by_name = {n.name: n for n in all_nodes(graph)}
     opset = graph.opset
     shared: dict[str, tuple[gs.Constant, gs.Constant]] = {}
+    top, graphs = graph, all_graphs(graph)
     for entry in plan.tensors.values():
         qp = qparams[entry.tensor]
         tensor = tensors[entry.tensor]
+        # inside an If/Loop/Scan body when the tensor (or every consumer) lives there
+        graph = owner_graph(top, tensor, [by_name[c] for c in entry.consumers], graphs)
         key = entry.group or entry.tensor
         if key not in shared:
             shared[key] = _qparam_constants(entry.tensor, qp, opset)

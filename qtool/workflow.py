@@ -95,6 +95,8 @@ class CalibrateOptions:
             the calibration data (:mod:`qtool.bias_correction`).
         fail_under_sqnr: SQNR floor (dB) of every output on the evaluation data; below it
             the report warns (at 10 dB when None) and the CLI exits 1.
+        input_axes: ``(input, axis)`` pairs declaring an input's batch axis (None: the input
+            is not a batch, its value goes with every sample); others are inferred.
     """
 
     data: str | os.PathLike | None = None
@@ -123,6 +125,7 @@ class CalibrateOptions:
     cle: bool = False
     bias_correction: bool = True
     fail_under_sqnr: float | None = None
+    input_axes: tuple[tuple[str, int | None], ...] = ()
 
 
 @dataclass
@@ -230,10 +233,11 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
         import qtool.qat  # noqa: F401  (fails fast, naming the extra, without torch)
     with progress.phase("load"):
         loaded = load(model)
+        model_warnings = list(getattr(loaded, "load_warnings", ()))
     with progress.phase("prepare"):
         graph, pass_reports = prepare(loaded)
         calib_data = load_samples(options.data, graph, options.num_samples, options.seed,
-                                  options.preprocess)
+                                  options.preprocess, axes=dict(options.input_axes))
     if options.cle:
         from qtool.passes.cle import equalize
 
@@ -265,7 +269,7 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
         eval_samples = (
             calib_data if options.eval_data is None
             else load_samples(eval_path, graph, options.num_samples, options.seed,
-                              options.preprocess)
+                              options.preprocess, axes=dict(options.input_axes))
         )
         analysis = _analyze(graph, rules, result, ranges, calib_data, eval_samples,
                             eval_path, options)
@@ -342,6 +346,10 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
     if rounding is not None:
         report["adaround"] = {"iterations": options.adaround_iters,
                               "layers": [r.to_dict() for r in rounding]}
+    from qtool.planner import coverage_warning
+
+    coverage = coverage_warning(graph, result.plan)
+    report["warnings"] += model_warnings + ([coverage] if coverage else [])
     files[REPORT_JSON] = to_json(report).encode("utf-8")
     files[REPORT_MD] = to_markdown(report).encode("utf-8")
     files[REPORT_HTML] = render_html(report).encode("utf-8")
@@ -450,11 +458,13 @@ def evaluate_files(
     batch_size: int = 32,
     preprocess: Any = None,
     providers: str | tuple[str, ...] | None = None,
+    input_axes: Mapping[str, int | None] | None = None,
 ):
     """``qtool evaluate``: compare two model files on a data set (labels from an .npz).
 
     ``preprocess`` applies to an image folder; ``providers`` are the onnxruntime execution
-    providers (default: the CPU).
+    providers (default: the CPU); ``input_axes`` declares inputs' batch axes
+    (``--input-axis``); others are inferred.
 
     Returns:
         A :class:`qtool.analysis.evaluate.Evaluation`.
@@ -464,7 +474,8 @@ def evaluate_files(
 
     with session_providers.use(session_providers.resolve(providers)):
         reference = load(float_model)
-        samples = load_samples(data, reference, num_samples, seed=0, preprocess=preprocess)
+        samples = load_samples(data, reference, num_samples, seed=0, preprocess=preprocess,
+                               axes=input_axes)
         batches = labelled_batches(samples, data, batch_size)
         return evaluate(reference, load(quant_model, check=False), batches,
                         layerwise=layerwise)
@@ -582,16 +593,18 @@ def _build_plan(graph: gs.Graph, backend, options: CalibrateOptions):
 
 
 def load_samples(path, graph: gs.Graph, num_samples: int | None, seed: int,
-                 preprocess: Any = None):
+                 preprocess: Any = None, *, axes: Mapping[str, int | None] | None = None):
     """The samples of a data path (None: seeded random inputs shaped from ``graph``).
 
     ``preprocess`` (a :class:`qtool.calibration.images.Preprocessing` or a dict of its
-    keys) applies to an image folder only.
+    keys) applies to an image folder only; ``axes`` declares inputs' batch axes (see
+    :func:`qtool.calibration.data.model_inputs`).
     """
     from qtool.calibration.data import load_data
 
     if path is None:
-        return load_data(None, graph, num_samples=num_samples or RANDOM_SAMPLES, seed=seed)
+        return load_data(None, graph, axes=axes, num_samples=num_samples or RANDOM_SAMPLES,
+                         seed=seed)
     options = {}
     if preprocess is not None and Path(path).is_dir():
         from qtool.calibration.images import Preprocessing
@@ -599,16 +612,18 @@ def load_samples(path, graph: gs.Graph, num_samples: int | None, seed: int,
         if not isinstance(preprocess, Preprocessing):
             preprocess = Preprocessing.from_mapping(preprocess)
         options = preprocess.options()
-    return load_data(path, graph, num_samples=num_samples, **options)
+    return load_data(path, graph, axes=axes, num_samples=num_samples, **options)
 
 
 def labelled_batches(samples, path, batch_size: int) -> Iterator[dict]:
     """Evaluation batches of ``samples`` (loaded from ``path``), with labels if it has any.
 
     An .npz's ``labels`` array rides along under the key ``labels``, row for row (the
-    loaders keep the file's order).
+    loaders keep the file's order). The batches are what the model accepts: its fixed batch
+    size, each input's batch axis (:func:`qtool.calibration.batching.batches`).
     """
-    from qtool.analysis.evaluate import LABELS_KEY, rebatch
+    from qtool.analysis.evaluate import LABELS_KEY
+    from qtool.calibration.batching import batches, resolve_batch_size
 
     labels = _labels(path)
     if labels is not None and len(labels) < len(samples):
@@ -624,7 +639,11 @@ def labelled_batches(samples, path, batch_size: int) -> Iterator[dict]:
             else:
                 yield {**sample, LABELS_KEY: labels[index : index + 1]}
 
-    return rebatch(with_labels(), batch_size)
+    specs = samples.specs
+    size, fixed = resolve_batch_size(specs, batch_size)
+    extra = (LABELS_KEY,) if labels is not None else ()
+    joined = batches(with_labels(), specs, size, fixed=fixed, extra=extra)
+    return ({**batch.feeds, **batch.extra} for batch in joined)
 
 
 def _labels(path) -> np.ndarray | None:

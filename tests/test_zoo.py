@@ -161,9 +161,11 @@ def _check_files(files: dict[str, bytes], result, feeds, reference) -> None:
             json.loads(data)
     if "model.encodings" in files:  # SNPE/QNN: encodings name tensors of the shipped model
         shipped = onnx.load_from_string(files["model.onnx"])
-        names = {t.name for t in shipped.graph.initializer} | {
-            o for n in shipped.graph.node for o in n.output
-        } | {i.name for i in shipped.graph.input}
+        names = set()
+        for graph in _graphs(shipped.graph):  # tensors of If/Loop bodies are tensors too
+            names |= {t.name for t in graph.initializer} | {
+                o for n in graph.node for o in n.output
+            } | {i.name for i in graph.input}
         enc = json.loads(files["model.encodings"])
         for section in ("activation_encodings", "param_encodings"):
             missing = {e["name"] for e in enc[section]} - names  # version 1.0.0: a list
@@ -240,7 +242,11 @@ def test_legacy_quirks_are_cleaned_and_subgraphs_left_untouched(opset):
     assert "flat" in build_plan(graph, "academic").activation_schemes()
     weight = convs[1].inputs[1].name
     assert set(plan.tensors[weight].consumers) == {convs[1].name, convs[2].name}
-    assert "branch" in plan.float_nodes and "loop" in plan.float_nodes
+    # If/Loop bodies are planned node by node (issue 12): the bodies' own ops are listed,
+    # the control-flow nodes are not; the Loop's carried state is never quantized
+    assert "else_sigmoid" in plan.float_nodes
+    assert "branch" not in plan.float_nodes and "loop" not in plan.float_nodes
+    assert "loop_acc_in" not in plan.tensors
 
     ranges = calibrate(graph, plan.activation_schemes(), zoo.samples("legacy", 4))
     result = quantize(graph, "tensorrt", ranges, plan=plan)
@@ -257,6 +263,14 @@ def test_legacy_quirks_are_cleaned_and_subgraphs_left_untouched(opset):
     # One shared weight -> one quantized initializer read by both convs.
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and weight in n.input[0]]
     assert len(dq) == 1
+
+
+def _graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
 
 
 def _body(graph: onnx.GraphProto):

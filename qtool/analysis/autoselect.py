@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from qtool import progress
+from qtool.errors import CalibrationError
 from qtool.scheme import QuantScheme
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,13 @@ def select_ranges(
         return MethodChoice({}, {}, {}, methods)
     candidates = {name: _Candidates(scheme, name, methods) for name, scheme in schemes.items()}
     _stream(model, candidates, data, batch_size, num_samples, optimization=None)
-    own = {name: c.ranges() for name, c in candidates.items()}
+    own = {}
+    for name, candidate in candidates.items():
+        try:
+            own[name] = candidate.ranges()
+        except CalibrationError:  # inside an If branch no sample took: no range, stays float
+            log.info("tensor %s was never computed on the calibration data", name)
+    schemes = {name: scheme for name, scheme in schemes.items() if name in own}
 
     group_of = {name: plan.tensors[name].group or name for name in schemes}
     members: dict[str, list[str]] = {}
@@ -168,10 +175,10 @@ def _stream(model, observers: Mapping[str, Any], data, batch_size, num_samples, 
         plan_observation,
         resolve_batch_size,
     )
-    from qtool.calibration.data import check_inputs, model_inputs
+    from qtool.calibration.data import check_inputs, specs_of
     from qtool.errors import DataError
 
-    specs = model_inputs(model)
+    specs = specs_of(data, model)
     stream = iter(data)
     head = next(stream, None)
     if head is None:

@@ -10,7 +10,7 @@ import onnx
 
 from qtool import providers
 from qtool.analysis.evaluate import LABELS_KEY
-from qtool.errors import DataError, PlanError
+from qtool.errors import DataError, InvalidModelError, PlanError
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]] | Sequence[Mapping[str, np.ndarray]]
 
@@ -31,11 +31,33 @@ def db_text(value: float | None) -> str:
 
 
 def initializer(proto: onnx.ModelProto, name: str) -> np.ndarray:
-    """The value of initializer ``name`` of ``proto``."""
-    for init in proto.graph.initializer:
-        if init.name == name:
-            return onnx.numpy_helper.to_array(init)
+    """The value of initializer ``name`` of ``proto`` (or of one of its subgraph bodies)."""
+    stack = [proto.graph]
+    while stack:
+        graph = stack.pop()
+        for init in graph.initializer:
+            if init.name == name:
+                return onnx.numpy_helper.to_array(init)
+        for node in graph.node:
+            for attr in node.attribute:
+                stack.extend([attr.g] if attr.HasField("g") else list(attr.graphs))
+                if node.op_type == "Constant" and node.output[0] == name and attr.name == "value":
+                    return onnx.numpy_helper.to_array(attr.t)
     raise PlanError(f"weight {name} is not an initializer of the float model")
+
+
+def fetchable(proto: onnx.ModelProto, names: Sequence[str]) -> tuple[bytes, dict[str, str]]:
+    """The model with ``names`` readable as graph outputs (in bodies too), serialized.
+
+    Returns:
+        ``(model bytes, {tensor: output name to fetch})``.
+    """
+    from qtool.io import expose_outputs
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    fetch = expose_outputs(copy, names)
+    return copy.SerializeToString(), fetch
 
 
 def exposed(proto: onnx.ModelProto, names: Sequence[str]) -> bytes:
@@ -53,10 +75,37 @@ def session(model_bytes: bytes):
     """An onnxruntime CPU session with optimizations off (the pure Q/DQ simulation)."""
     import onnxruntime as ort
 
+    from qtool.calibration.collector import _first_line
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, options, providers=providers.current())
+    try:
+        return ort.InferenceSession(model_bytes, options, providers=providers.current())
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise InvalidModelError(
+            f"onnxruntime cannot load the model to analyse it: {_first_line(exc)}",
+            "qtool runs models in onnxruntime: the model must run there",
+        ) from exc
+
+
+def run(session, fetch: Sequence[str], feeds: Mapping[str, np.ndarray], where: str) -> list:
+    """``session.run`` with onnxruntime's failures as clear errors (naming node and batch).
+
+    An empty ``fetch`` fetches nothing (onnxruntime would return every graph output).
+
+    Raises:
+        InvalidModelError: onnxruntime cannot allocate what the model asks for.
+        DataError: The model does not run on the data.
+    """
+    from qtool.calibration.collector import run_error
+
+    if not fetch:
+        return []
+    try:
+        return session.run(list(fetch), dict(feeds))
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise run_error(exc, where) from exc
 
 
 def feeds_of(batch: Mapping[str, np.ndarray], inputs: Sequence[str], index: int):

@@ -217,6 +217,10 @@ def evaluate(
     fetch = output_names + list(layers_shared)
     quant_fetch = output_names + [q for q, _ in layers_shared.values()]
 
+    from qtool.calibration.batching import batch_rows
+    from qtool.calibration.data import model_inputs
+
+    batch_specs = model_inputs(quant_proto)  # each input's batch axis, to count samples
     sums = {name: _ErrorSums() for name in fetch}
     classifiers: dict[str, _Classifier] = {}
     samples = 0
@@ -228,13 +232,10 @@ def evaluate(
             float_values = float_session.run(fetch, feeds)
             quant_values = quant_session.run(quant_fetch, feeds)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise DataError(
-                f"batch {index}: onnxruntime cannot run the models on it: "
-                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
-                "check that the data fits the model's inputs (a dynamic dim may accept only "
-                "some sizes)",
-            ) from exc
-        rows = int(next(iter(feeds.values())).shape[0])
+            from qtool.calibration.collector import run_error
+
+            raise run_error(exc, f"on evaluation batch {index}") from exc
+        rows = batch_rows(feeds, batch_specs)
         if labels is not None and labels.shape[0] != rows:
             raise DataError(
                 f"batch {index}: {labels.shape[0]} labels for {rows} inputs",

@@ -10,10 +10,11 @@ import numpy as np
 from qtool import progress
 from qtool.analysis.common import (
     Batches,
-    exposed,
     feeds_of,
+    fetchable,
     initializer,
     iterate_batches,
+    run,
     session,
     sort_db,
 )
@@ -100,23 +101,36 @@ def tensor_errors(
     quant_proto = load_model(serialize(result.graph))
     inputs = [i.name for i in float_proto.graph.input
               if i.name not in {t.name for t in float_proto.graph.initializer}]
-    float_fetch = [e.tensor for e in activations if e.tensor not in inputs]
-    quant_fetch = [f"{e.tensor}_dequantized" for e in activations]
-    float_session = session(exposed(float_proto, float_fetch))
-    quant_session = session(exposed(quant_proto, quant_fetch))
+    float_bytes, float_names = fetchable(
+        float_proto, [e.tensor for e in activations if e.tensor not in inputs])
+    quant_bytes, quant_names = fetchable(
+        quant_proto, [f"{e.tensor}_dequantized" for e in activations])
+    float_fetch = list(float_names.values())
+    quant_fetch = [quant_names[f"{e.tensor}_dequantized"] for e in activations]
+    float_session = session(float_bytes)
+    quant_session = session(quant_bytes)
+    from_fetch = {fetch: tensor for tensor, fetch in float_names.items()}
     sums = {e.tensor: _ErrorSums() for e in activations}
     observed = {e.tensor: HistogramObserver(None, e.tensor, bins=HISTOGRAM_BINS)
                 for e in activations}
+    from qtool.calibration.batching import batch_rows
+    from qtool.calibration.data import model_inputs
+
+    specs = model_inputs(float_proto)
     samples = 0
     stream = progress.bar(iterate_batches(batches), desc="tensor errors", unit="batch")
     for index, batch in enumerate(stream):
         feeds = feeds_of(batch, inputs, index)
-        samples += int(next(iter(feeds.values())).shape[0])
-        float_values = dict(zip(float_fetch, float_session.run(float_fetch, feeds), strict=True))
+        samples += batch_rows(feeds, specs)
+        where = f"on analysis batch {index}"
+        float_values = {from_fetch[name]: value for name, value in zip(
+            float_fetch, run(float_session, float_fetch, feeds, where), strict=True)}
         float_values.update({n: feeds[n] for n in inputs})
-        quant_values = quant_session.run(quant_fetch, feeds) if quant_fetch else []
+        quant_values = run(quant_session, quant_fetch, feeds, where + " (quantized model)")
         for entry, q in zip(activations, quant_values, strict=True):
             x = float_values[entry.tensor]
+            if x.size == 0 or q.size == 0:
+                continue  # inside an If branch that did not run
             sums[entry.tensor].update(x, q)
             observed[entry.tensor].update(x)
     if samples == 0:
@@ -136,7 +150,7 @@ def tensor_errors(
         errors.append(TensorError(entry.tensor, entry.role, list(entry.consumers), s.sqnr_db,
                                   s.cosine, s.max_abs))
     worst = sorted(
-        (e for e in errors if e.role == "activation"),
+        (e for e in errors if e.role == "activation" and not observed[e.tensor].empty),
         key=lambda e: (sort_db(e.sqnr_db), e.tensor),
     )[:histograms]
     shown = [_histogram(observed[e.tensor], result.qparams[e.tensor], e.sqnr_db) for e in worst]

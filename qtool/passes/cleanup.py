@@ -56,11 +56,16 @@ def cleanup(graph: gs.Graph, *, fold_constants: bool = True) -> gs.Graph:
     Returns:
         The cleaned, topologically sorted graph.
     """
+    from qtool.planner import all_graphs
+
     nodes_before = len(graph.nodes)
     lowered = lower_constant_nodes(graph)
+    # weights in If/Loop/Scan bodies too (silero-vad's Convs read Constant nodes there)
+    in_bodies = sum(lower_constant_nodes(body) for body in all_graphs(graph)[1:])
     bypassed = bypass_identities(graph)
     graph.cleanup().toposort()
     dead = nodes_before - lowered - sum(bypassed.values()) - len(graph.nodes)
+    lowered += in_bodies
     folded_shapes = folded_nodes = 0
     if fold_constants:
         graph = infer_shapes(graph)
@@ -117,7 +122,9 @@ def infer_shapes(graph: gs.Graph) -> gs.Graph:
 
 
 def lower_constant_nodes(graph: gs.Graph) -> int:
-    """Turn top-level ``Constant`` nodes into initializers in their exact dtype.
+    """Turn the ``Constant`` nodes of ``graph`` (not of its bodies) into initializers.
+
+    Each keeps its exact dtype; ``cleanup`` calls this on the main graph and on each body.
 
     Returns:
         How many Constant nodes were lowered.

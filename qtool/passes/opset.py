@@ -135,7 +135,8 @@ def random_feeds(model: onnx.ModelProto, dim_value: int, seed: int = 0) -> dict[
         tensor_type = inp.type.tensor_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
         dims = [
-            d.dim_value if d.HasField("dim_value") else dim_value for d in tensor_type.shape.dim
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else dim_value
+            for d in tensor_type.shape.dim
         ]
         if dtype.kind == "f":
             feeds[inp.name] = rng.standard_normal(dims).astype(dtype)

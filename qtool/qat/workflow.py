@@ -169,9 +169,14 @@ def qat_model(model: str | os.PathLike, backend: str, data: str | os.PathLike,
         outputs = run_onnx(graph, dict(zip(names, inputs, strict=True)))
         targets = tuple(torch.as_tensor(o) for o in outputs)
         loss_fn = normalized_distillation([float(np.var(o)) for o in outputs])
+    from qtool.calibration.batching import resolve_batch_size
+    from qtool.calibration.data import model_inputs
+
+    # a model that fixes its batch dim (torch.onnx.export's default) trains on that size
+    train_batch, fixed = resolve_batch_size(model_inputs(graph), options.batch_size)
     loader = torch.utils.data.DataLoader(
         _Samples([torch.as_tensor(a) for a in inputs], targets),
-        batch_size=options.batch_size, shuffle=True,
+        batch_size=train_batch, shuffle=True, drop_last=fixed,
         generator=torch.Generator().manual_seed(options.seed),
     )
     held.reference = run_onnx(graph, held.feeds())
@@ -377,15 +382,25 @@ def read_arrays(path: str | os.PathLike, names: list[str]):
 
 
 def run_onnx(graph: gs.Graph, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Outputs of a graph in onnxruntime with graph optimizations off."""
-    import onnxruntime as ort
+    """Outputs of a graph in onnxruntime with graph optimizations off.
 
+    A model with a fixed batch dim runs the rows in batches of that size (the shared
+    :func:`qtool.calibration.batching.batches`), the outputs joined along axis 0.
+    """
+    from qtool.analysis.common import run, session
+    from qtool.calibration.batching import batches, resolve_batch_size
+    from qtool.calibration.data import model_inputs
     from qtool.io import serialize
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(serialize(graph), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
+    runner = session(serialize(graph))
+    names = [o.name for o in runner.get_outputs()]
+    specs = model_inputs(graph)
+    size, fixed = resolve_batch_size(specs, None)
+    if not fixed:
+        return run(runner, names, feeds, "on the QAT data")
+    parts = [run(runner, names, b.feeds, f"on the QAT samples {b.first}..")
+             for b in batches([feeds], specs, size, fixed=True)]
+    return [np.concatenate(values) for values in zip(*parts, strict=True)]
 
 
 def accuracy(graph: gs.Graph, feeds: dict[str, np.ndarray], labels: np.ndarray) -> float:

@@ -7,7 +7,8 @@
 * QT004 stays-float: with ``--backend``, a node the backend's plan leaves in float (and why).
 * QT005 dynamic-dim: a symbolic or unknown input/output dimension; the batch axis is a note,
   any other axis a warning, and an error for a backend that needs static shapes.
-* QT006 non-finite-initializer: NaN or Inf in a weight: every scale computed from it breaks.
+* QT006 non-finite-initializer: NaN or Inf in a weight that gets quantized: every scale
+  computed from it breaks (a float-only constant, e.g. a ``-inf`` floor, is fine).
 * QT007 unused-initializer: an initializer no node reads (dead weight in the file).
 """
 
@@ -106,10 +107,18 @@ def dynamic_dim(ctx: LintContext) -> Iterator[Finding]:
                 )
 
 
-@rule("QT006", "non-finite-initializer", "error", "A weight holds NaN or Inf.")
+@rule("QT006", "non-finite-initializer", "error", "A weight that gets quantized holds NaN or Inf.")
 def non_finite_initializer(ctx: LintContext) -> Iterator[Finding]:
-    """Float initializers and Constant-node values with NaN or Inf."""
+    """Float initializers and Constant-node values with NaN or Inf that get quantized.
+
+    Only constants read as the weight or bias of a weighted op (Conv, ConvTranspose, Gemm,
+    MatMul, as the planner quantizes them) matter: a scalar ``-inf`` used as a ``Max`` floor
+    or an attention mask stays float and is fine.
+    """
+    quantized = _quantized_constants(ctx.model.graph)
     for name, array in _float_constants(ctx.model):
+        if name not in quantized:
+            continue
         bad = np.isnan(array).sum(), np.isinf(array).sum()
         if bad[0] or bad[1]:
             yield ctx.rule.finding(
@@ -117,6 +126,21 @@ def non_finite_initializer(ctx: LintContext) -> Iterator[Finding]:
                 "computed from it would be NaN: fix the weights before quantizing",
                 tensor=name,
             )
+
+
+def _quantized_constants(graph: onnx.GraphProto) -> set[str]:
+    """Names read as the weight or bias input of a weighted op (subgraphs included)."""
+    from qtool.planner import BIAS_INPUT, WEIGHT_INPUT
+
+    names: set[str] = set()
+    for node in graph.node:
+        for index in (WEIGHT_INPUT.get(node.op_type), BIAS_INPUT.get(node.op_type)):
+            if index is not None and index < len(node.input) and node.input[index]:
+                names.add(node.input[index])
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                names |= _quantized_constants(sub)
+    return names
 
 
 @rule("QT007", "unused-initializer", "warning", "An initializer is read by no node.")
