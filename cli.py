@@ -131,8 +131,9 @@ def main() -> None:
               help="Calibration data: .npz/.npy or an image folder. Without it: random inputs "
                    "(smoke tests only, the ranges are unfit for deployment).")
 @click.option("--eval-data", "eval_path", type=EXISTING_PATH,
-              help="Held-out data to compare float and quantized outputs on (labels from the "
-                   "'labels' key of an .npz). Default: the calibration data.")
+              help="Held-out data to compare float and quantized outputs on and to judge every "
+                   "choice (auto, fallback) on (labels from the 'labels' key of an .npz). "
+                   "Default: every 8th calibration sample (at most 128), held out.")
 @click.option("--method", default="minmax", show_default=True,
               type=click.Choice([*_observer_names(), "auto"]),
               help="Observer that sets activation ranges; auto: per tensor, the observer whose "
@@ -163,16 +164,23 @@ def main() -> None:
                    "rank the layers in the report.")
 @click.option("--target-sqnr", type=float, metavar="DB",
               help="Keep the most sensitive layers float, one by one, until the output SQNR on "
-                   "the calibration data reaches DB.")
+                   "the evaluation data (or held-out split) reaches DB.")
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0.0), metavar="PTS",
               help="Keep the most sensitive layers float until the top-1 accuracy on the "
                    "evaluation data (needs 'labels') is at most PTS points below float.")
+@click.option("--analysis", "analysis_level", default="summary", show_default=True,
+              type=click.Choice(["none", "summary", "full"]),
+              help="After quantizing: nothing; compare the outputs on the evaluation data "
+                   "(streamed); or also the error of every quantized tensor and histograms.")
+@click.option("--memory-budget", default=128, show_default=True, type=click.IntRange(min=1),
+              metavar="MB", help="MB of observed tensors per onnxruntime run of the "
+                                 "calibration; bigger batches run as micro-batches.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
 @debug_option
 def calibrate(model, backend, data_path, eval_path, method, weight_method, num_samples,
               batch_size, bits, weight_bits, act_bits, skip, plan_path, save_plan_path, workers,
               seed, output, force, layerwise, sensitivity, target_sqnr, max_accuracy_drop,
-              quiet):
+              analysis_level, memory_budget, quiet):
     """Quantize MODEL for a backend: calibrate, write the model, vendor files and a report.
 
     The output folder gets the quantized model, the backend's files (encodings, calibration
@@ -195,7 +203,8 @@ def calibrate(model, backend, data_path, eval_path, method, weight_method, num_s
         weight_bits=weight_bits or bits, act_bits=act_bits or bits, skip=tuple(skip),
         plan=plan_path, workers=workers, seed=seed, layerwise=layerwise,
         progress=False if quiet else None, sensitivity=sensitivity, target_sqnr=target_sqnr,
-        max_accuracy_drop=max_accuracy_drop,
+        max_accuracy_drop=max_accuracy_drop, analysis=analysis_level,
+        memory_budget=memory_budget * 2**20,
     )
     result = calibrate_to_folder(model, backend, output, options, force=force,
                                  save_plan=save_plan_path)

@@ -10,6 +10,13 @@ Batching: samples (``dict[input, ndarray]``, batch axis first) are concatenated 
 ones (dynamic shapes) starts a new batch. A model with a fixed batch dim ``B`` runs batches
 of exactly ``B``; a remainder of fewer than ``B`` rows is dropped with a warning.
 
+Memory by budget: a batch whose observed tensors would exceed ``memory_budget`` bytes is run
+as micro-batches of ``m`` rows, ``m = max(1, floor(budget / bytes per row))`` (bytes per row
+measured on the first row the session runs), split into near-equal parts. The observers see
+the same values either way (MinMax and the histograms give the same bits; MeanStd and Norm
+equal to float64 rounding), and peak memory follows the float model, not the number of
+observed tensors. A model with a fixed batch dim runs its batches whole.
+
 After the first batch of a given input shape, the session writes the observed tensors into
 output buffers bound once (onnxruntime IO binding) instead of allocating them per run.
 Observed tensors that are graph inputs are read from the feeds, initializers once from the
@@ -41,6 +48,8 @@ from qtool.scheme import QuantScheme
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 16
+#: Bytes of observed tensors one onnxruntime run may produce (``--memory-budget``).
+DEFAULT_MEMORY_BUDGET = 128 * 2**20
 # Graph optimizations of the calibration session. "all" (onnxruntime's default) adds layout
 # changes and fusions: fastest on CPU, ranges equal to the unoptimized graph's up to float32
 # rounding. "disable" runs every node as written, exactly as the QDQ model is judged.
@@ -240,14 +249,19 @@ class Collector:
         observers: Observer per tensor name.
         intra_op_threads: onnxruntime intra-op threads (None: onnxruntime's default).
         optimization: Session graph optimization level (see :data:`OPTIMIZATION_LEVELS`).
+        memory_budget: Bytes of observed tensors per session run; larger batches run as
+            micro-batches (None: whole batches; see the module docstring).
     """
 
     def __init__(self, plan: ObservePlan, observers: Mapping[str, Observer], *,
-                 intra_op_threads: int | None = None, optimization: str | None = None):
+                 intra_op_threads: int | None = None, optimization: str | None = None,
+                 memory_budget: int | None = None):
         self.plan = plan
         self.observers = dict(observers)
         self.intra_op_threads = intra_op_threads
         self.optimization = optimization or DEFAULT_OPTIMIZATION
+        self.memory_budget = memory_budget
+        self.row_bytes: float | None = None
         self._session = None
         self._bound = None
 
@@ -266,6 +280,26 @@ class Collector:
             # big as the weights) would only add to the peak memory of every batch after.
             self.plan = replace(self.plan, model_bytes=b"")
             trim_heap()  # onnxruntime's parse of the model is freed too
+        for part in self._parts(batch):
+            self._run_part(part)
+
+    def _parts(self, batch: Batch) -> Iterator[Batch]:
+        """The batch as micro-batches whose observed tensors fit the memory budget."""
+        if self.memory_budget is None or batch.rows <= 1 or not self.plan.outputs:
+            yield batch
+            return
+        first = 0
+        if self.row_bytes is None:  # measure on one row, then size the rest
+            yield _rows(batch, 0, 1)
+            first = 1
+        rows = batch.rows - first
+        micro = max(1, int(self.memory_budget // max(self.row_bytes or 1.0, 1.0)))
+        parts = -(-rows // micro)
+        size = -(-rows // parts) if parts else 0
+        for start in range(first, batch.rows, max(size, 1)):
+            yield _rows(batch, start, min(start + size, batch.rows))
+
+    def _run_part(self, batch: Batch) -> None:
         if self.plan.outputs:
             try:
                 values = self._outputs(batch.feeds)
@@ -276,6 +310,8 @@ class Collector:
                     "check that the data fits the model's inputs (a dynamic dim may accept "
                     "only some sizes)",
                 ) from exc
+            if self.row_bytes is None:
+                self.row_bytes = sum(v.nbytes for v in values) / max(batch.rows, 1)
             for name, value in zip(self.plan.outputs, values, strict=True):
                 self._feed(name, value, batch)
         for name in self.plan.feeds:
@@ -316,6 +352,12 @@ class Collector:
             raise NonFiniteError(name, exc.kind, _where(value, batch)) from None
 
 
+def _rows(batch: Batch, start: int, stop: int) -> Batch:
+    """Rows ``start .. stop - 1`` of a batch (views: slices of axis 0 stay contiguous)."""
+    return Batch(batch.first + start, stop - start,
+                 {name: array[start:stop] for name, array in batch.feeds.items()})
+
+
 def _where(value: np.ndarray, batch: Batch | None) -> str:
     """Which sample produced the non-finite value (rows along axis 0 when it is the batch)."""
     if batch is None:
@@ -329,8 +371,8 @@ def _where(value: np.ndarray, batch: Batch | None) -> str:
 def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[str, np.ndarray]],
               *, method="minmax", batch_size: int | None = None, num_samples: int | None = None,
               workers: int = 1, intra_op_threads: int | None = None,
-              progress: bool | None = None, optimization: str | None = None
-              ) -> dict[str, tuple]:
+              progress: bool | None = None, optimization: str | None = None,
+              memory_budget: int | None = DEFAULT_MEMORY_BUDGET) -> dict[str, tuple]:
     """Observe the float model's activations over the data and return their clip ranges.
 
     Args:
@@ -350,6 +392,9 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
         optimization: onnxruntime graph optimization level of the calibration session
             (:data:`OPTIMIZATION_LEVELS`; default :data:`DEFAULT_OPTIMIZATION`). "disable"
             computes every tensor exactly as the QDQ model run with optimizations off does.
+        memory_budget: Bytes of observed tensors per onnxruntime run (default 128 MB);
+            bigger batches run as micro-batches (see the module docstring). None: whole
+            batches.
 
     Returns:
         ``{tensor: (lo, hi)}`` per observed tensor (floats, or arrays for per-channel schemes).
@@ -375,13 +420,14 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
     plan = plan_observation(model, observers)
     trim_heap()  # the proto copy that was serialized is freed
     size, fixed = resolve_batch_size(specs, batch_size)
+    budget = None if fixed else memory_budget
     stream = batches(itertools.chain([head], stream), specs, size, fixed=fixed,
                      num_samples=num_samples)
     total = _length(data, num_samples)
     with _progress_bar(total, progress) as bar:
         if workers == 1:
             collector = Collector(plan, observers, intra_op_threads=intra_op_threads,
-                                  optimization=optimization)
+                                  optimization=optimization, memory_budget=budget)
             del plan  # the collector drops the serialized model once its session exists
             collector.observe_constants()
             for batch in stream:
@@ -390,7 +436,7 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
         else:
             threads = intra_op_threads or max(1, (os.cpu_count() or 1) // workers)
             _run_workers(plan, ctor, schemes, observers, stream, workers, threads, bar,
-                         optimization or DEFAULT_OPTIMIZATION)
+                         optimization or DEFAULT_OPTIMIZATION, budget)
     return {name: _as_range(obs.range()) for name, obs in observers.items()}
 
 
@@ -435,14 +481,15 @@ def _progress_bar(total: int | None, progress: bool | None):
 def _run_workers(plan: ObservePlan, ctor: Callable[..., Observer],
                  schemes: Mapping[str, QuantScheme], observers: dict[str, Observer],
                  stream: Iterator[Batch], workers: int, threads: int, bar,
-                 optimization: str) -> None:
+                 optimization: str, memory_budget: int | None = None) -> None:
     """Deal batches to spawned processes and merge their observers into ``observers``."""
     context = multiprocessing.get_context("spawn")
     tasks = context.Queue(maxsize=2 * workers)
     results = context.Queue()
     processes = [
         context.Process(target=_worker, args=(index, plan, ctor, dict(schemes), threads,
-                                              optimization, tasks, results), daemon=True)
+                                              optimization, tasks, results, memory_budget),
+                        daemon=True)
         for index in range(workers)
     ]
     for process in processes:
@@ -496,9 +543,10 @@ def _receive(results, shards, processes, timeout) -> None:
 
 
 def _worker(index: int, plan: ObservePlan, ctor, schemes, threads: int, optimization: str,
-            tasks, results) -> None:
+            tasks, results, memory_budget: int | None = None) -> None:
     observers = {name: ctor(scheme, name) for name, scheme in schemes.items()}
-    collector = Collector(plan, observers, intra_op_threads=threads, optimization=optimization)
+    collector = Collector(plan, observers, intra_op_threads=threads, optimization=optimization,
+                          memory_budget=memory_budget)
     try:
         if index == 0:
             collector.observe_constants()

@@ -3,9 +3,14 @@
 ``qtool calibrate`` is :func:`calibrate_to_folder`:
 
     load -> Pipeline(cleanup, fold_bn, upgrade_opset) -> build_plan (or a saved plan)
-         -> calibrate (streaming, onnxruntime; ``auto``: qtool.analysis.autoselect) -> quantize
-         -> [sensitivity per layer, float fallback to a target: qtool.analysis]
-         -> accumulated error per quantized tensor -> evaluate on held-out data
+         -> split: judging data = --eval-data, else a held-out split of the calibration data
+            (qtool.analysis.holdout)
+         -> calibrate (streaming, onnxruntime; ``auto``: qtool.analysis.autoselect, judged
+            on the judging data) -> quantize
+         -> [float fallback to a target, sensitivity per layer: qtool.analysis, judged on a
+            bounded slice of the judging data, float outputs computed once]
+         -> analysis ``none`` | ``summary`` (outputs compared on the judging data, streamed)
+            | ``full`` (summary + accumulated error per quantized tensor and histograms)
          -> files: quantized model + backend vendor files + plan.json + report.json
             + report.md + report.html
 
@@ -40,6 +45,11 @@ REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 AUTO_METHOD = "auto"
 RANDOM_SAMPLES = 16
+#: ``--analysis`` levels: nothing after quantizing, the output comparison, or also the
+#: accumulated error of every quantized tensor with histograms.
+ANALYSIS_LEVELS = ("none", "summary", "full")
+#: Rows the float fallback and the sensitivity judge each candidate on.
+SEARCH_SAMPLES = 128
 RECIPE_KEYS = frozenset({"model", "output", "passes"})
 
 
@@ -68,6 +78,10 @@ class CalibrateOptions:
             calibration data) reaches this.
         max_accuracy_drop: Keep the most sensitive layers float until the top-1 accuracy on
             the (labelled) evaluation data is at most this many points below float.
+        analysis: ``none``, ``summary`` (outputs compared on the evaluation data) or
+            ``full`` (also the accumulated error of every quantized tensor, histograms).
+        memory_budget: Bytes of observed tensors per onnxruntime run of the calibration;
+            bigger batches run as micro-batches (None: whole batches).
     """
 
     data: str | os.PathLike | None = None
@@ -87,6 +101,8 @@ class CalibrateOptions:
     sensitivity: bool = False
     target_sqnr: float | None = None
     max_accuracy_drop: float | None = None
+    analysis: str = "summary"
+    memory_budget: int | None = 128 * 2**20
 
 
 @dataclass
@@ -169,47 +185,57 @@ def quantize_model(
     from qtool.report import build_report, to_json, to_markdown
     from qtool.report.html import render_html
 
+    if options.analysis not in ANALYSIS_LEVELS:
+        raise PlanError(f"unknown analysis level {options.analysis!r}",
+                        f"choose one of: {', '.join(ANALYSIS_LEVELS)}")
     graph, pass_reports = prepare(load(model))
     plan = _build_plan(graph, backend, options)
-    calib_data = load_samples(options.data, graph, options.num_samples, options.seed)
+    calib_data, eval_samples, eval_path, judged_on = _split_data(graph, options)
     method_choice = None
     if options.method == AUTO_METHOD:
         from qtool.analysis.autoselect import select_ranges
 
-        method_choice = select_ranges(graph, plan, calib_data, batch_size=options.batch_size)
+        method_choice = select_ranges(
+            graph, plan, calib_data, batch_size=options.batch_size,
+            judge_data=None if eval_samples is calib_data else eval_samples,
+            memory_budget=options.memory_budget,
+        )
         ranges = method_choice.ranges
     else:
         ranges = calibrate(
             graph, plan.activation_schemes(), calib_data, method=options.method,
             batch_size=options.batch_size, workers=options.workers, progress=options.progress,
+            memory_budget=options.memory_budget,
         )
     result = quantize(graph, backend, ranges, plan=plan, weight_method=options.weight_method)
 
-    eval_path = options.eval_data if options.eval_data is not None else options.data
-    eval_samples = (
-        calib_data if options.eval_data is None
-        else load_samples(eval_path, graph, options.num_samples, options.seed)
-    )
-    analysis = _analyze(graph, backend, result, ranges, calib_data, eval_samples, eval_path,
-                        options)
-    if analysis.fallback is not None:
+    analysis = _analyze(graph, backend, result, ranges, eval_samples, eval_path, options)
+    analysis.level, analysis.judged_on = options.analysis, judged_on
+    if analysis.fallback is not None and analysis.fallback.float_layers:
         result = quantize(graph, backend, ranges, plan=analysis.fallback.plan,
                           weight_method=options.weight_method)
     analysis.method_choice = method_choice.to_dict() if method_choice else None
-    analysis.samples, analysis.tensors, analysis.histograms = _tensor_errors(
-        graph, result, calib_data, options.batch_size
-    )
+    if options.analysis == "full":
+        analysis.samples, analysis.tensors, analysis.histograms = _tensor_errors(
+            graph, result, calib_data, options.batch_size
+        )
     files = dict(result.files())
     qdq_bytes = serialize(result.graph)
     if qdq_bytes not in files.values():  # e.g. SNPE ships the float model + encodings
         files[QDQ_MODEL_FILE] = qdq_bytes
+    del qdq_bytes
 
-    evaluation = evaluate(
-        load(model),
-        result.graph,
-        labelled_batches(eval_samples, eval_path, options.batch_size),
-        layerwise=options.layerwise,
-    )
+    if options.analysis == "none":
+        from qtool.analysis.evaluate import Evaluation
+
+        evaluation = Evaluation(0, [])
+    else:
+        evaluation = evaluate(
+            load(model),
+            result.graph,
+            labelled_batches(eval_samples, eval_path, options.batch_size),
+            layerwise=options.layerwise,
+        )
     report = build_report(
         model=_display(model),
         backend=backend,
@@ -218,14 +244,38 @@ def quantize_model(
         passes=pass_reports,
         plan=result.plan,
         evaluation=evaluation,
-        eval_data=_display(eval_path) if eval_path is not None else None,
+        eval_data=judged_on,
         files=files,
         analysis=analysis,
+        held_out=eval_samples is not calib_data,
     )
     files[REPORT_JSON] = to_json(report).encode("utf-8")
     files[REPORT_MD] = to_markdown(report).encode("utf-8")
     files[REPORT_HTML] = render_html(report).encode("utf-8")
     return dict(sorted(files.items())), report
+
+
+def _split_data(graph, options: CalibrateOptions):
+    """``(calibration, evaluation samples, labels path, how the report names them)``.
+
+    The evaluation samples judge every choice and the summary: ``--eval-data``, else a
+    held-out split of the calibration data (:mod:`qtool.analysis.holdout`), else (random
+    inputs, or a single sample) the calibration data itself.
+    """
+    from qtool.analysis import holdout
+
+    samples = load_samples(options.data, graph, options.num_samples, options.seed)
+    if options.eval_data is not None:
+        eval_samples = load_samples(options.eval_data, graph, options.num_samples, options.seed)
+        return samples, eval_samples, options.eval_data, _display(options.eval_data)
+    if options.data is None:
+        return samples, samples, None, "random inputs (the calibration data)"
+    parts = holdout.split(samples)
+    if parts is None:
+        return samples, samples, options.data, _display(options.data)
+    calib, held = parts
+    return calib, held, options.data, holdout.describe(held, len(samples),
+                                                       _display(options.data))
 
 
 def render_report(run_folder: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
@@ -267,26 +317,42 @@ def render_report(run_folder: str | os.PathLike, output: str | os.PathLike | Non
     return target
 
 
-def _analyze(graph, backend, result, ranges, calib_data, eval_samples, eval_path, options):
-    """Sensitivity and float fallback as the options ask; tensor errors are filled later."""
-    from qtool.analysis import Analysis, float_fallback, layer_sensitivity
+def _analyze(graph, backend, result, ranges, eval_samples, eval_path, options):
+    """Float fallback and sensitivity as the options ask, judged on the evaluation samples.
 
-    calib_batches = _batches(calib_data, options.data, options.batch_size)
+    The float outputs of a bounded slice (:data:`SEARCH_SAMPLES` rows) are computed once
+    and shared by the sensitivity and every fallback candidate; the sensitivity runs only
+    when asked or when the fully quantized model misses the target.
+    """
+    from qtool.analysis import Analysis, float_fallback, layer_sensitivity
+    from qtool.analysis.reference import FloatReference
+
     analysis = Analysis(samples=0, tensors=[])
     wants_fallback = options.target_sqnr is not None or options.max_accuracy_drop is not None
-    if not (options.sensitivity or wants_fallback):
+    if options.analysis == "none" or not (options.sensitivity or wants_fallback):
+        if options.analysis == "none" and (options.sensitivity or wants_fallback):
+            raise PlanError("--analysis none turns off the sensitivity and the float fallback",
+                            "drop --analysis none, or the --sensitivity/--target flags")
         return analysis
-    analysis.layers = layer_sensitivity(graph, result, calib_batches)
+    reference = FloatReference(graph, _batches(eval_samples, eval_path, options.batch_size),
+                               max_samples=SEARCH_SAMPLES)
+
+    def sensitivity():
+        if not analysis.layers:
+            analysis.layers = layer_sensitivity(graph, result, reference=reference)
+        return analysis.layers
+
+    if options.sensitivity:
+        sensitivity()
     if wants_fallback:
-        judged_on = (
-            _batches(eval_samples, eval_path, options.batch_size)
-            if options.max_accuracy_drop is not None else calib_batches
-        )
         analysis.fallback = float_fallback(
-            graph, backend, result.plan, ranges, analysis.layers, judged_on,
+            graph, backend, result.plan, ranges, sensitivity, reference=reference,
             target_sqnr=options.target_sqnr, max_accuracy_drop=options.max_accuracy_drop,
             weight_method=options.weight_method,
         )
+    analysis.search = reference.cost()  # wall time only in the log: report bytes are stable
+    log.info("analysis search: %d candidate(s) on %d sample(s) in %.1f s",
+             reference.candidates, reference.samples, reference.seconds)
     return analysis
 
 
@@ -432,9 +498,11 @@ def labelled_batches(samples, path, batch_size: int) -> Iterator[dict]:
     from qtool.analysis.evaluate import LABELS_KEY, rebatch
 
     labels = _labels(path)
-    if labels is not None and len(labels) < len(samples):
+    indices = getattr(samples, "indices", None)  # a held-out split: labels by source position
+    needed = (indices[-1] + 1 if indices else 0) if indices is not None else len(samples)
+    if labels is not None and len(labels) < needed:
         raise DataError(
-            f"{path}: {len(labels)} labels for {len(samples)} samples",
+            f"{path}: {len(labels)} labels for {needed} samples",
             "give one label per sample under the 'labels' key",
         )
 
@@ -443,7 +511,8 @@ def labelled_batches(samples, path, batch_size: int) -> Iterator[dict]:
             if labels is None:
                 yield sample
             else:
-                yield {**sample, LABELS_KEY: labels[index : index + 1]}
+                row = indices[index] if indices is not None else index
+                yield {**sample, LABELS_KEY: labels[row : row + 1]}
 
     return rebatch(with_labels(), batch_size)
 

@@ -36,6 +36,7 @@ from qtool.io import ModelSource, load_model, serialize
 log = logging.getLogger(__name__)
 
 LABELS_KEY = "labels"
+_CHUNK = 1 << 15  # values per step of the error sums: float64 buffers stay in cache
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
@@ -51,16 +52,39 @@ class _ErrorSums:
         self.elements = 0
 
     def update(self, x: np.ndarray, q: np.ndarray) -> None:
-        x = np.asarray(x, dtype=np.float64)
-        q = np.asarray(q, dtype=np.float64)
-        diff = x - q
-        self.signal += float(np.sum(x * x))
-        self.noise += float(np.sum(diff * diff))
-        self.dot += float(np.sum(x * q))
-        self.quant += float(np.sum(q * q))
-        if diff.size:
-            self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))))
-        self.elements += int(x.size)
+        """Add one batch: float64 sums by BLAS dot products over cache-sized chunks.
+
+        Each chunk is converted to float64 once into reused buffers; the four sums are dot
+        products (no squared temporaries), so the cost is about two passes over the values.
+        """
+        x = np.ascontiguousarray(x).reshape(-1)
+        q = np.ascontiguousarray(q).reshape(-1)
+        size = x.size
+        self.elements += int(size)
+        if size == 0:
+            return
+        chunk = min(_CHUNK, size)
+        xb = np.empty(chunk)
+        qb = np.empty(chunk)
+        db = np.empty(chunk)
+        signal = noise = dot = quant = 0.0
+        worst = self.max_abs
+        for first in range(0, size, chunk):
+            n = min(chunk, size - first)
+            xs, qs, ds = xb[:n], qb[:n], db[:n]
+            np.copyto(xs, x[first : first + n], casting="unsafe")
+            np.copyto(qs, q[first : first + n], casting="unsafe")
+            np.subtract(xs, qs, out=ds)
+            signal += float(np.dot(xs, xs))
+            noise += float(np.dot(ds, ds))
+            dot += float(np.dot(xs, qs))
+            quant += float(np.dot(qs, qs))
+            worst = max(worst, float(ds.max()), -float(ds.min()))
+        self.signal += signal
+        self.noise += noise
+        self.dot += dot
+        self.quant += quant
+        self.max_abs = worst
 
     @property
     def sqnr_db(self) -> float | None:
@@ -250,8 +274,19 @@ def evaluate(
     if samples == 0:
         raise DataError("the evaluation data is empty", "give at least one sample")
 
+    outputs = output_metrics(output_names, sums, classifiers, labelled)
+    layers = [
+        LayerMetrics(name, op, sums[name].sqnr_db, sums[name].cosine, sums[name].max_abs)
+        for name, (_, op) in layers_shared.items()
+    ]
+    layers.sort(key=lambda m: (math.inf if m.sqnr_db is None else m.sqnr_db, m.tensor))
+    return Evaluation(samples, outputs, layers, labelled)
+
+
+def output_metrics(names, sums, classifiers, labelled: bool) -> list[OutputMetrics]:
+    """The :class:`OutputMetrics` of ``names`` from their running sums and top-1 counts."""
     outputs = []
-    for name in output_names:
+    for name in names:
         s = sums[name]
         metrics = OutputMetrics(name, s.sqnr_db, s.cosine, s.max_abs)
         counts = classifiers.get(name)
@@ -261,12 +296,7 @@ def evaluate(
                 metrics.float_accuracy = counts.float_correct / counts.rows
                 metrics.quant_accuracy = counts.quant_correct / counts.rows
         outputs.append(metrics)
-    layers = [
-        LayerMetrics(name, op, sums[name].sqnr_db, sums[name].cosine, sums[name].max_abs)
-        for name, (_, op) in layers_shared.items()
-    ]
-    layers.sort(key=lambda m: (math.inf if m.sqnr_db is None else m.sqnr_db, m.tensor))
-    return Evaluation(samples, outputs, layers, labelled)
+    return outputs
 
 
 def rebatch(
