@@ -241,6 +241,44 @@ def _check_finite_inputs(sample: Mapping[str, np.ndarray], index: int) -> None:
             )
 
 
+class RowBudget:
+    """Splits batches into runs whose fetched tensors stay under a byte budget.
+
+    The first run is one row; :meth:`measure` records what a row fetched, and later runs
+    take ``m = max(1, budget // bytes per row)`` rows, as near-equal slices of axis 0.
+
+    Args:
+        budget: Bytes per run (None: whole batches).
+    """
+
+    def __init__(self, budget: int | None):
+        self.budget = budget
+        self.row_bytes: float | None = None
+
+    def measure(self, values: Iterable[np.ndarray], rows: int) -> None:
+        """Record the bytes of one run's fetched tensors (the first run only)."""
+        if self.row_bytes is None:
+            self.row_bytes = sum(int(v.nbytes) for v in values) / max(rows, 1)
+
+    def spans(self, rows: int) -> Iterator[tuple[int, int]]:
+        """``(start, stop)`` row spans of one batch of ``rows`` rows, within the budget.
+
+        Lazy: the span after the first measuring run is sized once :meth:`measure` ran.
+        """
+        if self.budget is None or rows <= 1:
+            yield 0, rows
+            return
+        first = 0
+        if self.row_bytes is None:
+            yield 0, 1
+            first = 1
+        micro = max(1, int(self.budget // max(self.row_bytes or 1.0, 1.0)))
+        parts = -(-(rows - first) // micro)
+        size = max(1, -(-(rows - first) // max(parts, 1)))
+        for start in range(first, rows, size):
+            yield start, min(start + size, rows)
+
+
 class Collector:
     """One session and the observers it feeds.
 
@@ -260,8 +298,7 @@ class Collector:
         self.observers = dict(observers)
         self.intra_op_threads = intra_op_threads
         self.optimization = optimization or DEFAULT_OPTIMIZATION
-        self.memory_budget = memory_budget
-        self.row_bytes: float | None = None
+        self.budget = RowBudget(memory_budget)
         self._session = None
         self._bound = None
 
@@ -285,19 +322,11 @@ class Collector:
 
     def _parts(self, batch: Batch) -> Iterator[Batch]:
         """The batch as micro-batches whose observed tensors fit the memory budget."""
-        if self.memory_budget is None or batch.rows <= 1 or not self.plan.outputs:
+        if not self.plan.outputs:
             yield batch
             return
-        first = 0
-        if self.row_bytes is None:  # measure on one row, then size the rest
-            yield _rows(batch, 0, 1)
-            first = 1
-        rows = batch.rows - first
-        micro = max(1, int(self.memory_budget // max(self.row_bytes or 1.0, 1.0)))
-        parts = -(-rows // micro)
-        size = -(-rows // parts) if parts else 0
-        for start in range(first, batch.rows, max(size, 1)):
-            yield _rows(batch, start, min(start + size, batch.rows))
+        for start, stop in self.budget.spans(batch.rows):
+            yield batch if stop - start == batch.rows else _rows(batch, start, stop)
 
     def _run_part(self, batch: Batch) -> None:
         if self.plan.outputs:
@@ -310,8 +339,7 @@ class Collector:
                     "check that the data fits the model's inputs (a dynamic dim may accept "
                     "only some sizes)",
                 ) from exc
-            if self.row_bytes is None:
-                self.row_bytes = sum(v.nbytes for v in values) / max(batch.rows, 1)
+            self.budget.measure(values, batch.rows)
             for name, value in zip(self.plan.outputs, values, strict=True):
                 self._feed(name, value, batch)
         for name in self.plan.feeds:

@@ -217,7 +217,7 @@ def quantize_model(
     analysis.method_choice = method_choice.to_dict() if method_choice else None
     if options.analysis == "full":
         analysis.samples, analysis.tensors, analysis.histograms = _tensor_errors(
-            graph, result, calib_data, options.batch_size
+            graph, result, calib_data, options.batch_size, options.memory_budget
         )
     files = dict(result.files())
     qdq_bytes = serialize(result.graph)
@@ -356,10 +356,11 @@ def _analyze(graph, backend, result, ranges, eval_samples, eval_path, options):
     return analysis
 
 
-def _tensor_errors(graph, result, calib_data, batch_size: int):
+def _tensor_errors(graph, result, calib_data, batch_size: int, memory_budget: int | None):
     from qtool.analysis.tensors import tensor_errors
 
-    return tensor_errors(graph, result, _batches(calib_data, None, batch_size))
+    return tensor_errors(graph, result, _batches(calib_data, None, batch_size),
+                         memory_budget=memory_budget)
 
 
 def _batches(samples, path, batch_size: int):

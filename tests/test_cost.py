@@ -17,7 +17,7 @@ from outlier_model import CALIB, DIGITS, VAL, outlier_graph
 from qtool.calibration import calibrate, collector, load_data
 from qtool.calibration.observers import get_observer
 
-from qtool.analysis import float_fallback, holdout
+from qtool.analysis import float_fallback, holdout, tensor_errors
 from qtool.analysis.autoselect import METHODS, _Candidates, select_ranges
 from qtool.analysis.reference import FloatReference
 from qtool.io import load, serialize
@@ -192,3 +192,15 @@ def test_memory_budget_runs_micro_batches_with_the_same_ranges(monkeypatch):
         assert max(rows_per_run) < 32 and sum(rows_per_run) == 64 and rows_per_run[0] == 1
         assert split == whole
         rows_per_run.clear()
+
+
+def test_full_analysis_under_a_memory_budget_gives_the_same_numbers(digits):
+    batches = lambda: labelled_batches(digits["samples"], None, 48)  # noqa: E731
+    n, whole, whole_hist = tensor_errors(digits["graph"], digits["result"], batches)
+    n_split, split, split_hist = tensor_errors(digits["graph"], digits["result"], batches,
+                                               memory_budget=64 * 1024)
+    assert n == n_split == 96
+    for a, b in zip(whole, split, strict=True):
+        assert a.tensor == b.tensor and a.max_abs_error == b.max_abs_error
+        assert a.sqnr_db == pytest.approx(b.sqnr_db, rel=1e-9)
+    assert [h.counts for h in whole_hist] == [h.counts for h in split_hist]

@@ -1,4 +1,10 @@
-"""Accumulated error of every quantized tensor, and histograms of the worst activations."""
+"""Accumulated error of every quantized tensor, and histograms of the worst activations.
+
+Two streaming passes, each holding one batch: the float and the quantized graphs run side
+by side with every planned activation fetched and only running error sums are kept; then
+the float graph alone runs again with just the :data:`HISTOGRAMS` worst activations fetched,
+and only those are binned (binning every activation costs more than the inference).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from qtool.analysis.common import (
     sort_db,
 )
 from qtool.analysis.evaluate import _ErrorSums
+from qtool.calibration.collector import RowBudget
 from qtool.errors import DataError
 from qtool.io import load_model, serialize
 
@@ -78,7 +85,8 @@ class Histogram:
 
 
 def tensor_errors(
-    float_graph, result, batches: Batches, *, histograms: int = HISTOGRAMS
+    float_graph, result, batches: Batches, *, histograms: int = HISTOGRAMS,
+    memory_budget: int | None = None,
 ) -> tuple[int, list[TensorError], list[Histogram]]:
     """Accumulated error of every quantized activation and weight (see the module docstring).
 
@@ -87,12 +95,12 @@ def tensor_errors(
         result: The :class:`qtool.qdq.QuantizedModel` to judge.
         batches: Data batches.
         histograms: How many of the worst activations get a histogram.
+        memory_budget: Bytes of fetched tensors per run (float and quantized together);
+            bigger batches run as micro-batches (None: whole batches).
 
     Returns:
         ``(samples, errors, histograms)``: errors in plan order, histograms worst first.
     """
-    from qtool.calibration.observers import HistogramObserver
-
     plan = result.plan
     activations = [e for e in plan.entries("activation")]
     float_proto = load_model(float_graph)
@@ -104,21 +112,25 @@ def tensor_errors(
     float_session = session(exposed(float_proto, float_fetch))
     quant_session = session(exposed(quant_proto, quant_fetch))
     sums = {e.tensor: _ErrorSums() for e in activations}
-    observed = {e.tensor: HistogramObserver(None, e.tensor, bins=HISTOGRAM_BINS)
-                for e in activations}
     samples = 0
+    budget = RowBudget(memory_budget)
     for index, batch in enumerate(iterate_batches(batches)):
-        feeds = feeds_of(batch, inputs, index)
-        samples += int(next(iter(feeds.values())).shape[0])
-        float_values = dict(zip(float_fetch, float_session.run(float_fetch, feeds), strict=True))
-        float_values.update({n: feeds[n] for n in inputs})
-        quant_values = quant_session.run(quant_fetch, feeds) if quant_fetch else []
-        for entry, q in zip(activations, quant_values, strict=True):
-            x = float_values[entry.tensor]
-            sums[entry.tensor].update(x, q)
-            observed[entry.tensor].update(x)
+        whole = feeds_of(batch, inputs, index)
+        rows = int(next(iter(whole.values())).shape[0])
+        samples += rows
+        for start, stop in budget.spans(rows):
+            feeds = {n: a[start:stop] for n, a in whole.items()}
+            float_values = dict(zip(float_fetch, float_session.run(float_fetch, feeds),
+                                    strict=True))
+            float_values.update({n: feeds[n] for n in inputs})
+            quant_values = quant_session.run(quant_fetch, feeds) if quant_fetch else []
+            budget.measure([*float_values.values(), *quant_values], stop - start)
+            for entry, q in zip(activations, quant_values, strict=True):
+                sums[entry.tensor].update(float_values[entry.tensor], q)
+            del float_values, quant_values
     if samples == 0:
         raise DataError("the analysis data is empty", "give at least one sample")
+    del float_session, quant_session, quant_proto
 
     errors = []
     for entry in plan.tensors.values():
@@ -137,8 +149,25 @@ def tensor_errors(
         (e for e in errors if e.role == "activation"),
         key=lambda e: (sort_db(e.sqnr_db), e.tensor),
     )[:histograms]
+    observed = _observe(float_proto, inputs, [e.tensor for e in worst], batches)
     shown = [_histogram(observed[e.tensor], result.qparams[e.tensor], e.sqnr_db) for e in worst]
     return samples, errors, shown
+
+
+def _observe(float_proto, inputs, names, batches) -> dict:
+    """Histograms of ``names`` over the data: one float pass fetching only those tensors."""
+    from qtool.calibration.observers import HistogramObserver
+
+    observed = {name: HistogramObserver(None, name, bins=HISTOGRAM_BINS) for name in names}
+    fetch = [n for n in names if n not in inputs]
+    float_session = session(exposed(float_proto, fetch)) if fetch else None
+    for index, batch in enumerate(iterate_batches(batches)):
+        feeds = feeds_of(batch, inputs, index)
+        values = dict(zip(fetch, float_session.run(fetch, feeds), strict=True)) if fetch else {}
+        values.update({n: feeds[n] for n in inputs})
+        for name in names:
+            observed[name].update(values[name])
+    return observed
 
 
 def clip_range(qp) -> tuple[float, float]:
