@@ -6,7 +6,8 @@ RSS is that variant's own high-water mark, ``VmHWM``):
 * ``float``: plain onnxruntime inference over the data (default session options);
 * ``ort-minmax``, ``ort-entropy``, ``ort-percentile``: ``quantize_static`` with that method;
 * ``qtool-minmax``, ``qtool-mse``, ``qtool-kld``, ``qtool-quantile``: plan (academic backend),
-  ``qtool.calibration.calibrate``, ``qtool.qdq.quantize``.
+  ``qtool.calibration.calibrate``, ``qtool.qdq.quantize``; ``qtool-minmax-w2``: the same with
+  ``workers=2``.
 
 The whole job, as a user runs it (``--job``): the same samples written once to an ``.npy``
 file that every job variant reads (memory-mapped, the same pages for all), the raw exported
@@ -246,9 +247,10 @@ def run_variant(variant: str, model: str, prepared: Path, count: int, batch_size
         graph = qtool.load(prepared)
         plan = build_plan(graph, "academic")
         calibration_start = time.perf_counter()
+        method, _, workers = variant.split("-", 1)[1].partition("-w")
         ranges = calibrate(graph, plan.activation_schemes(), samples(model, count),
-                           method=variant.split("-", 1)[1], batch_size=batch_size,
-                           progress=False)
+                           method=method, batch_size=batch_size, progress=False,
+                           workers=int(workers or 1))
         result["calibrate_s"] = time.perf_counter() - calibration_start
         save(qtool.quantize(graph, "academic", ranges, plan=plan).graph, out)
     result["wall_s"] = time.perf_counter() - start

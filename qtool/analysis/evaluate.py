@@ -40,6 +40,15 @@ _CHUNK = 1 << 15  # values per step of the error sums: float64 buffers stay in c
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
+def dot(a: np.ndarray, b: np.ndarray) -> float:
+    """``sum(a * b)`` of two 1-D float arrays, without BLAS.
+
+    ``np.dot`` goes to (multi-threaded) OpenBLAS, whose threads spin on a busy machine:
+    measured at 65 ns a value on 2 loaded cores, against 3 ns for ``einsum``'s own loop.
+    """
+    return float(np.einsum("i,i->", a, b))
+
+
 class _ErrorSums:
     """Running sums of one tensor's float-vs-quantized error."""
 
@@ -52,7 +61,7 @@ class _ErrorSums:
         self.elements = 0
 
     def update(self, x: np.ndarray, q: np.ndarray) -> None:
-        """Add one batch: float64 sums by BLAS dot products over cache-sized chunks.
+        """Add one batch: float64 sums by dot products (:func:`dot`) over cache-sized chunks.
 
         Each chunk is converted to float64 once into reused buffers; the four sums are dot
         products (no squared temporaries), so the cost is about two passes over the values.
@@ -67,7 +76,7 @@ class _ErrorSums:
         xb = np.empty(chunk)
         qb = np.empty(chunk)
         db = np.empty(chunk)
-        signal = noise = dot = quant = 0.0
+        signal = noise = cross = quant = 0.0
         worst = self.max_abs
         for first in range(0, size, chunk):
             n = min(chunk, size - first)
@@ -75,14 +84,14 @@ class _ErrorSums:
             np.copyto(xs, x[first : first + n], casting="unsafe")
             np.copyto(qs, q[first : first + n], casting="unsafe")
             np.subtract(xs, qs, out=ds)
-            signal += float(np.dot(xs, xs))
-            noise += float(np.dot(ds, ds))
-            dot += float(np.dot(xs, qs))
-            quant += float(np.dot(qs, qs))
+            signal += dot(xs, xs)
+            noise += dot(ds, ds)
+            cross += dot(xs, qs)
+            quant += dot(qs, qs)
             worst = max(worst, float(ds.max()), -float(ds.min()))
         self.signal += signal
         self.noise += noise
-        self.dot += dot
+        self.dot += cross
         self.quant += quant
         self.max_abs = worst
 
