@@ -147,7 +147,8 @@ def test_auto_shares_one_histogram_and_judges_on_held_out_data(digits):
     inputs = np.load(CALIB)["input"][:96]
     (values,) = _run(serialize(graph), inputs, [name])
     shared = _Candidates(scheme, name, METHODS)
-    assert len(shared.fed) == len(METHODS) - 2  # mse, kld, quantile: one histogram
+    assert len(shared.fed) == 2  # minmax, and one histogram for mse, kld and quantile
+    assert set(METHODS) == {"minmax", "mse", "kld", "quantile"}
     shared.update(values)
     for method, (lo, hi) in shared.ranges().items():
         alone = get_observer(method)(scheme, name)
