@@ -172,7 +172,7 @@ def main() -> None:
               type=click.Choice(["none", "summary", "full"]),
               help="After quantizing: nothing; compare the outputs on the evaluation data "
                    "(streamed); or also the error of every quantized tensor and histograms.")
-@click.option("--memory-budget", default=128, show_default=True, type=click.IntRange(min=1),
+@click.option("--memory-budget", default=64, show_default=True, type=click.IntRange(min=1),
               metavar="MB", help="MB of observed tensors per onnxruntime run of the "
                                  "calibration; bigger batches run as micro-batches.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")

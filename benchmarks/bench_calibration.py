@@ -16,7 +16,7 @@ model (BN kept) as the input:
 * ``float-file``: plain onnxruntime inference over the file's samples;
 * ``ort-job``: ``quantize_static`` MinMax, QDQ, per-channel weights, its defaults otherwise;
 * ``cli-default``: ``qtool calibrate MODEL -b tensorrt --data FILE`` with the defaults
-  (MinMax, ``--analysis summary`` on the held-out split, 128 MB memory budget);
+  (MinMax, ``--analysis summary`` on the held-out split, 64 MB memory budget);
 * ``cli-auto``: the same with ``--method auto``; ``cli-full``: with ``--analysis full``.
 
 Both tools get the same prepared float graph (qtool's cleanup, fold_bn, upgrade_opset) and the

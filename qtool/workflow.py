@@ -102,7 +102,7 @@ class CalibrateOptions:
     target_sqnr: float | None = None
     max_accuracy_drop: float | None = None
     analysis: str = "summary"
-    memory_budget: int | None = 128 * 2**20
+    memory_budget: int | None = 64 * 2**20
 
 
 @dataclass
