@@ -435,6 +435,10 @@ def _session(model: onnx.ModelProto, intra_op_threads: int | None):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
+    # no arena: each intermediate tensor goes back to malloc when its last reader ran, so a
+    # session holds only the live tensors of a run (the arena keeps its high-water mark)
+    options.enable_mem_pattern = False
+    options.enable_cpu_mem_arena = False
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
     try:
