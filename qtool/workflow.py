@@ -188,6 +188,12 @@ def quantize_model(
     if options.analysis not in ANALYSIS_LEVELS:
         raise PlanError(f"unknown analysis level {options.analysis!r}",
                         f"choose one of: {', '.join(ANALYSIS_LEVELS)}")
+    searches = (options.sensitivity or options.target_sqnr is not None
+                or options.max_accuracy_drop is not None)
+    if options.analysis == "none" and (searches or options.layerwise):
+        raise PlanError("--analysis none turns off the comparison, the sensitivity and the "
+                        "float fallback", "drop --analysis none, or the flags that need them "
+                        "(--layerwise, --sensitivity, --target-sqnr, --max-accuracy-drop)")
     graph, pass_reports = prepare(load(model))
     plan = _build_plan(graph, backend, options)
     calib_data, eval_samples, eval_path, judged_on = _split_data(graph, options)
@@ -329,10 +335,7 @@ def _analyze(graph, backend, result, ranges, eval_samples, eval_path, options):
 
     analysis = Analysis(samples=0, tensors=[])
     wants_fallback = options.target_sqnr is not None or options.max_accuracy_drop is not None
-    if options.analysis == "none" or not (options.sensitivity or wants_fallback):
-        if options.analysis == "none" and (options.sensitivity or wants_fallback):
-            raise PlanError("--analysis none turns off the sensitivity and the float fallback",
-                            "drop --analysis none, or the --sensitivity/--target flags")
+    if not (options.sensitivity or wants_fallback):
         return analysis
     reference = FloatReference(graph, _batches(eval_samples, eval_path, options.batch_size),
                                max_samples=SEARCH_SAMPLES)

@@ -20,6 +20,7 @@ from qtool.calibration.observers import get_observer
 from qtool.analysis import float_fallback, holdout, tensor_errors
 from qtool.analysis.autoselect import METHODS, _Candidates, select_ranges
 from qtool.analysis.reference import FloatReference
+from qtool.errors import PlanError
 from qtool.io import load, serialize
 from qtool.planner import build_plan
 from qtool.qdq import quantize
@@ -79,6 +80,16 @@ def test_analysis_levels_and_the_held_out_split(tmp_path, level):
         assert len(report["analysis"]["tensors"]) == len(json.loads(
             (tmp_path / "o" / "plan.json").read_text())["tensors"]) - report["plan"]["biases"]
         assert report["analysis"]["samples"] == 70 and report["analysis"]["histograms"]
+
+
+@pytest.mark.parametrize("flags", [{"layerwise": True}, {"target_sqnr": 20.0},
+                                   {"sensitivity": True}, {"analysis": "some"}])
+def test_analysis_none_refuses_what_needs_an_analysis(tmp_path, flags):
+    options = CalibrateOptions(data=CALIB, num_samples=16, analysis=flags.pop("analysis", "none"),
+                               **flags)
+    with pytest.raises(PlanError):
+        calibrate_to_folder(DIGITS, "tensorrt", tmp_path / "o", options)
+    assert not (tmp_path / "o").exists()
 
 
 def test_held_out_split_spreads_and_carries_labels():
