@@ -235,8 +235,9 @@ def main() -> None:
               help="Calibration data: .npz/.npy or an image folder. Without it: random inputs "
                    "(smoke tests only, the ranges are unfit for deployment).")
 @click.option("--eval-data", "eval_path", type=EXISTING_PATH,
-              help="Held-out data to compare float and quantized outputs on (labels from the "
-                   "'labels' key of an .npz). Default: the calibration data.")
+              help="Held-out data to compare float and quantized outputs on and to judge every "
+                   "choice (auto, fallback) on (labels from the 'labels' key of an .npz). "
+                   "Default: every 8th calibration sample (at most 128), held out.")
 @click.option("--method", default="minmax", show_default=True,
               type=click.Choice(_method_choices()), callback=_canonical_method,
               help="Observer that sets activation ranges; auto: per tensor, the observer whose "
@@ -274,7 +275,7 @@ def main() -> None:
                    "rank the layers in the report.")
 @click.option("--target-sqnr", type=float, metavar="DB",
               help="Keep the most sensitive layers float, one by one, until the output SQNR on "
-                   "the calibration data reaches DB.")
+                   "the evaluation data (or held-out split) reaches DB.")
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0.0), metavar="PTS",
               help="Keep the most sensitive layers float until the top-1 accuracy on the "
                    "evaluation data (needs 'labels') is at most PTS points below float.")
@@ -293,6 +294,13 @@ def main() -> None:
                    "needs the qat extra).")
 @click.option("--adaround-iters", default=200, show_default=True, type=click.IntRange(min=1),
               metavar="N", help="AdaRound optimisation steps per layer.")
+@click.option("--analysis", "analysis_level", default="summary", show_default=True,
+              type=click.Choice(["none", "summary", "full"]),
+              help="After quantizing: nothing; compare the outputs on the evaluation data "
+                   "(streamed); or also the error of every quantized tensor and histograms.")
+@click.option("--memory-budget", default=64, show_default=True, type=click.IntRange(min=1),
+              metavar="MB", help="MB of observed tensors per onnxruntime run of the "
+                                 "calibration; bigger batches run as micro-batches.")
 @preprocess_options
 @provider_option
 @_quiet_option
@@ -302,7 +310,8 @@ def calibrate(ctx, model, backend, backend_options, data_path, eval_path, method
               num_samples, batch_size, bits, weight_bits, act_bits, skip, plan_path,
               save_plan_path, workers, seed, output, force, layerwise, sensitivity, target_sqnr,
               max_accuracy_drop, cle, bias_correction, fail_under_sqnr, adaround,
-              adaround_iters, quiet, provider, preprocess_file, input_axes=(), **image_flags):
+              adaround_iters, analysis_level, memory_budget, quiet, provider, preprocess_file,
+              input_axes=(), **image_flags):
     """Quantize MODEL for a backend: calibrate, write the model, vendor files and a report.
 
     The output folder gets the quantized model, the backend's files (encodings, calibration
@@ -334,6 +343,7 @@ def calibrate(ctx, model, backend, backend_options, data_path, eval_path, method
         adaround=adaround, adaround_iters=adaround_iters,
         cle=cle, bias_correction=bias_correction, fail_under_sqnr=fail_under_sqnr,
         input_axes=input_axes,
+        analysis=analysis_level, memory_budget=memory_budget * 2**20,
     )
     with progress.shown(False if quiet else None):
         result = calibrate_to_folder(model, backend, output, options, force=force,

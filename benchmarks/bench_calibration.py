@@ -6,7 +6,18 @@ RSS is that variant's own high-water mark, ``VmHWM``):
 * ``float``: plain onnxruntime inference over the data (default session options);
 * ``ort-minmax``, ``ort-entropy``, ``ort-percentile``: ``quantize_static`` with that method;
 * ``qtool-minmax``, ``qtool-mse``, ``qtool-kld``, ``qtool-quantile``: plan (academic backend),
-  ``qtool.calibration.calibrate``, ``qtool.qdq.quantize``.
+  ``qtool.calibration.calibrate``, ``qtool.qdq.quantize``; ``qtool-minmax-w2``: the same with
+  ``workers=2``.
+
+The whole job, as a user runs it (``--job``): the same samples written once to an ``.npy``
+file that every job variant reads (memory-mapped, the same pages for all), the raw exported
+model (BN kept) as the input:
+
+* ``float-file``: plain onnxruntime inference over the file's samples;
+* ``ort-job``: ``quantize_static`` MinMax, QDQ, per-channel weights, its defaults otherwise;
+* ``cli-default``: ``qtool calibrate MODEL -b tensorrt --data FILE`` with the defaults
+  (MinMax, ``--analysis summary`` on the held-out split, 64 MB memory budget);
+* ``cli-auto``: the same with ``--method auto``; ``cli-full``: with ``--analysis full``.
 
 Both tools get the same prepared float graph (qtool's cleanup, fold_bn, upgrade_opset) and the
 same samples, generated on the fly from a seed so the data itself costs no memory. The
@@ -21,12 +32,15 @@ two tools' slightly different Q/DQ placement.
 Usage:
     python benchmarks/bench_calibration.py --quick          # digits + resnet18, 64 images
     python benchmarks/bench_calibration.py                  # all models, 256 and 1024 images
+    python benchmarks/bench_calibration.py --job --models resnet18 mobilenet_v2 resnet50 \
+        ssdlite320 --sizes 64 256 1024                     # the whole CLI job vs quantize_static
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import resource
 import subprocess
@@ -43,6 +57,8 @@ DIGITS = ROOT / "examples" / "digits_cnn.onnx"
 VARIANTS = ("float", "ort-minmax", "ort-entropy", "ort-percentile",
             "qtool-minmax", "qtool-mse", "qtool-kld", "qtool-quantile")
 QUANTIZED_OPS = ["Conv", "Gemm", "MatMul"]
+JOB_VARIANTS = ("float-file", "ort-job", "cli-default", "cli-auto")
+INPUT_SIZE = {"ssdlite320": 320}  # others: 224 (digits: its own 8x8)
 
 
 # -- models and data --------------------------------------------------------------------
@@ -71,6 +87,40 @@ def export_torchvision(name: str, path: Path) -> None:
             training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
             input_names=["input"], output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    path.write_bytes(buffer.getvalue())
+
+
+def export_detector(path: Path) -> None:
+    """torchvision's SSDLite 320 (MobileNet-V3 backbone) up to its raw head outputs.
+
+    Seeded random weights; the box decoding and NMS stay outside the graph, as detectors
+    are usually exported for deployment. Input 320x320.
+    """
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    full = torchvision.models.detection.ssdlite320_mobilenet_v3_large(
+        weights=None, weights_backbone=None)
+
+    class Raw(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.head = full.backbone, full.head
+
+        def forward(self, x):
+            out = self.head(list(self.backbone(x).values()))
+            return out["bbox_regression"], out["cls_logits"]
+
+    model = Raw().eval()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (torch.randn(1, 3, 320, 320),), buffer, dynamo=False, opset_version=13,
+            input_names=["input"], output_names=["boxes", "scores"],
+            dynamic_axes={"input": {0: "batch"}, "boxes": {0: "batch"}, "scores": {0: "batch"}},
         )
     path.write_bytes(buffer.getvalue())
 
@@ -107,11 +157,30 @@ def samples(model: str, count: int, held_out: bool = False):
             yield {"input": x}
         return
     offset = 10_000_000 if held_out else 0
+    side = INPUT_SIZE.get(model, 224) // 8
     for i in range(count):
         rng = np.random.default_rng(offset + i)
         # smooth-ish random images: low-resolution noise upsampled, then normalised
-        low = rng.standard_normal((1, 3, 28, 28)).astype(np.float32)
+        low = rng.standard_normal((1, 3, side, side)).astype(np.float32)
         yield {"input": np.repeat(np.repeat(low, 8, axis=2), 8, axis=3)}
+
+
+def write_samples(model: str, count: int, path: Path) -> None:
+    """The samples of :func:`samples` as one ``.npy`` file (written row by row)."""
+    first = next(samples(model, 1))["input"]
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
+                                      shape=(count, *first.shape[1:]))
+    for i, sample in enumerate(samples(model, count)):
+        array[i] = sample["input"][0]
+    array.flush()
+    del array
+
+
+def file_batches(path: Path, batch_size: int):
+    """Batches read from the memory-mapped ``.npy`` file."""
+    data = np.load(path, mmap_mode="r")
+    for first in range(0, len(data), batch_size):
+        yield {"input": np.ascontiguousarray(data[first : first + batch_size])}
 
 
 def batched(stream, batch_size: int):
@@ -147,7 +216,9 @@ def run_variant(variant: str, model: str, prepared: Path, count: int, batch_size
 
     result: dict = {}
     start = time.perf_counter()
-    if variant == "float":
+    if variant in JOB_VARIANTS or variant == "cli-full":
+        run_job(variant, prepared, batch_size, out)
+    elif variant == "float":
         session = ort.InferenceSession(str(prepared), providers=["CPUExecutionProvider"])
         for feeds in batched(samples(model, count), batch_size):
             session.run(None, feeds)
@@ -176,14 +247,50 @@ def run_variant(variant: str, model: str, prepared: Path, count: int, batch_size
         graph = qtool.load(prepared)
         plan = build_plan(graph, "academic")
         calibration_start = time.perf_counter()
+        method, _, workers = variant.split("-", 1)[1].partition("-w")
         ranges = calibrate(graph, plan.activation_schemes(), samples(model, count),
-                           method=variant.split("-", 1)[1], batch_size=batch_size,
-                           progress=False)
+                           method=method, batch_size=batch_size, progress=False,
+                           workers=int(workers or 1))
         result["calibrate_s"] = time.perf_counter() - calibration_start
         save(qtool.quantize(graph, "academic", ranges, plan=plan).graph, out)
     result["wall_s"] = time.perf_counter() - start
     result["peak_rss_mb"] = peak_rss_mb()
     return result
+
+
+def run_job(variant: str, paths: Path, batch_size: int, out: Path) -> None:
+    """One whole-job variant; ``paths`` is ``MODEL::DATA`` (raw model, the .npy samples)."""
+    import onnxruntime as ort
+
+    model, data = (Path(p) for p in str(paths).split("::"))
+    if variant == "float-file":
+        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        for feeds in file_batches(data, batch_size):
+            session.run(None, feeds)
+    elif variant == "ort-job":
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            quantize_static,
+        )
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.batches = file_batches(data, batch_size)
+
+            def get_next(self):
+                return next(self.batches, None)
+
+        quantize_static(str(model), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, calibrate_method=CalibrationMethod.MinMax)
+    else:
+        from qtool.cli import main as cli
+
+        extra = {"cli-default": [], "cli-auto": ["--method", "auto"],
+                 "cli-full": ["--analysis", "full"]}[variant]
+        cli(["calibrate", str(model), "-b", "tensorrt", "--data", str(data), "--batch-size",
+             str(batch_size), "-o", str(out), "--force", "-q", *extra], standalone_mode=False)
 
 
 def peak_rss_mb() -> float:
@@ -271,7 +378,12 @@ def main() -> None:
     parser.add_argument("--mem-limit-gb", type=float, default=8.0,
                         help="address-space cap per variant (protects a shared machine)")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    parser.add_argument("--job", action="store_true",
+                        help="the whole CLI job vs quantize_static (JOB_VARIANTS)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each variant")
     args = parser.parse_args()
+    if args.job and args.variants == list(VARIANTS):
+        args.variants = list(JOB_VARIANTS)
     models = args.models or (["digits", "resnet18"] if args.quick
                              else ["digits", "resnet18", "mobilenet_v2"])
     sizes = args.sizes or ([64] if args.quick else [256, 1024])
@@ -283,17 +395,28 @@ def main() -> None:
             raw = tmp / f"{model}.onnx"
             if model == "digits":
                 raw.write_bytes(DIGITS.read_bytes())
+            elif model == "ssdlite320":
+                export_detector(raw)
             else:
                 export_torchvision(model, raw)
             prepared = tmp / f"{model}.prepared.onnx"
             prepare(raw, prepared)
             held_out = 500 if model == "digits" else args.held_out  # digits: the val set
             for count in sizes:
-                for variant in args.variants:
-                    out = tmp / f"{model}-{count}-{variant}.onnx"
+                data = tmp / f"{model}-{count}.npy"
+                if args.job:
+                    write_samples(model, count, data)
+                for variant, _ in itertools.product(args.variants, range(args.repeat)):
+                    job = variant in JOB_VARIANTS or variant == "cli-full"
+                    out = tmp / f"{model}-{count}-{variant}" if variant.startswith("cli-") \
+                        else tmp / f"{model}-{count}-{variant}.onnx"
                     row = {"model": model, "images": count, "variant": variant}
-                    row.update(spawn(variant, model, prepared, count, args.batch_size, out,
-                                     args.mem_limit_gb))
+                    row.update(spawn(variant, model, f"{raw}::{data}" if job else prepared,
+                                     count, args.batch_size, out, args.mem_limit_gb))
+                    if job:
+                        results.append(row)
+                        print(format_row(row, results), flush=True)
+                        continue
                     if variant != "float" and "error" not in row:
                         row["sqnr_db"] = sqnr_db(prepared, out, model, held_out)
                         same = out
@@ -302,17 +425,26 @@ def main() -> None:
                         row["sqnr_same_graph_db"] = sqnr_db(prepared, same, model, held_out)
                     results.append(row)
                     print(format_row(row, results), flush=True)
+                data.unlink(missing_ok=True)
     print()
     print(markdown(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
 
+def baseline(row: dict, results: list[dict], variant: str | None = None) -> dict | None:
+    """The first ``variant`` row of the same model and size (default: its float run)."""
+    if variant is None:
+        job = row["variant"] in JOB_VARIANTS or row["variant"] == "cli-full"
+        variant = "float-file" if job else "float"
+    return next((r for r in results if r["model"] == row["model"] and r["images"] ==
+                 row["images"] and r["variant"] == variant and "wall_s" in r), None)
+
+
 def format_row(row: dict, results: list[dict]) -> str:
     if "error" in row:
         return f"{row['model']:>12} {row['images']:>5} {row['variant']:<15} {row['error']}"
-    base = next((r for r in results if r["model"] == row["model"] and r["images"] ==
-                 row["images"] and r["variant"] == "float" and "wall_s" in r), None)
+    base = baseline(row, results)
     ratio = (f" ({row['wall_s'] / base['wall_s']:.2f}x time, "
              f"{row['peak_rss_mb'] / base['peak_rss_mb']:.2f}x RSS)") if base else ""
     sqnr = (f" SQNR {row['sqnr_db']:.2f} dB (same graph {row['sqnr_same_graph_db']:.2f})"
@@ -322,12 +454,13 @@ def format_row(row: dict, results: list[dict]) -> str:
 
 
 def markdown(results: list[dict]) -> str:
+    if any(r["variant"] in JOB_VARIANTS for r in results):
+        return job_markdown(results)
     lines = ["| model | images | variant | wall s | x float | peak RSS MB | x float | "
              "calibrate s | SQNR dB | SQNR dB, same graph |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in results:
-        base = next((r for r in results if r["model"] == row["model"] and r["images"] ==
-                     row["images"] and r["variant"] == "float" and "wall_s" in r), None)
+        base = baseline(row, results)
         if "error" in row:
             lines.append(f"| {row['model']} | {row['images']} | {row['variant']} | "
                          f"failed: {row['error']} | | | | | | |")
@@ -340,6 +473,25 @@ def markdown(results: list[dict]) -> str:
         lines.append(f"| {row['model']} | {row['images']} | {row['variant']} | "
                      f"{row['wall_s']:.2f} | {t} | {row['peak_rss_mb']:.0f} | {m} | {c} | {s} "
                      f"| {g} |")
+    return "\n".join(lines)
+
+
+def job_markdown(results: list[dict]) -> str:
+    """The whole-job table: ratios to float inference and to quantize_static's job."""
+    lines = ["| model | images | variant | wall s | x float | x ort-job | peak RSS MB | x float "
+             "| x ort-job |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in results:
+        if "error" in row:
+            lines.append(f"| {row['model']} | {row['images']} | {row['variant']} | "
+                         f"failed: {row['error']} | | | | | |")
+            continue
+        cells = []
+        for ref in (baseline(row, results), baseline(row, results, "ort-job")):
+            cells.append((f"{row['wall_s'] / ref['wall_s']:.2f}" if ref else "",
+                          f"{row['peak_rss_mb'] / ref['peak_rss_mb']:.2f}" if ref else ""))
+        lines.append(f"| {row['model']} | {row['images']} | {row['variant']} | "
+                     f"{row['wall_s']:.2f} | {cells[0][0]} | {cells[1][0]} | "
+                     f"{row['peak_rss_mb']:.0f} | {cells[0][1]} | {cells[1][1]} |")
     return "\n".join(lines)
 
 

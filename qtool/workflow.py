@@ -3,10 +3,15 @@
 ``qtool calibrate`` is :func:`calibrate_to_folder`:
 
     load -> Pipeline(cleanup, fold_bn, upgrade_opset) -> build_plan (or a saved plan)
-         -> calibrate (streaming, onnxruntime; ``auto``: qtool.analysis.autoselect) -> quantize
-         -> [sensitivity per layer, float fallback to a target: qtool.analysis]
-         -> [learned rounding of the weights: qtool.qat.adaround, needs qtool[qat]]
-         -> accumulated error per quantized tensor -> evaluate on held-out data
+         -> split: judging data = --eval-data, else a held-out split of the calibration data
+            (qtool.analysis.holdout)
+         -> calibrate (streaming, onnxruntime; ``auto``: qtool.analysis.autoselect, judged
+            on the judging data) -> quantize
+         -> [float fallback to a target, sensitivity per layer: qtool.analysis, judged on a
+            bounded slice of the judging data, float outputs computed once]
+         -> analysis ``none`` | ``summary`` (outputs compared on the judging data, streamed)
+            | ``full`` (summary + accumulated error per quantized tensor and histograms)
+         -> [bias correction (qtool.bias_correction), learned rounding (qtool.qat.adaround)]
          -> files: quantized model + backend vendor files + plan.json + report.json
             + report.md + report.html
 
@@ -49,6 +54,11 @@ REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 AUTO_METHOD = "auto"
 RANDOM_SAMPLES = 16
+#: ``--analysis`` levels: nothing after quantizing, the output comparison, or also the
+#: accumulated error of every quantized tensor with histograms.
+ANALYSIS_LEVELS = ("none", "summary", "full")
+#: Rows the float fallback and the sensitivity judge each candidate on.
+SEARCH_SAMPLES = 128
 RECIPE_KEYS = frozenset({"model", "output", "passes"})
 
 
@@ -97,6 +107,10 @@ class CalibrateOptions:
             the report warns (at 10 dB when None) and the CLI exits 1.
         input_axes: ``(input, axis)`` pairs declaring an input's batch axis (None: the input
             is not a batch, its value goes with every sample); others are inferred.
+        analysis: ``none``, ``summary`` (outputs compared on the evaluation data) or
+            ``full`` (also the accumulated error of every quantized tensor, histograms).
+        memory_budget: Bytes of observed tensors per onnxruntime run of the calibration;
+            bigger batches run as micro-batches (None: whole batches).
     """
 
     data: str | os.PathLike | None = None
@@ -126,6 +140,8 @@ class CalibrateOptions:
     bias_correction: bool = True
     fail_under_sqnr: float | None = None
     input_axes: tuple[tuple[str, int | None], ...] = ()
+    analysis: str = "summary"
+    memory_budget: int | None = 64 * 2**20
 
 
 @dataclass
@@ -229,6 +245,15 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
     from qtool.report import build_report, to_json, to_markdown
     from qtool.report.html import render_html
 
+    if options.analysis not in ANALYSIS_LEVELS:
+        raise PlanError(f"unknown analysis level {options.analysis!r}",
+                        f"choose one of: {', '.join(ANALYSIS_LEVELS)}")
+    searches = (options.sensitivity or options.target_sqnr is not None
+                or options.max_accuracy_drop is not None)
+    if options.analysis == "none" and (searches or options.layerwise):
+        raise PlanError("--analysis none turns off the comparison, the sensitivity and the "
+                        "float fallback", "drop --analysis none, or the flags that need them "
+                        "(--layerwise, --sensitivity, --target-sqnr, --max-accuracy-drop)")
     if options.adaround:
         import qtool.qat  # noqa: F401  (fails fast, naming the extra, without torch)
     with progress.phase("load"):
@@ -236,8 +261,7 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
         model_warnings = list(getattr(loaded, "load_warnings", ()))
     with progress.phase("prepare"):
         graph, pass_reports = prepare(loaded)
-        calib_data = load_samples(options.data, graph, options.num_samples, options.seed,
-                                  options.preprocess, axes=dict(options.input_axes))
+        calib_data, eval_samples, eval_path, judged_on = _split_data(graph, options)
     if options.cle:
         from qtool.passes.cle import equalize
 
@@ -252,28 +276,26 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
         if options.method == AUTO_METHOD:
             from qtool.analysis.autoselect import select_ranges
 
-            method_choice = select_ranges(graph, plan, calib_data, batch_size=options.batch_size)
+            method_choice = select_ranges(
+                graph, plan, calib_data, batch_size=options.batch_size,
+                judge_data=None if eval_samples is calib_data else eval_samples,
+                memory_budget=options.memory_budget,
+            )
             ranges = method_choice.ranges
         else:
             ranges = calibrate(
                 graph, plan.activation_schemes(), calib_data, method=options.method,
                 batch_size=options.batch_size, workers=options.workers,
-                progress=options.progress,
+                progress=options.progress, memory_budget=options.memory_budget,
             )
     with progress.phase("quantize"):
         result = quantize(graph, rules, ranges, plan=plan, weight_method=options.weight_method,
                           activation_method=options.method)
 
-    eval_path = options.eval_data if options.eval_data is not None else options.data
     with progress.phase("analysis"):
-        eval_samples = (
-            calib_data if options.eval_data is None
-            else load_samples(eval_path, graph, options.num_samples, options.seed,
-                              options.preprocess, axes=dict(options.input_axes))
-        )
-        analysis = _analyze(graph, rules, result, ranges, calib_data, eval_samples,
-                            eval_path, options)
-        if analysis.fallback is not None:
+        analysis = _analyze(graph, rules, result, ranges, eval_samples, eval_path, options)
+        analysis.level, analysis.judged_on = options.analysis, judged_on
+        if analysis.fallback is not None and analysis.fallback.float_layers:
             result = quantize(graph, rules, ranges, plan=analysis.fallback.plan,
                               weight_method=options.weight_method,
                               activation_method=options.method)
@@ -295,27 +317,34 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
         with progress.phase("adaround"):
             result, rounding = adaround(result, calib_data, AdaRoundOptions(
                 iterations=options.adaround_iters, seed=options.seed))
-    with progress.phase("analysis"):
-        analysis.method_choice = method_choice.to_dict() if method_choice else None
-        analysis.samples, analysis.tensors, analysis.histograms = _tensor_errors(
-            graph, result, calib_data, options.batch_size
+    analysis.method_choice = method_choice.to_dict() if method_choice else None
+    if options.analysis == "full":
+        with progress.phase("tensor errors"):
+            analysis.samples, analysis.tensors, analysis.histograms = _tensor_errors(
+                graph, result, calib_data, options.batch_size, options.memory_budget
         )
     files = dict(result.files())
     qdq_bytes = serialize(result.graph)
     if qdq_bytes not in files.values():  # e.g. SNPE ships the float model + encodings
         files[QDQ_MODEL_FILE] = qdq_bytes
+    del qdq_bytes
 
-    with progress.phase("evaluate"):
-        evaluation = evaluate(
-            load(model),
-            result.graph,
-            labelled_batches(eval_samples, eval_path, options.batch_size),
-            layerwise=options.layerwise,
-        )
-        if bias_correction is not None and bias_correction.layers:
-            before = evaluate(load(model), uncorrected.graph,
-                              labelled_batches(eval_samples, eval_path, options.batch_size))
-            bias_correction.measure(before, evaluation)
+    if options.analysis == "none":
+        from qtool.analysis.evaluate import Evaluation
+
+        evaluation = Evaluation(0, [])
+    else:
+        with progress.phase("evaluate"):
+            evaluation = evaluate(
+                load(model),
+                result.graph,
+                labelled_batches(eval_samples, eval_path, options.batch_size),
+                layerwise=options.layerwise,
+            )
+            if bias_correction is not None and bias_correction.layers:
+                before = evaluate(load(model), uncorrected.graph,
+                                  labelled_batches(eval_samples, eval_path, options.batch_size))
+                bias_correction.measure(before, evaluation)
     report = build_report(
         model=_display(model),
         backend=backend,
@@ -324,14 +353,16 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
         passes=pass_reports,
         plan=result.plan,
         evaluation=evaluation,
-        eval_data=_display(eval_path) if eval_path is not None else None,
+        eval_data=judged_on,
         files=files,
         analysis=analysis,
         bias_correction=bias_correction,
+        held_out=eval_samples is not calib_data,
     )
     _count_shape_nodes(graph, report)
-    if hasattr(calib_data, "to_dict"):  # an image folder: the preprocessing applied
-        report["calibration"]["preprocessing"] = calib_data.to_dict()
+    preprocessing = calib_data.to_dict() if hasattr(calib_data, "to_dict") else None
+    if preprocessing is not None:  # an image folder: the preprocessing applied
+        report["calibration"]["preprocessing"] = preprocessing
     report["backend_options"] = dict(rules.options)
     report["warnings"] += result.warnings
     if options.kernel_check:
@@ -363,6 +394,32 @@ def _count_shape_nodes(graph: gs.Graph, report: dict[str, Any]) -> None:
     computing, shape = split_float_nodes(graph, report["plan"]["float_nodes"])
     report["plan"]["float_nodes"] = computing
     report["plan"]["shape_nodes"] = len(shape)
+
+
+def _split_data(graph, options: CalibrateOptions):
+    """``(calibration, evaluation samples, labels path, how the report names them)``.
+
+    The evaluation samples judge every choice and the summary: ``--eval-data``, else a
+    held-out split of the calibration data (:mod:`qtool.analysis.holdout`), else (random
+    inputs, or a single sample) the calibration data itself.
+    """
+    from qtool.analysis import holdout
+
+    axes = dict(options.input_axes)
+    samples = load_samples(options.data, graph, options.num_samples, options.seed,
+                           options.preprocess, axes=axes)
+    if options.eval_data is not None:
+        eval_samples = load_samples(options.eval_data, graph, options.num_samples, options.seed,
+                                    options.preprocess, axes=axes)
+        return samples, eval_samples, options.eval_data, _display(options.eval_data)
+    if options.data is None:
+        return samples, samples, None, "random inputs (the calibration data)"
+    parts = holdout.split(samples)
+    if parts is None:
+        return samples, samples, options.data, _display(options.data)
+    calib, held = parts
+    return calib, held, options.data, holdout.describe(held, len(samples),
+                                                       _display(options.data))
 
 
 def render_report(run_folder: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
@@ -414,33 +471,47 @@ def render_report(run_folder: str | os.PathLike, output: str | os.PathLike | Non
     return target
 
 
-def _analyze(graph, backend, result, ranges, calib_data, eval_samples, eval_path, options):
-    """Sensitivity and float fallback as the options ask; tensor errors are filled later."""
-    from qtool.analysis import Analysis, float_fallback, layer_sensitivity
+def _analyze(graph, backend, result, ranges, eval_samples, eval_path, options):
+    """Float fallback and sensitivity as the options ask, judged on the evaluation samples.
 
-    calib_batches = _batches(calib_data, options.data, options.batch_size)
+    The float outputs of a bounded slice (:data:`SEARCH_SAMPLES` rows) are computed once
+    and shared by the sensitivity and every fallback candidate; the sensitivity runs only
+    when asked or when the fully quantized model misses the target.
+    """
+    from qtool.analysis import Analysis, float_fallback, layer_sensitivity
+    from qtool.analysis.reference import FloatReference
+
     analysis = Analysis(samples=0, tensors=[])
     wants_fallback = options.target_sqnr is not None or options.max_accuracy_drop is not None
     if not (options.sensitivity or wants_fallback):
         return analysis
-    analysis.layers = layer_sensitivity(graph, result, calib_batches)
+    reference = FloatReference(graph, _batches(eval_samples, eval_path, options.batch_size),
+                               max_samples=SEARCH_SAMPLES)
+
+    def sensitivity():
+        if not analysis.layers:
+            analysis.layers = layer_sensitivity(graph, result, reference=reference)
+        return analysis.layers
+
+    if options.sensitivity:
+        sensitivity()
     if wants_fallback:
-        judged_on = (
-            _batches(eval_samples, eval_path, options.batch_size)
-            if options.max_accuracy_drop is not None else calib_batches
-        )
         analysis.fallback = float_fallback(
-            graph, backend, result.plan, ranges, analysis.layers, judged_on,
+            graph, backend, result.plan, ranges, sensitivity, reference=reference,
             target_sqnr=options.target_sqnr, max_accuracy_drop=options.max_accuracy_drop,
             weight_method=options.weight_method,
         )
+    analysis.search = reference.cost()  # wall time only in the log: report bytes are stable
+    log.info("analysis search: %d candidate(s) on %d sample(s) in %.1f s",
+             reference.candidates, reference.samples, reference.seconds)
     return analysis
 
 
-def _tensor_errors(graph, result, calib_data, batch_size: int):
+def _tensor_errors(graph, result, calib_data, batch_size: int, memory_budget: int | None):
     from qtool.analysis.tensors import tensor_errors
 
-    return tensor_errors(graph, result, _batches(calib_data, None, batch_size))
+    return tensor_errors(graph, result, _batches(calib_data, None, batch_size),
+                         memory_budget=memory_budget)
 
 
 def _batches(samples, path, batch_size: int):
@@ -626,9 +697,11 @@ def labelled_batches(samples, path, batch_size: int) -> Iterator[dict]:
     from qtool.calibration.batching import batches, resolve_batch_size
 
     labels = _labels(path)
-    if labels is not None and len(labels) < len(samples):
+    indices = getattr(samples, "indices", None)  # a held-out split: labels by source position
+    needed = (indices[-1] + 1 if indices else 0) if indices is not None else len(samples)
+    if labels is not None and len(labels) < needed:
         raise DataError(
-            f"{path}: {len(labels)} labels for {len(samples)} samples",
+            f"{path}: {len(labels)} labels for {needed} samples",
             "give one label per sample under the 'labels' key",
         )
 
@@ -637,7 +710,8 @@ def labelled_batches(samples, path, batch_size: int) -> Iterator[dict]:
             if labels is None:
                 yield sample
             else:
-                yield {**sample, LABELS_KEY: labels[index : index + 1]}
+                row = indices[index] if indices is not None else index
+                yield {**sample, LABELS_KEY: labels[row : row + 1]}
 
     specs = samples.specs
     size, fixed = resolve_batch_size(specs, batch_size)

@@ -99,7 +99,9 @@ def test_calibrate_options_reach_the_files(runner, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["calibration"]["method"] == "mse"
-    assert report["calibration"]["samples"] == 64
+    # without --eval-data every 8th sample is held out to judge on, not calibrated on
+    assert report["calibration"]["samples"] == 56
+    assert report["evaluation"]["samples"] == 8 and report["evaluation"]["held_out"]
     plan = json.loads((out / "plan.json").read_text())
     bits = {(t["role"], t["scheme"]["bits"]) for t in plan["tensors"].values()}
     assert {b for role, b in bits if role == "weight"} == {4}

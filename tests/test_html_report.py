@@ -82,7 +82,7 @@ def run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("html")
     model = folder / "hard.onnx"
     save(outlier_graph(), model)
-    options = CalibrateOptions(data=CALIB, eval_data=VAL, target_sqnr=30.0)
+    options = CalibrateOptions(data=CALIB, eval_data=VAL, target_sqnr=30.0, analysis="full")
     return calibrate_to_folder(model, "tensorrt", folder / "run", options)
 
 

@@ -144,6 +144,20 @@ class HistogramObserver(Observer):
                            e, int(self.start[c]), self.bins)
             self.counts[c] += moved
 
+    def load_state(self, other: HistogramObserver) -> None:
+        """Take another histogram's state as this one's (same bins; any subclass).
+
+        ``--method auto`` bins each tensor once and reads every histogram method's range
+        from that one histogram.
+        """
+        if other.bins != self.bins:
+            raise TypeError(f"cannot take a {other.bins}-bin histogram as {self.bins} bins")
+        if other.scheme.per_channel_axis != self.scheme.per_channel_axis:
+            raise TypeError(f"{self.name}: histograms of different per-channel axes")
+        self.counts, self.exponent = other.counts.copy(), other.exponent.copy()
+        self.start = other.start.copy()
+        self.min_val, self.max_val = other.min_val.copy(), other.max_val.copy()
+
     def range(self):
         """The clip range the subclass's criterion picks from each channel's histogram."""
         if self.empty:

@@ -6,6 +6,12 @@ For a float tensor ``x`` and its quantized counterpart ``q`` (all elements of al
 
 (:mod:`qtool.analysis.evaluate` has the same definitions). Three measurements use them:
 
+What runs is bounded: ``--analysis summary`` (the default) compares only the model outputs,
+streamed over the evaluation data; ``--analysis full`` adds the accumulated error of every
+quantized tensor below; ``none`` skips both. Every choice (the float fallback, ``--method
+auto``) and the summary are judged on ``--eval-data``, or on a held-out split of the
+calibration data (:mod:`~qtool.analysis.holdout`).
+
 * **Accumulated error of a quantized tensor.** The float graph and the quantized graph run
   side by side in onnxruntime (optimizations off) over the data, batch by batch; for every
   planned activation ``t``, ``x`` is ``t`` in the float graph and ``q`` the output of its
@@ -19,7 +25,7 @@ For a float tensor ``x`` and its quantized counterpart ``q`` (all elements of al
   activation ranges the full plan gives them (members of a shared-scale group keep the
   group's union range). A low value means: this layer alone costs that much accuracy.
 * **Float fallback.** Layers sorted by sensitivity, worst first; the ``k`` worst are kept
-  float for ``k = 0, 1, 2, ...`` (greedy, one full evaluation per step) until the model meets
+  float for ``k = 0, 1, 2, ...`` (greedy, one evaluation per step) until the model meets
   the target: output SQNR ``>= target_sqnr`` dB and/or top-1 accuracy no more than
   ``max_accuracy_drop`` percentage points below the float model's (labels needed). Then each
   kept layer but the last is tried quantized again, in the same order, and stays quantized
@@ -35,11 +41,14 @@ The family, one module per job:
 * :mod:`~qtool.analysis.fallback`: the float fallback search to a target;
 * :mod:`~qtool.analysis.autoselect`: ``--method auto``, the least-error observer per tensor;
 * :mod:`~qtool.analysis.compare`: backend x method tables and precision sweeps;
+* :mod:`~qtool.analysis.reference`: float outputs computed once, to judge many candidates;
+* :mod:`~qtool.analysis.holdout`: the held-out split of the calibration data;
 * :mod:`~qtool.analysis.result`: what one run measured, for report.json.
 """
 
 from qtool.analysis.evaluate import Evaluation, evaluate, rebatch
 from qtool.analysis.fallback import Fallback, FallbackStep, float_fallback
+from qtool.analysis.reference import FloatReference
 from qtool.analysis.result import Analysis
 from qtool.analysis.sensitivity import (
     LayerSensitivity,
@@ -56,6 +65,7 @@ __all__ = [
     "Evaluation",
     "Fallback",
     "FallbackStep",
+    "FloatReference",
     "Histogram",
     "LayerSensitivity",
     "TensorError",

@@ -80,6 +80,10 @@ def session(model_bytes: bytes):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
+    # no arena: each intermediate tensor goes back to malloc when its last reader ran, so a
+    # session holds only the live tensors of a run (the arena keeps its high-water mark)
+    options.enable_mem_pattern = False
+    options.enable_cpu_mem_arena = False
     try:
         return ort.InferenceSession(model_bytes, options, providers=providers.current())
     except Exception as exc:  # onnxruntime raises its own exception types

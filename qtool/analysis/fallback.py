@@ -1,24 +1,24 @@
-"""Float fallback: keep the most sensitive layers float, greedily, until a target is met."""
+"""Float fallback: keep the most sensitive layers float, greedily, until a target is met.
+
+The cost is bounded: the fully quantized model is judged first and the search stops there
+when it meets the target (the layer sensitivity, one candidate per layer, is then never
+computed); the float outputs are computed once (:class:`~qtool.analysis.reference.FloatReference`)
+and every candidate runs over the same bounded slice of the judging data.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from qtool import progress
-from qtool.analysis.common import (
-    Batches,
-    db_text,
-    iterate_batches,
-    sort_db,
-)
-from qtool.analysis.evaluate import evaluate
+from qtool.analysis.common import Batches, db_text, sort_db
+from qtool.analysis.reference import FloatReference
 from qtool.analysis.sensitivity import LayerSensitivity, accuracy_drop, keep_float, model_sqnr
 from qtool.errors import DataError, PlanError
-from qtool.io import load_model
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class Fallback:
         float_layers: Layers kept float, in the order they were added.
         met: Whether the target was met (False: every layer float and still not met).
         steps: Every evaluation of the search.
+        cost: ``candidates`` evaluated and ``samples`` (rows) each was judged on.
         plan: The plan with ``float_layers`` skipped.
     """
 
@@ -51,6 +52,7 @@ class Fallback:
     float_layers: list[str]
     met: bool
     steps: list[FallbackStep]
+    cost: dict[str, int] = field(default_factory=dict)
     plan: Any = field(repr=False, default=None)
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,12 +67,14 @@ def float_fallback(
     backend,
     plan,
     ranges: Mapping[str, Any],
-    sensitivity: Sequence[LayerSensitivity],
-    batches: Batches,
+    sensitivity: Sequence[LayerSensitivity] | Callable[[], Sequence[LayerSensitivity]],
+    batches: Batches | None = None,
     *,
     target_sqnr: float | None = None,
     max_accuracy_drop: float | None = None,
     weight_method: str = "minmax",
+    reference: FloatReference | None = None,
+    max_samples: int | None = None,
 ) -> Fallback:
     """Keep the most sensitive layers float, greedily, until the target is met.
 
@@ -79,11 +83,15 @@ def float_fallback(
         backend: Backend name or object.
         plan: The full plan.
         ranges: Calibrated activation ranges for ``plan``.
-        sensitivity: From :func:`layer_sensitivity` (worst first).
-        batches: Data to judge the target on (with labels for ``max_accuracy_drop``).
+        sensitivity: From :func:`layer_sensitivity` (worst first), or a callable giving it,
+            called only when the fully quantized model misses the target.
+        batches: Data to judge the target on (with labels for ``max_accuracy_drop``); not
+            needed with ``reference``.
         target_sqnr: Required worst output SQNR in dB.
         max_accuracy_drop: Allowed top-1 accuracy drop in percentage points.
         weight_method: Observer of the weight ranges.
+        reference: Float outputs computed once, shared with the sensitivity.
+        max_samples: Judge on at most this many rows of ``batches`` (None: all).
 
     Returns:
         The :class:`Fallback`; ``met`` is False if even all layers float miss the target.
@@ -96,22 +104,16 @@ def float_fallback(
 
     if target_sqnr is None and max_accuracy_drop is None:
         raise PlanError("float fallback needs a target", "give target_sqnr or max_accuracy_drop")
-    reference = load_model(float_graph)
-    order = [s.node for s in sensitivity]
-    reasons = {
-        s.node: (
-            f"kept float to meet {_target_text(target_sqnr, max_accuracy_drop)}: quantized "
-            f"alone it gives {db_text(s.sqnr_db)} output SQNR (rank {rank} of {len(order)})"
-        )
-        for rank, s in enumerate(sensitivity, start=1)
-    }
+    if reference is None:
+        reference = FloatReference(float_graph, batches, max_samples=max_samples)
+    reasons: dict[str, str] = {}
     steps: list[FallbackStep] = []
 
     def judge(layers: list[str]):
         candidate = keep_float(plan, layers, reasons)
         quantized = quantize(float_graph, backend, ranges, plan=candidate,
                              weight_method=weight_method)
-        evaluation = evaluate(reference, quantized.graph, iterate_batches(batches))
+        evaluation = reference.evaluate(quantized.graph)
         sqnr, drop = model_sqnr(evaluation), accuracy_drop(evaluation)
         if max_accuracy_drop is not None and drop is None:
             raise DataError(
@@ -126,14 +128,29 @@ def float_fallback(
         log.info("fallback with %d float layer(s): %s dB, drop %s", len(layers), sqnr, drop)
         return met, candidate
 
-    for k in progress.bar(range(len(order) + 1), desc="fallback search", unit="step"):
+    met, candidate = judge([])
+    if met:  # nothing to search: the fully quantized model meets the target already
+        return Fallback(target_sqnr, max_accuracy_drop, [], True, steps, reference.cost(),
+                        candidate)
+    if callable(sensitivity):
+        sensitivity = sensitivity()
+    order = [s.node for s in sensitivity]
+    reasons.update({
+        s.node: (
+            f"kept float to meet {_target_text(target_sqnr, max_accuracy_drop)}: quantized "
+            f"alone it gives {db_text(s.sqnr_db)} output SQNR (rank {rank} of {len(order)})"
+        )
+        for rank, s in enumerate(sensitivity, start=1)
+    })
+    for k in progress.bar(range(1, len(order) + 1), desc="fallback search", unit="step"):
         met, candidate = judge(order[:k])
         if met:
             break
     else:
         log.warning("the target %s is not met even with every layer float",
                     _target_text(target_sqnr, max_accuracy_drop))
-        return Fallback(target_sqnr, max_accuracy_drop, list(order), False, steps, candidate)
+        return Fallback(target_sqnr, max_accuracy_drop, list(order), False, steps,
+                        reference.cost(), candidate)
     # Prune: a layer added early may be unnecessary once later ones are float. The last one
     # added is needed (the prefix without it missed the target); try the others.
     kept = list(order[:k])
@@ -142,7 +159,8 @@ def float_fallback(
         trial_met, trial_plan = judge(trial)
         if trial_met:
             kept, candidate = trial, trial_plan
-    return Fallback(target_sqnr, max_accuracy_drop, kept, True, steps, candidate)
+    return Fallback(target_sqnr, max_accuracy_drop, kept, True, steps, reference.cost(),
+                    candidate)
 
 
 def _target_text(target_sqnr: float | None, max_accuracy_drop: float | None) -> str:

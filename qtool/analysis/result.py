@@ -22,6 +22,10 @@ class Analysis:
         histograms: Histograms of the worst activations.
         fallback: The float fallback, if a target was given.
         method_choice: ``--method auto``'s choice per tensor, if used.
+        level: The ``--analysis`` level that ran (``none``, ``summary``, ``full``).
+        judged_on: The data every choice and the summary were judged on.
+        search: The cost of the fallback / sensitivity search (candidates evaluated, rows
+            each), if one ran.
     """
 
     samples: int
@@ -30,16 +34,22 @@ class Analysis:
     histograms: list[Histogram] = field(default_factory=list)
     fallback: Fallback | None = None
     method_choice: dict[str, Any] | None = None
+    level: str = "full"
+    judged_on: str | None = None
+    search: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, floats rounded to 6 significant digits (stable bytes)."""
         from qtool.analysis.evaluate import _rounded
 
         return _rounded({
+            "level": self.level,
+            "judged_on": self.judged_on,
             "samples": self.samples,
             "tensors": [dataclasses.asdict(t) for t in self.tensors],
             "layers": [dataclasses.asdict(layer) for layer in self.layers],
             "histograms": [dataclasses.asdict(h) for h in self.histograms],
             "fallback": self.fallback.to_dict() if self.fallback else None,
             "method_choice": self.method_choice,
+            "search": self.search,
         })

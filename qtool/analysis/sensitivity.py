@@ -1,4 +1,8 @@
-"""Sensitivity of each layer: the model outputs with only that layer quantized."""
+"""Sensitivity of each layer: the model outputs with only that layer quantized.
+
+The float outputs are computed once (:class:`qtool.analysis.reference.FloatReference`);
+each layer then costs one quantization and one run of its candidate over the judged rows.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from qtool import progress
-from qtool.analysis.common import (
-    Batches,
-    iterate_batches,
-    sort_db,
-)
-from qtool.analysis.evaluate import Evaluation, evaluate
-from qtool.io import load_model
+from qtool.analysis.common import Batches, sort_db
+from qtool.analysis.evaluate import Evaluation
+from qtool.analysis.reference import FloatReference
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +77,26 @@ def accuracy_drop(evaluation: Evaluation) -> float | None:
     return 100.0 * (accuracy[0] - accuracy[1])
 
 
-def layer_sensitivity(float_graph, result, batches: Batches) -> list[LayerSensitivity]:
+def layer_sensitivity(float_graph, result, batches: Batches | None = None, *,
+                      reference: FloatReference | None = None,
+                      max_samples: int | None = None) -> list[LayerSensitivity]:
     """Quantize each layer alone and measure the model outputs (see the module docstring).
 
     Args:
         float_graph: The prepared float graph ``result`` was made from.
         result: The fully quantized :class:`qtool.qdq.QuantizedModel`.
-        batches: Data batches (labels optional), re-iterable or a callable returning them.
+        batches: Data batches (labels optional), re-iterable or a callable returning them;
+            not needed with ``reference``.
+        reference: Float outputs computed once, shared with other searches.
+        max_samples: Judge on at most this many rows of ``batches`` (None: all).
 
     Returns:
         One entry per layer, worst (lowest SQNR) first; ties by node name.
     """
     from qtool.qdq import quantize
 
+    if reference is None:
+        reference = FloatReference(float_graph, batches, max_samples=max_samples)
     plan = result.plan
     layers = layers_of(plan)
     union = {
@@ -97,13 +104,12 @@ def layer_sensitivity(float_graph, result, batches: Batches) -> list[LayerSensit
         for name, qp in result.qparams.items()
         if qp.role == "activation"
     }
-    reference = load_model(float_graph)
     sensitivity = []
     for node, tensors in progress.bar(list(layers.items()), desc="sensitivity", unit="layer"):
         alone = keep_float(plan, [n for n in layers if n != node])
         quantized = quantize(float_graph, result.backend, union, plan=alone,
                              weight_method=result.weight_method)
-        evaluation = evaluate(reference, quantized.graph, iterate_batches(batches))
+        evaluation = reference.evaluate(quantized.graph)
         cosine = min(o.cosine for o in evaluation.outputs)
         accuracy = evaluation.accuracy
         sensitivity.append(LayerSensitivity(

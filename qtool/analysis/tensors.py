@@ -1,4 +1,10 @@
-"""Accumulated error of every quantized tensor, and histograms of the worst activations."""
+"""Accumulated error of every quantized tensor, and histograms of the worst activations.
+
+Two streaming passes, each holding one batch: the float and the quantized graphs run side
+by side with every planned activation fetched and only running error sums are kept; then
+the float graph alone runs again with just the :data:`HISTOGRAMS` worst activations fetched,
+and only those are binned (binning every activation costs more than the inference).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from qtool.analysis.common import (
     sort_db,
 )
 from qtool.analysis.evaluate import _ErrorSums
+from qtool.calibration.collector import RowBudget
 from qtool.errors import DataError
 from qtool.io import load_model, serialize
 
@@ -80,7 +87,8 @@ class Histogram:
 
 
 def tensor_errors(
-    float_graph, result, batches: Batches, *, histograms: int = HISTOGRAMS
+    float_graph, result, batches: Batches, *, histograms: int = HISTOGRAMS,
+    memory_budget: int | None = None,
 ) -> tuple[int, list[TensorError], list[Histogram]]:
     """Accumulated error of every quantized activation and weight (see the module docstring).
 
@@ -89,12 +97,12 @@ def tensor_errors(
         result: The :class:`qtool.qdq.QuantizedModel` to judge.
         batches: Data batches.
         histograms: How many of the worst activations get a histogram.
+        memory_budget: Bytes of fetched tensors per run (float and quantized together);
+            bigger batches run as micro-batches (None: whole batches).
 
     Returns:
         ``(samples, errors, histograms)``: errors in plan order, histograms worst first.
     """
-    from qtool.calibration.observers import HistogramObserver
-
     plan = result.plan
     activations = [e for e in plan.entries("activation")]
     float_proto = load_model(float_graph)
@@ -111,30 +119,37 @@ def tensor_errors(
     quant_session = session(quant_bytes)
     from_fetch = {fetch: tensor for tensor, fetch in float_names.items()}
     sums = {e.tensor: _ErrorSums() for e in activations}
-    observed = {e.tensor: HistogramObserver(None, e.tensor, bins=HISTOGRAM_BINS)
-                for e in activations}
     from qtool.calibration.batching import batch_rows
     from qtool.calibration.data import model_inputs
 
     specs = model_inputs(float_proto)
+    # micro-batches slice axis 0: only when every input has its samples there
+    budget = RowBudget(memory_budget if all(s.batch_axis == 0 for s in specs) else None)
+    computed: set[str] = set()  # an activation inside an If branch may never run
     samples = 0
     stream = progress.bar(iterate_batches(batches), desc="tensor errors", unit="batch")
     for index, batch in enumerate(stream):
-        feeds = feeds_of(batch, inputs, index)
-        samples += batch_rows(feeds, specs)
-        where = f"on analysis batch {index}"
-        float_values = {from_fetch[name]: value for name, value in zip(
-            float_fetch, run(float_session, float_fetch, feeds, where), strict=True)}
-        float_values.update({n: feeds[n] for n in inputs})
-        quant_values = run(quant_session, quant_fetch, feeds, where + " (quantized model)")
-        for entry, q in zip(activations, quant_values, strict=True):
-            x = float_values[entry.tensor]
-            if x.size == 0 or q.size == 0:
-                continue  # inside an If branch that did not run
-            sums[entry.tensor].update(x, q)
-            observed[entry.tensor].update(x)
+        whole = feeds_of(batch, inputs, index)
+        rows = batch_rows(whole, specs)
+        samples += rows
+        for start, stop in budget.spans(rows):
+            feeds = whole if stop - start == rows else {n: a[start:stop] for n, a in whole.items()}
+            where = f"on analysis batch {index}"
+            float_values = {from_fetch[name]: value for name, value in zip(
+                float_fetch, run(float_session, float_fetch, feeds, where), strict=True)}
+            float_values.update({n: feeds[n] for n in inputs})
+            quant_values = run(quant_session, quant_fetch, feeds, where + " (quantized model)")
+            budget.measure([*float_values.values(), *quant_values], stop - start)
+            for entry, q in zip(activations, quant_values, strict=True):
+                x = float_values[entry.tensor]
+                if x.size == 0 or q.size == 0:
+                    continue  # inside an If branch that did not run
+                sums[entry.tensor].update(x, q)
+                computed.add(entry.tensor)
+            del float_values, quant_values
     if samples == 0:
         raise DataError("the analysis data is empty", "give at least one sample")
+    del float_session, quant_session, quant_proto
 
     errors = []
     for entry in plan.tensors.values():
@@ -150,11 +165,32 @@ def tensor_errors(
         errors.append(TensorError(entry.tensor, entry.role, list(entry.consumers), s.sqnr_db,
                                   s.cosine, s.max_abs))
     worst = sorted(
-        (e for e in errors if e.role == "activation" and not observed[e.tensor].empty),
+        (e for e in errors if e.role == "activation" and e.tensor in computed),
         key=lambda e: (sort_db(e.sqnr_db), e.tensor),
     )[:histograms]
+    observed = _observe(float_proto, inputs, [e.tensor for e in worst], batches)
     shown = [_histogram(observed[e.tensor], result.qparams[e.tensor], e.sqnr_db) for e in worst]
     return samples, errors, shown
+
+
+def _observe(float_proto, inputs, names, batches) -> dict:
+    """Histograms of ``names`` over the data: one float pass fetching only those tensors."""
+    from qtool.calibration.observers import HistogramObserver
+
+    observed = {name: HistogramObserver(None, name, bins=HISTOGRAM_BINS) for name in names}
+    wanted = [n for n in names if n not in inputs]
+    model_bytes, fetch_names = fetchable(float_proto, wanted)  # body tensors via their node
+    fetch = [fetch_names[n] for n in wanted]
+    float_session = session(model_bytes) if fetch else None
+    for index, batch in enumerate(iterate_batches(batches)):
+        feeds = feeds_of(batch, inputs, index)
+        fetched = run(float_session, fetch, feeds, f"on analysis batch {index}") if fetch else []
+        values = dict(zip(wanted, fetched, strict=True))
+        values.update({n: feeds[n] for n in inputs})
+        for name in names:
+            if np.size(values[name]):
+                observed[name].update(values[name])
+    return observed
 
 
 def clip_range(qp) -> tuple[float, float]:

@@ -46,6 +46,7 @@ def build_report(
     files: Mapping[str, bytes],
     analysis: Any = None,
     bias_correction: Any = None,
+    held_out: bool | None = None,
 ) -> dict[str, Any]:
     """The report of one ``qtool calibrate`` run (see the module docstring for its keys).
 
@@ -61,15 +62,19 @@ def build_report(
         files: The other files of the output folder, by name.
         analysis: The :class:`qtool.analysis.Analysis` of the run, or None.
         bias_correction: The :class:`qtool.bias_correction.BiasCorrection`, or None.
+        held_out: Whether the evaluation data differs from the calibration data (None:
+            whether ``--eval-data`` was given; a held-out split of the data counts too).
     """
     random_inputs = options.data is None
+    if held_out is None:
+        held_out = options.eval_data is not None
     warnings = []
     if random_inputs:
         warnings.append(
             "calibrated on random inputs (no --data): the ranges and the numbers below say "
             "nothing about real data; do not deploy this model"
         )
-    elif options.eval_data is None:
+    elif not held_out:
         warnings.append("evaluated on the calibration data: give --eval-data for held-out numbers")
     fallback = analysis.fallback if analysis is not None else None
     if fallback is not None and not fallback.met:
@@ -102,7 +107,7 @@ def build_report(
         },
         "evaluation": {
             "data": eval_data if eval_data is not None else "random inputs",
-            "held_out": options.eval_data is not None,
+            "held_out": held_out,
             **evaluation.to_dict(),
         },
         "files": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())},
