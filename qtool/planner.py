@@ -317,7 +317,8 @@ def _converter_activations(
     data-movement op (it keeps its input's quantizer) and an output whose only reader is a
     fused activation (Conv+Relu, Add+Relu: quantized after the activation). Every node that
     reads such a tensor's values reads the quantized one, except the nodes ``kept_float``
-    (numerically sensitive ones): they read float values and their outputs get no encoding.
+    (numerically sensitive ones): they read float values, so a tensor only they read gets
+    no encoding.
     """
     graph_outputs = {t.name for t in graph.outputs}
 
@@ -330,8 +331,7 @@ def _converter_activations(
         if is_activation(tensor):
             encoded[tensor.name] = readers(tensor.name)
     for node in graph.nodes:
-        if (node.op == "Constant" or node.name in kept_float
-                or backend.passes_scale_through(node.op, node.attrs)):
+        if node.op == "Constant" or backend.passes_scale_through(node.op, node.attrs):
             continue
         for tensor in node.outputs:
             if not is_activation(tensor) or tensor.name in encoded:
@@ -342,7 +342,10 @@ def _converter_activations(
                 and len(uses) == 1
                 and uses[0][0].op in backend.fused_activations
             )
-            if not fused and (readers(tensor.name) or tensor.name in graph_outputs):
+            values_read_by = [n.name for n, _ in uses if n.op not in SHAPE_SOURCES]
+            only_float_readers = bool(values_read_by) and all(
+                n in kept_float for n in values_read_by)
+            if not fused and (not only_float_readers or tensor.name in graph_outputs):
                 encoded[tensor.name] = readers(tensor.name)
     return encoded
 
