@@ -260,7 +260,10 @@ def main() -> None:
 @click.option("--save-plan", "save_plan_path", type=click.Path(dir_okay=False, writable=True),
               help="Only write the backend's plan JSON to this file (edit it, pass it to --plan).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Processes that calibrate shards of the data in parallel.")
+              help="Workers that calibrate shards of the data in parallel.")
+@click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="Where the workers run: local processes, or Ray (pip install 'qtool[ray]'; "
+                   "the cluster RAY_ADDRESS names, else a local Ray). Same output either way.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of random inputs.")
 @click.option("-o", "--output", type=click.Path(),
               help="Output folder (default: <model>-<backend>/ in the current folder), or "
@@ -308,8 +311,8 @@ def main() -> None:
 @click.pass_context
 def calibrate(ctx, model, backend, backend_options, data_path, eval_path, method, weight_method,
               num_samples, batch_size, bits, weight_bits, act_bits, skip, plan_path,
-              save_plan_path, workers, seed, output, force, layerwise, sensitivity, target_sqnr,
-              max_accuracy_drop, cle, bias_correction, fail_under_sqnr, adaround,
+              save_plan_path, workers, executor, seed, output, force, layerwise, sensitivity,
+              target_sqnr, max_accuracy_drop, cle, bias_correction, fail_under_sqnr, adaround,
               adaround_iters, analysis_level, memory_budget, quiet, provider, preprocess_file,
               input_axes=(), **image_flags):
     """Quantize MODEL for a backend: calibrate, write the model, vendor files and a report.
@@ -335,7 +338,7 @@ def calibrate(ctx, model, backend, backend_options, data_path, eval_path, method
         data=data_path, eval_data=eval_path, method=method, weight_method=weight_method,
         num_samples=num_samples, batch_size=batch_size,
         weight_bits=weight_bits or bits, act_bits=act_bits or bits, skip=tuple(skip),
-        plan=plan_path, workers=workers, seed=seed, layerwise=layerwise,
+        plan=plan_path, workers=workers, executor=executor, seed=seed, layerwise=layerwise,
         progress=False if quiet else None, sensitivity=sensitivity, target_sqnr=target_sqnr,
         max_accuracy_drop=max_accuracy_drop, providers=provider,
         preprocess=_preprocessing(preprocess_file, **image_flags),

@@ -43,6 +43,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import onnx
@@ -369,6 +370,7 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
               *, method="minmax", batch_size: int | None = None, num_samples: int | None = None,
               workers: int = 1, intra_op_threads: int | None = None,
               progress: bool | None = None, optimization: str | None = None,
+              executor: str | None = None,
               memory_budget: int | None = DEFAULT_MEMORY_BUDGET) -> dict[str, tuple]:
     """Observe the float model's activations over the data and return their clip ranges.
 
@@ -390,6 +392,12 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
         optimization: onnxruntime graph optimization level of the calibration session
             (:data:`OPTIMIZATION_LEVELS`; default :data:`DEFAULT_OPTIMIZATION`). "disable"
             computes every tensor exactly as the QDQ model run with optimizations off does.
+        executor: Where ``workers > 1`` run: ``local`` processes (default) or ``ray``
+            (:mod:`qtool.executor`). Data given as a path-backed loader is split into
+            ``workers`` row windows on batch boundaries, each observed where the executor runs
+            it (the loader travels as its path and window), and the observers are merged in
+            window order: the same ranges, bit for bit, as one process for MinMax, EMA MinMax
+            and the histogram methods.
         memory_budget: Bytes of observed tensors per onnxruntime run (default 64 MB);
             bigger batches run as micro-batches (see the module docstring). None: whole
             batches.
@@ -424,6 +432,18 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
     stream = batches(itertools.chain([head], stream), specs, size, fixed=fixed,
                      num_samples=num_samples)
     total = _length(data, num_samples)
+    if workers > 1 or executor == "ray":
+        shards = _shards(data, total, size, workers) if total else None
+        if shards is not None:
+            _calibrate_shards(plan, ctor, schemes, observers, shards, specs, size, fixed,
+                              budget, optimization or DEFAULT_OPTIMIZATION, executor,
+                              workers, intra_op_threads, progress)
+            return _ranges(observers, plan_aliases)
+        if executor == "ray":
+            raise CalibrationError(
+                "--executor ray needs data qtool can split by rows (an .npz/.npy file, an "
+                "image folder or random inputs)", "give the data as a path",
+            )
     with _progress_bar(total, progress) as bar:
         if workers == 1:
             collector = Collector(plan, observers, intra_op_threads=intra_op_threads,
@@ -437,6 +457,10 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
             threads = intra_op_threads or max(1, (os.cpu_count() or 1) // workers)
             _run_workers(plan, ctor, schemes, observers, stream, workers, threads, bar,
                          optimization or DEFAULT_OPTIMIZATION, budget)
+    return _ranges(observers, plan_aliases)
+
+
+def _ranges(observers: Mapping[str, Observer], plan_aliases) -> dict[str, tuple]:
     ranges = {}
     for name, observer in observers.items():
         try:
@@ -448,6 +472,82 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
             log.info("tensor %s (inside a subgraph body) was never computed on the "
                      "calibration data: it gets no range", name)
     return ranges
+
+
+# -- shards on an executor (local processes or Ray) ----------------------------------------
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """What every shard task needs, sent once per worker (Ray: once to the object store)."""
+
+    plan: ObservePlan
+    ctor: Any
+    schemes: dict[str, QuantScheme]
+    optimization: str
+    providers: tuple[str, ...]
+    threads: int | None
+
+
+@dataclass(frozen=True)
+class _ShardTask:
+    """One shard: rows ``start .. stop - 1`` of the data, as a loader that reads only those.
+
+    The loader travels as a description (a path and a row window); the worker opens the file.
+    """
+
+    index: int
+    data: Any
+    specs: list
+    batch_size: int
+    fixed: bool
+    budget: int | None
+
+
+def _shards(data, total: int, batch_size: int, workers: int) -> list[tuple[int, Any]] | None:
+    """``workers`` contiguous row windows of ``data`` on batch boundaries, or None.
+
+    Windows start at multiples of the batch size, so every shard runs exactly the batches
+    one process would: per-batch statistics (``ema_minmax``) merge to the same value.
+    """
+    if not hasattr(data, "shard"):
+        return None
+    batches_total = -(-total // batch_size)
+    per_shard = -(-batches_total // workers)
+    windows = []
+    for start in range(0, total, per_shard * batch_size):
+        stop = min(total, start + per_shard * batch_size)
+        windows.append((start, data.shard(start, stop)))
+    return windows
+
+
+def _calibrate_shards(plan, ctor, schemes, observers, shards, specs, size, fixed, budget,
+                      optimization, executor, workers, intra_op_threads, progress) -> None:
+    """Observe each shard where the executor runs it; merge the observers in shard order."""
+    from qtool.executor import get_executor
+
+    threads = intra_op_threads or max(1, (os.cpu_count() or 1) // workers)
+    shared = _Shared(plan, ctor, dict(schemes), optimization, providers.current(), threads)
+    tasks = [_ShardTask(i, window, list(specs), size, fixed, budget)
+             for i, (_, window) in enumerate(shards)]
+    runner = get_executor(executor, workers)
+    results = runner.map_shared(_observe_shard, shared, tasks, desc="calibration shards",
+                                progress=progress)
+    for shard in results:  # fixed order: the same merge whatever finished first
+        for name, observer in shard.items():
+            observers[name].merge(observer)
+
+
+def _observe_shard(shared: _Shared, task: _ShardTask) -> dict[str, Observer]:
+    observers = {name: shared.ctor(scheme, name) for name, scheme in shared.schemes.items()}
+    with providers.use(shared.providers):
+        collector = Collector(shared.plan, observers, intra_op_threads=shared.threads,
+                              optimization=shared.optimization, memory_budget=task.budget)
+        if task.index == 0:
+            collector.observe_constants()
+        for batch in batches(iter(task.data), task.specs, task.batch_size, fixed=task.fixed):
+            collector.run(batch)
+    return observers
 
 
 def _as_range(lo_hi) -> tuple:

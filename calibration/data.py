@@ -19,6 +19,7 @@ dims) and :func:`load_data` picks the loader for a path.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections import Counter
@@ -226,11 +227,26 @@ class _Loader:
         self.shuffle = shuffle
         self.seed = seed
 
+    #: Rows ``(start, stop)`` of the loader's order this copy yields (:meth:`shard`).
+    window: tuple[int, int] | None = None
+
     def _order(self, total: int) -> np.ndarray:
         order = np.arange(total)
         if self.shuffle:
             order = np.random.default_rng(self.seed).permutation(total)
-        return order[: self.num_samples] if self.num_samples is not None else order
+        order = order[: self.num_samples] if self.num_samples is not None else order
+        return order if self.window is None else order[self.window[0] : self.window[1]]
+
+    def shard(self, start: int, stop: int):
+        """A copy yielding only rows ``start .. stop - 1`` of this loader's order.
+
+        Parallel calibration sends such shards to workers (:mod:`qtool.executor`); a
+        loader backed by a file travels as its path and window, never as arrays.
+        """
+        part = copy.copy(self)
+        first = self.window[0] if self.window else 0
+        part.window = (first + start, first + stop)
+        return part
 
     def __len__(self) -> int:
         return len(self._order(self._total()))
@@ -265,6 +281,8 @@ class ArrayData(_Loader):
                  specs: Sequence[InputSpec] | None = None):
         super().__init__(num_samples, shuffle, seed)
         self.path = Path(path)
+        self._options = {"input_name": input_name, "num_samples": num_samples,
+                         "shuffle": shuffle, "seed": seed, "specs": specs}
         if not self.path.is_file():
             raise DataError(f"{self.path}: no such file", "give an .npz or .npy file")
         try:
@@ -313,6 +331,10 @@ class ArrayData(_Loader):
     def _total(self) -> int:
         return self.rows
 
+    def __reduce__(self):
+        # A worker (another process, a Ray node) reopens the file: arrays never travel.
+        return _reopen_arrays, (str(self.path), self._options, self.window)
+
     def __iter__(self) -> Iterator[Sample]:
         for index in self._order(self.rows):
             sample = {}
@@ -327,6 +349,12 @@ class ArrayData(_Loader):
                     rows[axis] = slice(index, index + 1)
                     sample[name] = np.ascontiguousarray(array[tuple(rows)])
             yield sample
+
+
+def _reopen_arrays(path: str, options: dict, window: tuple[int, int] | None) -> ArrayData:
+    data = ArrayData(path, **options)
+    data.window = window
+    return data
 
 
 class RandomData(_Loader):
@@ -358,7 +386,8 @@ class RandomData(_Loader):
     def __iter__(self) -> Iterator[Sample]:
         rng = np.random.default_rng(self.seed)
         shared: dict[str, np.ndarray] = {}  # inputs that are not a batch: one value for all
-        for _ in range(self.num_samples):
+        start, stop = self.window or (0, self.num_samples)
+        for index in range(min(stop, self.num_samples)):
             sample = dict(shared)
             for spec in self.specs:
                 if spec.name in shared:
@@ -371,7 +400,8 @@ class RandomData(_Loader):
                     sample[spec.name] = np.zeros(shape, dtype=spec.dtype)
                 if spec.batch_axis is None:
                     shared[spec.name] = sample[spec.name]
-            yield sample
+            if index >= start:  # a shard draws the samples before it too: the same stream
+                yield sample
 
 
 def image_folder(path, size, **options: Any):

@@ -48,6 +48,16 @@ class Executor(ABC):
             raise ExecutorError(f"workers={workers}: must be at least 1")
         self.workers = workers
 
+    def map_shared(self, fn: Callable[[Any, T], R], shared: Any, tasks: Sequence[T], *,
+                   desc: str = "tasks", progress: bool | None = None) -> list[R]:
+        """``[fn(shared, task) for task in tasks]``, ``shared`` being what every task reads.
+
+        ``shared`` (a model, a plan) goes with each task to local processes, and once to
+        Ray's object store on Ray.
+        """
+        return self.map(_with_shared, [(fn, shared, task) for task in tasks], desc=desc,
+                        progress=progress)
+
     @abstractmethod
     def map(self, fn: Callable[[T], R], tasks: Sequence[T], *, desc: str = "tasks",
             progress: bool | None = None) -> list[R]:
@@ -63,6 +73,15 @@ class Executor(ABC):
             QtoolError: The first task's error (in task order), as the task raised it.
             ExecutorError: A worker died and could not be retried, or the cluster is gone.
         """
+
+
+def _with_shared(item):
+    fn, shared, task = item
+    if type(shared).__name__ == "ObjectRef":  # Ray resolves only top-level refs by itself
+        import ray
+
+        shared = ray.get(shared)
+    return fn(shared, task)
 
 
 class SerialExecutor(Executor):
@@ -145,6 +164,12 @@ class RayExecutor(Executor):
                     "check RAY_ADDRESS (e.g. ray://head:10001 or the head's IP:6379) and that "
                     "`ray status` works from this machine",
                 ) from exc
+
+    def map_shared(self, fn, shared, tasks, *, desc="tasks", progress=None):
+        """See :meth:`Executor.map_shared`: ``shared`` goes to the object store once."""
+        ref = self._ray.put(shared)
+        return self.map(_with_shared, [(fn, ref, task) for task in tasks], desc=desc,
+                        progress=progress)
 
     def map(self, fn, tasks, *, desc="tasks", progress=None):
         """See :meth:`Executor.map`; at most ``workers`` tasks are in flight at once."""

@@ -111,6 +111,9 @@ class CalibrateOptions:
             ``full`` (also the accumulated error of every quantized tensor, histograms).
         memory_budget: Bytes of observed tensors per onnxruntime run of the calibration;
             bigger batches run as micro-batches (None: whole batches).
+        executor: Where ``workers > 1`` calibrate their shards: ``local`` processes or
+            ``ray`` (:mod:`qtool.executor`; the cluster ``RAY_ADDRESS`` names, else a local
+            Ray). The output is the same, byte for byte.
     """
 
     data: str | os.PathLike | None = None
@@ -142,6 +145,7 @@ class CalibrateOptions:
     input_axes: tuple[tuple[str, int | None], ...] = ()
     analysis: str = "summary"
     memory_budget: int | None = 64 * 2**20
+    executor: str = "local"
 
 
 @dataclass
@@ -287,6 +291,7 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
                 graph, plan.activation_schemes(), calib_data, method=options.method,
                 batch_size=options.batch_size, workers=options.workers,
                 progress=options.progress, memory_budget=options.memory_budget,
+                executor=options.executor,
             )
     with progress.phase("quantize"):
         result = quantize(graph, rules, ranges, plan=plan, weight_method=options.weight_method,

@@ -24,3 +24,17 @@ def die_once(task: tuple[str, int]) -> int:
         Path(marker).write_text("killed once")
         os.kill(os.getpid(), signal.SIGKILL)
     return x * 10
+
+
+def killing_minmax(marker: str):
+    """A MinMax observer class whose first update SIGKILLs its worker once (marker file)."""
+    from qtool.calibration.observers.minmax import MinMaxObserver
+
+    class KillingMinMax(MinMaxObserver):
+        def update(self, values):
+            if not Path(marker).exists():
+                Path(marker).write_text("killed once")
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().update(values)
+
+    return KillingMinMax

@@ -5,12 +5,17 @@ clear error."""
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import executor_tasks
 import pytest
 
 from qtool.errors import DataError, ExecutorError
 from qtool.executor import ProcessExecutor, SerialExecutor, get_executor
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = str(ROOT / "examples" / "digits_cnn.onnx")
+CALIB = str(ROOT / "examples" / "digits_calib.npz")
 
 
 def test_serial_and_local_processes_return_results_in_task_order():
@@ -67,6 +72,46 @@ def test_ray_returns_results_in_task_order_and_keeps_errors(ray_executor):
     with pytest.raises(DataError) as caught:
         ray_executor.map(executor_tasks.fail_on_three, tasks)
     assert caught.value.hint == "drop sample 3"
+
+
+def _calibrate_folder(tmp_path, name, *extra):
+    from click.testing import CliRunner
+    from qtool.cli import main
+
+    out = tmp_path / name
+    result = CliRunner().invoke(main, ["calibrate", DIGITS, "-b", "snpe", "--data", CALIB,
+                                       "--num-samples", "96", "--batch-size", "16", "-o",
+                                       str(out), "-q", *extra])
+    assert result.exit_code == 0, result.output
+    return {f.name: f.read_bytes() for f in sorted(out.iterdir())}
+
+
+@pytest.mark.parametrize("method", ["minmax", "kld"])
+def test_calibrate_on_ray_writes_the_same_bytes_as_one_process(ray_executor, tmp_path, method):
+    one = _calibrate_folder(tmp_path, "one", "--method", method)
+    on_ray = _calibrate_folder(tmp_path, "ray", "--method", method, "--executor", "ray",
+                               "--workers", "2")
+    local = _calibrate_folder(tmp_path, "local", "--method", method, "--workers", "2")
+    assert on_ray == one and local == one
+
+
+def test_a_calibration_worker_killed_on_ray_is_retried(ray_executor, tmp_path):
+    from qtool.calibration import calibrate, load_data
+
+    from qtool import load
+    from qtool.planner import build_plan
+    from qtool.workflow import prepare
+
+    graph, _ = prepare(load(DIGITS))
+    schemes = build_plan(graph, "tensorrt").activation_schemes()
+    data = load_data(CALIB, graph, num_samples=64)
+    alone = calibrate(graph, schemes, data, method="minmax", batch_size=16)
+    marker = tmp_path / "killed"
+    killing = executor_tasks.killing_minmax(str(marker))
+    sharded = calibrate(graph, schemes, data, method=killing, batch_size=16, workers=2,
+                        executor="ray")
+    assert marker.exists(), "no calibration worker was killed"
+    assert sharded == alone
 
 
 def test_ray_retries_a_task_whose_worker_was_killed(ray_executor, tmp_path):

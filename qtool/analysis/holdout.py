@@ -40,6 +40,10 @@ class Subset:
     def __len__(self) -> int:
         return len(self.indices)
 
+    def shard(self, start: int, stop: int) -> Subset:
+        """The samples at positions ``start .. stop - 1`` of this subset."""
+        return Subset(self.source, self.indices[start:stop])
+
     def to_dict(self) -> dict | None:
         """The source's description (an image folder's preprocessing), if it has one."""
         describe = getattr(self.source, "to_dict", None)
