@@ -512,6 +512,12 @@ def report(run_folder, output):
 @click.option("--num-samples", type=click.IntRange(min=1), help="Use at most this many samples.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Samples per onnxruntime run.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Cells computed in parallel.")
+@click.option("--executor", default="local", show_default=True,
+              type=click.Choice(["local", "ray"]),
+              help="Where the workers run: local processes, or Ray (RAY_ADDRESS, else a local "
+                   "Ray). The table is the same either way.")
 @click.option("--format", "fmt", default="text", show_default=True,
               type=click.Choice(["text", "markdown", "json"]), help="Output format.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
@@ -520,7 +526,7 @@ def report(run_folder, output):
 @_quiet_option
 @debug_option
 def compare(model, data_path, eval_path, backends, methods, sweep_backend, sweep_method,
-            no_sweep, num_samples, batch_size, fmt, output, provider, quiet):
+            no_sweep, num_samples, batch_size, workers, executor, fmt, output, provider, quiet):
     """Compare backends x calibration methods on MODEL, then sweep bit widths.
 
     Each cell is the worst output SQNR in dB (and top-1 accuracy with labels) of the model
@@ -541,6 +547,7 @@ def compare(model, data_path, eval_path, backends, methods, sweep_backend, sweep
             model, data_path, eval_data=eval_path, backends=backends or None,
             methods=methods or None, sweep_backend="" if no_sweep else sweep_backend,
             sweep_method=sweep_method, num_samples=num_samples, batch_size=batch_size,
+            workers=workers, executor=executor,
         )
     text = result.render(fmt)
     if output is None:

@@ -16,6 +16,7 @@ from qtool.executor import ProcessExecutor, SerialExecutor, get_executor
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = str(ROOT / "examples" / "digits_cnn.onnx")
 CALIB = str(ROOT / "examples" / "digits_calib.npz")
+VAL = str(ROOT / "examples" / "digits_val.npz")
 
 
 def test_serial_and_local_processes_return_results_in_task_order():
@@ -93,6 +94,19 @@ def test_calibrate_on_ray_writes_the_same_bytes_as_one_process(ray_executor, tmp
                                "--workers", "2")
     local = _calibrate_folder(tmp_path, "local", "--method", method, "--workers", "2")
     assert on_ray == one and local == one
+
+
+def test_compare_on_ray_gives_the_same_table(ray_executor):
+    from qtool.analysis.compare import compare
+
+    def table(**where):
+        result = compare(DIGITS, CALIB, eval_data=VAL, backends=["tensorrt", "snpe"],
+                         methods=["minmax", "mse"], sweep_backend="", num_samples=48, **where)
+        return result.render("json")
+
+    serial = table()
+    assert table(workers=2, executor="ray") == serial
+    assert table(workers=2) == serial
 
 
 def test_a_calibration_worker_killed_on_ray_is_retried(ray_executor, tmp_path):

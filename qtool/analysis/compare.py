@@ -26,6 +26,7 @@ How the costs are counted:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -161,6 +162,8 @@ def compare(
     precisions: Sequence[str] = PRECISIONS,
     num_samples: int | None = None,
     batch_size: int = 32,
+    workers: int = 1,
+    executor: str | None = None,
 ) -> Comparison:
     """Fill the backend x method table and the bit-width sweep (see the module docstring).
 
@@ -175,6 +178,10 @@ def compare(
         precisions: Sweep rows after FP32: ``W<b>A<b>`` or ``mixed``.
         num_samples: At most this many samples of each data set.
         batch_size: Rows per onnxruntime run.
+        workers: Cells computed in parallel (each worker loads the model and data by path).
+        executor: Where the workers run: ``local`` processes (default) or ``ray``
+            (:mod:`qtool.executor`). The table is the same either way: cells come back in
+            grid order.
 
     Returns:
         The :class:`Comparison`.
@@ -183,46 +190,28 @@ def compare(
         QtoolError: The model or data cannot be loaded (errors of single cells are kept in
             the cells).
     """
+    from qtool import providers
     from qtool.analysis.evaluate import evaluate
     from qtool.backends import backend_names
     from qtool.calibration.observers import OBSERVERS
-    from qtool.io import load
-    from qtool.workflow import labelled_batches, load_samples, prepare
+    from qtool.executor import get_executor
+    from qtool.workflow import labelled_batches
 
     backends = list(backends or backend_names())
     methods = list(methods or OBSERVERS)
-    graph, _ = prepare(load(model))
-    calib = load_samples(data, graph, num_samples, seed=0)
-    eval_path = eval_data if eval_data is not None else data
-    evals = calib if eval_data is None else load_samples(eval_path, graph, num_samples, seed=0)
+    job = _CompareJob(str(model), str(data), None if eval_data is None else str(eval_data),
+                      num_samples, batch_size, providers.current())
+    graph, calib, evals, eval_path = _loaded(job)
 
     def batches():
         return labelled_batches(evals, eval_path, batch_size)
 
-    cells = []
-    float_accuracy = None
-    samples = 0
     grid = [(backend, method) for backend in backends for method in methods]
-    for backend, method in progress.bar(grid, desc="compare", unit="cell"):
-        cell = Cell(backend, method)
-        try:
-            with progress.phase(f"{backend} x {method}"):
-                plan = _plan(graph, backend, None)
-                evaluation = _quantize_and_evaluate(graph, backend, plan, method, calib,
-                                                    batches, batch_size)
-        except QtoolError as exc:
-            cell.error = exc.message
-            log.warning("%s x %s: %s", backend, method, exc.message)
-        else:
-            from qtool.analysis.sensitivity import model_sqnr
-
-            cell.sqnr_db = model_sqnr(evaluation)
-            cell.cosine = min(o.cosine for o in evaluation.outputs)
-            accuracy = evaluation.accuracy
-            if accuracy:
-                float_accuracy, cell.accuracy = accuracy
-            samples = evaluation.samples
-        cells.append(cell)
+    done = get_executor(executor, workers).map_shared(
+        _compare_cell, job, grid, desc="compare cells", progress=progress.active())
+    cells = [cell for cell, _, _ in done]
+    float_accuracy = next((f for _, f, _ in done if f is not None), None)
+    samples = next((n for _, _, n in reversed(done) if n), 0)
     result = Comparison(str(model), str(data), str(eval_path), samples, float_accuracy,
                         backends, methods, cells)
     if sweep_backend == "" or not precisions:
@@ -237,6 +226,59 @@ def compare(
     if not result.samples:
         result.samples = _count_rows(batches())
     return result
+
+
+@dataclass(frozen=True)
+class _CompareJob:
+    """What every compare cell reads: paths and settings, never arrays (workers load them)."""
+
+    model: str
+    data: str
+    eval_data: str | None
+    num_samples: int | None
+    batch_size: int
+    providers: tuple[str, ...]
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded(job: _CompareJob):
+    """``(prepared graph, calibration, evaluation samples, labels path)``: once a process."""
+    from qtool.io import load
+    from qtool.workflow import load_samples, prepare
+
+    graph, _ = prepare(load(job.model))
+    calib = load_samples(job.data, graph, job.num_samples, seed=0)
+    eval_path = job.eval_data if job.eval_data is not None else job.data
+    evals = (calib if job.eval_data is None
+             else load_samples(eval_path, graph, job.num_samples, seed=0))
+    return graph, calib, evals, eval_path
+
+
+def _compare_cell(job: _CompareJob, key: tuple[str, str]) -> tuple[Cell, float | None, int]:
+    """``(cell, float accuracy, samples)`` where the executor runs it (errors in the cell)."""
+    from qtool import providers
+    from qtool.analysis.sensitivity import model_sqnr
+    from qtool.workflow import labelled_batches
+
+    backend, method = key
+    cell = Cell(backend, method)
+    try:
+        with providers.use(job.providers), progress.phase(f"{backend} x {method}"):
+            graph, calib, evals, eval_path = _loaded(job)
+            plan = _plan(graph, backend, None)
+            evaluation = _quantize_and_evaluate(
+                graph, backend, plan, method, calib,
+                lambda: labelled_batches(evals, eval_path, job.batch_size), job.batch_size)
+    except QtoolError as exc:
+        cell.error = exc.message
+        log.warning("%s x %s: %s", backend, method, exc.message)
+        return cell, None, 0
+    cell.sqnr_db = model_sqnr(evaluation)
+    cell.cosine = min(o.cosine for o in evaluation.outputs)
+    float_accuracy = None
+    if evaluation.accuracy:
+        float_accuracy, cell.accuracy = evaluation.accuracy
+    return cell, float_accuracy, evaluation.samples
 
 
 def _sweep(graph, backend, method, precisions, calib, batches, batch_size, evaluate):
