@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -276,22 +275,24 @@ def _quiet_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-class _NoBar:
+class _Silent:
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         return False
 
-    def update(self, n: int) -> None:
+    def update(self, n: int = 1) -> None:
         pass
 
 
 def progress_bar(total: int | None, desc: str, progress: bool | None):
-    """A tqdm bar on stderr when ``progress`` (None: when stderr is a terminal), else a no-op."""
-    show = sys.stderr.isatty() if progress is None else bool(progress)
-    if not show:
-        return _NoBar()
-    from tqdm import tqdm
+    """A bar counting finished tasks where qtool shows progress (:mod:`qtool.progress`).
 
-    return tqdm(total=total, desc=desc, leave=False)
+    ``progress=False`` silences it whatever :func:`qtool.progress.shown` says.
+    """
+    if progress is False:
+        return _Silent()
+    from qtool import progress as shown
+
+    return shown.bar(total=total, desc=desc, unit="task")
