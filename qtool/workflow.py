@@ -300,7 +300,8 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
     with progress.phase("analysis"):
         analysis = _analyze(graph, rules, result, ranges, eval_samples, eval_path, options)
         analysis.level, analysis.judged_on = options.analysis, judged_on
-        if analysis.fallback is not None and analysis.fallback.float_layers:
+        if analysis.fallback is not None and (analysis.fallback.float_layers
+                                              or analysis.fallback.wide_layers):
             result = quantize(graph, rules, ranges, plan=analysis.fallback.plan,
                               weight_method=options.weight_method,
                               activation_method=options.method)

@@ -25,7 +25,13 @@ from qtool.io import load, serialize
 from qtool.planner import build_plan
 from qtool.qdq import quantize
 from qtool.scheme import QuantScheme
-from qtool.workflow import CalibrateOptions, calibrate_to_folder, labelled_batches, prepare
+from qtool.workflow import (
+    CalibrateOptions,
+    calibrate_to_folder,
+    labelled_batches,
+    prepare,
+    quantize_model,
+)
 
 
 def _run(model, inputs: np.ndarray, names=("logits",)) -> list[np.ndarray]:
@@ -218,3 +224,34 @@ def test_full_analysis_under_a_memory_budget_gives_the_same_numbers(digits):
         assert a.tensor == b.tensor and a.max_abs_error == b.max_abs_error
         assert a.sqnr_db == pytest.approx(b.sqnr_db, rel=1e-9)
     assert [h.counts for h in whole_hist] == [h.counts for h in split_hist]
+
+
+def test_fallback_tries_16_bit_activations_before_float(tmp_path):
+    """qnn runs A16W8: a target between the 8-bit and the all-16-bit SQNR is met with some
+    layers at 16-bit activations and none float; tensorrt (8-bit only) keeps layers float."""
+    from qtool.analysis.fallback import WIDE_ACTIVATION_BITS
+
+    def run(backend, **extra):
+        options = CalibrateOptions(data=CALIB, eval_data=VAL, num_samples=128,
+                                   bias_correction=False, **extra)
+        return quantize_model(DIGITS, backend, options)
+
+    _, base = run("qnn")
+    _, wide = run("qnn", act_bits=16)
+    eight = base["evaluation"]["outputs"][0]["sqnr_db"]
+    sixteen = wide["evaluation"]["outputs"][0]["sqnr_db"]
+    assert sixteen > eight + 1.0
+    target = (eight + sixteen) / 2
+    files, report = run("qnn", target_sqnr=target)
+    fallback = report["analysis"]["fallback"]
+    assert fallback["met"] and fallback["float_layers"] == [] and fallback["wide_layers"]
+    assert report["evaluation"]["outputs"][0]["sqnr_db"] >= target - 0.5  # judged on a slice
+    plan = json.loads(files["plan.json"])
+    bits = {name: entry["scheme"]["bits"] for name, entry in plan["tensors"].items()
+            if entry["role"] == "activation"}
+    assert WIDE_ACTIVATION_BITS in bits.values() and 8 in bits.values()
+    encodings = json.loads(files["model.encodings"])["activation_encodings"]
+    assert {e["bw"] for e in encodings} == {8, 16}
+    _, trt_base = run("tensorrt")
+    _, trt = run("tensorrt", target_sqnr=trt_base["evaluation"]["outputs"][0]["sqnr_db"] + 1)
+    assert trt["analysis"]["fallback"]["wide_layers"] == []

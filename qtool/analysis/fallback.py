@@ -22,15 +22,19 @@ from qtool.errors import DataError, PlanError
 
 log = logging.getLogger(__name__)
 
+#: Activation bits the fallback tries before float, where the backend runs them (A16W8).
+WIDE_ACTIVATION_BITS = 16
+
 
 @dataclass
 class FallbackStep:
-    """One step of the greedy search: which layers were float and what the model scored."""
+    """One step of the search: which layers were float or 16-bit, what the model scored."""
 
     float_layers: list[str]
     sqnr_db: float | None
     accuracy_drop: float | None
     met: bool
+    wide_layers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -42,6 +46,9 @@ class Fallback:
         max_accuracy_drop: The accuracy target in percentage points, or None.
         float_layers: Layers kept float, in the order they were added.
         met: Whether the target was met (False: every layer float and still not met).
+        wide_layers: Layers whose activation inputs were raised to
+            :data:`WIDE_ACTIVATION_BITS` bits instead (8-bit weights kept), on backends that
+            run them; tried before any layer is kept float.
         steps: Every evaluation of the search.
         cost: ``candidates`` evaluated and ``samples`` (rows) each was judged on.
         plan: The plan with ``float_layers`` skipped.
@@ -54,6 +61,7 @@ class Fallback:
     steps: list[FallbackStep]
     cost: dict[str, int] = field(default_factory=dict)
     plan: Any = field(repr=False, default=None)
+    wide_layers: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (the plan is written separately as plan.json)."""
@@ -76,7 +84,12 @@ def float_fallback(
     reference: FloatReference | None = None,
     max_samples: int | None = None,
 ) -> Fallback:
-    """Keep the most sensitive layers float, greedily, until the target is met.
+    """Raise the most sensitive layers to 16-bit activations, else keep them float, greedily.
+
+    On a backend that runs 16-bit activations (``qnn``, ``snpe``, ``academic``: A16W8 is
+    their usual accuracy fallback) the layers are first given 16-bit activation inputs, worst
+    first, until the target is met; only if every layer at 16 bits still misses it does the
+    search keep layers float (the plain float fallback, as on every other backend).
 
     Args:
         float_graph: The prepared float graph.
@@ -109,8 +122,10 @@ def float_fallback(
     reasons: dict[str, str] = {}
     steps: list[FallbackStep] = []
 
-    def judge(layers: list[str]):
+    def judge(layers: list[str], wide: Sequence[str] = ()):
         candidate = keep_float(plan, layers, reasons)
+        if wide:
+            candidate = with_activation_bits(candidate, wide, WIDE_ACTIVATION_BITS)
         quantized = quantize(float_graph, backend, ranges, plan=candidate,
                              weight_method=weight_method)
         evaluation = reference.evaluate(quantized.graph)
@@ -124,8 +139,9 @@ def float_fallback(
         met = (target_sqnr is None or sort_db(sqnr) >= target_sqnr) and (
             max_accuracy_drop is None or drop <= max_accuracy_drop + 1e-9
         )
-        steps.append(FallbackStep(list(layers), sqnr, drop, met))
-        log.info("fallback with %d float layer(s): %s dB, drop %s", len(layers), sqnr, drop)
+        steps.append(FallbackStep(list(layers), sqnr, drop, met, list(wide)))
+        log.info("fallback with %d float and %d 16-bit layer(s): %s dB, drop %s",
+                 len(layers), len(wide), sqnr, drop)
         return met, candidate
 
     met, candidate = judge([])
@@ -142,6 +158,12 @@ def float_fallback(
         )
         for rank, s in enumerate(sensitivity, start=1)
     })
+    if _runs_wide(backend, plan):
+        for k in progress.bar(range(1, len(order) + 1), desc="16-bit search", unit="step"):
+            met, candidate = judge([], order[:k])
+            if met:
+                return Fallback(target_sqnr, max_accuracy_drop, [], True, steps,
+                                reference.cost(), candidate, list(order[:k]))
     for k in progress.bar(range(1, len(order) + 1), desc="fallback search", unit="step"):
         met, candidate = judge(order[:k])
         if met:
@@ -161,6 +183,30 @@ def float_fallback(
             kept, candidate = trial, trial_plan
     return Fallback(target_sqnr, max_accuracy_drop, kept, True, steps, reference.cost(),
                     candidate)
+
+
+def with_activation_bits(plan, layers: Sequence[str], bits: int):
+    """``plan`` with the activation inputs of ``layers`` at ``bits`` (weights unchanged).
+
+    An activation that ``layers`` share with other layers takes the new bits: it is one
+    tensor with one scale.
+    """
+    chosen = set(layers)
+    tensors = {
+        name: dataclasses.replace(entry, scheme=entry.scheme.with_(bits=bits))
+        if entry.role == "activation" and chosen & set(entry.consumers) else entry
+        for name, entry in plan.tensors.items()
+    }
+    return dataclasses.replace(plan, tensors=tensors)
+
+
+def _runs_wide(backend, plan) -> bool:
+    """Whether the backend runs 16-bit activations and the plan's are narrower."""
+    from qtool.backends import resolve_backend
+
+    supported = resolve_backend(backend).activation_bits_supported
+    narrower = any(e.scheme.bits < WIDE_ACTIVATION_BITS for e in plan.entries("activation"))
+    return WIDE_ACTIVATION_BITS in supported and narrower
 
 
 def _target_text(target_sqnr: float | None, max_accuracy_drop: float | None) -> str:

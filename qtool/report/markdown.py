@@ -95,13 +95,16 @@ def _analysis_markdown(analysis: Mapping[str, Any] | None) -> list[str]:
         if fallback["max_accuracy_drop"] is not None:
             goals.append(f"accuracy drop <= {fallback['max_accuracy_drop']:g} pts")
         kept = ", ".join(fallback["float_layers"]) or "none"
+        wide = ", ".join(fallback.get("wide_layers") or ()) or "none"
         lines += ["## Float fallback", "",
                   f"Target {' and '.join(goals)}: {'met' if fallback['met'] else 'NOT met'}; "
-                  f"kept float: {kept}.", "",
-                  "| float layers | SQNR (dB) | accuracy drop (pts) | met |", "|---|---|---|---|"]
+                  f"16-bit activations: {wide}; kept float: {kept}.", "",
+                  "| 16-bit layers | float layers | SQNR (dB) | accuracy drop (pts) | met |",
+                  "|---|---|---|---|---|"]
         for step in fallback["steps"]:
             drop = step["accuracy_drop"]
-            lines.append(f"| {', '.join(step['float_layers']) or '(none)'} | "
+            lines.append(f"| {', '.join(step.get('wide_layers') or ()) or '(none)'} | "
+                         f"{', '.join(step['float_layers']) or '(none)'} | "
                          f"{fmt_db(step['sqnr_db'])} | {'-' if drop is None else f'{drop:.2f}'} | "
                          f"{'yes' if step['met'] else 'no'} |")
         lines.append("")
@@ -154,8 +157,10 @@ def summary_table(report: Mapping[str, Any], output: str | None = None) -> str:
     fallback = (report.get("analysis") or {}).get("fallback")
     if fallback:
         kept = ", ".join(fallback["float_layers"]) or "none"
+        wide = fallback.get("wide_layers") or ()
+        mix = f"16-bit activations: {', '.join(wide)}; " if wide else ""
         lines.append(f"  float fallback     {'met' if fallback['met'] else 'NOT met'}; "
-                     f"kept float: {kept}")
+                     f"{mix}kept float: {kept}")
     correction = report.get("bias_correction")
     if correction:
         effect = "; ".join(f"{name} {fmt_db(a)} -> {fmt_db(b)} dB"
