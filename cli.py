@@ -449,13 +449,19 @@ def inspect(model, backends, fmt):
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Samples per onnxruntime run.")
 @input_axis_option
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Workers that evaluate row windows of the data in parallel.")
+@click.option("--executor", default="local", show_default=True,
+              type=click.Choice(["local", "ray"]),
+              help="Where the workers run: local processes, or Ray (RAY_ADDRESS, else a local "
+                   "Ray). The metrics are the same, bit for bit.")
 @click.option("--format", "fmt", default="text", show_default=True,
               type=click.Choice(["text", "json"]), help="Output format.")
 @preprocess_options
 @provider_option
 @debug_option
-def evaluate(float_model, quant_model, data_path, layerwise, num_samples, batch_size, fmt,
-             provider, preprocess_file, input_axes=(), **image_flags):
+def evaluate(float_model, quant_model, data_path, layerwise, num_samples, batch_size, workers,
+             executor, fmt, provider, preprocess_file, input_axes=(), **image_flags):
     """Compare QUANT with FLOAT: SQNR, cosine, max abs error, top-1 agreement per output.
 
     \b
@@ -468,7 +474,8 @@ def evaluate(float_model, quant_model, data_path, layerwise, num_samples, batch_
     evaluation = evaluate_files(float_model, quant_model, data_path, layerwise=layerwise,
                                 num_samples=num_samples, batch_size=batch_size,
                                 preprocess=_preprocessing(preprocess_file, **image_flags),
-                                providers=provider, input_axes=dict(input_axes))
+                                providers=provider, input_axes=dict(input_axes),
+                                workers=workers, executor=executor)
     click.echo(evaluation.render(fmt), nl=False)
 
 

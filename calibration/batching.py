@@ -225,3 +225,14 @@ def _check_finite_inputs(sample: Mapping[str, np.ndarray], specs: Sequence[Input
                 f"input {spec.name} of sample {index} contains NaN or Inf",
                 "clean the calibration data",
             )
+
+
+def row_windows(total: int, batch_size: int, parts: int) -> list[tuple[int, int]]:
+    """At most ``parts`` contiguous ``(start, stop)`` windows of ``total`` rows.
+
+    Windows start on multiples of ``batch_size``, so each runs exactly the batches one pass
+    over all rows would (per-batch statistics and sums then merge to the same values).
+    """
+    batches_total = -(-total // batch_size)
+    per = -(-batches_total // parts) * batch_size
+    return [(start, min(total, start + per)) for start in range(0, total, per)]

@@ -52,6 +52,7 @@ from qtool.calibration.batching import (  # noqa: F401  (re-exported for callers
     Batch,
     batches,
     resolve_batch_size,
+    row_windows,
 )
 from qtool.calibration.data import check_inputs, specs_of
 from qtool.calibration.observers import NonFiniteError, Observer, get_observer
@@ -512,13 +513,8 @@ def _shards(data, total: int, batch_size: int, workers: int) -> list[tuple[int, 
     """
     if not hasattr(data, "shard"):
         return None
-    batches_total = -(-total // batch_size)
-    per_shard = -(-batches_total // workers)
-    windows = []
-    for start in range(0, total, per_shard * batch_size):
-        stop = min(total, start + per_shard * batch_size)
-        windows.append((start, data.shard(start, stop)))
-    return windows
+    return [(start, data.shard(start, stop))
+            for start, stop in row_windows(total, batch_size, workers)]
 
 
 def _calibrate_shards(plan, ctor, schemes, observers, shards, specs, size, fixed, budget,

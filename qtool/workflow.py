@@ -536,26 +536,74 @@ def evaluate_files(
     preprocess: Any = None,
     providers: str | tuple[str, ...] | None = None,
     input_axes: Mapping[str, int | None] | None = None,
+    workers: int = 1,
+    executor: str | None = None,
 ):
     """``qtool evaluate``: compare two model files on a data set (labels from an .npz).
 
     ``preprocess`` applies to an image folder; ``providers`` are the onnxruntime execution
     providers (default: the CPU); ``input_axes`` declares inputs' batch axes
-    (``--input-axis``); others are inferred.
+    (``--input-axis``); others are inferred. With ``workers > 1`` (or ``executor="ray"``)
+    row windows of the data are evaluated where the executor runs them
+    (:mod:`qtool.executor`) and their sums merged in data order: the same metrics, bit for
+    bit, as one pass.
 
     Returns:
         A :class:`qtool.analysis.evaluate.Evaluation`.
     """
     from qtool import providers as session_providers
-    from qtool.analysis.evaluate import evaluate
+    from qtool.executor import get_executor
 
     with session_providers.use(session_providers.resolve(providers)):
-        reference = load(float_model)
-        samples = load_samples(data, reference, num_samples, seed=0, preprocess=preprocess,
-                               axes=input_axes)
-        batches = labelled_batches(samples, data, batch_size)
-        return evaluate(reference, load(quant_model, check=False), batches,
-                        layerwise=layerwise)
+        job = _EvaluateJob(str(float_model), str(quant_model), str(data), layerwise,
+                           num_samples, batch_size, preprocess,
+                           tuple(sorted((input_axes or {}).items())),
+                           session_providers.current())
+        samples = job.samples()
+        windows = [(0, len(samples))]
+        if (workers > 1 or executor == "ray") and hasattr(samples, "shard"):
+            from qtool.calibration.batching import row_windows
+
+            windows = row_windows(len(samples), batch_size, workers)
+        tallies = get_executor(executor, workers).map_shared(
+            _evaluate_window, job, windows, desc="evaluation shards")
+    total = tallies[0]
+    for part in tallies[1:]:  # data order: the same sums as one pass
+        total.merge(part)
+    return total.evaluation()
+
+
+@dataclass(frozen=True)
+class _EvaluateJob:
+    """What every evaluation shard reads: paths and settings (workers load the files)."""
+
+    float_model: str
+    quant_model: str
+    data: str
+    layerwise: bool
+    num_samples: int | None
+    batch_size: int
+    preprocess: Any
+    input_axes: tuple
+    providers: tuple[str, ...]
+
+    def samples(self):
+        """The data set, loaded from its path (a worker loads its own)."""
+        return load_samples(self.data, load(self.float_model), self.num_samples, seed=0,
+                            preprocess=self.preprocess, axes=dict(self.input_axes))
+
+
+def _evaluate_window(job: _EvaluateJob, window: tuple[int, int]):
+    from qtool import providers as session_providers
+    from qtool.analysis.evaluate import tally
+
+    with session_providers.use(job.providers):
+        samples = job.samples()
+        if window != (0, len(samples)):
+            samples = samples.shard(*window)
+        batches = labelled_batches(samples, job.data, job.batch_size)
+        return tally(load(job.float_model), load(job.quant_model, check=False), batches,
+                     layerwise=job.layerwise)
 
 
 @dataclass
@@ -711,12 +759,14 @@ def labelled_batches(samples, path, batch_size: int) -> Iterator[dict]:
             "give one label per sample under the 'labels' key",
         )
 
+    first = (getattr(samples, "window", None) or (0, 0))[0]  # a shard: labels from its start
+
     def with_labels() -> Iterator[dict]:
         for index, sample in enumerate(samples):
             if labels is None:
                 yield sample
             else:
-                row = indices[index] if indices is not None else index
+                row = indices[index] if indices is not None else first + index
                 yield {**sample, LABELS_KEY: labels[row : row + 1]}
 
     specs = samples.specs

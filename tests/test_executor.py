@@ -96,6 +96,27 @@ def test_calibrate_on_ray_writes_the_same_bytes_as_one_process(ray_executor, tmp
     assert on_ray == one and local == one
 
 
+def test_evaluate_on_ray_gives_the_same_metrics(ray_executor, tmp_path):
+    from click.testing import CliRunner
+    from qtool.cli import main
+
+    files = _calibrate_folder(tmp_path, "q")
+    quant = tmp_path / "q" / "model.qdq.onnx"
+    assert files["model.qdq.onnx"] == quant.read_bytes()
+
+    def metrics(*where):
+        result = CliRunner().invoke(main, ["evaluate", DIGITS, str(quant), "--data", VAL,
+                                           "--batch-size", "32", "--layerwise", "--format",
+                                           "json", *where])
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    serial = metrics()
+    assert '"float_accuracy"' in serial  # the labels followed each window's rows
+    assert metrics("--workers", "3", "--executor", "ray") == serial
+    assert metrics("--workers", "2") == serial
+
+
 def test_compare_on_ray_gives_the_same_table(ray_executor):
     from qtool.analysis.compare import compare
 

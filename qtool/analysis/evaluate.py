@@ -54,12 +54,40 @@ class _ErrorSums:
     """Running sums of one tensor's float-vs-quantized error."""
 
     def __init__(self) -> None:
-        self.signal = 0.0  # sum x^2
-        self.noise = 0.0  # sum (x - q)^2
-        self.dot = 0.0  # sum x q
-        self.quant = 0.0  # sum q^2
+        # One partial sum per update, summed exactly (math.fsum) when read: the totals do
+        # not depend on how the batches were grouped, so shards merged in any order give
+        # the same bits as one pass.
+        self.parts: dict[str, list[float]] = {"signal": [], "noise": [], "dot": [],
+                                               "quant": []}
         self.max_abs = 0.0
         self.elements = 0
+
+    @property
+    def signal(self) -> float:
+        """Sum of x^2."""
+        return math.fsum(self.parts["signal"])
+
+    @property
+    def noise(self) -> float:
+        """Sum of (x - q)^2."""
+        return math.fsum(self.parts["noise"])
+
+    @property
+    def dot(self) -> float:
+        """Sum of x q."""
+        return math.fsum(self.parts["dot"])
+
+    @property
+    def quant(self) -> float:
+        """Sum of q^2."""
+        return math.fsum(self.parts["quant"])
+
+    def merge(self, other: _ErrorSums) -> None:
+        """Add another shard's sums."""
+        for key, values in other.parts.items():
+            self.parts[key].extend(values)
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.elements += other.elements
 
     def update(self, x: np.ndarray, q: np.ndarray) -> None:
         """Add one batch: float64 sums by dot products (:func:`dot`) over cache-sized chunks.
@@ -90,10 +118,9 @@ class _ErrorSums:
             cross += dot(xs, qs)
             quant += dot(qs, qs)
             worst = max(worst, float(ds.max()), -float(ds.min()))
-        self.signal += signal
-        self.noise += noise
-        self.dot += cross
-        self.quant += quant
+        for key, value in (("signal", signal), ("noise", noise), ("dot", cross),
+                           ("quant", quant)):
+            self.parts[key].append(value)
         self.max_abs = worst
 
     @property
@@ -203,6 +230,60 @@ class _Classifier:
             self.float_correct += int(np.sum(fx == labels))
             self.quant_correct += int(np.sum(fq == labels))
 
+    def merge(self, other: _Classifier) -> None:
+        """Add another shard's counts."""
+        self.rows += other.rows
+        self.agree += other.agree
+        self.float_correct += other.float_correct
+        self.quant_correct += other.quant_correct
+
+
+@dataclass
+class Tally:
+    """The running sums of one :func:`tally`: mergeable across shards of the data.
+
+    Attributes:
+        output_names: The compared outputs, in the quantized model's order.
+        layers_shared: Intermediate tensor -> (quantized name, op), with ``layerwise``.
+        sums: Error sums per output and shared tensor.
+        classifiers: Top-1 counts per classifier output.
+        samples: Rows seen.
+        labelled: Whether the data had labels.
+    """
+
+    output_names: list[str]
+    layers_shared: dict[str, tuple[str, str]]
+    sums: dict[str, _ErrorSums]
+    classifiers: dict[str, _Classifier]
+    samples: int = 0
+    labelled: bool = False
+
+    def merge(self, other: Tally) -> None:
+        """Add the sums of another shard (merge shards in their data order)."""
+        for name, sums in other.sums.items():
+            self.sums[name].merge(sums)
+        for name, counts in other.classifiers.items():
+            self.classifiers.setdefault(name, _Classifier()).merge(counts)
+        self.samples += other.samples
+        self.labelled = self.labelled or other.labelled
+
+    def evaluation(self) -> Evaluation:
+        """The metrics of the sums.
+
+        Raises:
+            DataError: No sample was seen.
+        """
+        if self.samples == 0:
+            raise DataError("the evaluation data is empty", "give at least one sample")
+        outputs = output_metrics(self.output_names, self.sums, self.classifiers, self.labelled)
+        layers = [
+            LayerMetrics(name, op, self.sums[name].sqnr_db, self.sums[name].cosine,
+                         self.sums[name].max_abs)
+            for name, (_, op) in self.layers_shared.items()
+        ]
+        layers.sort(key=lambda m: (math.inf if m.sqnr_db is None else m.sqnr_db, m.tensor))
+        return Evaluation(self.samples, outputs, layers, self.labelled)
+
 
 def evaluate(
     float_model: ModelSource,
@@ -228,6 +309,26 @@ def evaluate(
 
     Raises:
         DataError: No data, a missing input, or arrays that do not fit the model's inputs.
+    """
+    return tally(float_model, quant_model, data, layerwise=layerwise,
+                 intra_op_threads=intra_op_threads).evaluation()
+
+
+def tally(
+    float_model: ModelSource,
+    quant_model: ModelSource,
+    data: Iterable[Mapping[str, np.ndarray]],
+    *,
+    layerwise: bool = False,
+    intra_op_threads: int | None = None,
+) -> Tally:
+    """The running sums of :func:`evaluate` over ``data``, before they become metrics.
+
+    Shards of the data tallied apart and merged in data order (:meth:`Tally.merge`) give
+    the same metrics, bit for bit, as one pass.
+
+    Raises:
+        DataError: A missing input, or arrays that do not fit the model's inputs.
     """
     float_proto = load_model(float_model)
     quant_proto = load_model(quant_model)
@@ -282,16 +383,7 @@ def evaluate(
             if name in layers_shared or not _is_classifier(x):
                 continue
             classifiers.setdefault(name, _Classifier()).update(x, q, labels)
-    if samples == 0:
-        raise DataError("the evaluation data is empty", "give at least one sample")
-
-    outputs = output_metrics(output_names, sums, classifiers, labelled)
-    layers = [
-        LayerMetrics(name, op, sums[name].sqnr_db, sums[name].cosine, sums[name].max_abs)
-        for name, (_, op) in layers_shared.items()
-    ]
-    layers.sort(key=lambda m: (math.inf if m.sqnr_db is None else m.sqnr_db, m.tensor))
-    return Evaluation(samples, outputs, layers, labelled)
+    return Tally(output_names, layers_shared, sums, classifiers, samples, labelled)
 
 
 def output_metrics(names, sums, classifiers, labelled: bool) -> list[OutputMetrics]:
