@@ -552,8 +552,12 @@ def evaluate_variant(name: str, path: str, feeds: list, ref: list, truth) -> dic
 
 
 def bench_model(name: str, quick: bool, extra: dict, only: list[str] | None,
-                nncf_python: str) -> dict:
-    """Every variant of one model: quantize (subprocess), then evaluate on held-out data."""
+                nncf_python: str, results: dict) -> None:
+    """Every variant of one model: quantize (subprocess), then evaluate on held-out data.
+
+    ``results[name]`` is updated and the results file saved after each variant; with
+    ``only``, the model's other variants of an earlier run are kept.
+    """
     model = prepare_model(name)
     sizes = QUICK_SIZES[name] if quick else MODELS[name][1]
     data = prepare_data(name, sizes)
@@ -562,6 +566,9 @@ def bench_model(name: str, quick: bool, extra: dict, only: list[str] | None,
     truth = data["truth"]
     result = {"samples": {"calib": sizes[0], "eval": sizes[1]},
               "float": task_metrics(name, ref, ref, truth), "variants": {}}
+    if only and name in results:  # keep the variants not rerun
+        result["variants"] = results[name]["variants"]
+    results[name] = result
     for spec in variants(quick, extra):
         if only and not any(pattern in spec["name"] for pattern in only):
             continue
@@ -574,7 +581,9 @@ def bench_model(name: str, quick: bool, extra: dict, only: list[str] | None,
         row.pop("path", None)
         result["variants"][spec["name"]] = row
         print(f"{name:18s} {spec['name']:34s} {summary(row)}", flush=True)
-    return result
+        results["_meta"] = {"date": time.strftime("%Y-%m-%d", time.gmtime()),
+                            "machine": f"{os.cpu_count()} shared cores"}
+        save_results(results)
 
 
 def summary(row: dict) -> str:
@@ -792,14 +801,7 @@ def main() -> None:
             extra[label] = flags_text.split()
         only = [s for s in args.only.split(",") if s] or None
         for name in [m for m in args.models.split(",") if m]:
-            res = bench_model(name, args.quick, extra, only, args.nncf_python)
-            if only and name in results:  # keep the variants not rerun
-                results[name]["variants"].update(res["variants"])
-                res["variants"] = results[name]["variants"]
-            results[name] = res
-            results["_meta"] = {"date": time.strftime("%Y-%m-%d", time.gmtime()),
-                                "machine": f"{os.cpu_count()} shared cores"}
-            save_results(results)
+            bench_model(name, args.quick, extra, only, args.nncf_python, results)
     write_readme(results)
     print(f"wrote {README}")
 
