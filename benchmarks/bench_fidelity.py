@@ -525,6 +525,14 @@ def task_metrics(name: str, ref: list, test: list, truth) -> dict:
     return {}
 
 
+def short(message: str, limit: int = 240) -> str:
+    """The first line of an error, its middle cut out when long (the cause is at the end)."""
+    line = message.strip().splitlines()[0] if message.strip() else "(no message)"
+    if len(line) <= limit:
+        return line
+    return line[:limit // 3] + " ... " + line[-(2 * limit) // 3:]
+
+
 def count_qdq(path: str) -> int:
     """Number of DequantizeLinear nodes (quantized tensors) in a model."""
     import onnx
@@ -544,7 +552,7 @@ def evaluate_variant(name: str, path: str, feeds: list, ref: list, truth) -> dic
         row["sqnr_ort"] = sqnr_per_output(ref, kernels)
         row["task_ort"] = task_metrics(name, ref, kernels, truth)
     except Exception as exc:  # noqa: BLE001  (report what onnxruntime refused)
-        row["ort_error"] = str(exc).splitlines()[0][:200]
+        row["ort_error"] = short(str(exc))
     return row
 
 
@@ -577,7 +585,7 @@ def bench_model(name: str, quick: bool, extra: dict, only: list[str] | None,
             try:
                 row.update(evaluate_variant(name, row["path"], feeds, ref, truth))
             except Exception as exc:  # noqa: BLE001  (a model onnxruntime cannot run)
-                row["error"] = f"evaluation: {str(exc).splitlines()[0][:200]}"
+                row["error"] = f"evaluation: {short(str(exc))}"
         row.pop("path", None)
         result["variants"][spec["name"]] = row
         print(f"{name:18s} {spec['name']:34s} {summary(row)}", flush=True)
