@@ -783,12 +783,22 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+FINDINGS = "### Findings (written by hand from a run; not regenerated)"
+
+
 def write_readme(results: dict) -> None:
-    """Replace (or append) the README's fidelity section, leaving the rest as it is."""
+    """Replace (or append) the README's fidelity section, leaving the rest as it is.
+
+    A hand-written block under :data:`FINDINGS` at the end of the section is kept.
+    """
     text = README.read_text("utf-8")
-    head = text.split("\n" + SECTION, 1)[0].rstrip("\n")
+    head, _, tail = text.partition("\n" + SECTION)
+    findings = tail[tail.index(FINDINGS):].rstrip("\n") + "\n" if FINDINGS in tail else ""
+    body = head.rstrip("\n") + "\n\n" + table(results).rstrip("\n") + "\n"
+    if findings:
+        body += "\n" + findings
     tmp = README.with_suffix(".md.tmp")
-    tmp.write_text(head + "\n\n" + table(results).rstrip("\n") + "\n", "utf-8")
+    tmp.write_text(body, "utf-8")
     tmp.replace(README)
 
 
