@@ -560,11 +560,12 @@ def evaluate_variant(name: str, path: str, feeds: list, ref: list, truth) -> dic
 
 
 def bench_model(name: str, quick: bool, extra: dict, only: list[str] | None,
-                nncf_python: str, results: dict) -> None:
+                nncf_python: str, results: dict, missing: bool = False) -> None:
     """Every variant of one model: quantize (subprocess), then evaluate on held-out data.
 
     ``results[name]`` is updated and the results file saved after each variant; with
-    ``only``, the model's other variants of an earlier run are kept.
+    ``only`` or ``missing`` (run only the variants the results lack), the model's other
+    variants of an earlier run are kept.
     """
     model = prepare_model(name)
     sizes = QUICK_SIZES[name] if quick else MODELS[name][1]
@@ -574,11 +575,13 @@ def bench_model(name: str, quick: bool, extra: dict, only: list[str] | None,
     truth = data["truth"]
     result = {"samples": {"calib": sizes[0], "eval": sizes[1]},
               "float": task_metrics(name, ref, ref, truth), "variants": {}}
-    if only and name in results:  # keep the variants not rerun
+    if (only or missing) and name in results:  # keep the variants not rerun
         result["variants"] = results[name]["variants"]
     results[name] = result
     for spec in variants(quick, extra):
         if only and not any(pattern in spec["name"] for pattern in only):
+            continue
+        if missing and spec["name"] in result["variants"]:
             continue
         row = run_variant(spec, model, data, nncf_python)
         if "path" in row:
@@ -817,6 +820,8 @@ def main() -> None:
                         help="an extra qtool variant per backend (method mse), e.g. "
                              "'cle+bc=--cle --bias-correction'")
     parser.add_argument("--nncf-python", default=NNCF_PYTHON)
+    parser.add_argument("--missing", action="store_true",
+                        help="run only the variants the results file lacks")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
     results = json.loads(results_path().read_text()) if results_path().exists() else {}
@@ -827,7 +832,8 @@ def main() -> None:
             extra[label] = flags_text.split()
         only = [s for s in args.only.split(",") if s] or None
         for name in [m for m in args.models.split(",") if m]:
-            bench_model(name, args.quick, extra, only, args.nncf_python, results)
+            bench_model(name, args.quick, extra, only, args.nncf_python, results,
+                        missing=args.missing)
     write_readme(json.loads(results_path().read_text()))
     print(f"wrote {README}")
 
