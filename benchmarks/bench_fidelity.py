@@ -700,8 +700,8 @@ def summary_table(results: dict) -> list[str]:
 
 def failure_list(results: dict) -> list[str]:
     """Every variant that failed, quantized nothing or is near 0 dB, model by model."""
-    lines = [f"### Failures and silent errors (FAIL, 0 quantized, SQNR sim < {NEAR_ZERO_DB} dB)",
-             ""]
+    lines = ["### Failures and silent errors (FAIL, 0 quantized, worst output "
+             f"< {NEAR_ZERO_DB} dB sim)", ""]
     for name in MODELS:
         for vname, row in results.get(name, {}).get("variants", {}).items():
             note = flags(row)
