@@ -58,6 +58,8 @@ SECTION = "## Fidelity on wheel models"
 MAIN_PYTHON = sys.executable
 NNCF_PYTHON = "/work/venvs/bench/bin/python"
 MEMORY_CAP = 8 << 30
+QTOOL_ROOT = ROOT  # the qtool checkout the qtool variants import (--qtool-root)
+QTOOL_TAG = ""  # appended to "qtool" in variant names (--qtool-tag), e.g. qtool@main
 TIMEOUT_S = 1200
 NEAR_ZERO_DB = 3.0
 
@@ -296,7 +298,7 @@ def variant_main(spec_json: str) -> None:
 
 def qtool_methods() -> list[str]:
     """The ``--method`` choices of the installed ``qtool calibrate`` (new methods included)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(QTOOL_ROOT))
     text = subprocess.run([MAIN_PYTHON, "-c", "from qtool.cli import main; main()", "calibrate",
                            "--help"], capture_output=True, text=True, env=env).stdout
     if "--method [" not in text:
@@ -333,7 +335,8 @@ def variants(quick: bool, extra: dict[str, list[str]]) -> list[dict]:
 def variant_name(spec: dict) -> str:
     """``qtool/tensorrt/mse``, ``ort/pc/MinMax``, ``nncf/mixed``."""
     if spec["tool"] == "qtool":
-        return "/".join(["qtool", spec["backend"], spec.get("label", spec["method"])])
+        tool = f"qtool@{QTOOL_TAG}" if QTOOL_TAG else "qtool"
+        return "/".join([tool, spec["backend"], spec.get("label", spec["method"])])
     if spec["tool"] == "ort":
         return f"ort/{'pc' if spec['per_channel'] else 'pt'}/{spec['method']}"
     return f"nncf/{spec['method']}"
@@ -344,7 +347,8 @@ def run_variant(spec: dict, model: Path, data: dict, nncf_python: str) -> dict:
     spec = dict(spec, model=str(model), calib=str(data["calib"]), one=str(data["one"]),
                 out=str(model.parent / "runs" / spec["name"].replace("/", "_")))
     python = nncf_python if spec["tool"] == "nncf" else MAIN_PYTHON
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    root = QTOOL_ROOT if spec["tool"] == "qtool" else ROOT
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
     try:
         proc = subprocess.run([python, __file__, "_variant", json.dumps(spec)],
                               capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
@@ -658,7 +662,7 @@ def fmt(value, scale: float = 1.0, digits: int = 2) -> str:
 
 def group_of(variant: str) -> str:
     """qtool per-channel / qtool per-tensor / onnxruntime / NNCF."""
-    tool = variant.split("/")[0]
+    tool = variant.split("/")[0].split("@")[0]
     if tool == "qtool":
         backend = variant.split("/")[1]
         return "qtool per-channel" if backend in PER_CHANNEL else "qtool per-tensor"
@@ -820,10 +824,16 @@ def main() -> None:
                         help="an extra qtool variant per backend (method mse), e.g. "
                              "'cle+bc=--cle --bias-correction'")
     parser.add_argument("--nncf-python", default=NNCF_PYTHON)
+    parser.add_argument("--qtool-root", type=Path, default=ROOT,
+                        help="qtool checkout for the qtool variants (PYTHONPATH)")
+    parser.add_argument("--qtool-tag", default="",
+                        help="name the qtool variants qtool@TAG (to keep versions apart)")
     parser.add_argument("--missing", action="store_true",
                         help="run only the variants the results file lacks")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
+    global QTOOL_ROOT, QTOOL_TAG
+    QTOOL_ROOT, QTOOL_TAG = args.qtool_root.resolve(), args.qtool_tag
     results = json.loads(results_path().read_text()) if results_path().exists() else {}
     if not args.table_only:
         extra = {}
