@@ -53,12 +53,15 @@ class BiasCorrection:
         samples: Rows of calibration data used.
         sqnr_db: Output name -> ``[without, with]`` the correction, on the evaluation data
             (filled by :meth:`measure`).
+        reverted: The correction lowered an output's SQNR on the evaluation data, so the
+            model written is the uncorrected one.
     """
 
     layers: dict[str, float] = field(default_factory=dict)
     stages: int = 0
     samples: int = 0
     sqnr_db: dict[str, list] = field(default_factory=dict)
+    reverted: bool = False
 
     def measure(self, without, with_) -> None:
         """Record each output's SQNR without and with the correction (two Evaluations)."""
@@ -77,7 +80,8 @@ class BiasCorrection:
         from qtool.analysis.evaluate import _rounded
 
         return _rounded({"layers": dict(self.layers), "stages": self.stages,
-                         "samples": self.samples, "sqnr_db": dict(self.sqnr_db)})
+                         "samples": self.samples, "sqnr_db": dict(self.sqnr_db),
+                         "reverted": self.reverted})
 
 
 def correct_biases(graph: gs.Graph, backend, ranges: Mapping[str, Any], plan,

@@ -152,6 +152,34 @@ def test_a_correction_that_lowers_sqnr_is_flagged():
     assert correction.worse() == ["a", "c"]
 
 
+def test_a_correction_that_lowers_held_out_sqnr_is_reverted(monkeypatch):
+    """Means measured on data unlike the evaluation data (shifted here) correct the biases
+    the wrong way: the run keeps the uncorrected model and says so."""
+    import qtool.bias_correction as bias_correction
+
+    real = bias_correction.correct_biases
+
+    def on_shifted_data(graph, backend, ranges, plan, batches, **kwargs):
+        def shifted():
+            for batch in batches():
+                yield {k: (v + 0.5 if k == "input" else v) for k, v in batch.items()}
+
+        return real(graph, backend, ranges, plan, shifted, **kwargs)
+
+    monkeypatch.setattr(bias_correction, "correct_biases", on_shifted_data)
+    options = dict(data=CALIB, eval_data=VAL, num_samples=64)
+    files, report = quantize_model(MODEL, "acl", CalibrateOptions(**options))
+    plain, plain_report = quantize_model(MODEL, "acl",
+                                         CalibrateOptions(bias_correction=False, **options))
+    correction = report["bias_correction"]
+    assert correction["reverted"]
+    (without, with_), = correction["sqnr_db"].values()
+    assert with_ < without - 0.05
+    assert files["model.qdq.onnx"] == plain["model.qdq.onnx"]
+    assert report["evaluation"] == plain_report["evaluation"]
+    assert any("the uncorrected model was kept" in w for w in report["warnings"])
+
+
 def test_matmul_add_layers_are_corrected_along_the_last_axis():
     torch = pytest.importorskip("torch")
     import io

@@ -119,10 +119,12 @@ def build_report(
         report["bias_correction"] = bias_correction.to_dict()
         for name in bias_correction.worse():
             without, with_ = bias_correction.sqnr_db[name]
+            outcome = ("the uncorrected model was kept" if bias_correction.reverted
+                       else "rerun with --no-bias-correction")
             warnings.append(
                 f"bias correction lowered output {name}'s SQNR on the evaluation data from "
                 f"{'exact' if without is None else f'{without:.2f} dB'} to {with_:.2f} dB: "
-                "rerun with --no-bias-correction"
+                f"{outcome}"
             )
     floor = getattr(options, "fail_under_sqnr", None)
     check = sqnr_floor(report["evaluation"], report.get("analysis"),

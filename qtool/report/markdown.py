@@ -73,6 +73,9 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         lines += [f"Output {name} SQNR on the evaluation data: {fmt_db(a)} dB without, "
                   f"{fmt_db(b)} dB with it." for name, (a, b) in
                   correction.get("sqnr_db", {}).items()]
+        if correction.get("reverted"):
+            lines.append("It lowered an output's SQNR on the evaluation data: the model "
+                         "written is the uncorrected one.")
         lines += ["",
                   "| layer | largest bias change |", "|---|---|"]
         lines += [f"| {name} | {delta:.4g} |" for name, delta in correction["layers"].items()]
@@ -166,7 +169,9 @@ def summary_table(report: Mapping[str, Any], output: str | None = None) -> str:
         effect = "; ".join(f"{name} {fmt_db(a)} -> {fmt_db(b)} dB"
                            for name, (a, b) in correction.get("sqnr_db", {}).items())
         lines.append(f"  bias correction    {len(correction['layers'])} layers"
-                     + (f"; SQNR {effect}" if effect else ""))
+                     + (f"; SQNR {effect}" if effect else "")
+                     + ("; reverted (uncorrected model kept)" if correction.get("reverted")
+                        else ""))
     if plan["float_nodes"]:
         lines.append("")
         shown = list(plan["float_nodes"].items())
