@@ -32,6 +32,12 @@ The rules, applied by :func:`sensitive_nodes` and the planner:
 3. ``Sub(x, ReduceMean(x))`` is kept float.
 4. From a cube (``Pow(x, 3)`` or ``Mul(x, Mul(x, x))``) the walk goes downstream through
    ``Mul`` by a constant to the ``Add`` that joins it back with ``x``, and keeps those float.
+5. From a root of a variance (rule 2 reached a square), the walk goes downstream through
+   ``Reciprocal``/``Sqrt`` and ``Mul`` by a constant (LayerNorm's gamma) to the ``Mul`` that
+   applies the normalizer to the centered tensor, and keeps those float: ``1/sqrt(var)``
+   spans orders of magnitude over the data (a constant row has variance 0, so ``1/sqrt(eps)``
+   is huge), and one 8-bit scale for it rounds every typical value to zero (magika's
+   LayerNorm on tvm: -18 dB at its Rsqrt, 0 % top-1 agreement).
 
 A node kept float reads float inputs; other consumers of the same tensors are quantized as
 the backend's rules say. The plan lists every such node with the reason.
@@ -58,10 +64,16 @@ SINKS = {
 VARIANCE_OPS = frozenset({
     "Add", "Sub", "Max", "Min", "Clip", "Relu", "Abs", "Neg", "Mul", "Div",
     "ReduceMean", "ReduceSum", "ReduceSumSquare", "Identity",
+    # data movement between the reduction and the root (tf2onnx's BroadcastTo, keepdims
+    # emulated with Reshape): walked through by their data input
+    "Reshape", "Expand", "Squeeze", "Unsqueeze", "Transpose", "Flatten",
 })
 
 #: Sinks whose input is walked upstream (a root, a reciprocal, a logarithm of a variance).
 ROOTS = frozenset({"Sqrt", "Reciprocal", "Log"})
+#: Ops whose first input is the data and the others shapes or axes.
+DATA_MOVEMENT = frozenset({"Reshape", "Expand", "Squeeze", "Unsqueeze", "Transpose",
+                           "Flatten"})
 
 REASON = "numerically sensitive ({what}): kept float on every backend"
 
@@ -100,12 +112,13 @@ def sensitive_nodes(graph: gs.Graph) -> dict[str, str]:
                 _walk_cubic(node, keep)
             else:
                 keep(node, SINKS["Pow"])
-                if exponent is not None and exponent.size == 1 and float(exponent) < 1.0:
-                    _walk_variance(node.inputs[0], keep)  # a root or reciprocal as a Pow
+                if (exponent is not None and exponent.size == 1 and float(exponent) < 1.0
+                        and _walk_variance(node.inputs[0], keep)):  # a root as a Pow
+                    _walk_normalizer(node, keep)
         elif node.inputs and not _is_constant(node.inputs[0]):
             keep(node, SINKS[node.op])
-            if node.op in ROOTS:
-                _walk_variance(node.inputs[0], keep)
+            if node.op in ROOTS and _walk_variance(node.inputs[0], keep):
+                _walk_normalizer(node, keep)
     for node in graph.nodes:
         if node.op == "Mul" and node.name not in found and _is_cube(node):
             keep(node, "GELU's cubic term")
@@ -123,15 +136,21 @@ def _is_centering(node: gs.Node) -> bool:
     return mean is not None and mean.op == "ReduceMean" and mean.inputs[0] is node.inputs[0]
 
 
-def _walk_variance(tensor: gs.Tensor, keep) -> None:
-    """Keep float what computes ``tensor`` from squares (rule 2 of the module docstring)."""
+def _walk_variance(tensor: gs.Tensor, keep) -> bool:
+    """Keep float what computes ``tensor`` from squares (rule 2 of the module docstring).
+
+    Returns:
+        Whether the walk reached a square (``tensor`` is a variance or a norm).
+    """
     stack = [tensor]
+    squares = False
     while stack:
         node = _producer(stack.pop())
         if node is None:
             continue
         if _is_square(node):
             keep(node, "square inside a variance before a root or division")
+            squares = True
             continue
         if node.op not in VARIANCE_OPS and node.op not in ROOTS:
             continue
@@ -142,6 +161,26 @@ def _walk_variance(tensor: gs.Tensor, keep) -> None:
         if keep(node, "variance before a root or division (LayerNorm, E[x^2] - E[x]^2, "
                       "power spectrum)"):
             stack.extend(t for t in _data_inputs(node) if not _is_constant(t))
+    return squares
+
+
+def _walk_normalizer(root: gs.Node, keep) -> None:
+    """Keep float what applies ``1/sqrt(variance)`` to its tensor (rule 5)."""
+    what = "normalizer 1/sqrt(variance) and where it is applied (LayerNorm)"
+    stack = [root]
+    for _ in range(16):  # a LayerNorm's tail is a few nodes long
+        if not stack:
+            return
+        node = stack.pop()
+        for output in node.outputs:
+            for user in output.outputs:
+                if user.op in ("Reciprocal", "Sqrt"):
+                    keep(user, what)
+                    stack.append(user)
+                elif user.op == "Mul":
+                    keep(user, what)
+                    if any(_is_constant(t) for t in user.inputs):
+                        stack.append(user)  # times gamma: still the normalizer
 
 
 def _walk_cubic(node: gs.Node, keep) -> None:
@@ -182,7 +221,7 @@ def _is_cube(node: gs.Node) -> bool:
 
 def _data_inputs(node: gs.Node) -> Iterator[gs.Tensor]:
     """Inputs that carry values (not the axes of a reduction or the bounds of a Clip)."""
-    if node.op.startswith("Reduce"):
+    if node.op.startswith("Reduce") or node.op in DATA_MOVEMENT:
         return iter(node.inputs[:1])
     if node.op == "Clip":
         return iter(node.inputs[:1])
