@@ -206,6 +206,24 @@ def _preprocessing(preprocess_file, **flags):
     return Preprocessing.from_mapping(given, "the preprocessing flags").over(base)
 
 
+def parallel_options(work: str):
+    """``--workers N`` and ``--executor local|ray`` (docs/parallel.md) for a parallel job."""
+
+    def decorate(fn):
+        from qtool.executor import EXECUTORS
+
+        fn = click.option(
+            "--executor", default="local", show_default=True, type=click.Choice(EXECUTORS),
+            help="Where the workers run: local processes, or Ray (pip install 'qtool[ray]'; "
+                 "the cluster RAY_ADDRESS names, else a local Ray). The output is the same, "
+                 "byte for byte.")(fn)
+        return click.option("--workers", default=1, show_default=True,
+                            type=click.IntRange(min=1),
+                            help=f"Workers that {work} in parallel.")(fn)
+
+    return decorate
+
+
 def _quiet_option(fn):
     return click.option("--quiet", "-q", is_flag=True,
                         help="Print nothing on success: no progress, no summary.")(fn)
@@ -259,11 +277,7 @@ def main() -> None:
               help="Use this (edited) plan JSON instead of the backend's placement.")
 @click.option("--save-plan", "save_plan_path", type=click.Path(dir_okay=False, writable=True),
               help="Only write the backend's plan JSON to this file (edit it, pass it to --plan).")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Workers that calibrate shards of the data in parallel.")
-@click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]),
-              help="Where the workers run: local processes, or Ray (pip install 'qtool[ray]'; "
-                   "the cluster RAY_ADDRESS names, else a local Ray). Same output either way.")
+@parallel_options("calibrate row windows of the data")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of random inputs.")
 @click.option("-o", "--output", type=click.Path(),
               help="Output folder (default: <model>-<backend>/ in the current folder), or "
@@ -449,12 +463,7 @@ def inspect(model, backends, fmt):
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Samples per onnxruntime run.")
 @input_axis_option
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Workers that evaluate row windows of the data in parallel.")
-@click.option("--executor", default="local", show_default=True,
-              type=click.Choice(["local", "ray"]),
-              help="Where the workers run: local processes, or Ray (RAY_ADDRESS, else a local "
-                   "Ray). The metrics are the same, bit for bit.")
+@parallel_options("evaluate row windows of the data")
 @click.option("--format", "fmt", default="text", show_default=True,
               type=click.Choice(["text", "json"]), help="Output format.")
 @preprocess_options
@@ -519,12 +528,7 @@ def report(run_folder, output):
 @click.option("--num-samples", type=click.IntRange(min=1), help="Use at most this many samples.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Samples per onnxruntime run.")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Cells computed in parallel.")
-@click.option("--executor", default="local", show_default=True,
-              type=click.Choice(["local", "ray"]),
-              help="Where the workers run: local processes, or Ray (RAY_ADDRESS, else a local "
-                   "Ray). The table is the same either way.")
+@parallel_options("compute cells of the table")
 @click.option("--format", "fmt", default="text", show_default=True,
               type=click.Choice(["text", "markdown", "json"]), help="Output format.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
