@@ -19,16 +19,19 @@ equal to float64 rounding), and peak memory follows the float model, not the num
 observed tensors. onnxruntime holds about twice the budget (the outputs, and the
 intermediate tensors they are computed in): on MobileNet-V2 at batch 8 the session peaks
 108 / 167 / 272 / 507 MB above the model for budgets of 16 / 64 / 128 MB / unlimited, hence
-the default of 64 MB. A model with a fixed batch dim runs its batches whole.
+the default of 64 MB. A model with a fixed batch dim, or with an input whose samples are
+not on axis 0 (recurrent state, scalars), runs its batches whole.
 
 After the first batch of a given input shape, the session writes the observed tensors into
 output buffers bound once (onnxruntime IO binding) instead of allocating them per run.
 Observed tensors that are graph inputs are read from the feeds, initializers once from the
 model; tensors inside If/Loop/Scan bodies leave them as extra outputs of their node
 (:func:`qtool.io.expose_outputs`). NaN or Inf raises :class:`qtool.errors.CalibrationError`
-naming the tensor and the sample. With ``workers > 1`` the batches are dealt to spawned
-processes, each with its own session and observers, and the observers are merged at the
-end (see :func:`calibrate`).
+naming the tensor and the sample. With ``workers > 1`` (or ``executor="ray"``) data that
+a loader reads from a path is split into row windows on batch boundaries, each observed by
+its own worker (:mod:`qtool.executor`: local processes or Ray), and the observers are merged
+in window order; a plain iterable of samples is dealt batch by batch to local processes
+instead (see :func:`calibrate`).
 """
 
 from __future__ import annotations
