@@ -95,7 +95,7 @@ class CalibrateOptions:
             ``("reduce_range=false", ...)`` (``--backend-option``); unknown keys are an error.
         kernel_check: Also run the QDQ model in onnxruntime's integer kernels (default
             optimizations) on a few evaluation samples and report how far they are from the
-            simulation (:mod:`qtool.analysis.kernels`).
+            simulation (:mod:`qtool.analysis.kernels`); not with ``analysis="none"``.
         adaround: Learn the rounding of the Conv/Gemm weights on the calibration data
             (AdaRound, :mod:`qtool.qat.adaround`; needs ``qtool[qat]``).
         adaround_iters: AdaRound's optimisation steps per layer.
@@ -343,7 +343,7 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
         with progress.phase("tensor errors"):
             analysis.samples, analysis.tensors, analysis.histograms = _tensor_errors(
                 graph, result, calib_data, options.batch_size, options.memory_budget
-        )
+            )
     files = dict(result.files())
     qdq_bytes = serialize(result.graph)
     if qdq_bytes not in files.values():  # e.g. SNPE ships the float model + encodings
@@ -385,7 +385,7 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
         report["calibration"]["preprocessing"] = preprocessing
     report["backend_options"] = dict(rules.options)
     report["warnings"] += result.warnings
-    if options.kernel_check:
+    if options.kernel_check and options.analysis != "none":
         from qtool.analysis.kernels import check_kernels
 
         kernels = check_kernels(
