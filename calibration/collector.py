@@ -166,12 +166,30 @@ def make_session(model_bytes: bytes, *, intra_op_threads: int | None = None,
     # lifetimes; with every observed tensor an output, plain runs of MobileNet-V2 (batch 8)
     # peaked 210 MB higher with it than without, at the same speed (14 MB with IO binding)
     options.enable_mem_pattern = False
+    return open_session(model_bytes, options, "calibrate it")
+
+
+def open_session(model_bytes: bytes, options, purpose: str):
+    """An onnxruntime session on qtool's execution providers (:mod:`qtool.providers`).
+
+    Every phase opens its sessions so: a model onnxruntime cannot load is one clear error.
+
+    Args:
+        model_bytes: The serialized model.
+        options: The ``onnxruntime.SessionOptions``.
+        purpose: What the session is for, for the message ("calibrate it").
+
+    Raises:
+        InvalidModelError: onnxruntime cannot load the model.
+    """
+    import onnxruntime as ort
+
     try:
         return ort.InferenceSession(model_bytes, options, providers=providers.current())
     except Exception as exc:  # onnxruntime raises its own exception types
         raise InvalidModelError(
-            f"onnxruntime cannot load the model to calibrate it: {_first_line(exc)}",
-            "qtool calibrates in onnxruntime: the float model must run there (CPU)",
+            f"onnxruntime cannot load the model to {purpose}: {_first_line(exc)}",
+            "qtool runs models in onnxruntime: the model must run there",
         ) from exc
 
 

@@ -8,9 +8,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from qtool import providers
 from qtool.analysis.evaluate import LABELS_KEY
-from qtool.errors import DataError, InvalidModelError, PlanError
+from qtool.errors import DataError, PlanError
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]] | Sequence[Mapping[str, np.ndarray]]
 
@@ -71,11 +70,14 @@ def exposed(proto: onnx.ModelProto, names: Sequence[str]) -> bytes:
     return copy.SerializeToString()
 
 
-def session(model_bytes: bytes):
-    """An onnxruntime CPU session with optimizations off (the pure Q/DQ simulation)."""
+def session(model_bytes: bytes, intra_op_threads: int | None = None):
+    """A session with graph optimizations off (the pure Q/DQ simulation), no memory arena.
+
+    ``intra_op_threads``: onnxruntime's threads per run (None: its default).
+    """
     import onnxruntime as ort
 
-    from qtool.calibration.collector import _first_line
+    from qtool.calibration.collector import open_session
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -84,13 +86,9 @@ def session(model_bytes: bytes):
     # session holds only the live tensors of a run (the arena keeps its high-water mark)
     options.enable_mem_pattern = False
     options.enable_cpu_mem_arena = False
-    try:
-        return ort.InferenceSession(model_bytes, options, providers=providers.current())
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise InvalidModelError(
-            f"onnxruntime cannot load the model to analyse it: {_first_line(exc)}",
-            "qtool runs models in onnxruntime: the model must run there",
-        ) from exc
+    if intra_op_threads:
+        options.intra_op_num_threads = intra_op_threads
+    return open_session(model_bytes, options, "analyse it")
 
 
 def run(session, fetch: Sequence[str], feeds: Mapping[str, np.ndarray], where: str) -> list:

@@ -30,8 +30,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from qtool import providers
-from qtool.errors import DataError, InvalidModelError
+from qtool.errors import DataError
 from qtool.io import ModelSource, load_model, serialize
 
 log = logging.getLogger(__name__)
@@ -524,23 +523,9 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 
 def _session(model: onnx.ModelProto, intra_op_threads: int | None):
-    import onnxruntime as ort
+    from qtool.analysis.common import session
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    # no arena: each intermediate tensor goes back to malloc when its last reader ran, so a
-    # session holds only the live tensors of a run (the arena keeps its high-water mark)
-    options.enable_mem_pattern = False
-    options.enable_cpu_mem_arena = False
-    if intra_op_threads:
-        options.intra_op_num_threads = intra_op_threads
-    try:
-        return ort.InferenceSession(serialize(model), options, providers=providers.current())
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise InvalidModelError(
-            f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}"
-        ) from exc
+    return session(serialize(model), intra_op_threads)
 
 
 def _rounded(value: Any) -> Any:
