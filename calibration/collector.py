@@ -438,11 +438,7 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
     if workers < 1:
         raise CalibrationError(f"workers={workers}: must be at least 1")
     specs = specs_of(data, model)
-    stream = iter(data)
-    head = next(stream, None)
-    if head is None:
-        raise DataError("the calibration data is empty", "give at least one sample")
-    check_inputs(specs, head)
+    stream = checked_samples(data, specs)
     observers = {name: ctor(scheme, name) for name, scheme in schemes.items()}
     if not observers:
         return {}
@@ -451,7 +447,7 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
     trim_heap()  # the proto copy that was serialized is freed
     size, fixed = resolve_batch_size(specs, batch_size)
     budget = run_budget(specs, fixed, memory_budget)
-    stream = batches(itertools.chain([head], stream), specs, size, fixed=fixed,
+    stream = batches(stream, specs, size, fixed=fixed,
                      num_samples=num_samples)
     total = _length(data, num_samples)
     if workers > 1 or executor == "ray":
@@ -565,6 +561,22 @@ def _observe_shard(shared: _Shared, task: _ShardTask) -> dict[str, Observer]:
         for batch in batches(iter(task.data), task.specs, task.batch_size, fixed=task.fixed):
             collector.run(batch)
     return observers
+
+
+def checked_samples(data: Iterable[Mapping[str, np.ndarray]], specs) -> Iterator:
+    """The samples of ``data``, the first one checked against the model right away.
+
+    So a data set that does not fit the model fails before any session is built.
+
+    Raises:
+        DataError: The data is empty, or its first sample does not fit the model's inputs.
+    """
+    stream = iter(data)
+    head = next(stream, None)
+    if head is None:
+        raise DataError("the calibration data is empty", "give at least one sample")
+    check_inputs(specs, head)
+    return itertools.chain([head], stream)
 
 
 def _as_range(lo_hi) -> tuple:

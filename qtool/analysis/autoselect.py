@@ -27,7 +27,6 @@ fixed-size state plus one batch.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -243,25 +242,21 @@ def _stream(model, observers: Mapping[str, Any], data, batch_size, num_samples, 
     from qtool.calibration.collector import (
         Collector,
         batches,
+        checked_samples,
         plan_observation,
         resolve_batch_size,
         run_budget,
     )
-    from qtool.calibration.data import check_inputs, specs_of
-    from qtool.errors import DataError
+    from qtool.calibration.data import specs_of
 
     specs = specs_of(data, model)
-    stream = iter(data)
-    head = next(stream, None)
-    if head is None:
-        raise DataError("the calibration data is empty", "give at least one sample")
-    check_inputs(specs, head)
+    stream = checked_samples(data, specs)
     size, fixed = resolve_batch_size(specs, batch_size)
     collector = Collector(plan_observation(model, observers), observers,
                           optimization=optimization,
                           memory_budget=run_budget(specs, fixed, memory_budget))
     collector.observe_constants()
-    stream = batches(itertools.chain([head], stream), specs, size, fixed=fixed,
+    stream = batches(stream, specs, size, fixed=fixed,
                      num_samples=num_samples)
     for batch in progress.bar(stream, desc="auto-method", unit="batch"):
         collector.run(batch)
