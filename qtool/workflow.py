@@ -48,7 +48,7 @@ from qtool.pipeline import PassReport, Pipeline
 
 log = logging.getLogger(__name__)
 
-PREPARE_PASSES = ("cleanup", "fold_bn", "upgrade_opset")
+PREPARE_PASSES = ("cleanup", "fold_bn", "upgrade_opset", "fuse_activations")
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"

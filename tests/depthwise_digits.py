@@ -29,13 +29,21 @@ def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return images[train], labels[train], images[val], labels[val]
 
 
-def _build():
+def _build(activation: str = "relu"):
     import torch
     from torch import nn
 
+    class SpelledHardswish(nn.Module):
+        """hard_swish as paddle2onnx writes it: Add, Clip, Mul, Div in the ONNX graph."""
+
+        def forward(self, x):
+            return x * torch.clamp(x + 3, 0, 6) / 6
+
+    act = {"relu": nn.ReLU, "spelled_hardswish": SpelledHardswish}[activation]
+
     def conv_bn(cin, cout, k, stride=1, groups=1):
         return [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
-                nn.BatchNorm2d(cout), nn.ReLU()]
+                nn.BatchNorm2d(cout), act()]
 
     torch.manual_seed(SEED)
     return nn.Sequential(
@@ -47,22 +55,26 @@ def _build():
 
 
 @functools.cache
-def depthwise_digits_onnx(epochs: int = 12) -> bytes:
-    """The trained model as ONNX bytes (input ``input`` 1 x 1 x 8 x 8, output ``logits``)."""
+def depthwise_digits_onnx(epochs: int = 12, activation: str = "relu") -> bytes:
+    """The trained model as ONNX bytes (input ``input`` 1 x 1 x 8 x 8, output ``logits``).
+
+    ``activation``: ``relu``, or ``spelled_hardswish`` (``x * clip(x + 3, 0, 6) / 6`` written
+    out elementwise, as paddle2onnx exports hard_swish).
+    """
     import torch
 
     x_train, y_train, _, _ = digits_split()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small convs: threads only contend (90 s on 2 busy cores, 5 s on 1)
     try:
-        return _train_and_export(torch, x_train, y_train, epochs)
+        return _train_and_export(torch, x_train, y_train, epochs, activation)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_and_export(torch, x_train, y_train, epochs: int) -> bytes:
+def _train_and_export(torch, x_train, y_train, epochs: int, activation: str) -> bytes:
     torch.manual_seed(SEED)
-    model = _build()
+    model = _build(activation)
     x, y = torch.from_numpy(x_train), torch.from_numpy(y_train)
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     gen = torch.Generator().manual_seed(SEED)
