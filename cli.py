@@ -296,10 +296,11 @@ def main() -> None:
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0.0), metavar="PTS",
               help="Keep the most sensitive layers float until the top-1 accuracy on the "
                    "evaluation data (needs 'labels') is at most PTS points below float.")
-@click.option("--cle/--no-cle", default=False, show_default=True,
+@click.option("--cle/--no-cle", default=None,
               help="Cross-layer equalization (Conv/Gemm pairs through ReLU) and high-bias "
                    "absorption before planning: evens per-channel weight ranges for per-tensor "
-                   "backends.")
+                   "backends. Default: on for backends with per-tensor weights (academic, tvm, "
+                   "snpe), off for the others.")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
               help="Add each quantized layer's mean output error on the calibration data to "
                    "its bias (one pass of the data per layer depth).")

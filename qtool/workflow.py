@@ -100,7 +100,10 @@ class CalibrateOptions:
             (AdaRound, :mod:`qtool.qat.adaround`; needs ``qtool[qat]``).
         adaround_iters: AdaRound's optimisation steps per layer.
         cle: Cross-layer equalization before planning (:mod:`qtool.passes.cle`), with
-            high-bias absorption measured on the calibration data.
+            high-bias absorption measured on the calibration data. None (the default): on
+            for backends with per-tensor weights (academic, tvm, snpe), where evening the
+            channels' weight ranges pays, off for per-channel ones, where it only moves
+            activation ranges (silero-vad: snpe +4.8 dB, tvm +7.6 dB, tensorrt -8.3 dB).
         bias_correction: Correct each quantized layer's bias for the mean error it adds on
             the calibration data (:mod:`qtool.bias_correction`).
         fail_under_sqnr: SQNR floor (dB) of every output on the evaluation data; below it
@@ -139,7 +142,7 @@ class CalibrateOptions:
     kernel_check: bool = True
     adaround: bool = False
     adaround_iters: int = 200
-    cle: bool = False
+    cle: bool | None = None
     bias_correction: bool = True
     fail_under_sqnr: float | None = None
     input_axes: tuple[tuple[str, int | None], ...] = ()
@@ -266,14 +269,14 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
     with progress.phase("prepare"):
         graph, pass_reports = prepare(loaded)
         calib_data, eval_samples, eval_path, judged_on = _split_data(graph, options)
-    if options.cle:
+    rules = backend_rules(backend, options.backend_options)
+    if options.cle if options.cle is not None else not rules.per_channel_weights:
         from qtool.passes.cle import equalize
 
         with progress.phase("cle"):
             graph, cle_reports = equalize(graph, calib_data, batch_size=options.batch_size)
         pass_reports = [*pass_reports, *cle_reports]
     with progress.phase("plan"):
-        rules = backend_rules(backend, options.backend_options)
         plan = _build_plan(graph, rules, options)
     with progress.phase("calibrate"):
         method_choice = None

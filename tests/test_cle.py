@@ -204,3 +204,20 @@ def test_cle_runs_from_a_recipe(tmp_path):
     reference = _outputs(qtool.load(depthwise_digits_onnx()), images[:8])
     np.testing.assert_allclose(_outputs(qtool.load(ran.output), images[:8]), reference,
                                atol=1e-5 * np.abs(reference).max(), rtol=0)
+
+
+def test_cle_is_on_by_default_where_weights_are_per_tensor(tmp_path):
+    (tmp_path / "dw.onnx").write_bytes(depthwise_digits_onnx())
+    calib, _ = write_data(tmp_path)
+
+    def passes(backend: str, cle=None) -> list[str]:
+        options = CalibrateOptions(data=calib, batch_size=1, num_samples=16, cle=cle,
+                                   bias_correction=False, analysis="none")
+        return quantize_model(tmp_path / "dw.onnx", backend, options)[1]["passes"]
+
+    equalized = "cle: 4 layer pairs equalized"
+    assert any(p.startswith(equalized) for p in passes("tvm"))  # per-tensor weights
+    assert any(p.startswith(equalized) for p in passes("academic"))
+    assert not any(p.startswith("cle:") for p in passes("tensorrt"))  # per-channel weights
+    assert not any(p.startswith("cle:") for p in passes("tvm", cle=False))
+    assert any(p.startswith(equalized) for p in passes("tensorrt", cle=True))

@@ -480,3 +480,38 @@ def test_if_model_through_auto_fallback_and_compare(if_model, tmp_path):
     result = _invoke("compare", if_model, "--data", tmp_path / "d.npz", "-b", "tvm",
                      "-m", "minmax", "--no-sweep")
     assert result.exit_code == 0, result.output
+
+
+def test_an_lstm_state_nothing_reads_does_not_break_the_tensor_analysis(tmp_path):
+    """silero-vad's wrapper: the LSTM's hidden and cell outputs feed nothing."""
+    import json
+
+    import torch
+
+    class Recurrent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(4, 8, 3, padding=1)
+            self.lstm = torch.nn.LSTM(8, 16, batch_first=True)
+            self.head = torch.nn.Linear(16, 2)
+
+        def forward(self, x):
+            y, _ = self.lstm(torch.relu(self.conv(x)).transpose(1, 2))
+            return torch.sigmoid(self.head(y))
+
+    torch.manual_seed(7)
+    model = _export(Recurrent(), (torch.randn(1, 4, 10),), tmp_path / "rnn.onnx",
+                    input_names=["x"], output_names=["p"])
+    lstm = next(n for n in onnx.load(model).graph.node if n.op_type == "LSTM")
+    assert len(lstm.output) == 3  # the state outputs are there, read by nothing
+    np.savez(tmp_path / "d.npz",
+             x=np.random.default_rng(0).standard_normal((6, 4, 10)).astype(np.float32))
+    out = tmp_path / "out"
+    result = _invoke("calibrate", model, "-b", "snpe", "--data", tmp_path / "d.npz",
+                     "--batch-size", "1", "--analysis", "full", "-o", out)
+    assert result.exit_code == 0, result.output
+    tensors = {t["tensor"]: t for t in json.loads((out / "report.json").read_text())
+               ["analysis"]["tensors"]}
+    assert tensors[lstm.output[1]]["sqnr_db"] is None  # planned, no Q/DQ pair: not judged
+    assert all(t["sqnr_db"] is not None for name, t in tensors.items()
+               if name not in lstm.output[1:])

@@ -113,6 +113,10 @@ def tensor_errors(
         float_proto, [e.tensor for e in activations if e.tensor not in inputs])
     quant_bytes, quant_names = fetchable(
         quant_proto, [f"{e.tensor}_dequantized" for e in activations])
+    # a planned activation nothing reads (an LSTM's unused hidden state) got no Q/DQ pair
+    activations = [e for e in activations if f"{e.tensor}_dequantized" in quant_names]
+    float_names = {t: f for t, f in float_names.items() if t in {e.tensor for e in activations}
+                   or t in inputs}
     float_fetch = list(float_names.values())
     quant_fetch = [quant_names[f"{e.tensor}_dequantized"] for e in activations]
     float_session = session(float_bytes)
@@ -161,7 +165,7 @@ def tensor_errors(
             values = np.asarray(initializer(float_proto, entry.tensor), dtype=np.float32)
             s.update(values, entry.scheme.fake_quantize(values, qp.scale, qp.zero_point))
         else:
-            s = sums[entry.tensor]
+            s = sums.get(entry.tensor, _ErrorSums())  # no Q/DQ pair: nothing to judge
         errors.append(TensorError(entry.tensor, entry.role, list(entry.consumers), s.sqnr_db,
                                   s.cosine, s.max_abs))
     worst = sorted(
