@@ -151,6 +151,10 @@ def _summary(report: Mapping[str, Any]) -> str:
                 drop = 100.0 * (out["quant_accuracy"] - out["float_accuracy"])
                 rows.append(["top-1 accuracy", f"float {fmt_pct(out['float_accuracy'])}, "
                              f"quantized {fmt_pct(out['quant_accuracy'])} ({drop:+.2f} pts)"])
+        if ev.get("task"):
+            from qtool.analysis.tasks import task_summary
+
+            rows.append(["task metric", task_summary(ev["task"]).split(": ", 1)[1]])
     return "<h2>Summary</h2>\n" + _table(["", ""], rows, "summary", header=False)
 
 
@@ -159,7 +163,8 @@ def _fallback(fallback: Mapping[str, Any]) -> str:
     if fallback.get("target_sqnr_db") is not None:
         goals.append(f"output SQNR &ge; {fallback['target_sqnr_db']:g} dB")
     if fallback.get("max_accuracy_drop") is not None:
-        goals.append(f"accuracy drop &le; {fallback['max_accuracy_drop']:g} pts")
+        judged = f" ({_e(fallback['judged_by'])})" if fallback.get("judged_by") else ""
+        goals.append(f"accuracy drop &le; {fallback['max_accuracy_drop']:g} pts{judged}")
     verdict = "met" if fallback["met"] else "NOT met, even with every layer float"
     kept = ", ".join(fallback["float_layers"]) or "none"
     rows = [
