@@ -167,8 +167,9 @@ def float_fallback(
     reasons.update({
         s.node: (
             f"kept float to meet {_target_text(target_sqnr, max_accuracy_drop, judged)}: "
-            "quantized "
-            f"alone it gives {db_text(s.sqnr_db)} output SQNR (rank {rank} of {len(order)})"
+            f"quantized alone it gives {db_text(s.sqnr_db)} output SQNR"
+            + ("" if s.task_drop is None else f" and a {s.task_drop:.2f} pts drop")
+            + f" (rank {rank} of {len(order)})"
         )
         for rank, s in enumerate(sensitivity, start=1)
     })
