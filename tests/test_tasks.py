@@ -8,6 +8,7 @@ boxes worked out by hand (the precision/recall steps are in the comments).
 from __future__ import annotations
 
 import json
+import pickle
 from functools import cache
 
 import numpy as np
@@ -18,6 +19,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 from qtool.cli import main
 
+from qtool.analysis.evaluate import tally
 from qtool.analysis.tasks import Task, resolve_task
 from qtool.errors import TaskError
 
@@ -28,19 +30,21 @@ SAMPLES = 24
 # ------------------------------------------------------------------------------ CTC model
 
 
-def ctc_model(layout: str = "tnc") -> onnx.ModelProto:
+def ctc_model(layout: str = "tnc", swap: bool = False) -> onnx.ModelProto:
     """x [1, T, C] -> mm1 (drops channel 5) -> mm2 (identity) -> logits, as exported.
 
     Channel 5 of x is 100: one per-tensor 8-bit scale for x (mm1's input) rounds 2.2 and 2.0
     to the same level, and argmax then takes the lower index. mm1's output no longer has the
-    outlier, so quantizing mm2's input keeps every decision.
+    outlier, so quantizing mm2's input keeps every decision. ``swap``: mm2 swaps classes 1
+    and 2 (another model with the same inputs and outputs).
     """
     w1 = np.eye(C, dtype=np.float32)
     w1[C - 1, C - 1] = 0.0
+    w2 = np.eye(C, dtype=np.float32)[:, [0, 2, 1, 3, 4, 5] if swap else slice(None)]
     nodes = [
         helper.make_node("Constant", [], ["w1"], value=numpy_helper.from_array(w1, "w1")),
         helper.make_node("Constant", [], ["w2"],
-                         value=numpy_helper.from_array(np.eye(C, dtype=np.float32), "w2")),
+                         value=numpy_helper.from_array(np.ascontiguousarray(w2), "w2")),
         helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
         helper.make_node("MatMul", ["h", "w2"], ["y" if layout == "tnc" else "logits"],
                          name="mm2"),
@@ -296,6 +300,25 @@ def test_calibrate_reports_map_of_the_quantized_detector(detect_files, tmp_path)
         inter = max(w, 0) * max(h, 0)
         union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
         assert inter / union > 0.5
+
+
+def test_task_metrics_merge_shards_like_one_pass():
+    """Shards tallied apart (and pickled, as worker processes return them) merge exactly."""
+    x, labels, _ = ctc_data()
+    cases = [
+        (ctc_model(), ctc_model(swap=True), Task("ctc"),
+         [{"x": x[i : i + 1], "labels": labels[i : i + 1]} for i in range(SAMPLES)]),
+        (detector(0.0), detector(SHIFT), resolve_task("detect", ["boxes=boxes", "scores=scores"]),
+         [{"boxes_in": BOXES[None] + i, "scores_in": SCORES[None]} for i in range(6)]),
+    ]
+    for float_model, quant_model, task, batches in cases:
+        whole = tally(float_model, quant_model, batches, task=task).evaluation().task
+        first = tally(float_model, quant_model, batches[:5], task=task)
+        second = pickle.loads(pickle.dumps(tally(float_model, quant_model, batches[5:],
+                                                 task=task)))
+        first.merge(second)
+        assert first.evaluation().task == whole
+        assert whole.drop > 0
 
 
 # ---------------------------------------------------------------------------------- errors
