@@ -183,6 +183,11 @@ def test_max_accuracy_drop_with_ctc_keeps_the_hard_layer_float(ctc_files):
     assert [decode(q) for q in run(out / "model.qdq.onnx", x)] == lines
     assert report["evaluation"]["task"]["metrics"]["cer"] == 0.0
     assert "CER against the float model's decode" in (out / "report.md").read_text()
+    layers = report["analysis"]["layers"]  # ranked by the task's drop
+    assert [s["node"] for s in layers] == ["mm1", "mm2"]
+    assert layers[0]["task_drop"] == fallback["steps"][0]["accuracy_drop"]
+    assert layers[1]["task_drop"] == 0.0
+    assert "task drop (pts)" in (out / "report.html").read_text()
 
 
 # ------------------------------------------------------------------------ detection model
@@ -258,6 +263,7 @@ def test_map50_with_a_decoder_recipe(detect_files):
     assert task["metrics"]["map50"] == pytest.approx(7 / 9, rel=1e-5)
     assert task["drop"] == pytest.approx(100 * (1 - 7 / 9), rel=1e-5)
     assert task["metrics"]["float_detections"] == 4
+    assert task["output"] == "decoder.py"
     same = _evaluate(detect_files, "float.onnx", "--task", "detect", "--task-decoder",
                      f"{detect_files / 'decoder.py'}:decode")
     assert same["metrics"]["map50"] == 1.0 and same["drop"] == 0.0
@@ -284,7 +290,7 @@ def test_calibrate_reports_map_of_the_quantized_detector(detect_files, tmp_path)
         str(detect_files / "decoder.py"), "-o", str(tmp_path / "out"),
     ])
     assert result.exit_code == 0, result.output
-    assert "task detect: mAP@0.5 vs float 100.00%" in result.output
+    assert "task detect (decoder.py): mAP@0.5 vs float 100.00%" in result.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["evaluation"]["task"]["metrics"]["map50"] == 1.0
     # independently: every quantized box overlaps its float box by IoU > 0.5

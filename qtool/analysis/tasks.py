@@ -69,7 +69,7 @@ class TaskResult:
 
     Attributes:
         task: The task name.
-        output: The output(s) it read.
+        output: The output(s) it read (``detect``: the decoder file, or the outputs).
         metrics: Named values (fractions in [0, 1]; None where undefined).
         drop: Points the quantized model lost on the task (see the module docstring), or
             None where the data cannot tell (``classify`` without labels).
@@ -105,7 +105,10 @@ class Task:
         if self.name == "ctc":
             return CTCMetric(self.option("output") or None, self.option("blank"),
                              self.option("layout"))
-        return DetectMetric(self.decoder(), self.option("iou"))
+        spec = self.option("decoder")
+        source = Path(spec).name if spec else ", ".join(
+            self.option(k) for k in ("boxes", "scores", "classes") if self.option(k))
+        return DetectMetric(self.decoder(), self.option("iou"), source)
 
     def decoder(self) -> Callable[[dict[str, np.ndarray]], list]:
         """``detect``: the recipe's decode function, or the built-in box decoder."""
@@ -506,9 +509,11 @@ class _ClassHits:
 class DetectMetric:
     """mAP@0.5 of the quantized model's detections against the float model's."""
 
-    def __init__(self, decode: Callable[[dict[str, np.ndarray]], list], iou: float = 0.5):
+    def __init__(self, decode: Callable[[dict[str, np.ndarray]], list], iou: float = 0.5,
+                 source: str = ""):
         self.decode = decode
         self.iou = iou
+        self.source = source  # what decoded the outputs, for the report
         self.classes: dict[int, _ClassHits] = {}
         self.images = 0
         self.float_detections = 0
@@ -594,7 +599,8 @@ class DetectMetric:
         metrics: dict[str, float | int | None] = {
             "map50": value, "float_detections": self.float_detections,
             "quant_detections": self.quant_detections}
-        return TaskResult("detect", "", metrics, None if value is None else 100.0 * (1 - value),
+        drop = None if value is None else 100.0 * (1 - value)
+        return TaskResult("detect", self.source, metrics, drop,
                           f"mAP@{self.iou:g} against the float model's detections")
 
 

@@ -67,14 +67,17 @@ def render_html(report: Mapping[str, Any]) -> str:
             '<p class="note">Worst output SQNR of the model when only this layer\'s inputs '
             "are quantized; the lowest bars are the layers that cost the most.</p>"
         )
+        task = any(layer.get("task_drop") is not None for layer in analysis["layers"])
         table = _table(
-            ["#", "layer", "op", "SQNR (dB)", "cosine", "accuracy"],
+            ["#", "layer", "op", "SQNR (dB)", "cosine", "accuracy"]
+            + (["task drop (pts)"] if task else []),
             [
                 [str(i), layer["node"], layer["op"], fmt_db(layer["sqnr_db"]),
                  f"{layer['cosine']:.5f}", fmt_pct(layer.get("accuracy"))]
+                + ([_pts(layer.get("task_drop"))] if task else [])
                 for i, layer in enumerate(analysis["layers"], start=1)
             ],
-            "sensitivity-table", numeric={0, 3, 4, 5},
+            "sensitivity-table", numeric={0, 3, 4, 5, 6},
         )
         parts.append(_flex(_bar_chart("sensitivity-chart", rows, target), table))
     if analysis.get("tensors"):
@@ -179,6 +182,10 @@ def _fallback(fallback: Mapping[str, Any]) -> str:
         + _table(["float layers", "which", "SQNR (dB)", "accuracy drop (pts)", "met"], rows,
                  "fallback-table", numeric={0, 2, 3})
     )
+
+
+def _pts(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _method_choice(choice: Mapping[str, Any]) -> str:
