@@ -475,14 +475,13 @@ class BoxDecoder:
 
 
 def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one xyxy box with each of ``boxes`` ``[M, 4]``."""
+    """IoU of one xyxy box with each of ``boxes`` ``[M, 4]`` (union + 1e-9 as denominator)."""
     w = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
     h = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
     inter = w * h
     area = (box[2] - box[0]) * (box[3] - box[1])
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    union = area + areas - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    return inter / (area + areas - inter + 1e-9)  # 0 for boxes of no area
 
 
 def average_precision(scores: Sequence[float], hits: Sequence[bool], positives: int) -> float:
