@@ -17,11 +17,13 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
+from outlier_model import HARD_LAYER, VAL, outlier_graph
 from qtool.cli import main
 
 from qtool.analysis.evaluate import tally
 from qtool.analysis.tasks import Task, resolve_task
 from qtool.errors import TaskError
+from qtool.io import save
 
 T, C = 10, 6  # CTC steps; classes: blank 0, characters 1..4, an outlier channel 5
 SAMPLES = 24
@@ -374,4 +376,37 @@ def test_ctc_without_a_rank3_output_is_an_error(detect_files):
         "--data", str(detect_files / "data.npz"), "--task", "ctc", "--task-option",
         "output=scores"])
     assert result.exit_code == 2
-    assert "output 'scores' has rank 2" in result.output
+    assert "output 'scores' has shape [1, 4], not [T, N, C] or [N, T, C]" in result.output
+
+
+# ------------------------------------------------------------------------------- classify
+
+
+def test_classify_without_labels_judges_the_fallback_by_agreement(tmp_path):
+    save(outlier_graph(), tmp_path / "hard.onnx")
+    inputs = np.load(VAL)["input"][:128]
+    np.savez(tmp_path / "val.npz", input=inputs)  # no labels
+    result = CliRunner().invoke(main, [
+        "calibrate", str(tmp_path / "hard.onnx"), "-b", "tensorrt", "--data",
+        str(tmp_path / "val.npz"), "--eval-data", str(tmp_path / "val.npz"), "--task",
+        "classify", "--max-accuracy-drop", "0", "--no-bias-correction", "-o",
+        str(tmp_path / "out"), "--quiet",
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    fallback = report["analysis"]["fallback"]
+    assert fallback["judged_by"] == "top-1 disagreement with the float model"
+    assert fallback["steps"][0]["accuracy_drop"] > 0 and fallback["met"]
+
+    def classes(path):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return np.concatenate([session.run(None, {"input": inputs[i : i + 1]})[0].argmax(1)
+                               for i in range(len(inputs))])
+
+    agree = np.mean(classes(tmp_path / "hard.onnx") == classes(tmp_path / "out" /
+                                                               "model.qdq.onnx"))
+    assert agree == 1.0 == report["evaluation"]["task"]["metrics"]["top1_agreement"]
+    assert fallback["steps"][-1]["accuracy_drop"] == 0.0
+    assert fallback["float_layers"] == [HARD_LAYER]

@@ -6,7 +6,8 @@ counts, never the outputs. Three tasks:
 
 * ``classify`` (a rank-2 ``[N, classes]`` output): top-1 agreement with float, the fraction
   of rows whose argmax is the same in both models; with labels (one class index per row)
-  each model's top-1 accuracy. Drop = float accuracy - quantized accuracy (labels needed).
+  each model's top-1 accuracy. Drop = float accuracy - quantized accuracy with labels, else
+  100 - top-1 agreement (the rows whose class changed), in points.
 * ``ctc`` (a ``[T, N, C]`` or ``[N, T, C]`` logits output; the batch axis is the one whose
   size is the batch's row count): greedy CTC decoding, argmax per step, repeats collapsed,
   blanks (index ``blank``, default 0) dropped. With ``d`` the Levenshtein distance
@@ -121,8 +122,11 @@ class Task:
     def check_outputs(self, outputs: Mapping[str, int | None]) -> None:
         """Refuse options naming outputs the model lacks (``outputs``: name -> rank or None).
 
+        Ranks are not checked here: exporters often declare them wrong (ddddocr declares
+        ``[1, -1]`` for ``[T, 1, C]`` logits); the metric checks the arrays it gets.
+
         Raises:
-            TaskError: A named output is missing, or a ``ctc`` output is not rank 3.
+            TaskError: A named output is missing.
         """
         names = ", ".join(outputs) or "none"
         keys = {"classify": ("output",), "ctc": ("output",),
@@ -132,15 +136,6 @@ class Task:
             if value and value not in outputs:
                 raise TaskError(f"--task {self.name}: the model has no output {value!r} "
                                 f"({key}=)", f"its outputs: {names}")
-        if self.name == "ctc":
-            chosen = self.option("output")
-            rank3 = [n for n, rank in outputs.items() if rank == 3]
-            if chosen and outputs[chosen] not in (None, 3):
-                raise TaskError(f"--task ctc: output {chosen!r} has rank {outputs[chosen]}, "
-                                "not [T, N, C] or [N, T, C]", "name the logits output")
-            if not chosen and not rank3 and all(r is not None for r in outputs.values()):
-                raise TaskError("--task ctc: the model has no rank-3 output to decode",
-                                f"name it with --task-option output=NAME (outputs: {names})")
 
 
 def resolve_task(task: str | Task | None, options: Mapping[str, Any] | Sequence[str] = (),
@@ -290,15 +285,17 @@ class ClassifyMetric:
             setattr(self, key, getattr(self, key) + getattr(other, key))
 
     def result(self) -> TaskResult:
-        """Top-1 agreement, accuracies, and the accuracy drop (labels needed)."""
+        """Top-1 agreement, accuracies; the accuracy drop, or without labels the disagreement."""
         metrics: dict[str, float | int | None] = {"top1_agreement": _ratio(self.agree, self.rows)}
-        drop = None
         if self.labelled:
             metrics["float_accuracy"] = _ratio(self.float_correct, self.labelled)
             metrics["quant_accuracy"] = _ratio(self.quant_correct, self.labelled)
             drop = 100.0 * (self.float_correct - self.quant_correct) / self.labelled
+            return TaskResult("classify", self.output or "", metrics, drop,
+                              "top-1 accuracy drop against the labels")
+        drop = 100.0 * (self.rows - self.agree) / self.rows if self.rows else None
         return TaskResult("classify", self.output or "", metrics, drop,
-                          "top-1 accuracy drop against the labels")
+                          "top-1 disagreement with the float model")
 
 
 # -- ctc -----------------------------------------------------------------------------------
