@@ -313,7 +313,8 @@ def main() -> None:
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0.0), metavar="PTS",
               help="Keep the most sensitive layers float until the top-1 accuracy on the "
                    "evaluation data (needs 'labels') is at most PTS points below float; with "
-                   "--task ctc/detect, until the CER rise / 100 - mAP@0.5 is at most PTS.")
+                   "--task, until its drop is: CER rise (ctc), 100 - mAP@0.5 (detect), "
+                   "100 - top-1 agreement (classify without labels).")
 @task_options
 @click.option("--cle/--no-cle", default=False, show_default=True,
               help="Cross-layer equalization (Conv/Gemm pairs through ReLU) and high-bias "

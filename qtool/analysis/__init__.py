@@ -36,6 +36,8 @@ calibration data (:mod:`~qtool.analysis.holdout`).
 The family, one module per job:
 
 * :mod:`~qtool.analysis.evaluate`: float vs quantized outputs (SQNR, cosine, top-1) on data;
+* :mod:`~qtool.analysis.tasks`: task metrics beside SQNR (top-1, CER after CTC decoding,
+  mAP@0.5 against the float detections) that judge the fallback with ``--task``;
 * :mod:`~qtool.analysis.tensors`: accumulated error per quantized tensor, histograms;
 * :mod:`~qtool.analysis.sensitivity`: each layer quantized alone;
 * :mod:`~qtool.analysis.fallback`: the float fallback search to a target;
