@@ -73,7 +73,7 @@ class TaskResult:
         output: The output(s) it read (``detect``: the decoder file, or the outputs).
         metrics: Named values (fractions in [0, 1]; None where undefined).
         drop: Points the quantized model lost on the task (see the module docstring), or
-            None where the data cannot tell (``classify`` without labels).
+            None where it is undefined (the float model detects nothing; no characters).
         judged_by: What ``drop`` measures, in words.
     """
 
@@ -272,7 +272,7 @@ class ClassifyMetric:
         fq = np.argmax(quant_outputs[self.output], axis=-1).reshape(-1)
         self.rows += int(fx.size)
         self.agree += int(np.sum(fx == fq))
-        if labels is not None:
+        if labels is not None and np.ndim(labels) <= 1:  # one class per row
             truth = np.asarray(labels).reshape(-1)
             self.labelled += int(fx.size)
             self.float_correct += int(np.sum(fx == truth))
