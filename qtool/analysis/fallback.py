@@ -133,7 +133,7 @@ def float_fallback(
         reference = FloatReference(float_graph, batches, max_samples=max_samples, task=task)
     reasons: dict[str, str] = {}
     steps: list[FallbackStep] = []
-    judged_by: list[str] = []  # what the drop measures, from the first evaluation
+    judged_by: list[str] = []  # what the drop measures, said by the first evaluation
 
     def judge(layers: list[str], wide: Sequence[str] = ()):
         candidate = keep_float(plan, layers, reasons)
@@ -159,8 +159,8 @@ def float_fallback(
     met, candidate = judge([])
     judged = judged_by[0] if judged_by else None
     if met:  # nothing to search: the fully quantized model meets the target already
-        return _done(judged_by, target_sqnr, max_accuracy_drop, [], True, steps, reference.cost(),
-                        candidate)
+        return Fallback(target_sqnr, max_accuracy_drop, [], True, steps, reference.cost(),
+                        candidate, judged_by=judged)
     if callable(sensitivity):
         sensitivity = sensitivity()
     order = [s.node for s in sensitivity]
@@ -177,8 +177,8 @@ def float_fallback(
         for k in progress.bar(range(1, len(order) + 1), desc="16-bit search", unit="step"):
             met, candidate = judge([], order[:k])
             if met:
-                return _done(judged_by, target_sqnr, max_accuracy_drop, [], True, steps,
-                                reference.cost(), candidate, list(order[:k]))
+                return Fallback(target_sqnr, max_accuracy_drop, [], True, steps,
+                                reference.cost(), candidate, list(order[:k]), judged)
     for k in progress.bar(range(1, len(order) + 1), desc="fallback search", unit="step"):
         met, candidate = judge(order[:k])
         if met:
@@ -186,8 +186,8 @@ def float_fallback(
     else:
         log.warning("the target %s is not met even with every layer float",
                     _target_text(target_sqnr, max_accuracy_drop, judged))
-        return _done(judged_by, target_sqnr, max_accuracy_drop, list(order), False, steps,
-                        reference.cost(), candidate)
+        return Fallback(target_sqnr, max_accuracy_drop, list(order), False, steps,
+                        reference.cost(), candidate, judged_by=judged)
     # Prune: a layer added early may be unnecessary once later ones are float. The last one
     # added is needed (the prefix without it missed the target); try the others.
     kept = list(order[:k])
@@ -196,8 +196,8 @@ def float_fallback(
         trial_met, trial_plan = judge(trial)
         if trial_met:
             kept, candidate = trial, trial_plan
-    return _done(judged_by, target_sqnr, max_accuracy_drop, kept, True, steps, reference.cost(),
-                    candidate)
+    return Fallback(target_sqnr, max_accuracy_drop, kept, True, steps, reference.cost(),
+                    candidate, judged_by=judged)
 
 
 def with_activation_bits(plan, layers: Sequence[str], bits: int):
@@ -222,11 +222,6 @@ def _runs_wide(backend, plan) -> bool:
     supported = resolve_backend(backend).activation_bits_supported
     narrower = any(e.scheme.bits < WIDE_ACTIVATION_BITS for e in plan.entries("activation"))
     return WIDE_ACTIVATION_BITS in supported and narrower
-
-
-def _done(judged_by: list[str], *args, **kwargs) -> Fallback:
-    """The :class:`Fallback`, saying what judged the accuracy target."""
-    return Fallback(*args, **kwargs, judged_by=judged_by[0] if judged_by else None)
 
 
 def _undefined_drop(evaluation) -> DataError:
