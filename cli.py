@@ -224,6 +224,23 @@ def parallel_options(work: str):
     return decorate
 
 
+def task_options(fn):
+    """``--task``, ``--task-option KEY=VALUE`` and ``--task-decoder`` (qtool.analysis.tasks)."""
+    from qtool.analysis.tasks import TASK_NAMES
+
+    fn = click.option("--task-decoder", metavar="FILE.py[:FUNCTION]",
+                      help="--task detect: a Python file whose decode(outputs) returns one "
+                           "(boxes[K,4] xyxy, scores[K], classes[K]) per image.")(fn)
+    fn = click.option("--task-option", "task_options", multiple=True, metavar="KEY=VALUE",
+                      help="A task option, e.g. blank=0, layout=tnc, output=NAME (ctc); "
+                           "boxes=OUT, scores=OUT, classes=OUT, min_score=0.3 (detect). "
+                           "Repeatable.")(fn)
+    return click.option("--task", type=click.Choice(TASK_NAMES),
+                        help="Judge by the task beside SQNR: classify (top-1), ctc (CER and "
+                             "line accuracy of greedy CTC decoding), detect (mAP@0.5 against "
+                             "the float model's detections).")(fn)
+
+
 def _quiet_option(fn):
     return click.option("--quiet", "-q", is_flag=True,
                         help="Print nothing on success: no progress, no summary.")(fn)
@@ -295,7 +312,10 @@ def main() -> None:
                    "the evaluation data (or held-out split) reaches DB.")
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0.0), metavar="PTS",
               help="Keep the most sensitive layers float until the top-1 accuracy on the "
-                   "evaluation data (needs 'labels') is at most PTS points below float.")
+                   "evaluation data (needs 'labels') is at most PTS points below float; with "
+                   "--task, until its drop is: CER rise (ctc), 100 - mAP@0.5 (detect), "
+                   "100 - top-1 agreement (classify without labels).")
+@task_options
 @click.option("--cle/--no-cle", default=None,
               help="Cross-layer equalization (Conv/Gemm pairs through ReLU) and high-bias "
                    "absorption before planning: evens per-channel weight ranges for per-tensor "
@@ -327,9 +347,9 @@ def main() -> None:
 def calibrate(ctx, model, backend, backend_options, data_path, eval_path, method, weight_method,
               num_samples, batch_size, bits, weight_bits, act_bits, skip, plan_path,
               save_plan_path, workers, executor, seed, output, force, layerwise, sensitivity,
-              target_sqnr, max_accuracy_drop, cle, bias_correction, fail_under_sqnr, adaround,
-              adaround_iters, analysis_level, memory_budget, quiet, provider, preprocess_file,
-              input_axes=(), **image_flags):
+              target_sqnr, max_accuracy_drop, task, task_options, task_decoder, cle,
+              bias_correction, fail_under_sqnr, adaround, adaround_iters, analysis_level,
+              memory_budget, quiet, provider, preprocess_file, input_axes=(), **image_flags):
     """Quantize MODEL for a backend: calibrate, write the model, vendor files and a report.
 
     The output folder gets the quantized model, the backend's files (encodings, calibration
@@ -356,6 +376,7 @@ def calibrate(ctx, model, backend, backend_options, data_path, eval_path, method
         plan=plan_path, workers=workers, executor=executor, seed=seed, layerwise=layerwise,
         progress=False if quiet else None, sensitivity=sensitivity, target_sqnr=target_sqnr,
         max_accuracy_drop=max_accuracy_drop, providers=provider,
+        task=task, task_options=tuple(task_options), task_decoder=task_decoder,
         preprocess=_preprocessing(preprocess_file, **image_flags),
         backend_options=tuple(backend_options),
         adaround=adaround, adaround_iters=adaround_iters,
@@ -460,6 +481,7 @@ def inspect(model, backends, fmt):
 @click.option("--data", "data_path", required=True, type=EXISTING_PATH,
               help="Evaluation data: .npz/.npy (labels from the 'labels' key) or image folder.")
 @click.option("--layerwise", is_flag=True, help="Per-tensor SQNR, worst layers first.")
+@task_options
 @click.option("--num-samples", type=click.IntRange(min=1), help="Use at most this many samples.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
               help="Samples per onnxruntime run.")
@@ -470,9 +492,14 @@ def inspect(model, backends, fmt):
 @preprocess_options
 @provider_option
 @debug_option
-def evaluate(float_model, quant_model, data_path, layerwise, num_samples, batch_size, workers,
-             executor, fmt, provider, preprocess_file, input_axes=(), **image_flags):
+def evaluate(float_model, quant_model, data_path, layerwise, task, task_options, task_decoder,
+             num_samples, batch_size, workers, executor, fmt, provider, preprocess_file,
+             input_axes=(), **image_flags):
     """Compare QUANT with FLOAT: SQNR, cosine, max abs error, top-1 agreement per output.
+
+    With --task, the task's metric beside them: top-1 (classify), CER and line accuracy
+    after greedy CTC decoding (ctc; labels: an int array [N, L] padded with -1), mAP@0.5
+    against the float model's detections (detect).
 
     \b
     Example:
@@ -485,7 +512,8 @@ def evaluate(float_model, quant_model, data_path, layerwise, num_samples, batch_
                                 num_samples=num_samples, batch_size=batch_size,
                                 preprocess=_preprocessing(preprocess_file, **image_flags),
                                 providers=provider, input_axes=dict(input_axes),
-                                workers=workers, executor=executor)
+                                workers=workers, executor=executor, task=task,
+                                task_options=tuple(task_options), task_decoder=task_decoder)
     click.echo(evaluation.render(fmt), nl=False)
 
 

@@ -404,24 +404,21 @@ def sqnr_per_output(ref: list[list[np.ndarray]], test: list[list[np.ndarray]]) -
 
 
 def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance."""
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[:], i
-        for j, cb in enumerate(b, 1):
-            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (ca != cb))
-    return row[-1]
+    """Levenshtein distance (qtool's, as ``qtool evaluate --task ctc`` counts it)."""
+    from qtool.analysis.tasks import edit_distance as levenshtein
+
+    return levenshtein(a, b)
 
 
 def ctc_decode(logits: np.ndarray, charset: list[str]) -> str:
-    """ddddocr's decoding: argmax per step, collapse repeats, drop blank (0), map to chars."""
-    out, prev = [], None
-    for idx in logits.reshape(logits.shape[0], -1).argmax(-1):
-        idx = int(idx)
-        if idx != prev and idx != 0 and idx < len(charset):
-            out.append(charset[idx])
-        prev = idx
-    return "".join(out)
+    """ddddocr's decoding: argmax per step, collapse repeats, drop blank (0), map to chars.
+
+    The greedy decode is qtool's (``--task ctc``); indices beyond the charset are dropped.
+    """
+    from qtool.analysis.tasks import greedy_ctc
+
+    (line,) = greedy_ctc(logits.reshape(logits.shape[0], 1, -1), blank=0, batch_axis=1)
+    return "".join(charset[idx] for idx in line if idx < len(charset))
 
 
 def picodet_detections(outputs: list[np.ndarray], conf=0.4, iou=0.5) -> list[tuple]:
@@ -475,33 +472,22 @@ def hard_nms(scores: np.ndarray, boxes: np.ndarray, iou: float, top_k: int = 100
 
 
 def map50(reference: list[list[tuple]], detections: list[list[tuple]]) -> float:
-    """mAP@0.5 (VOC all-point AP, mean over classes the reference has) against references."""
-    aps = []
-    classes = sorted({d[0] for img in reference for d in img})
-    for cls in classes:
-        gts = [np.array([d[2:] for d in img if d[0] == cls]).reshape(-1, 4) for img in reference]
-        used = [np.zeros(len(g), bool) for g in gts]
-        preds = sorted(((d[1], i, np.array(d[2:])) for i, img in enumerate(detections)
-                        for d in img if d[0] == cls), key=lambda p: -p[0])
-        tp = np.zeros(len(preds))
-        for k, (_, i, box) in enumerate(preds):
-            if len(gts[i]):
-                ious = box_iou(box, gts[i])
-                j = int(np.argmax(ious))
-                if ious[j] >= 0.5 and not used[i][j]:
-                    used[i][j] = True
-                    tp[k] = 1
-        total = sum(len(g) for g in gts)
-        ctp = np.cumsum(tp)
-        recall = ctp / max(total, 1)
-        precision = ctp / np.arange(1, len(preds) + 1) if preds else np.zeros(0)
-        mrec = np.concatenate([[0], recall, [1]])
-        mpre = np.concatenate([[0], precision, [0]])
-        for k in range(len(mpre) - 2, -1, -1):
-            mpre[k] = max(mpre[k], mpre[k + 1])
-        idx = np.where(mrec[1:] != mrec[:-1])[0]
-        aps.append(float(np.sum((mrec[idx + 1] - mrec[idx]) * mpre[idx + 1])))
-    return float(np.mean(aps)) if aps else float("nan")
+    """mAP@0.5 (VOC all-point AP, mean over classes the reference has) against references.
+
+    qtool's metric (``qtool evaluate --task detect``) on ``(class, score, x1, y1, x2, y2)``
+    tuples per image; nan when the reference has no detection.
+    """
+    from qtool.analysis.tasks import DetectMetric
+
+    def arrays(images):
+        return [(np.array([d[2:] for d in img], float).reshape(-1, 4),
+                 np.array([d[1] for d in img], float), np.array([d[0] for d in img], int))
+                for img in images]
+
+    metric = DetectMetric(lambda outputs: outputs["images"], iou=0.5)
+    metric.update({"images": arrays(reference)}, {"images": arrays(detections)}, None)
+    value = metric.result().metrics["map50"]
+    return float("nan") if value is None else float(value)
 
 
 def task_metrics(name: str, ref: list, test: list, truth) -> dict:

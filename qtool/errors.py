@@ -122,3 +122,9 @@ class ExecutorError(QtoolError):
 
     exit_code = 9
     default_hint = "retry with --workers 1 (and without --executor ray) to see the error"
+
+
+class TaskError(QtoolError):
+    """An unknown task (``--task``), task option or a decoder recipe that does not load."""
+
+    exit_code = 2

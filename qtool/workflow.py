@@ -86,7 +86,13 @@ class CalibrateOptions:
         target_sqnr: Keep the most sensitive layers float until the output SQNR (dB, on the
             calibration data) reaches this.
         max_accuracy_drop: Keep the most sensitive layers float until the top-1 accuracy on
-            the (labelled) evaluation data is at most this many points below float.
+            the (labelled) evaluation data is at most this many points below float; with a
+            ``task``, until the task's drop is at most this (:mod:`qtool.analysis.tasks`).
+        task: ``classify``, ``ctc`` or ``detect`` (or a :class:`qtool.analysis.tasks.Task`):
+            its metric is reported beside the SQNR and judges ``max_accuracy_drop`` and the
+            sensitivity ranking; None: top-1 of rank-2 outputs, as always.
+        task_options: The task's ``KEY=VALUE`` options (``--task-option``) or a mapping.
+        task_decoder: ``--task detect``: the decoder recipe, ``FILE.py[:FUNCTION]``.
         preprocess: Image-folder preprocessing (:class:`qtool.calibration.images.
             Preprocessing` or a dict of its keys); None: the defaults for the model.
         providers: onnxruntime execution providers of every session, in order (names or
@@ -136,6 +142,9 @@ class CalibrateOptions:
     sensitivity: bool = False
     target_sqnr: float | None = None
     max_accuracy_drop: float | None = None
+    task: Any = None
+    task_options: Mapping[str, Any] | tuple[str, ...] = ()
+    task_decoder: str | None = None
     preprocess: Any = None
     providers: str | tuple[str, ...] | None = None
     backend_options: Mapping[str, Any] | tuple[str, ...] = ()
@@ -261,6 +270,9 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
         raise PlanError("--analysis none turns off the comparison, the sensitivity and the "
                         "float fallback", "drop --analysis none, or the flags that need them "
                         "(--layerwise, --sensitivity, --target-sqnr, --max-accuracy-drop)")
+    from qtool.analysis.tasks import resolve_task
+
+    task = resolve_task(options.task, options.task_options, options.task_decoder)
     if options.adaround:
         import qtool.qat  # noqa: F401  (fails fast, naming the extra, without torch)
     with progress.phase("load"):
@@ -301,7 +313,8 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
                           activation_method=options.method)
 
     with progress.phase("analysis"):
-        analysis = _analyze(graph, rules, result, ranges, eval_samples, eval_path, options)
+        analysis = _analyze(graph, rules, result, ranges, eval_samples, eval_path, options,
+                            task)
         analysis.level, analysis.judged_on = options.analysis, judged_on
         if analysis.fallback is not None and (analysis.fallback.float_layers
                                               or analysis.fallback.wide_layers):
@@ -326,9 +339,11 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
             # orientation classifier lost 36 dB). The better model is kept.
             with progress.phase("bias correction check"):
                 before = evaluate(load(model), uncorrected.graph,
-                                  labelled_batches(eval_samples, eval_path, options.batch_size))
+                                  labelled_batches(eval_samples, eval_path, options.batch_size),
+                                  task=task)
                 after = evaluate(load(model), result.graph,
-                                 labelled_batches(eval_samples, eval_path, options.batch_size))
+                                 labelled_batches(eval_samples, eval_path, options.batch_size),
+                                 task=task)
             bias_correction.measure(before, after)
             judged = after
             if bias_correction.worse():
@@ -366,7 +381,7 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
                     load(model),
                     result.graph,
                     labelled_batches(eval_samples, eval_path, options.batch_size),
-                    layerwise=options.layerwise,
+                    layerwise=options.layerwise, task=task,
                 )
     report = build_report(
         model=_display(model),
@@ -494,12 +509,13 @@ def render_report(run_folder: str | os.PathLike, output: str | os.PathLike | Non
     return target
 
 
-def _analyze(graph, backend, result, ranges, eval_samples, eval_path, options):
+def _analyze(graph, backend, result, ranges, eval_samples, eval_path, options, task=None):
     """Float fallback and sensitivity as the options ask, judged on the evaluation samples.
 
     The float outputs of a bounded slice (:data:`SEARCH_SAMPLES` rows) are computed once
     and shared by the sensitivity and every fallback candidate; the sensitivity runs only
-    when asked or when the fully quantized model misses the target.
+    when asked or when the fully quantized model misses the target. With a ``task`` its
+    metric judges the accuracy target and ranks the layers.
     """
     from qtool.analysis import Analysis, float_fallback, layer_sensitivity
     from qtool.analysis.reference import FloatReference
@@ -509,7 +525,7 @@ def _analyze(graph, backend, result, ranges, eval_samples, eval_path, options):
     if not (options.sensitivity or wants_fallback):
         return analysis
     reference = FloatReference(graph, _batches(eval_samples, eval_path, options.batch_size),
-                               max_samples=SEARCH_SAMPLES)
+                               max_samples=SEARCH_SAMPLES, task=task)
 
     def sensitivity():
         if not analysis.layers:
@@ -555,6 +571,9 @@ def evaluate_files(
     input_axes: Mapping[str, int | None] | None = None,
     workers: int = 1,
     executor: str | None = None,
+    task: Any = None,
+    task_options: Mapping[str, Any] | tuple[str, ...] = (),
+    task_decoder: str | None = None,
 ):
     """``qtool evaluate``: compare two model files on a data set (labels from an .npz).
 
@@ -563,19 +582,25 @@ def evaluate_files(
     (``--input-axis``); others are inferred. With ``workers > 1`` (or ``executor="ray"``)
     row windows of the data are evaluated where the executor runs them
     (:mod:`qtool.executor`) and their sums merged in data order: the same metrics, bit for
-    bit, as one pass.
+    bit, as one pass. ``task`` (``classify``, ``ctc``, ``detect``) with its options and
+    decoder adds the task's metric (:mod:`qtool.analysis.tasks`).
 
     Returns:
         A :class:`qtool.analysis.evaluate.Evaluation`.
+
+    Raises:
+        TaskError: An unknown task or option, or a decoder that does not load.
     """
     from qtool import providers as session_providers
+    from qtool.analysis.tasks import resolve_task
     from qtool.executor import get_executor
 
     with session_providers.use(session_providers.resolve(providers)):
         job = _EvaluateJob(str(float_model), str(quant_model), str(data), layerwise,
                            num_samples, batch_size, preprocess,
                            tuple(sorted((input_axes or {}).items())),
-                           session_providers.current())
+                           session_providers.current(),
+                           resolve_task(task, task_options, task_decoder))
         samples = job.samples()
         windows = [(0, len(samples))]
         if (workers > 1 or executor == "ray") and hasattr(samples, "shard"):
@@ -603,6 +628,7 @@ class _EvaluateJob:
     preprocess: Any
     input_axes: tuple
     providers: tuple[str, ...]
+    task: Any = None
 
     def samples(self):
         """The data set, loaded from its path (a worker loads its own)."""
@@ -620,7 +646,7 @@ def _evaluate_window(job: _EvaluateJob, window: tuple[int, int]):
             samples = samples.shard(*window)
         batches = labelled_batches(samples, job.data, job.batch_size)
         return tally(load(job.float_model), load(job.quant_model, check=False), batches,
-                     layerwise=job.layerwise)
+                     layerwise=job.layerwise, task=job.task)
 
 
 @dataclass
@@ -801,7 +827,10 @@ def _labels(path) -> np.ndarray | None:
     with np.load(path, allow_pickle=False) as archive:
         if LABELS_KEY not in archive.files:
             return None
-        return np.asarray(archive[LABELS_KEY]).reshape(-1).astype(np.int64)
+        labels = np.asarray(archive[LABELS_KEY])
+        if labels.ndim >= 2 and labels.shape[1:] != (1,):  # CTC lines: [N, L], -1 padding
+            return labels.reshape(labels.shape[0], -1).astype(np.int64)
+        return labels.reshape(-1).astype(np.int64)
 
 
 def _display(path) -> str:

@@ -27,7 +27,8 @@ calibration data (:mod:`~qtool.analysis.holdout`).
 * **Float fallback.** Layers sorted by sensitivity, worst first; the ``k`` worst are kept
   float for ``k = 0, 1, 2, ...`` (greedy, one evaluation per step) until the model meets
   the target: output SQNR ``>= target_sqnr`` dB and/or top-1 accuracy no more than
-  ``max_accuracy_drop`` percentage points below the float model's (labels needed). Then each
+  ``max_accuracy_drop`` percentage points below the float model's (labels needed; with a
+  task, its drop: the CER rise, 100 - mAP@0.5, :mod:`~qtool.analysis.tasks`). Then each
   kept layer but the last is tried quantized again, in the same order, and stays quantized
   if the target still holds: no layer of the result can be quantized alone without missing
   the target. The result is the plan with those layers skipped
@@ -36,6 +37,8 @@ calibration data (:mod:`~qtool.analysis.holdout`).
 The family, one module per job:
 
 * :mod:`~qtool.analysis.evaluate`: float vs quantized outputs (SQNR, cosine, top-1) on data;
+* :mod:`~qtool.analysis.tasks`: task metrics beside SQNR (top-1, CER after CTC decoding,
+  mAP@0.5 against the float detections) that judge the fallback with ``--task``;
 * :mod:`~qtool.analysis.tensors`: accumulated error per quantized tensor, histograms;
 * :mod:`~qtool.analysis.sensitivity`: each layer quantized alone;
 * :mod:`~qtool.analysis.fallback`: the float fallback search to a target;

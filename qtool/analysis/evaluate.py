@@ -13,6 +13,10 @@ For a classifier output (rank 2, more than one class) ``top-1 agreement`` is the
 rows whose argmax is the same in both models, and with labels (a ``labels`` key in the data,
 one integer per row) the top-1 accuracy of each model.
 
+With a task (``task="ctc"``, ``"detect"``, ``"classify"``: :mod:`qtool.analysis.tasks`) the
+task's own metric (CER and line accuracy after CTC decoding, mAP@0.5 against the float
+model's detections, top-1) streams over the same batches and is reported beside the SQNR.
+
 ``layerwise=True`` also compares every intermediate tensor the two graphs share by name (the
 outputs of ordinary nodes of the quantized graph, which hold the error accumulated up to that
 layer) and lists them worst SQNR first.
@@ -30,6 +34,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from qtool.analysis.tasks import Task, TaskResult, resolve_task
 from qtool.errors import DataError
 from qtool.io import ModelSource, load_model, serialize
 
@@ -182,12 +187,14 @@ class Evaluation:
         outputs: One entry per graph output, in graph order.
         layers: Per-tensor metrics, worst SQNR first (empty unless ``layerwise``).
         labelled: Whether the data had labels.
+        task: The task metric (``task=``), or None.
     """
 
     samples: int
     outputs: list[OutputMetrics]
     layers: list[LayerMetrics] = field(default_factory=list)
     labelled: bool = False
+    task: TaskResult | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict with floats rounded to 6 significant digits (stable report bytes)."""
@@ -220,12 +227,14 @@ class _Classifier:
         self.agree = 0
         self.float_correct = 0
         self.quant_correct = 0
+        self.labelled = 0
 
     def update(self, x: np.ndarray, q: np.ndarray, labels: np.ndarray | None) -> None:
         fx, fq = np.argmax(x, axis=-1), np.argmax(q, axis=-1)
         self.rows += int(fx.shape[0])
         self.agree += int(np.sum(fx == fq))
-        if labels is not None:
+        if labels is not None and labels.ndim == 1:  # class labels (not CTC sequences)
+            self.labelled += int(fx.shape[0])
             self.float_correct += int(np.sum(fx == labels))
             self.quant_correct += int(np.sum(fq == labels))
 
@@ -235,6 +244,7 @@ class _Classifier:
         self.agree += other.agree
         self.float_correct += other.float_correct
         self.quant_correct += other.quant_correct
+        self.labelled += other.labelled
 
 
 @dataclass
@@ -248,6 +258,7 @@ class Tally:
         classifiers: Top-1 counts per classifier output.
         samples: Rows seen.
         labelled: Whether the data had labels.
+        task: The task's running metric (:mod:`qtool.analysis.tasks`), or None.
     """
 
     output_names: list[str]
@@ -256,6 +267,7 @@ class Tally:
     classifiers: dict[str, _Classifier]
     samples: int = 0
     labelled: bool = False
+    task: Any = None
 
     def merge(self, other: Tally) -> None:
         """Add the sums of another shard (merge shards in their data order)."""
@@ -265,6 +277,11 @@ class Tally:
             self.classifiers.setdefault(name, _Classifier()).merge(counts)
         self.samples += other.samples
         self.labelled = self.labelled or other.labelled
+        if other.task is not None:
+            if self.task is None:
+                self.task = other.task
+            else:
+                self.task.merge(other.task)
 
     def evaluation(self) -> Evaluation:
         """The metrics of the sums.
@@ -281,7 +298,8 @@ class Tally:
             for name, (_, op) in self.layers_shared.items()
         ]
         layers.sort(key=lambda m: (math.inf if m.sqnr_db is None else m.sqnr_db, m.tensor))
-        return Evaluation(self.samples, outputs, layers, self.labelled)
+        task = self.task.result() if self.task is not None else None
+        return Evaluation(self.samples, outputs, layers, self.labelled, task)
 
 
 def evaluate(
@@ -291,6 +309,7 @@ def evaluate(
     *,
     layerwise: bool = False,
     intra_op_threads: int | None = None,
+    task: str | Task | None = None,
 ) -> Evaluation:
     """Run both models over ``data`` and measure how far the quantized outputs drift.
 
@@ -302,6 +321,9 @@ def evaluate(
             entry holds one class index per row.
         layerwise: Also compare the intermediate tensors both graphs share by name.
         intra_op_threads: onnxruntime threads per session (None: onnxruntime's default).
+        task: A task name or :class:`~qtool.analysis.tasks.Task` whose metric to add
+            (labels, when the data has them: one class per row for ``classify``, an int
+            array ``[rows, L]`` padded with -1 for ``ctc``).
 
     Returns:
         The metrics.
@@ -310,7 +332,7 @@ def evaluate(
         DataError: No data, a missing input, or arrays that do not fit the model's inputs.
     """
     return tally(float_model, quant_model, data, layerwise=layerwise,
-                 intra_op_threads=intra_op_threads).evaluation()
+                 intra_op_threads=intra_op_threads, task=task).evaluation()
 
 
 def tally(
@@ -320,6 +342,7 @@ def tally(
     *,
     layerwise: bool = False,
     intra_op_threads: int | None = None,
+    task: str | Task | None = None,
 ) -> Tally:
     """The running sums of :func:`evaluate` over ``data``, before they become metrics.
 
@@ -328,11 +351,16 @@ def tally(
 
     Raises:
         DataError: A missing input, or arrays that do not fit the model's inputs.
+        TaskError: The task's options do not fit the model's outputs.
     """
     float_proto = load_model(float_model)
     quant_proto = load_model(quant_model)
     input_specs = _input_specs(quant_proto)
     output_names = [o.name for o in quant_proto.graph.output]
+    task = resolve_task(task)
+    if task is not None:
+        task.check_outputs(output_ranks(quant_proto))
+    metric = task.metric() if task is not None else None
     float_outputs = {o.name for o in float_proto.graph.output}
     missing = [n for n in output_names if n not in float_outputs]
     if missing:
@@ -382,7 +410,21 @@ def tally(
             if name in layers_shared or not _is_classifier(x):
                 continue
             classifiers.setdefault(name, _Classifier()).update(x, q, labels)
-    return Tally(output_names, layers_shared, sums, classifiers, samples, labelled)
+        if metric is not None:
+            count = len(output_names)
+            metric.update(dict(zip(output_names, float_values[:count], strict=True)),
+                          dict(zip(output_names, quant_values[:count], strict=True)), labels,
+                          rows)
+    return Tally(output_names, layers_shared, sums, classifiers, samples, labelled, metric)
+
+
+def output_ranks(model: onnx.ModelProto) -> dict[str, int | None]:
+    """Each graph output's rank (None where the model does not say)."""
+    ranks = {}
+    for out in model.graph.output:
+        tensor = out.type.tensor_type
+        ranks[out.name] = len(tensor.shape.dim) if tensor.HasField("shape") else None
+    return ranks
 
 
 def output_metrics(names, sums, classifiers, labelled: bool) -> list[OutputMetrics]:
@@ -394,7 +436,7 @@ def output_metrics(names, sums, classifiers, labelled: bool) -> list[OutputMetri
         counts = classifiers.get(name)
         if counts is not None and counts.rows:
             metrics.top1_agreement = counts.agree / counts.rows
-            if labelled:
+            if labelled and counts.labelled:
                 metrics.float_accuracy = counts.float_correct / counts.rows
                 metrics.quant_accuracy = counts.quant_correct / counts.rows
         outputs.append(metrics)
@@ -466,8 +508,10 @@ def _feeds(
         if array.dtype == np.float64:
             array = array.astype(np.float32)
         feeds[name] = array
-    if labels is not None:
-        labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    if labels is not None:  # one class per row, or a row of indices per row (-1: padding)
+        labels = np.asarray(labels)
+        labels = (labels.reshape(labels.shape[0], -1) if labels.ndim >= 2 and labels.shape[1:]
+                  != (1,) else labels.reshape(-1)).astype(np.int64)
     return feeds, labels
 
 

@@ -4,6 +4,11 @@ The cost is bounded: the fully quantized model is judged first and the search st
 when it meets the target (the layer sensitivity, one candidate per layer, is then never
 computed); the float outputs are computed once (:class:`~qtool.analysis.reference.FloatReference`)
 and every candidate runs over the same bounded slice of the judging data.
+
+The accuracy target (``max_accuracy_drop``, points) is judged by the task's metric when a
+task is given (:mod:`qtool.analysis.tasks`: CER rise for ``ctc``, 100 - mAP@0.5 against the
+float detections for ``detect``, neither needs labels), else by the top-1 accuracy against
+the labels; :attr:`Fallback.judged_by` says which.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ class Fallback:
         steps: Every evaluation of the search.
         cost: ``candidates`` evaluated and ``samples`` (rows) each was judged on.
         plan: The plan with ``float_layers`` skipped.
+        judged_by: What the accuracy drop measured (e.g. ``CER against the float model's
+            decode``), or None without an accuracy target.
     """
 
     target_sqnr_db: float | None
@@ -62,6 +69,7 @@ class Fallback:
     cost: dict[str, int] = field(default_factory=dict)
     plan: Any = field(repr=False, default=None)
     wide_layers: list[str] = field(default_factory=list)
+    judged_by: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (the plan is written separately as plan.json)."""
@@ -83,6 +91,7 @@ def float_fallback(
     weight_method: str = "minmax",
     reference: FloatReference | None = None,
     max_samples: int | None = None,
+    task=None,
 ) -> Fallback:
     """Raise the most sensitive layers to 16-bit activations, else keep them float, greedily.
 
@@ -105,22 +114,26 @@ def float_fallback(
         weight_method: Observer of the weight ranges.
         reference: Float outputs computed once, shared with the sensitivity.
         max_samples: Judge on at most this many rows of ``batches`` (None: all).
+        task: The task (name or :class:`~qtool.analysis.tasks.Task`) whose metric judges
+            ``max_accuracy_drop``; not needed with ``reference`` (its task judges).
 
     Returns:
         The :class:`Fallback`; ``met`` is False if even all layers float miss the target.
 
     Raises:
         PlanError: No target given.
-        DataError: ``max_accuracy_drop`` without labels in the data.
+        DataError: ``max_accuracy_drop`` without labels (top-1) or a task metric the data
+            cannot define (no float detections).
     """
     from qtool.qdq import quantize
 
     if target_sqnr is None and max_accuracy_drop is None:
         raise PlanError("float fallback needs a target", "give target_sqnr or max_accuracy_drop")
     if reference is None:
-        reference = FloatReference(float_graph, batches, max_samples=max_samples)
+        reference = FloatReference(float_graph, batches, max_samples=max_samples, task=task)
     reasons: dict[str, str] = {}
     steps: list[FallbackStep] = []
+    judged_by: list[str] = []  # what the drop measures, said by the first evaluation
 
     def judge(layers: list[str], wide: Sequence[str] = ()):
         candidate = keep_float(plan, layers, reasons)
@@ -131,11 +144,10 @@ def float_fallback(
         evaluation = reference.evaluate(quantized.graph)
         sqnr, drop = model_sqnr(evaluation), accuracy_drop(evaluation)
         if max_accuracy_drop is not None and drop is None:
-            raise DataError(
-                "--max-accuracy-drop needs labels in the evaluation data",
-                "give an .npz with a 'labels' array (one class per sample), or use "
-                "--target-sqnr",
-            )
+            raise _undefined_drop(evaluation)
+        if max_accuracy_drop is not None and not judged_by:
+            judged_by.append(evaluation.task.judged_by if evaluation.task is not None
+                             else "top-1 accuracy drop against the labels")
         met = (target_sqnr is None or sort_db(sqnr) >= target_sqnr) and (
             max_accuracy_drop is None or drop <= max_accuracy_drop + 1e-9
         )
@@ -145,16 +157,19 @@ def float_fallback(
         return met, candidate
 
     met, candidate = judge([])
+    judged = judged_by[0] if judged_by else None
     if met:  # nothing to search: the fully quantized model meets the target already
         return Fallback(target_sqnr, max_accuracy_drop, [], True, steps, reference.cost(),
-                        candidate)
+                        candidate, judged_by=judged)
     if callable(sensitivity):
         sensitivity = sensitivity()
     order = [s.node for s in sensitivity]
     reasons.update({
         s.node: (
-            f"kept float to meet {_target_text(target_sqnr, max_accuracy_drop)}: quantized "
-            f"alone it gives {db_text(s.sqnr_db)} output SQNR (rank {rank} of {len(order)})"
+            f"kept float to meet {_target_text(target_sqnr, max_accuracy_drop, judged)}: "
+            f"quantized alone it gives {db_text(s.sqnr_db)} output SQNR"
+            + ("" if s.task_drop is None else f" and a {s.task_drop:.2f} pts drop")
+            + f" (rank {rank} of {len(order)})"
         )
         for rank, s in enumerate(sensitivity, start=1)
     })
@@ -163,16 +178,16 @@ def float_fallback(
             met, candidate = judge([], order[:k])
             if met:
                 return Fallback(target_sqnr, max_accuracy_drop, [], True, steps,
-                                reference.cost(), candidate, list(order[:k]))
+                                reference.cost(), candidate, list(order[:k]), judged)
     for k in progress.bar(range(1, len(order) + 1), desc="fallback search", unit="step"):
         met, candidate = judge(order[:k])
         if met:
             break
     else:
         log.warning("the target %s is not met even with every layer float",
-                    _target_text(target_sqnr, max_accuracy_drop))
+                    _target_text(target_sqnr, max_accuracy_drop, judged))
         return Fallback(target_sqnr, max_accuracy_drop, list(order), False, steps,
-                        reference.cost(), candidate)
+                        reference.cost(), candidate, judged_by=judged)
     # Prune: a layer added early may be unnecessary once later ones are float. The last one
     # added is needed (the prefix without it missed the target); try the others.
     kept = list(order[:k])
@@ -182,7 +197,7 @@ def float_fallback(
         if trial_met:
             kept, candidate = trial, trial_plan
     return Fallback(target_sqnr, max_accuracy_drop, kept, True, steps, reference.cost(),
-                    candidate)
+                    candidate, judged_by=judged)
 
 
 def with_activation_bits(plan, layers: Sequence[str], bits: int):
@@ -209,10 +224,30 @@ def _runs_wide(backend, plan) -> bool:
     return WIDE_ACTIVATION_BITS in supported and narrower
 
 
-def _target_text(target_sqnr: float | None, max_accuracy_drop: float | None) -> str:
+def _undefined_drop(evaluation) -> DataError:
+    """The error for an accuracy target the judging data cannot measure."""
+    task = evaluation.task
+    if task is not None and task.task == "detect":
+        return DataError("--max-accuracy-drop: the float model detects nothing on the "
+                         "judging data, so mAP@0.5 is undefined",
+                         "give judging data with objects (--eval-data), or lower min_score")
+    if task is not None and task.task == "ctc":
+        return DataError("--max-accuracy-drop: no characters to measure a CER against (the "
+                         "float model decodes empty lines, or the label lines are empty)",
+                         "check the blank index (--task-option blank=) and the labels")
+    return DataError(
+        "--max-accuracy-drop needs labels in the evaluation data",
+        "give an .npz with a 'labels' array (one class per sample), use --target-sqnr, or "
+        "a task that needs none (--task ctc, --task detect)",
+    )
+
+
+def _target_text(target_sqnr: float | None, max_accuracy_drop: float | None,
+                 judged_by: str | None = None) -> str:
     parts = []
     if target_sqnr is not None:
         parts.append(f"output SQNR >= {target_sqnr:g} dB")
     if max_accuracy_drop is not None:
-        parts.append(f"accuracy drop <= {max_accuracy_drop:g} pts")
+        metric = f" ({judged_by})" if judged_by else ""
+        parts.append(f"accuracy drop <= {max_accuracy_drop:g} pts{metric}")
     return " and ".join(parts)

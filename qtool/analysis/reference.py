@@ -10,6 +10,8 @@ on the same rows (the same running sums):
 
     SQNR (dB) = 10 * log10( sum(x^2) / sum((x - q)^2) ),  top-1 agreement, accuracy
 
+and, with a task (:mod:`qtool.analysis.tasks`), the task's metric.
+
 Memory: the slice's inputs and model outputs (bounded by ``max_samples``), not the
 intermediate tensors. Every evaluation is counted in :attr:`FloatReference.candidates`, so
 a search can report what it cost.
@@ -29,7 +31,9 @@ from qtool.analysis.evaluate import (
     _input_specs,
     _is_classifier,
     output_metrics,
+    output_ranks,
 )
+from qtool.analysis.tasks import Task, resolve_task
 from qtool.errors import DataError
 from qtool.io import load_model, serialize
 
@@ -46,6 +50,8 @@ class FloatReference:
         float_graph: The prepared float model (Graph, ModelProto, path or bytes).
         batches: Data batches (labels optional), or a callable returning them.
         max_samples: Keep whole batches until this many rows (None: all the data).
+        task: A task (name or :class:`~qtool.analysis.tasks.Task`) whose metric every
+            evaluation adds, or None.
 
     Attributes:
         samples: Rows kept.
@@ -54,10 +60,14 @@ class FloatReference:
         seconds: Wall time spent (float run and evaluations).
     """
 
-    def __init__(self, float_graph, batches: Batches, *, max_samples: int | None = None):
+    def __init__(self, float_graph, batches: Batches, *, max_samples: int | None = None,
+                 task: str | Task | None = None):
         start = time.perf_counter()
         proto = load_model(float_graph)
         self.output_names = [o.name for o in proto.graph.output]
+        self.task = resolve_task(task)
+        if self.task is not None:
+            self.task.check_outputs(output_ranks(proto))
         self._specs = _input_specs(proto)
         float_session = session(serialize(proto))
         del proto
@@ -97,8 +107,13 @@ class FloatReference:
         candidate = session(serialize(load_model(quant_model)))
         sums = {name: _ErrorSums() for name in self.output_names}
         classifiers: dict[str, _Classifier] = {}
+        metric = self.task.metric() if self.task is not None else None
         for index, (feeds, labels, outputs) in enumerate(self._batches):
             values = _run(candidate, self.output_names, feeds, index)
+            if metric is not None:
+                metric.update(dict(zip(self.output_names, outputs, strict=True)),
+                              dict(zip(self.output_names, values, strict=True)), labels,
+                              int(next(iter(feeds.values())).shape[0]))
             for name, x, q in zip(self.output_names, outputs, values, strict=True):
                 if x.shape != q.shape:
                     raise DataError(f"output {name}: float shape {x.shape}, quantized {q.shape}")
@@ -108,7 +123,8 @@ class FloatReference:
         self.candidates += 1
         self.seconds += time.perf_counter() - start
         return Evaluation(self.samples, output_metrics(self.output_names, sums, classifiers,
-                                                       self.labelled), [], self.labelled)
+                                                       self.labelled), [], self.labelled,
+                          metric.result() if metric is not None else None)
 
     def cost(self) -> dict[str, int]:
         """What judging cost, in deterministic units: candidates and rows per candidate."""

@@ -2,6 +2,9 @@
 
 The float outputs are computed once (:class:`qtool.analysis.reference.FloatReference`);
 each layer then costs one quantization and one run of its candidate over the judged rows.
+Layers are ranked worst first: by the task metric's drop when a task judges
+(:mod:`qtool.analysis.tasks`; ties, such as the many layers that lose nothing, by SQNR), else
+by the output SQNR.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class LayerSensitivity:
         sqnr_db: Worst output SQNR of the model with only this layer quantized.
         cosine: Worst output cosine.
         accuracy: Top-1 accuracy of that model (with labels).
+        task_drop: Points that model loses on the task (CER rise, 100 - mAP, accuracy
+            drop; :mod:`qtool.analysis.tasks`), when a task judges.
     """
 
     node: str
@@ -38,6 +43,7 @@ class LayerSensitivity:
     sqnr_db: float | None
     cosine: float
     accuracy: float | None = None
+    task_drop: float | None = None
 
 
 def layers_of(plan) -> dict[str, list[str]]:
@@ -70,7 +76,12 @@ def model_sqnr(evaluation: Evaluation) -> float | None:
 
 
 def accuracy_drop(evaluation: Evaluation) -> float | None:
-    """Float minus quantized top-1 accuracy in percentage points (None without labels)."""
+    """Points lost: the task's drop with a task, else float minus quantized top-1 accuracy.
+
+    None where the data cannot tell (top-1 without labels).
+    """
+    if evaluation.task is not None:
+        return evaluation.task.drop
     accuracy = evaluation.accuracy
     if accuracy is None:
         return None
@@ -79,7 +90,7 @@ def accuracy_drop(evaluation: Evaluation) -> float | None:
 
 def layer_sensitivity(float_graph, result, batches: Batches | None = None, *,
                       reference: FloatReference | None = None,
-                      max_samples: int | None = None) -> list[LayerSensitivity]:
+                      max_samples: int | None = None, task=None) -> list[LayerSensitivity]:
     """Quantize each layer alone and measure the model outputs (see the module docstring).
 
     Args:
@@ -89,14 +100,17 @@ def layer_sensitivity(float_graph, result, batches: Batches | None = None, *,
             not needed with ``reference``.
         reference: Float outputs computed once, shared with other searches.
         max_samples: Judge on at most this many rows of ``batches`` (None: all).
+        task: A task (name or :class:`~qtool.analysis.tasks.Task`) to rank by; not needed
+            with ``reference`` (its task judges).
 
     Returns:
-        One entry per layer, worst (lowest SQNR) first; ties by node name.
+        One entry per layer, worst first (largest task drop, then lowest SQNR); ties by
+        node name.
     """
     from qtool.qdq import quantize
 
     if reference is None:
-        reference = FloatReference(float_graph, batches, max_samples=max_samples)
+        reference = FloatReference(float_graph, batches, max_samples=max_samples, task=task)
     plan = result.plan
     layers = layers_of(plan)
     union = {
@@ -115,7 +129,8 @@ def layer_sensitivity(float_graph, result, batches: Batches | None = None, *,
         sensitivity.append(LayerSensitivity(
             node, plan.nodes.get(node, "?"), list(tensors), model_sqnr(evaluation), cosine,
             accuracy[1] if accuracy else None,
+            evaluation.task.drop if evaluation.task is not None else None,
         ))
         log.debug("layer %s alone: %s dB", node, sensitivity[-1].sqnr_db)
-    sensitivity.sort(key=lambda s: (sort_db(s.sqnr_db), s.node))
+    sensitivity.sort(key=lambda s: (-(s.task_drop or 0.0), sort_db(s.sqnr_db), s.node))
     return sensitivity

@@ -9,7 +9,8 @@ The JSON report holds what was done and how well it went:
 * ``plan``: how many tensors are quantized, and every node left float with the reason;
 * ``evaluation``: per-output SQNR / cosine / max abs error / top-1 agreement (and accuracy
   with labels) on the evaluation data, ``held_out`` saying whether that data differs from the
-  calibration data; per-layer SQNR when asked;
+  calibration data; per-layer SQNR when asked; ``task``: the task metric (``--task``:
+  :mod:`qtool.analysis.tasks`), or null;
 * ``analysis`` (:mod:`qtool.analysis`, on the calibration data): accumulated SQNR / cosine of
   every quantized tensor, histograms of the worst activations with their clip ranges, and
   when asked the sensitivity of each layer quantized alone, the float fallback search and

@@ -67,14 +67,17 @@ def render_html(report: Mapping[str, Any]) -> str:
             '<p class="note">Worst output SQNR of the model when only this layer\'s inputs '
             "are quantized; the lowest bars are the layers that cost the most.</p>"
         )
+        task = any(layer.get("task_drop") is not None for layer in analysis["layers"])
         table = _table(
-            ["#", "layer", "op", "SQNR (dB)", "cosine", "accuracy"],
+            ["#", "layer", "op", "SQNR (dB)", "cosine", "accuracy"]
+            + (["task drop (pts)"] if task else []),
             [
                 [str(i), layer["node"], layer["op"], fmt_db(layer["sqnr_db"]),
                  f"{layer['cosine']:.5f}", fmt_pct(layer.get("accuracy"))]
+                + ([_pts(layer.get("task_drop"))] if task else [])
                 for i, layer in enumerate(analysis["layers"], start=1)
             ],
-            "sensitivity-table", numeric={0, 3, 4, 5},
+            "sensitivity-table", numeric={0, 3, 4, 5, 6},
         )
         parts.append(_flex(_bar_chart("sensitivity-chart", rows, target), table))
     if analysis.get("tensors"):
@@ -151,6 +154,10 @@ def _summary(report: Mapping[str, Any]) -> str:
                 drop = 100.0 * (out["quant_accuracy"] - out["float_accuracy"])
                 rows.append(["top-1 accuracy", f"float {fmt_pct(out['float_accuracy'])}, "
                              f"quantized {fmt_pct(out['quant_accuracy'])} ({drop:+.2f} pts)"])
+        if ev.get("task"):
+            from qtool.analysis.tasks import task_summary
+
+            rows.append(["task metric", task_summary(ev["task"]).split(": ", 1)[1]])
     return "<h2>Summary</h2>\n" + _table(["", ""], rows, "summary", header=False)
 
 
@@ -159,7 +166,8 @@ def _fallback(fallback: Mapping[str, Any]) -> str:
     if fallback.get("target_sqnr_db") is not None:
         goals.append(f"output SQNR &ge; {fallback['target_sqnr_db']:g} dB")
     if fallback.get("max_accuracy_drop") is not None:
-        goals.append(f"accuracy drop &le; {fallback['max_accuracy_drop']:g} pts")
+        judged = f" ({_e(fallback['judged_by'])})" if fallback.get("judged_by") else ""
+        goals.append(f"accuracy drop &le; {fallback['max_accuracy_drop']:g} pts{judged}")
     verdict = "met" if fallback["met"] else "NOT met, even with every layer float"
     kept = ", ".join(fallback["float_layers"]) or "none"
     rows = [
@@ -174,6 +182,10 @@ def _fallback(fallback: Mapping[str, Any]) -> str:
         + _table(["float layers", "which", "SQNR (dB)", "accuracy drop (pts)", "met"], rows,
                  "fallback-table", numeric={0, 2, 3})
     )
+
+
+def _pts(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _method_choice(choice: Mapping[str, Any]) -> str:

@@ -45,6 +45,8 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         if accuracy:
             lines += ["", f"Top-1 accuracy: float {fmt_pct(accuracy[0])}, quantized "
                       f"{fmt_pct(accuracy[1])} ({_delta(accuracy)})."]
+        if ev.get("task"):
+            lines += ["", _task_line(ev["task"]) + "."]
         if ev.get("layers"):
             lines += ["", "### Layers, worst first", "", "| tensor | op | SQNR (dB) | cosine |",
                       "|---|---|---|---|"]
@@ -96,7 +98,8 @@ def _analysis_markdown(analysis: Mapping[str, Any] | None) -> list[str]:
         if fallback["target_sqnr_db"] is not None:
             goals.append(f"output SQNR >= {fallback['target_sqnr_db']:g} dB")
         if fallback["max_accuracy_drop"] is not None:
-            goals.append(f"accuracy drop <= {fallback['max_accuracy_drop']:g} pts")
+            judged = f" ({fallback['judged_by']})" if fallback.get("judged_by") else ""
+            goals.append(f"accuracy drop <= {fallback['max_accuracy_drop']:g} pts{judged}")
         kept = ", ".join(fallback["float_layers"]) or "none"
         wide = ", ".join(fallback.get("wide_layers") or ()) or "none"
         lines += ["## Float fallback", "",
@@ -112,9 +115,13 @@ def _analysis_markdown(analysis: Mapping[str, Any] | None) -> list[str]:
                          f"{'yes' if step['met'] else 'no'} |")
         lines.append("")
     if analysis.get("layers"):
+        task = any(s.get("task_drop") is not None for s in analysis["layers"])
         lines += ["## Layer sensitivity (each layer quantized alone), worst first", "",
-                  "| layer | op | output SQNR (dB) | cosine |", "|---|---|---|---|"]
+                  "| layer | op | output SQNR (dB) | cosine |" + (" task drop (pts) |" if task
+                                                                else ""),
+                  "|---|---|---|---|" + ("---|" if task else "")]
         lines += [f"| {s['node']} | {s['op']} | {fmt_db(s['sqnr_db'])} | {s['cosine']:.5f} |"
+                  + (f" {_pts(s.get('task_drop'))} |" if task else "")
                   for s in analysis["layers"]]
         lines.append("")
     if analysis.get("tensors"):
@@ -129,6 +136,10 @@ def _analysis_markdown(analysis: Mapping[str, Any] | None) -> list[str]:
         lines += [f"| {name} | {info['method']} |" for name, info in choice["tensors"].items()]
         lines.append("")
     return lines
+
+
+def _pts(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _shape_text(plan: Mapping[str, Any]) -> str:
@@ -211,7 +222,15 @@ def _output_rows(ev: Mapping[str, Any]) -> list[str]:
             f"  top-1 accuracy     float {fmt_pct(accuracy[0])}   quantized {fmt_pct(accuracy[1])}"
             f"   ({_delta(accuracy)})"
         )
+    if ev.get("task"):
+        lines += ["", "  " + _task_line(ev["task"])]
     return lines
+
+
+def _task_line(task: Mapping[str, Any]) -> str:
+    from qtool.analysis.tasks import task_summary
+
+    return task_summary(task)
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:

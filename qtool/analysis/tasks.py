@@ -1,0 +1,642 @@
+r"""Task metrics: judge a quantized model by what its outputs are for, beside the SQNR.
+
+A task names how a model's outputs are read; its metric streams over the data like an
+observer (``update(float_outputs, quant_outputs, labels)``, ``merge``, ``result``) and keeps
+counts, never the outputs. Three tasks:
+
+* ``classify`` (a rank-2 ``[N, classes]`` output): top-1 agreement with float, the fraction
+  of rows whose argmax is the same in both models; with labels (one class index per row)
+  each model's top-1 accuracy. Drop = float accuracy - quantized accuracy with labels, else
+  100 - top-1 agreement (the rows whose class changed), in points.
+* ``ctc`` (a ``[T, N, C]`` or ``[N, T, C]`` logits output; the batch axis is the one whose
+  size is the batch's row count): greedy CTC decoding, argmax per step, repeats collapsed,
+  blanks (index ``blank``, default 0) dropped. With ``d`` the Levenshtein distance
+  (insertions, deletions, substitutions cost 1) and ``ref`` the reference sequences,
+
+      CER = sum_lines d(decoded, ref) / sum_lines len(ref)
+      line accuracy = fraction of lines with decoded == ref
+
+  against the float model's decode, and with labels (an int array ``[N, L]`` of class
+  indices padded with -1) against the truth for both models. Drop = 100 * (quantized CER -
+  float CER) against the labels, else 100 * CER against the float decode: a CER rise in
+  points.
+* ``detect``: the model's own decoding (a recipe: a Python file with ``decode(outputs) ->
+  [(boxes[K, 4] xyxy, scores[K], classes[K]) per image]``, or the built-in decoder of
+  outputs that already are boxes/scores/classes) turns both models' outputs into
+  detections; the float model's detections are the ground truth. mAP@0.5: per class, the
+  quantized detections sorted by score, highest first; one is a true positive when its IoU
+  with the best-overlapping unmatched float box of its image and class is ``>= iou``
+  (default 0.5; a detection whose best box is already matched is a false positive); VOC
+  all-point interpolated AP
+
+      AP = sum_k (r_k - r_{k-1}) * max_{k' >= k} p_{k'}
+
+  averaged over the classes the float model detects. Drop = 100 * (1 - mAP). Memory: one
+  (score, hit) pair per quantized detection.
+
+Options come as ``KEY=VALUE`` (``--task-option``), typed by their defaults; an unknown key
+is a :class:`~qtool.errors.TaskError` that lists the task's options.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qtool.errors import TaskError
+
+#: Each task's options and their defaults (the defaults give the types).
+TASK_OPTIONS: dict[str, dict[str, Any]] = {
+    "classify": {"output": ""},
+    "ctc": {"output": "", "blank": 0, "layout": "auto"},
+    "detect": {"decoder": "", "boxes": "", "scores": "", "classes": "", "min_score": 0.0,
+               "iou": 0.5},
+}
+TASK_NAMES = tuple(TASK_OPTIONS)
+CTC_LAYOUTS = ("auto", "tnc", "ntc")
+DECODER_FUNCTION = "decode"
+
+
+@dataclass
+class TaskResult:
+    """What a task metric measured.
+
+    Attributes:
+        task: The task name.
+        output: The output(s) it read (``detect``: the decoder file, or the outputs).
+        metrics: Named values (fractions in [0, 1]; None where undefined).
+        drop: Points the quantized model lost on the task (see the module docstring), or
+            None where it is undefined (the float model detects nothing; no characters).
+        judged_by: What ``drop`` measures, in words.
+    """
+
+    task: str
+    output: str
+    metrics: dict[str, float | int | None]
+    drop: float | None
+    judged_by: str
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task and its typed options; :meth:`metric` gives a fresh streaming metric.
+
+    Picklable (a decoder is loaded from its file where the metric is made), so evaluation
+    shards in other processes make their own.
+    """
+
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def option(self, key: str) -> Any:
+        """The option's value (its default when not given)."""
+        return dict(self.options).get(key, TASK_OPTIONS[self.name][key])
+
+    def metric(self) -> ClassifyMetric | CTCMetric | DetectMetric:
+        """A fresh metric of this task."""
+        if self.name == "classify":
+            return ClassifyMetric(self.option("output") or None)
+        if self.name == "ctc":
+            return CTCMetric(self.option("output") or None, self.option("blank"),
+                             self.option("layout"))
+        spec = self.option("decoder")
+        source = Path(spec).name if spec else ", ".join(
+            self.option(k) for k in ("boxes", "scores", "classes") if self.option(k))
+        return DetectMetric(self.decoder(), self.option("iou"), source)
+
+    def decoder(self) -> Callable[[dict[str, np.ndarray]], list]:
+        """``detect``: the recipe's decode function, or the built-in box decoder."""
+        spec = self.option("decoder")
+        if spec:
+            return load_decoder(spec)
+        return BoxDecoder(self.option("boxes"), self.option("scores"),
+                          self.option("classes") or None, self.option("min_score"))
+
+    def check_outputs(self, outputs: Mapping[str, int | None]) -> None:
+        """Refuse options naming outputs the model lacks (``outputs``: name -> rank or None).
+
+        Ranks are not checked here: exporters often declare them wrong (ddddocr declares
+        ``[1, -1]`` for ``[T, 1, C]`` logits); the metric checks the arrays it gets.
+
+        Raises:
+            TaskError: A named output is missing.
+        """
+        names = ", ".join(outputs) or "none"
+        keys = {"classify": ("output",), "ctc": ("output",),
+                "detect": ("boxes", "scores", "classes")}[self.name]
+        for key in keys:
+            value = self.option(key)
+            if value and value not in outputs:
+                raise TaskError(f"--task {self.name}: the model has no output {value!r} "
+                                f"({key}=)", f"its outputs: {names}")
+
+
+def resolve_task(task: str | Task | None, options: Mapping[str, Any] | Sequence[str] = (),
+                 decoder: str | None = None) -> Task | None:
+    """A :class:`Task` from a name and ``KEY=VALUE`` options (``--task``, ``--task-option``).
+
+    Args:
+        task: ``classify``, ``ctc``, ``detect``, a Task (returned as is), or None.
+        options: ``("blank=0", ...)`` or a mapping; values typed by the defaults.
+        decoder: ``detect``: ``FILE.py`` or ``FILE.py:FUNCTION`` (``--task-decoder``).
+
+    Returns:
+        The task, or None when ``task`` is None.
+
+    Raises:
+        TaskError: An unknown task or option key, a bad value, options without a task, a
+            decoder that does not load, or ``detect`` with neither a decoder nor outputs.
+    """
+    if isinstance(task, Task):
+        return task
+    if task is None:
+        if options or decoder:
+            raise TaskError("--task-option and --task-decoder need --task",
+                            f"add --task {'detect' if decoder else 'ctc'} (tasks: "
+                            f"{', '.join(TASK_NAMES)})")
+        return None
+    if task not in TASK_OPTIONS:
+        raise TaskError(f"unknown task {task!r}", f"choose one of: {', '.join(TASK_NAMES)}")
+    parsed = _parse(task, options)
+    if decoder:
+        if task != "detect":
+            raise TaskError(f"--task-decoder is for --task detect, not {task}",
+                            "drop --task-decoder")
+        parsed["decoder"] = str(decoder)
+    if task == "ctc" and parsed.get("layout", "auto") not in CTC_LAYOUTS:
+        raise TaskError(f"--task ctc: layout={parsed['layout']} is not one of "
+                        f"{', '.join(CTC_LAYOUTS)}", "tnc: [T, N, C]; ntc: [N, T, C]")
+    if task == "detect":
+        if parsed.get("decoder"):
+            load_decoder(parsed["decoder"])  # fails now, not in the middle of a run
+        elif not (parsed.get("boxes") and parsed.get("scores")):
+            raise TaskError(
+                "--task detect needs the model's decoding",
+                "give --task-decoder FILE.py[:FUNCTION], or --task-option boxes=OUTPUT "
+                "--task-option scores=OUTPUT for outputs that already are boxes and scores",
+            )
+        if not 0.0 < parsed.get("iou", 0.5) <= 1.0:
+            raise TaskError(f"--task detect: iou={parsed['iou']} is not in (0, 1]",
+                            "mAP@0.5 uses iou=0.5")
+    return Task(task, tuple(sorted(parsed.items())))
+
+
+def _parse(task: str, options: Mapping[str, Any] | Sequence[str]) -> dict[str, Any]:
+    known = TASK_OPTIONS[task]
+    listed = ", ".join(f"{k} (default {v!r})" for k, v in known.items())
+    pairs: list[tuple[str, Any]] = []
+    if isinstance(options, Mapping):
+        pairs = [(str(k), v) for k, v in options.items()]
+    else:
+        for item in options:
+            key, sep, value = str(item).partition("=")
+            if not sep or not key.strip():
+                raise TaskError(f"task option {item!r} is not KEY=VALUE",
+                                f"--task {task} options: {listed}")
+            pairs.append((key.strip(), value.strip()))
+    parsed: dict[str, Any] = {}
+    for key, value in pairs:
+        if key not in known:
+            raise TaskError(f"task {task} has no option {key}", f"its options: {listed}")
+        kind = type(known[key])
+        try:
+            parsed[key] = kind(value) if not isinstance(value, kind) else value
+        except (TypeError, ValueError) as exc:
+            raise TaskError(f"task option {key}={value!r} is not a {kind.__name__}",
+                            f"--task {task} options: {listed}") from exc
+    return parsed
+
+
+def load_decoder(spec: str) -> Callable[[dict[str, np.ndarray]], list]:
+    """The function of a decoder recipe ``FILE.py`` (function ``decode``) or ``FILE.py:NAME``.
+
+    Raises:
+        TaskError: The file is missing, does not import, or lacks the function.
+    """
+    path, _, name = str(spec).rpartition(":") if _has_function(spec) else (spec, "", "")
+    name = name or DECODER_FUNCTION
+    file = Path(path)
+    if not file.is_file():
+        raise TaskError(f"decoder file {file} not found",
+                        "give --task-decoder FILE.py[:FUNCTION]")
+    digest = hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:12]
+    loader_spec = importlib.util.spec_from_file_location(f"qtool_task_decoder_{digest}", file)
+    module = importlib.util.module_from_spec(loader_spec)
+    try:
+        loader_spec.loader.exec_module(module)
+    except Exception as exc:  # the recipe's own error, shown in one line
+        raise TaskError(f"decoder file {file} does not import: {type(exc).__name__}: {exc}",
+                        "fix the file (run it with python to see the traceback)") from exc
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise TaskError(f"decoder file {file} has no function {name}()",
+                        f"define def {name}(outputs): ... returning one (boxes, scores, "
+                        "classes) per image, or name it as FILE.py:FUNCTION")
+    return function
+
+
+def _has_function(spec: str) -> bool:
+    head, sep, tail = str(spec).rpartition(":")
+    return bool(sep) and bool(head) and tail.isidentifier()
+
+
+# -- classify ------------------------------------------------------------------------------
+
+
+class ClassifyMetric:
+    """Top-1 agreement and, with labels, accuracy of one ``[N, classes]`` output."""
+
+    def __init__(self, output: str | None = None) -> None:
+        self.output = output
+        self.rows = 0
+        self.agree = 0
+        self.labelled = 0
+        self.float_correct = 0
+        self.quant_correct = 0
+
+    def update(self, float_outputs: Mapping[str, np.ndarray],
+               quant_outputs: Mapping[str, np.ndarray], labels: np.ndarray | None,
+               rows: int | None = None) -> None:
+        """Add one batch (``rows`` unused: one row per argmax)."""
+        if self.output is None:
+            self.output = _first(float_outputs, lambda x: x.ndim == 2 and x.shape[1] > 1,
+                                 "classify", "an [N, classes] output")
+        fx = np.argmax(float_outputs[self.output], axis=-1).reshape(-1)
+        fq = np.argmax(quant_outputs[self.output], axis=-1).reshape(-1)
+        self.rows += int(fx.size)
+        self.agree += int(np.sum(fx == fq))
+        if labels is not None and np.ndim(labels) <= 1:  # one class per row
+            truth = np.asarray(labels).reshape(-1)
+            self.labelled += int(fx.size)
+            self.float_correct += int(np.sum(fx == truth))
+            self.quant_correct += int(np.sum(fq == truth))
+
+    def merge(self, other: ClassifyMetric) -> None:
+        """Add another shard's counts."""
+        self.output = self.output or other.output
+        for key in ("rows", "agree", "labelled", "float_correct", "quant_correct"):
+            setattr(self, key, getattr(self, key) + getattr(other, key))
+
+    def result(self) -> TaskResult:
+        """Top-1 agreement, accuracies; the accuracy drop, or without labels the disagreement."""
+        metrics: dict[str, float | int | None] = {"top1_agreement": _ratio(self.agree, self.rows)}
+        if self.labelled:
+            metrics["float_accuracy"] = _ratio(self.float_correct, self.labelled)
+            metrics["quant_accuracy"] = _ratio(self.quant_correct, self.labelled)
+            drop = 100.0 * (self.float_correct - self.quant_correct) / self.labelled
+            return TaskResult("classify", self.output or "", metrics, drop,
+                              "top-1 accuracy drop against the labels")
+        drop = 100.0 * (self.rows - self.agree) / self.rows if self.rows else None
+        return TaskResult("classify", self.output or "", metrics, drop,
+                          "top-1 disagreement with the float model")
+
+
+# -- ctc -----------------------------------------------------------------------------------
+
+
+def greedy_ctc(logits: np.ndarray, blank: int = 0, batch_axis: int = 0) -> list[list[int]]:
+    """Greedy CTC decoding of ``[N, T, C]`` (``batch_axis=0``) or ``[T, N, C]`` logits.
+
+    Returns:
+        One index sequence per row: argmax per step, repeats collapsed, blanks dropped.
+    """
+    best = np.argmax(logits, axis=-1)
+    if batch_axis == 1:
+        best = best.T
+    lines = []
+    for row in best:
+        keep = np.ones(row.shape, bool)
+        keep[1:] = row[1:] != row[:-1]
+        lines.append([int(i) for i in row[keep & (row != blank)]])
+    return lines
+
+
+def edit_distance(a: Sequence[int], b: Sequence[int]) -> int:
+    """Levenshtein distance of two sequences (each edit costs 1)."""
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i]
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
+class _Lines:
+    """Edit-distance counts of decoded lines against reference lines."""
+
+    def __init__(self) -> None:
+        self.lines = 0
+        self.errors = 0
+        self.chars = 0
+        self.exact = 0
+
+    def add(self, decoded: Sequence[int], reference: Sequence[int]) -> None:
+        distance = edit_distance(decoded, reference)
+        self.lines += 1
+        self.errors += distance
+        self.chars += len(reference)
+        self.exact += int(distance == 0)
+
+    def merge(self, other: _Lines) -> None:
+        for key in ("lines", "errors", "chars", "exact"):
+            setattr(self, key, getattr(self, key) + getattr(other, key))
+
+    @property
+    def cer(self) -> float | None:
+        if self.chars == 0:
+            return 0.0 if self.errors == 0 and self.lines else None
+        return self.errors / self.chars
+
+    @property
+    def line_accuracy(self) -> float | None:
+        return _ratio(self.exact, self.lines)
+
+
+class CTCMetric:
+    """CER and line accuracy of greedy CTC decodes (see the module docstring)."""
+
+    def __init__(self, output: str | None = None, blank: int = 0, layout: str = "auto"):
+        self.output = output
+        self.blank = blank
+        self.layout = layout
+        self.vs_float = _Lines()
+        self.float_truth = _Lines()
+        self.quant_truth = _Lines()
+
+    def update(self, float_outputs: Mapping[str, np.ndarray],
+               quant_outputs: Mapping[str, np.ndarray], labels: np.ndarray | None,
+               rows: int | None = None) -> None:
+        """Decode one batch of both models and count the edits (``rows``: the batch's rows)."""
+        if self.output is None:
+            self.output = _first(float_outputs, lambda x: x.ndim == 3, "ctc",
+                                 "a [T, N, C] or [N, T, C] output")
+        x, q = float_outputs[self.output], quant_outputs[self.output]
+        if rows is None and labels is not None:
+            rows = int(np.shape(labels)[0])
+        axis = self._batch_axis(x, rows)
+        decoded_float = greedy_ctc(x, self.blank, axis)
+        decoded_quant = greedy_ctc(q, self.blank, axis)
+        for fl, ql in zip(decoded_float, decoded_quant, strict=True):
+            self.vs_float.add(ql, fl)
+        if labels is None:
+            return
+        truth = np.asarray(labels).reshape(len(decoded_float), -1)
+        for fl, ql, row in zip(decoded_float, decoded_quant, truth, strict=True):
+            reference = [int(v) for v in row if v >= 0]
+            self.float_truth.add(fl, reference)
+            self.quant_truth.add(ql, reference)
+
+    def _batch_axis(self, x: np.ndarray, rows: int | None) -> int:
+        if x.ndim != 3:
+            raise TaskError(f"--task ctc: output {self.output!r} has shape {list(x.shape)}, "
+                            "not [T, N, C] or [N, T, C]", "name the logits output with "
+                            "--task-option output=NAME")
+        if self.layout != "auto":
+            return 0 if self.layout == "ntc" else 1
+        if rows is None:  # [T, 1, C]: one line of T steps (a fixed batch of 1)
+            return 1 if x.shape[1] == 1 and x.shape[0] > 1 else 0
+        if x.shape[0] == rows:
+            return 0
+        if x.shape[1] == rows:
+            return 1
+        raise TaskError(f"--task ctc: output {self.output!r} has shape {list(x.shape)}, with "
+                        f"no axis of the batch's {rows} rows",
+                        "give --task-option layout=tnc or layout=ntc")
+
+    def merge(self, other: CTCMetric) -> None:
+        """Add another shard's counts."""
+        self.output = self.output or other.output
+        self.vs_float.merge(other.vs_float)
+        self.float_truth.merge(other.float_truth)
+        self.quant_truth.merge(other.quant_truth)
+
+    def result(self) -> TaskResult:
+        """CER and line accuracy against float (and the labels); the CER rise in points."""
+        metrics: dict[str, float | int | None] = {
+            "cer": self.vs_float.cer, "line_accuracy": self.vs_float.line_accuracy}
+        if self.float_truth.lines:
+            metrics.update({
+                "float_cer": self.float_truth.cer, "quant_cer": self.quant_truth.cer,
+                "float_line_accuracy": self.float_truth.line_accuracy,
+                "quant_line_accuracy": self.quant_truth.line_accuracy,
+            })
+            if self.float_truth.chars == 0:
+                return TaskResult("ctc", self.output or "", metrics, None,
+                                  "CER rise against the labels")
+            drop = 100.0 * (self.quant_truth.errors - self.float_truth.errors) / (
+                self.float_truth.chars)
+            return TaskResult("ctc", self.output or "", metrics, drop,
+                              "CER rise against the labels")
+        cer = self.vs_float.cer
+        return TaskResult("ctc", self.output or "", metrics,
+                          None if cer is None else 100.0 * cer,
+                          "CER against the float model's decode")
+
+
+# -- detect --------------------------------------------------------------------------------
+
+
+class BoxDecoder:
+    """The built-in decoder of outputs that already are detections.
+
+    ``boxes``: ``[N, K, 4]`` xyxy (or ``[K, 4]`` for one image), ``scores``: ``[N, K]`` (or
+    ``[K]``), ``classes``: like scores (None: class 0); detections below ``min_score`` are
+    dropped.
+    """
+
+    def __init__(self, boxes: str, scores: str, classes: str | None, min_score: float = 0.0):
+        self.boxes, self.scores, self.classes, self.min_score = boxes, scores, classes, min_score
+
+    def __call__(self, outputs: Mapping[str, np.ndarray]) -> list:
+        """Per image ``(boxes[K, 4], scores[K], classes[K])``."""
+        boxes = np.asarray(outputs[self.boxes], np.float64)
+        scores = np.asarray(outputs[self.scores], np.float64)
+        if boxes.ndim == 2:
+            boxes, scores = boxes[None], scores.reshape(1, -1)
+        classes = (np.zeros(scores.shape, np.int64) if self.classes is None
+                   else np.asarray(outputs[self.classes]).reshape(scores.shape).astype(np.int64))
+        images = []
+        for b, s, c in zip(boxes, scores.reshape(boxes.shape[0], -1),
+                           classes.reshape(boxes.shape[0], -1), strict=True):
+            keep = s >= self.min_score
+            images.append((b.reshape(-1, 4)[keep], s[keep], c[keep]))
+        return images
+
+
+def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one xyxy box with each of ``boxes`` ``[M, 4]`` (union + 1e-9 as denominator)."""
+    w = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
+    h = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
+    inter = w * h
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter / (area + areas - inter + 1e-9)  # 0 for boxes of no area
+
+
+def average_precision(scores: Sequence[float], hits: Sequence[bool], positives: int) -> float:
+    """VOC all-point interpolated AP of detections (any order) against ``positives`` boxes."""
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    tp = np.asarray(hits, np.float64)[order]
+    ctp = np.cumsum(tp)
+    recall = ctp / max(positives, 1)
+    precision = ctp / np.arange(1, len(tp) + 1)
+    mrec = np.concatenate([[0.0], recall, [1.0]])
+    mpre = np.concatenate([[0.0], precision, [0.0]])
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    steps = np.where(mrec[1:] != mrec[:-1])[0]
+    return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
+
+
+@dataclass
+class _ClassHits:
+    scores: list[float] = field(default_factory=list)
+    hits: list[bool] = field(default_factory=list)
+    positives: int = 0
+
+
+class DetectMetric:
+    """mAP@0.5 of the quantized model's detections against the float model's."""
+
+    def __init__(self, decode: Callable[[dict[str, np.ndarray]], list], iou: float = 0.5,
+                 source: str = ""):
+        self.decode = decode
+        self.iou = iou
+        self.source = source  # what decoded the outputs, for the report
+        self.classes: dict[int, _ClassHits] = {}
+        self.images = 0
+        self.float_detections = 0
+        self.quant_detections = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["decode"] = None  # a recipe function may not pickle; counts are what merge
+        return state
+
+    def update(self, float_outputs: Mapping[str, np.ndarray],
+               quant_outputs: Mapping[str, np.ndarray], labels: np.ndarray | None,
+               rows: int | None = None) -> None:
+        """Decode one batch of both models and match the detections image by image.
+
+        ``labels`` and ``rows`` are unused: the float detections are the ground truth.
+        """
+        reference = self._decoded(float_outputs)
+        detections = self._decoded(quant_outputs)
+        if len(reference) != len(detections):
+            raise TaskError(f"the decoder gave {len(reference)} images for the float outputs "
+                            f"and {len(detections)} for the quantized ones",
+                            "return one (boxes, scores, classes) per image")
+        for (ref_boxes, _, ref_classes), (boxes, scores, classes) in zip(
+                reference, detections, strict=True):
+            self.images += 1
+            self.float_detections += len(ref_boxes)
+            self.quant_detections += len(boxes)
+            for cls in sorted(set(ref_classes.tolist()) | set(classes.tolist())):
+                self._match(ref_boxes[ref_classes == cls], boxes[classes == cls],
+                            scores[classes == cls], self.classes.setdefault(cls, _ClassHits()))
+
+    def _match(self, truth: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+               acc: _ClassHits) -> None:
+        acc.positives += len(truth)
+        used = np.zeros(len(truth), bool)
+        for k in np.argsort(-scores, kind="stable"):
+            hit = False
+            if len(truth):
+                overlap = box_iou(boxes[k], truth)
+                best = int(np.argmax(overlap))
+                if overlap[best] >= self.iou and not used[best]:
+                    used[best] = hit = True
+            acc.scores.append(float(scores[k]))
+            acc.hits.append(hit)
+
+    def _decoded(self, outputs: Mapping[str, np.ndarray]) -> list:
+        images = self.decode(dict(outputs))
+        checked = []
+        for index, item in enumerate(images):
+            try:
+                boxes, scores, *rest = item
+                boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+                scores = np.asarray(scores, np.float64).reshape(-1)
+                classes = (np.asarray(rest[0]).reshape(-1).astype(np.int64) if rest
+                           else np.zeros(len(scores), np.int64))
+            except (TypeError, ValueError) as exc:
+                raise TaskError(f"the decoder's image {index} is not (boxes[K, 4], scores[K], "
+                                f"classes[K]): {exc}", "return one such tuple per image") from exc
+            if not len(boxes) == len(scores) == len(classes):
+                raise TaskError(f"the decoder's image {index} has {len(boxes)} boxes, "
+                                f"{len(scores)} scores and {len(classes)} classes",
+                                "return as many of each")
+            checked.append((boxes, scores, classes))
+        return checked
+
+    def merge(self, other: DetectMetric) -> None:
+        """Add another shard's matches (merge shards in data order)."""
+        for cls, acc in other.classes.items():
+            mine = self.classes.setdefault(cls, _ClassHits())
+            mine.scores += acc.scores
+            mine.hits += acc.hits
+            mine.positives += acc.positives
+        self.images += other.images
+        self.float_detections += other.float_detections
+        self.quant_detections += other.quant_detections
+
+    def result(self) -> TaskResult:
+        """The mAP against the float detections (None when float detects nothing)."""
+        aps = [average_precision(acc.scores, acc.hits, acc.positives)
+               for _, acc in sorted(self.classes.items()) if acc.positives]
+        value = float(np.mean(aps)) if aps else None
+        metrics: dict[str, float | int | None] = {
+            "map50": value, "float_detections": self.float_detections,
+            "quant_detections": self.quant_detections}
+        drop = None if value is None else 100.0 * (1 - value)
+        return TaskResult("detect", self.source, metrics, drop,
+                          f"mAP@{self.iou:g} against the float model's detections")
+
+
+def _first(outputs: Mapping[str, np.ndarray], fits: Callable[[np.ndarray], bool], task: str,
+           what: str) -> str:
+    for name, value in outputs.items():
+        if fits(value):
+            return name
+    raise TaskError(f"--task {task}: no output is {what} (outputs: "
+                    f"{', '.join(f'{n} {list(v.shape)}' for n, v in outputs.items())})",
+                    "name it with --task-option output=NAME")
+
+
+def _ratio(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def task_summary(task: Mapping[str, Any]) -> str:
+    """One line of a task result (a :class:`TaskResult` as a dict), for reports."""
+    metrics = task["metrics"]
+    parts = []
+    for key, label in (("top1_agreement", "top-1 agreement"), ("cer", "CER vs float"),
+                       ("line_accuracy", "line accuracy vs float"), ("map50", "mAP@0.5 vs float")):
+        if metrics.get(key) is not None:
+            parts.append(f"{label} {_pct(metrics[key])}")
+    pairs = (("float_accuracy", "quant_accuracy", "top-1 accuracy"),
+             ("float_cer", "quant_cer", "CER"),
+             ("float_line_accuracy", "quant_line_accuracy", "line accuracy"))
+    for f, q, label in pairs:
+        if metrics.get(f) is not None and metrics.get(q) is not None:
+            parts.append(f"{label} float {_pct(metrics[f])} quantized {_pct(metrics[q])}")
+    if "float_detections" in metrics:
+        parts.append(f"detections float {metrics['float_detections']} quantized "
+                     f"{metrics['quant_detections']}")
+    where = f" ({task['output']})" if task.get("output") else ""
+    drop = task.get("drop")
+    lost = "" if drop is None or (isinstance(drop, float) and math.isnan(drop)) else (
+        f"; drop {drop:.2f} pts ({task['judged_by']})")
+    return f"task {task['task']}{where}: " + ", ".join(parts) + lost
+
+
+def _pct(value: float) -> str:
+    return f"{100.0 * value:.2f}%"
