@@ -599,13 +599,23 @@ def results_path() -> Path:
     return CACHE / "fidelity" / "results.json"
 
 
+def qtool_commit() -> str:
+    """The commit of the qtool checkout the qtool variants ran (``--qtool-root``)."""
+    done = subprocess.run(["git", "-C", str(QTOOL_ROOT), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
 def save_model(name: str, result: dict) -> None:
     """Put one model's results into the results file (other models' entries as on disk)."""
     path = results_path()
     results = json.loads(path.read_text()) if path.exists() else {}
     results[name] = result
-    results["_meta"] = {"date": time.strftime("%Y-%m-%d", time.gmtime()),
+    results["_meta"] = {**results.get("_meta", {}),
+                        "date": time.strftime("%Y-%m-%d", time.gmtime()),
                         "machine": f"{os.cpu_count()} shared cores"}
+    if any(v.startswith("qtool") for v in result["variants"]):
+        results["_meta"]["qtool"] = qtool_commit()
     save_results(results)
 
 
@@ -748,7 +758,9 @@ def table(results: dict) -> str:
              ""]
     meta = results.get("_meta", {})
     if meta:
-        lines += [f"Run: {meta.get('date', '')}, {meta.get('machine', '')}.", ""]
+        lines += [f"Run: {meta.get('date', '')}, {meta.get('machine', '')}"
+                  + (f"; qtool rows at commit {meta['qtool']}" if meta.get("qtool") else "")
+                  + ".", ""]
     lines += summary_table(results) + failure_list(results)
     for name in MODELS:
         if name not in results:
