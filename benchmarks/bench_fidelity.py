@@ -305,7 +305,8 @@ def qtool_methods() -> list[str]:
         raise SystemExit("cannot read the --method choices of `qtool calibrate --help`")
     flat = " ".join(text.split())
     choices = flat.split("--method [", 1)[1].split("]", 1)[0]
-    return [c for c in choices.split("|") if c]
+    aliases = {"entropy", "percentile"}  # onnxruntime's names for kld and quantile
+    return [c for c in choices.split("|") if c and c not in aliases]
 
 
 def variants(quick: bool, extra: dict[str, list[str]]) -> list[dict]:
