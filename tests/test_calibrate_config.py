@@ -198,3 +198,41 @@ def test_a_config_that_does_not_parse_and_no_model(project):
     result = _calibrate(project, "--config", no_model)
     assert result.exit_code == 2 and "give MODEL, or a --config with a 'model' key" in (
         result.output)
+
+
+def _docs_yaml_blocks() -> dict[str, str]:
+    """docs/cli.md's YAML blocks that start with ``# NAME.yaml``, by file name."""
+    import re
+
+    text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```yaml\n# (\S+\.yaml)\b.*?\n(.*?)```", text, flags=re.S)
+    return dict(blocks)
+
+
+def test_the_docs_config_has_every_key_and_its_defaults(tmp_path, monkeypatch):
+    from qtool.calibration.images import Preprocessing
+
+    from qtool.calibrate_config import KEYS, load_calibrate_config
+    from qtool.workflow import backend_rules
+
+    blocks = _docs_yaml_blocks()
+    spec = yaml.safe_load(blocks["calib.yaml"])
+    assert list(spec) == list(KEYS)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "data" / "calib").mkdir(parents=True)
+    shutil.copy(EXAMPLES / "digits_cnn.onnx", tmp_path / "models" / "resnet18.onnx")
+    shutil.copy(EXAMPLES / "digits_val.npz", tmp_path / "data" / "val.npz")
+    config = load_calibrate_config(spec)
+    assert (config.model, config.backend) == (os.path.join("models", "resnet18.onnx"), "snpe")
+    # Every value the docs call the default is CalibrateOptions' default.
+    assert config.options() == CalibrateOptions(
+        data=os.path.join("data", "calib"), eval_data=os.path.join("data", "val.npz"),
+        backend_options={"encoding_version": "1.0.0"}, providers="cpu",
+        preprocess=Preprocessing(resize=0, mean=(0.5,) * 3, std=(0.5,) * 3),
+    )
+    backend_rules("snpe", config.options().backend_options)  # the options are snpe's
+    for name in ("tensorrt.yaml", "qnn.yaml", "fbgemm.yaml"):
+        engine = load_calibrate_config(yaml.safe_load(blocks[name]))
+        assert engine.backend == name.removesuffix(".yaml")
+        backend_rules(engine.backend, engine.options().backend_options)
