@@ -349,6 +349,7 @@ def calibrate(ctx, model, backend, backend_options, data_path, eval_path, method
           --data examples/digits_calib.npz --target-sqnr 35 -o out/
       qtool calibrate model.onnx -b snpe --data images/ --resize 0 --mean 0.5 \\
           --std 0.5 -o model.int8.onnx   # + model.int8.encodings, ...
+      qtool calibrate --config calib.yaml --method mse   # the file's options, mse
     """  # noqa: D301  (click reads \b as a no-rewrap marker)
     from qtool import progress
     from qtool.report import summary_table
