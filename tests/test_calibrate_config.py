@@ -236,3 +236,25 @@ def test_the_docs_config_has_every_key_and_its_defaults(tmp_path, monkeypatch):
         engine = load_calibrate_config(yaml.safe_load(blocks[name]))
         assert engine.backend == name.removesuffix(".yaml")
         backend_rules(engine.backend, engine.options().backend_options)
+
+
+def test_model_and_flags_on_the_command_line_win_over_the_file(project, tmp_path):
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((2, 1, 1, 1), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="only_conv")], "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])], [weight])
+    tiny = tmp_path / "tiny.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tiny)
+    config = _write(project / "configs" / "plan.yaml",
+                    {"model": "../data/digits_cnn.onnx", "backend": "snpe", "weight_bits": 4})
+    result = _calibrate(tmp_path, tiny, "--config", config, "-b", "tensorrt", "--save-plan",
+                        tmp_path / "plan.json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["backend"] == "tensorrt"
+    assert set(plan["tensors"]) >= {"x", "w"}  # the tiny model's, not the config's
+    assert plan["tensors"]["w"]["scheme"]["bits"] == 4  # the file's weight_bits stays
