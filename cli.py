@@ -260,9 +260,14 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("model", type=EXISTING_FILE)
-@click.option("--backend", "-b", required=True, type=click.Choice(_backend_names()),
-              help="Inference engine whose rules place and shape the quantization.")
+@click.argument("model", required=False, type=EXISTING_FILE)
+@click.option("--config", "config_path", type=EXISTING_FILE, metavar="FILE",
+              help="Calibrate config (YAML/JSON): these options as keys (backend, data, method, "
+                   "cle, bias_correction, adaround, ...; docs/cli.md), model and output; paths "
+                   "relative to its folder. Flags given here override it.")
+@click.option("--backend", "-b", type=click.Choice(_backend_names()),
+              help="Inference engine whose rules place and shape the quantization (required, "
+                   "here or in --config).")
 @click.option("--backend-option", "backend_options", multiple=True, metavar="KEY=VALUE",
               help="A backend option, e.g. reduce_range=false (fbgemm, onnxruntime), "
                    "activations=int8 (onnxruntime), version=10000 (tensorrt). Repeatable.")
@@ -303,8 +308,9 @@ def main() -> None:
 @click.option("--force", is_flag=True,
               help="Replace an output qtool wrote (a folder or files listed in its manifest), "
                    "or an existing --save-plan file; anything else is never replaced.")
-@click.option("--layerwise", is_flag=True, help="Add per-tensor SQNR (worst first) to the report.")
-@click.option("--sensitivity", is_flag=True,
+@click.option("--layerwise/--no-layerwise", default=False,
+              help="Add per-tensor SQNR (worst first) to the report.")
+@click.option("--sensitivity/--no-sensitivity", default=False,
               help="Measure each layer quantized alone (one pass over the data per layer) and "
                    "rank the layers in the report.")
 @click.option("--target-sqnr", type=float, metavar="DB",
@@ -327,7 +333,7 @@ def main() -> None:
 @click.option("--fail-under-sqnr", type=float, metavar="DB",
               help="Exit 1 when an output's SQNR on the evaluation data is below DB (the "
                    "report always warns below 10 dB, or below DB when given).")
-@click.option("--adaround", is_flag=True,
+@click.option("--adaround/--no-adaround", default=False,
               help="Learn the rounding of Conv/Gemm weights on the calibration data (AdaRound; "
                    "needs the qat extra).")
 @click.option("--adaround-iters", default=200, show_default=True, type=click.IntRange(min=1),
@@ -349,7 +355,8 @@ def calibrate(ctx, model, backend, backend_options, data_path, eval_path, method
               save_plan_path, workers, executor, seed, output, force, layerwise, sensitivity,
               target_sqnr, max_accuracy_drop, task, task_options, task_decoder, cle,
               bias_correction, fail_under_sqnr, adaround, adaround_iters, analysis_level,
-              memory_budget, quiet, provider, preprocess_file, input_axes=(), **image_flags):
+              memory_budget, quiet, provider, preprocess_file, input_axes=(), config_path=None,
+              **image_flags):
     """Quantize MODEL for a backend: calibrate, write the model, vendor files and a report.
 
     The output folder gets the quantized model, the backend's files (encodings, calibration
@@ -364,6 +371,7 @@ def calibrate(ctx, model, backend, backend_options, data_path, eval_path, method
           --data examples/digits_calib.npz --target-sqnr 35 -o out/
       qtool calibrate model.onnx -b snpe --data images/ --resize 0 --mean 0.5 \\
           --std 0.5 -o model.int8.onnx   # + model.int8.encodings, ...
+      qtool calibrate --config calib.yaml --method mse   # the file's options, mse
     """  # noqa: D301  (click reads \b as a no-rewrap marker)
     from qtool import progress
     from qtool.report import summary_table
@@ -384,6 +392,17 @@ def calibrate(ctx, model, backend, backend_options, data_path, eval_path, method
         input_axes=input_axes,
         analysis=analysis_level, memory_budget=memory_budget * 2**20,
     )
+    if config_path is not None:
+        from qtool.calibrate_config import load_calibrate_config
+
+        config = load_calibrate_config(config_path)
+        options = config.options(options, _given_parameters(ctx))
+        model, backend = model or config.model, backend or config.backend
+        output = output if output is not None else config.output
+    if model is None:
+        raise click.UsageError("give MODEL, or a --config with a 'model' key")
+    if backend is None:
+        raise click.UsageError("give --backend, or a --config with a 'backend' key")
     with progress.shown(False if quiet else None):
         result = calibrate_to_folder(model, backend, output, options, force=force,
                                      save_plan=save_plan_path)
@@ -394,13 +413,21 @@ def calibrate(ctx, model, backend, backend_options, data_path, eval_path, method
             click.echo(_with_paths(summary_table(result.report, str(result.output)),
                                    result.paths), nl=False)
     below = (result.report or {}).get("sqnr_floor", {}).get("below")
-    if fail_under_sqnr is not None and below:
+    if options.fail_under_sqnr is not None and below:
         from qtool.report.sqnr_floor import FAIL_EXIT
 
         names = ", ".join(f"{b['output']} ({b['sqnr_db']:.2f} dB)" for b in below)
-        click.echo(f"error: SQNR below --fail-under-sqnr {fail_under_sqnr:g} dB: {names}",
-                   err=True)
+        click.echo(f"error: SQNR below --fail-under-sqnr {options.fail_under_sqnr:g} dB: "
+                   f"{names}", err=True)
         ctx.exit(FAIL_EXIT)
+
+
+def _given_parameters(ctx: click.Context) -> set[str]:
+    """The parameters given on the command line (or the environment), not defaulted."""
+    from click.core import ParameterSource
+
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return {name for name in ctx.params if ctx.get_parameter_source(name) in given}
 
 
 def _with_paths(summary: str, paths) -> str:

@@ -123,6 +123,8 @@ class CalibrateOptions:
         executor: Where ``workers > 1`` calibrate their shards: ``local`` processes or
             ``ray`` (:mod:`qtool.executor`; the cluster ``RAY_ADDRESS`` names, else a local
             Ray). The output is the same, byte for byte.
+        config: The calibrate config file these options came from
+            (:func:`calibrate_options_from_recipe`); the report names it.
     """
 
     data: str | os.PathLike | None = None
@@ -158,6 +160,31 @@ class CalibrateOptions:
     analysis: str = "summary"
     memory_budget: int | None = 64 * 2**20
     executor: str = "local"
+    config: str | os.PathLike | None = None
+
+
+def calibrate_options_from_recipe(
+    source: str | os.PathLike | Mapping[str, Any], base: CalibrateOptions | None = None
+) -> CalibrateOptions:
+    """The options of a calibrate config (YAML/JSON file or mapping) over ``base``.
+
+    The keys are :class:`CalibrateOptions`' fields, plus ``bits``, ``adaround`` as ``true``
+    or ``{iterations: N}``, ``memory_budget`` in MB and ``preprocess`` as a mapping or a
+    file (:data:`qtool.calibrate_config.KEYS`); ``model``, ``output`` and ``backend`` are
+    read by :func:`qtool.calibrate_config.load_calibrate_config`. Paths in a file are
+    relative to its folder.
+
+    Example:
+        >>> options = calibrate_options_from_recipe("calib.yaml")
+        >>> calibrate_to_folder("model.onnx", "tensorrt", "out", options)
+
+    Raises:
+        RecipeError: An unknown key (the message lists the valid ones), a value of the wrong
+            type or a bad value, or a file that does not parse.
+    """
+    from qtool.calibrate_config import load_calibrate_config
+
+    return load_calibrate_config(source).options(base)
 
 
 @dataclass

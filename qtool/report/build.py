@@ -3,6 +3,9 @@
 The JSON report holds what was done and how well it went:
 
 * ``model``, ``backend``, ``qtool_version``;
+* ``config``: the ``--config`` file the options came from (None: flags only), and
+  ``options``: the effective options as config keys (:func:`qtool.calibrate_config.
+  recipe_options`; not workers, executor, memory budget: they do not change the files);
 * ``calibration``: method, weight method, data source, sample count, and ``random_inputs``
   (true when no data was given: the ranges are then unfit for deployment);
 * ``passes``: one line per preparation pass;
@@ -28,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import qtool
@@ -85,10 +89,15 @@ def build_report(
             "the float fallback was chosen on the evaluation data: its accuracy is not a "
             "held-out number"
         )
+    from qtool.calibrate_config import recipe_options
+
+    config = getattr(options, "config", None)
     report = {
         "qtool_version": qtool.__version__,
         "model": model,
         "backend": backend,
+        "config": None if config is None else Path(config).as_posix(),
+        "options": recipe_options(options),
         "calibration": {
             "method": options.method,
             "weight_method": options.weight_method,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -82,9 +83,23 @@ def to_markdown(report: Mapping[str, Any]) -> str:
                   "| layer | largest bias change |", "|---|---|"]
         lines += [f"| {name} | {delta:.4g} |" for name, delta in correction["layers"].items()]
         lines.append("")
+    lines += _options_markdown(report)
     lines += ["## Files", "", "| file | sha256 |", "|---|---|"]
     lines += [f"| {name} | `{digest}` |" for name, digest in report["files"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _options_markdown(report: Mapping[str, Any]) -> list[str]:
+    """The effective options (config keys), and the config file they came from."""
+    options = report.get("options")
+    if options is None:
+        return []
+    source = report.get("config")
+    lines = ["## Options", "", f"From {source} and the flags given with it." if source
+             else "From the command-line flags (no --config).", "",
+             "| option | value |", "|---|---|"]
+    lines += [f"| {name} | `{json.dumps(value)}` |" for name, value in options.items()]
+    return lines + [""]
 
 
 def _analysis_markdown(analysis: Mapping[str, Any] | None) -> list[str]:
