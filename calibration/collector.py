@@ -167,8 +167,9 @@ def make_session(model_bytes: bytes, *, intra_op_threads: int | None = None,
     # peaked 210 MB higher with it than without, at the same speed (14 MB with IO binding)
     options.enable_mem_pattern = False
     # onnxruntime's intra-op threads spin after each run by default, and take the cores the
-    # observers' numpy work needs between runs: on 2 loaded cores ResNet-50's calibration
-    # ran 1.4x (MinMax) to 1.55x (auto) slower with spinning, onnxruntime itself included
+    # observers' numpy work needs between runs: on 2 shared cores (load 4-5) ResNet-50's
+    # calibration took 1.4-1.6x the wall time and 1.5x the CPU time with spinning, for
+    # MinMax, MSE and auto alike, onnxruntime's own runs included
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return open_session(model_bytes, options, "calibrate it")
 
