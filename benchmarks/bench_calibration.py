@@ -19,6 +19,12 @@ model (BN kept) as the input:
   (MinMax, ``--analysis summary`` on the held-out split, 64 MB memory budget);
 * ``cli-auto``: the same with ``--method auto``; ``cli-full``: with ``--analysis full``.
 
+Methods side by side (``--methods auto,mse,minmax``): the whole job with each ``--method``
+(variants ``method-NAME``, plus any ``--cli-args``), the rounds interleaved (every method once
+per round), and per round the time of the whole job and of its ``calibrate`` phase (the
+phases' own timer, :func:`qtool.progress.phase`), with the ratios of the first method to each
+other one (auto/mse, auto/minmax) and their medians over the rounds.
+
 Both tools get the same prepared float graph (qtool's cleanup, fold_bn, upgrade_opset) and the
 same samples, generated on the fly from a seed so the data itself costs no memory. The
 schemes match: per-tensor symmetric int8 weights and activations, Q/DQ on the inputs of
@@ -34,6 +40,8 @@ Usage:
     python benchmarks/bench_calibration.py                  # all models, 256 and 1024 images
     python benchmarks/bench_calibration.py --job --models resnet18 mobilenet_v2 resnet50 \
         ssdlite320 --sizes 64 256 1024                     # the whole CLI job vs quantize_static
+    python benchmarks/bench_calibration.py --methods auto,mse,minmax --models resnet50 \
+        --sizes 64 --repeat 3                              # auto's cost against one method
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import argparse
 import io
 import itertools
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -194,11 +203,16 @@ def batched(stream, batch_size: int):
         yield {"input": np.concatenate(pending)}
 
 
+def is_job(variant: str) -> bool:
+    """Whether a variant runs the whole job over the ``.npy`` file (``--job``, ``--methods``)."""
+    return variant in JOB_VARIANTS or variant == "cli-full" or variant.startswith("method-")
+
+
 # -- one variant (runs in a subprocess) --------------------------------------------------
 
 
 def run_variant(variant: str, model: str, prepared: Path, count: int, batch_size: int,
-                out: Path) -> dict:
+                out: Path, cli_args: tuple[str, ...] = ()) -> dict:
     """Time one variant's work (imports done first: they cost the same to every variant)."""
     import onnxruntime as ort
     from onnxruntime.quantization import (
@@ -216,8 +230,10 @@ def run_variant(variant: str, model: str, prepared: Path, count: int, batch_size
 
     result: dict = {}
     start = time.perf_counter()
-    if variant in JOB_VARIANTS or variant == "cli-full":
-        run_job(variant, prepared, batch_size, out)
+    if is_job(variant):
+        result["phases_s"] = phases = {}
+        with timed_phases(phases):
+            run_job(variant, prepared, batch_size, out, cli_args)
     elif variant == "float":
         session = ort.InferenceSession(str(prepared), providers=["CPUExecutionProvider"])
         for feeds in batched(samples(model, count), batch_size):
@@ -258,7 +274,34 @@ def run_variant(variant: str, model: str, prepared: Path, count: int, batch_size
     return result
 
 
-def run_job(variant: str, paths: Path, batch_size: int, out: Path) -> None:
+def timed_phases(phases: dict):
+    """Record each :func:`qtool.progress.phase`'s seconds into ``phases`` (even with ``-q``)."""
+    import contextlib
+
+    from qtool import progress
+
+    real = progress.phase
+
+    @contextlib.contextmanager
+    def phase(name):
+        start = time.perf_counter()
+        with real(name):
+            yield
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+
+    @contextlib.contextmanager
+    def patched():
+        progress.phase = phase
+        try:
+            yield
+        finally:
+            progress.phase = real
+
+    return patched()
+
+
+def run_job(variant: str, paths: Path, batch_size: int, out: Path,
+            cli_args: tuple[str, ...] = ()) -> None:
     """One whole-job variant; ``paths`` is ``MODEL::DATA`` (raw model, the .npy samples)."""
     import onnxruntime as ort
 
@@ -287,10 +330,14 @@ def run_job(variant: str, paths: Path, batch_size: int, out: Path) -> None:
     else:
         from qtool.cli import main as cli
 
-        extra = {"cli-default": [], "cli-auto": ["--method", "auto"],
-                 "cli-full": ["--analysis", "full"]}[variant]
+        if variant.startswith("method-"):
+            extra = ["--method", variant.split("-", 1)[1]]
+        else:
+            extra = {"cli-default": [], "cli-auto": ["--method", "auto"],
+                     "cli-full": ["--analysis", "full"]}[variant]
         cli(["calibrate", str(model), "-b", "tensorrt", "--data", str(data), "--batch-size",
-             str(batch_size), "-o", str(out), "--force", "-q", *extra], standalone_mode=False)
+             str(batch_size), "-o", str(out), "--force", "-q", *extra, *cli_args],
+            standalone_mode=False)
 
 
 def peak_rss_mb() -> float:
@@ -307,9 +354,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def spawn(variant, model, prepared, count, batch_size, out, mem_limit_gb) -> dict:
+def spawn(variant, model, prepared, count, batch_size, out, mem_limit_gb, cli_args=()) -> dict:
     command = [sys.executable, __file__, "--one", variant, model, str(prepared), str(count),
-               str(batch_size), str(out), str(mem_limit_gb)]
+               str(batch_size), str(out), str(mem_limit_gb), json.dumps(list(cli_args))]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -381,14 +428,24 @@ def main() -> None:
     parser.add_argument("--job", action="store_true",
                         help="the whole CLI job vs quantize_static (JOB_VARIANTS)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each variant")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated --method values run side by side as whole jobs "
+                             "(e.g. auto,mse,minmax): ratios of the first to each other one")
+    parser.add_argument("--cli-args", default="",
+                        help="extra flags for the CLI job variants, e.g. '--no-bias-correction'")
     args = parser.parse_args()
-    if args.job and args.variants == list(VARIANTS):
+    cli_args = tuple(args.cli_args.split())
+    methods = [m for m in (args.methods or "").split(",") if m]
+    if methods:
+        args.job, args.variants = True, [f"method-{m}" for m in methods]
+    elif args.job and args.variants == list(VARIANTS):
         args.variants = list(JOB_VARIANTS)
     models = args.models or (["digits", "resnet18"] if args.quick
                              else ["digits", "resnet18", "mobilenet_v2"])
     sizes = args.sizes or ([64] if args.quick else [256, 1024])
 
     results = []
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     with tempfile.TemporaryDirectory(prefix="qtool-bench-") as tmp:
         tmp = Path(tmp)
         for model in models:
@@ -406,13 +463,16 @@ def main() -> None:
                 data = tmp / f"{model}-{count}.npy"
                 if args.job:
                     write_samples(model, count, data)
-                for variant, _ in itertools.product(args.variants, range(args.repeat)):
-                    job = variant in JOB_VARIANTS or variant == "cli-full"
-                    out = tmp / f"{model}-{count}-{variant}" if variant.startswith("cli-") \
+                runs = itertools.product(args.variants, range(args.repeat))
+                if methods:  # rounds: every method once per round, back to back
+                    runs = ((v, r) for r in range(args.repeat) for v in args.variants)
+                for variant, round_ in runs:
+                    job = is_job(variant)
+                    out = tmp / f"{model}-{count}-{variant}" if job \
                         else tmp / f"{model}-{count}-{variant}.onnx"
-                    row = {"model": model, "images": count, "variant": variant}
+                    row = {"model": model, "images": count, "variant": variant, "round": round_}
                     row.update(spawn(variant, model, f"{raw}::{data}" if job else prepared,
-                                     count, args.batch_size, out, args.mem_limit_gb))
+                                     count, args.batch_size, out, args.mem_limit_gb, cli_args))
                     if job:
                         results.append(row)
                         print(format_row(row, results), flush=True)
@@ -426,8 +486,9 @@ def main() -> None:
                     results.append(row)
                     print(format_row(row, results), flush=True)
                 data.unlink(missing_ok=True)
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print()
-    print(markdown(results))
+    print(method_ratios(results, methods) if methods else markdown(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
@@ -435,8 +496,7 @@ def main() -> None:
 def baseline(row: dict, results: list[dict], variant: str | None = None) -> dict | None:
     """The first ``variant`` row of the same model and size (default: its float run)."""
     if variant is None:
-        job = row["variant"] in JOB_VARIANTS or row["variant"] == "cli-full"
-        variant = "float-file" if job else "float"
+        variant = "float-file" if is_job(row["variant"]) else "float"
     return next((r for r in results if r["model"] == row["model"] and r["images"] ==
                  row["images"] and r["variant"] == variant and "wall_s" in r), None)
 
@@ -476,6 +536,42 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def method_ratios(results: list[dict], methods: list[str]) -> str:
+    """Per round: job and calibrate-phase seconds of each method, first method / each other."""
+    first, others = methods[0], methods[1:]
+    head = ["model", "images", "round"]
+    for m in methods:
+        head += [f"{m} job s", f"{m} calibrate s"]
+    for m in others:
+        head += [f"{first}/{m} job", f"{first}/{m} calibrate"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ratios: dict[tuple, list[float]] = {}
+    keys = dict.fromkeys((r["model"], r["images"], r["round"]) for r in results)
+    for model, images, round_ in keys:
+        rows = {r["variant"][len("method-"):]: r for r in results
+                if (r["model"], r["images"], r["round"]) == (model, images, round_)}
+        if any(m not in rows or "error" in rows[m] for m in methods):
+            lines.append(f"| {model} | {images} | {round_} | failed |")
+            continue
+        cells = [model, str(images), str(round_)]
+        times = {m: (rows[m]["wall_s"], rows[m]["phases_s"].get("calibrate", float("nan")))
+                 for m in methods}
+        for m in methods:
+            cells += [f"{times[m][0]:.2f}", f"{times[m][1]:.2f}"]
+        for m in others:
+            for i, part in enumerate(("job", "calibrate")):
+                value = times[first][i] / times[m][i]
+                ratios.setdefault((model, images, m, part), []).append(value)
+                cells.append(f"{value:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for (model, images, m, part), values in ratios.items():
+        lines.append(f"{model} {images} images: {first}/{m} {part} median "
+                     f"{float(np.median(values)):.2f} over {len(values)} rounds "
+                     f"({', '.join(f'{v:.2f}' for v in values)})")
+    return "\n".join(lines)
+
+
 def job_markdown(results: list[dict]) -> str:
     """The whole-job table: ratios to float inference and to quantize_static's job."""
     lines = ["| model | images | variant | wall s | x float | x ort-job | peak RSS MB | x float "
@@ -496,11 +592,12 @@ def job_markdown(results: list[dict]) -> str:
 
 
 def one() -> None:
-    variant, model, prepared, count, batch_size, out, limit = sys.argv[2:9]
+    variant, model, prepared, count, batch_size, out, limit, cli_args = sys.argv[2:10]
     cap = int(float(limit) * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     sys.path.insert(0, str(ROOT))
-    result = run_variant(variant, model, Path(prepared), int(count), int(batch_size), Path(out))
+    result = run_variant(variant, model, Path(prepared), int(count), int(batch_size), Path(out),
+                         tuple(json.loads(cli_args)))
     print(json.dumps(result))
 
 

@@ -18,7 +18,7 @@ from qtool.calibration import calibrate, collector, load_data
 from qtool.calibration.observers import get_observer
 
 from qtool.analysis import float_fallback, holdout, tensor_errors
-from qtool.analysis.autoselect import METHODS, _Candidates, select_ranges
+from qtool.analysis.autoselect import METHODS, _Candidates, histogram_errors, select_ranges
 from qtool.analysis.reference import FloatReference
 from qtool.errors import PlanError
 from qtool.io import load, serialize
@@ -157,16 +157,16 @@ def test_fallback_search_reports_its_cost(tmp_path):
     assert report["analysis"]["judged_on"].endswith("digits_val.npz")
 
 
-def test_auto_shares_one_histogram_and_judges_on_held_out_data(digits):
+def test_auto_bins_each_tensor_once_and_judges_on_held_out_data(digits):
     graph, plan = digits["graph"], digits["plan"]
     scheme = QuantScheme()
     name = next(iter(plan.activation_schemes()))
     inputs = np.load(CALIB)["input"][:96]
     (values,) = _run(serialize(graph), inputs, [name])
     shared = _Candidates(scheme, name, METHODS)
-    # minmax, one histogram for mse and quantile, and kld's finer grid (it re-bins to
-    # exactly its linear bins over [0, amax])
-    assert len(shared.fed) == 3
+    # one histogram, KLD's 8 x 2048 bins, feeds all four: MSE and Quantile re-bin it, MinMax
+    # reads its extremes; each gives the very range it gives alone
+    assert shared.fed == [shared.observers["kld"]]
     assert set(METHODS) == {"minmax", "mse", "kld", "quantile"}
     shared.update(values)
     for method, (lo, hi) in shared.ranges().items():
@@ -174,18 +174,74 @@ def test_auto_shares_one_histogram_and_judges_on_held_out_data(digits):
         alone.update(values)
         assert (lo, hi) == tuple(float(v) for v in alone.range())
 
+    # judged on the held-out data: the picks are the least exact error of every candidate
+    # range over those samples (numpy on onnxruntime's unoptimized outputs)
+    schemes = plan.activation_schemes()
     val = load_data(VAL, graph, num_samples=40)
     choice = select_ranges(graph, plan, digits["samples"], judge_data=val)
+    candidates = {m: calibrate(graph, schemes, digits["samples"], method=m) for m in METHODS}
     judge = np.load(VAL)["input"][:40]
-    tensors = [t for t in plan.activation_schemes() if t != "input"][:4]
+    tensors = [t for t in schemes if t != "input"]
     outs = dict(zip(tensors, _run(serialize(graph), judge, tensors), strict=True))
-    for tensor in tensors:
-        entry_scheme = plan.activation_schemes()[tensor]
-        lo, hi = choice.ranges[tensor]
+    outs["input"] = judge
+    assert not plan.groups  # tensorrt's plan of the digits CNN: every tensor on its own
+    for tensor, entry_scheme in schemes.items():
         x = outs[tensor].astype(np.float64)
-        s, z = entry_scheme.qparams(lo, hi)
-        error = np.mean((x - entry_scheme.fake_quantize(x, s, z)) ** 2)
-        assert choice.errors[tensor][choice.methods[tensor]] == pytest.approx(error, rel=1e-6)
+        exact = {}
+        for method in METHODS:
+            s, z = entry_scheme.qparams(*candidates[method][tensor])
+            exact[method] = np.mean((x - entry_scheme.fake_quantize(x, s, z)) ** 2)
+            assert choice.errors[tensor][method] == pytest.approx(exact[method], rel=1e-4)
+        best = min(METHODS, key=lambda m: (exact[m], METHODS.index(m)))
+        assert choice.methods[tensor] == best
+        assert choice.ranges[tensor] == candidates[best][tensor]
+    assert len(set(choice.methods.values())) >= 2
+
+
+def test_auto_runs_one_session_over_each_data_once(digits, monkeypatch):
+    sessions, reads = [], []
+    real = collector.make_session
+    monkeypatch.setattr(collector, "make_session",
+                        lambda *a, **k: sessions.append(1) or real(*a, **k))
+
+    class Counted:
+        def __init__(self, samples, tag):
+            self.samples, self.tag = samples, tag
+
+        def __iter__(self):
+            reads.append(self.tag)
+            return iter(self.samples)
+
+    calib = Counted(list(digits["samples"]), "calib")
+    select_ranges(digits["graph"], digits["plan"], calib)
+    assert (sessions, reads) == ([1], ["calib"])  # judged on its own histograms
+    sessions.clear(), reads.clear()
+    val = Counted(list(load_data(VAL, digits["graph"], num_samples=16)), "val")
+    select_ranges(digits["graph"], digits["plan"], calib, judge_data=val)
+    assert (sessions, reads) == ([1], ["calib", "val"])
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(), QuantScheme(signed=False, symmetric=False),
+                                    QuantScheme(bits=16)], ids=["int8", "uint8-asym", "int16"])
+def test_histogram_errors_match_the_exact_sum_on_real_activations(digits, scheme):
+    """Without held-out data auto judges on the calibration histogram: close to exact."""
+    graph, plan = digits["graph"], digits["plan"]
+    inputs = np.load(CALIB)["input"][:96]
+    tensors = [t for t in plan.activation_schemes() if t != "input"]
+    for tensor, x in zip(tensors, _run(serialize(graph), inputs, tensors), strict=True):
+        candidate = _Candidates(scheme, tensor, METHODS)
+        candidate.update(x)
+        lo, hi = float(x.min()), float(x.max())
+        ranges = {"minmax": (lo, hi), "clipped": (lo / 2, hi / 2), "wide": (2 * lo, 2 * hi),
+                  **candidate.ranges()}
+        sums, count = histogram_errors(candidate.histogram, scheme, ranges, candidate.zeros)
+        assert count == x.size
+        x = x.astype(np.float64)
+        for key, (a, b) in ranges.items():
+            s, z = scheme.qparams(a, b)
+            exact = float(np.sum((x - scheme.fake_quantize(x, s, z)) ** 2))
+            # 8 bits: a step spans 32 bins or more; 16 bits: finer than a bin
+            assert sums[key] == pytest.approx(exact, rel=0.01 if scheme.bits == 8 else 0.12), key
 
 
 def test_memory_budget_runs_micro_batches_with_the_same_ranges(monkeypatch):

@@ -347,6 +347,28 @@ def test_merged_shards_equal_one_pass(case, method, scheme):
 
 
 @settings(max_examples=30, deadline=None, derandomize=True)
+@given(arrays, st.sampled_from([1, 2, 8]), st.sampled_from([None, 1]))
+def test_histogram_loaded_from_a_finer_one_equals_its_own_pass(case, ratio, axis):
+    """``--method auto`` reads MSE's 2048 bins from KLD's 8 x 2048: bit for bit as streamed."""
+    seed, kind, shards = case
+    x = synthetic(seed, kind).reshape(-1, 2) if axis else synthetic(seed, kind)
+    scheme = QuantScheme(per_channel_axis=axis)
+    parts = np.array_split(x, shards)
+    fine, coarse = HistogramObserver(scheme, "t", bins=256 * ratio), MSEObserver(scheme, "t",
+                                                                                 bins=256)
+    for part in parts:
+        fine.update(part)
+        coarse.update(part)
+    loaded = MSEObserver(scheme, "t", bins=256)
+    loaded.load_state(fine)
+    for field in ("counts", "exponent", "start", "min_val", "max_val"):
+        assert np.array_equal(getattr(loaded, field), getattr(coarse, field)), field
+    assert np.array_equal(loaded.range(), coarse.range())
+    with pytest.raises(TypeError):
+        HistogramObserver(scheme, "t", bins=3 * 256).load_state(fine)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(st.floats(-1e6, 1e6), st.floats(0, 1e6), st.integers(2, 4096))
 def test_grid_exponent_fits_and_is_monotone(lo, span, bins):
     hi = lo + span

@@ -69,7 +69,7 @@ def test_every_session_of_a_run_gets_the_providers(monkeypatch):
     options = CalibrateOptions(data=CALIB, num_samples=16, method="auto", sensitivity=True,
                                providers="fakegpu,cpu", kernel_check=False)
     quantize_model(DIGITS, "tensorrt", options)
-    assert len(asked) >= 5  # auto-method (2 passes), sensitivity, tensor errors, evaluation
+    assert len(asked) >= 5  # auto-method (1 session), sensitivity, tensor errors, evaluation
     assert set(asked) == {(fake, "CPUExecutionProvider")}
     assert providers.current() == ("CPUExecutionProvider",)  # restored after the run
 

@@ -145,18 +145,39 @@ class HistogramObserver(Observer):
             self.counts[c] += moved
 
     def load_state(self, other: HistogramObserver) -> None:
-        """Take another histogram's state as this one's (same bins; any subclass).
+        """Take another histogram's state as this one's, on this one's bins (any subclass).
 
-        ``--method auto`` bins each tensor once and reads every histogram method's range
-        from that one histogram.
+        ``other`` may keep ``2^k`` times more bins: its grid is then re-binned onto the grid
+        this observer would have streamed (the width of a bin is a power of two, so a
+        coarse bin is exactly the union of ``2^k`` fine ones, and the streamed exponent is
+        :func:`grid_exponent` of the final range). The counts equal this observer's own over
+        the same data, bit for bit. ``--method auto`` bins each tensor once and reads every
+        histogram method's range from that one histogram.
+
+        Raises:
+            TypeError: ``other.bins`` is not ``2^k`` times ``bins``, or the per-channel axes
+                differ.
         """
-        if other.bins != self.bins:
+        ratio, rest = divmod(other.bins, self.bins)
+        if rest or ratio & (ratio - 1):
             raise TypeError(f"cannot take a {other.bins}-bin histogram as {self.bins} bins")
         if other.scheme.per_channel_axis != self.scheme.per_channel_axis:
             raise TypeError(f"{self.name}: histograms of different per-channel axes")
-        self.counts, self.exponent = other.counts.copy(), other.exponent.copy()
-        self.start = other.start.copy()
         self.min_val, self.max_val = other.min_val.copy(), other.max_val.copy()
+        if ratio == 1 or other.empty:
+            self.counts, self.exponent = other.counts.copy(), other.exponent.copy()
+            self.start = other.start.copy()
+            if other.empty:
+                self.counts = np.zeros((0, self.bins), dtype=np.int64)
+            return
+        self._init_state(other.counts.shape[0])
+        for c in range(self.counts.shape[0]):
+            e = max(int(other.exponent[c]),
+                    grid_exponent(float(self.min_val[c]), float(self.max_val[c]), self.bins))
+            start = math.floor(float(self.min_val[c]) * 2.0**-e)
+            self.counts[c] = _rebin(other.counts[c], int(other.exponent[c]),
+                                    int(other.start[c]), e, start, self.bins)
+            self.exponent[c], self.start[c] = e, start
 
     def range(self):
         """The clip range the subclass's criterion picks from each channel's histogram."""
