@@ -115,8 +115,8 @@ def tensor_errors(
         quant_proto, [f"{e.tensor}_dequantized" for e in activations])
     # a planned activation nothing reads (an LSTM's unused hidden state) got no Q/DQ pair
     activations = [e for e in activations if f"{e.tensor}_dequantized" in quant_names]
-    float_names = {t: f for t, f in float_names.items() if t in {e.tensor for e in activations}
-                   or t in inputs}
+    judged = {e.tensor for e in activations}
+    float_names = {t: f for t, f in float_names.items() if t in judged}
     float_fetch = list(float_names.values())
     quant_fetch = [quant_names[f"{e.tensor}_dequantized"] for e in activations]
     float_session = session(float_bytes)
