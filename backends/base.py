@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qtool.errors import BackendError
+from qtool.keyvalue import option_pairs
 from qtool.scheme import QuantScheme
 
 if TYPE_CHECKING:
@@ -276,18 +277,13 @@ class Backend:
             BackendError: An item without ``=``, an unknown key (the message lists the
                 backend's options), or a value that does not read as the option's type.
         """
-        pairs: list[tuple[str, Any]] = []
-        if isinstance(items, Mapping):
-            pairs = [(str(k), v) for k, v in items.items()]
-        else:
-            for item in items:
-                key, sep, value = str(item).partition("=")
-                if not sep or not key.strip():
-                    raise BackendError(
-                        f"backend option {item!r} is not KEY=VALUE",
-                        f"e.g. --backend-option {next(iter(self.options), 'key')}=VALUE",
-                    )
-                pairs.append((key.strip(), value.strip()))
+        try:
+            pairs = option_pairs(items)
+        except ValueError as exc:
+            raise BackendError(
+                f"backend option {exc.args[0]!r} is not KEY=VALUE",
+                f"e.g. --backend-option {next(iter(self.options), 'key')}=VALUE",
+            ) from None
         parsed: dict[str, Any] = {}
         for key, value in pairs:
             if key not in self.options:

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from qtool.errors import TaskError
+from qtool.keyvalue import option_pairs
 
 #: Each task's options and their defaults (the defaults give the types).
 TASK_OPTIONS: dict[str, dict[str, Any]] = {
@@ -191,16 +192,11 @@ def resolve_task(task: str | Task | None, options: Mapping[str, Any] | Sequence[
 def _parse(task: str, options: Mapping[str, Any] | Sequence[str]) -> dict[str, Any]:
     known = TASK_OPTIONS[task]
     listed = ", ".join(f"{k} (default {v!r})" for k, v in known.items())
-    pairs: list[tuple[str, Any]] = []
-    if isinstance(options, Mapping):
-        pairs = [(str(k), v) for k, v in options.items()]
-    else:
-        for item in options:
-            key, sep, value = str(item).partition("=")
-            if not sep or not key.strip():
-                raise TaskError(f"task option {item!r} is not KEY=VALUE",
-                                f"--task {task} options: {listed}")
-            pairs.append((key.strip(), value.strip()))
+    try:
+        pairs = option_pairs(options)
+    except ValueError as exc:
+        raise TaskError(f"task option {exc.args[0]!r} is not KEY=VALUE",
+                        f"--task {task} options: {listed}") from None
     parsed: dict[str, Any] = {}
     for key, value in pairs:
         if key not in known:
