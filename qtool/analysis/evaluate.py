@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from qtool.analysis.tasks import Task, TaskResult, resolve_task
+from qtool.analysis.tasks import Task, TaskResult, Top1Counts, resolve_task
 from qtool.errors import DataError
 from qtool.io import ModelSource, load_model, serialize
 
@@ -219,34 +219,6 @@ class Evaluation:
         return None
 
 
-class _Classifier:
-    """Running top-1 counts of one classifier output."""
-
-    def __init__(self) -> None:
-        self.rows = 0
-        self.agree = 0
-        self.float_correct = 0
-        self.quant_correct = 0
-        self.labelled = 0
-
-    def update(self, x: np.ndarray, q: np.ndarray, labels: np.ndarray | None) -> None:
-        fx, fq = np.argmax(x, axis=-1), np.argmax(q, axis=-1)
-        self.rows += int(fx.shape[0])
-        self.agree += int(np.sum(fx == fq))
-        if labels is not None and labels.ndim == 1:  # class labels (not CTC sequences)
-            self.labelled += int(fx.shape[0])
-            self.float_correct += int(np.sum(fx == labels))
-            self.quant_correct += int(np.sum(fq == labels))
-
-    def merge(self, other: _Classifier) -> None:
-        """Add another shard's counts."""
-        self.rows += other.rows
-        self.agree += other.agree
-        self.float_correct += other.float_correct
-        self.quant_correct += other.quant_correct
-        self.labelled += other.labelled
-
-
 @dataclass
 class Tally:
     """The running sums of one :func:`tally`: mergeable across shards of the data.
@@ -264,7 +236,7 @@ class Tally:
     output_names: list[str]
     layers_shared: dict[str, tuple[str, str]]
     sums: dict[str, _ErrorSums]
-    classifiers: dict[str, _Classifier]
+    classifiers: dict[str, Top1Counts]
     samples: int = 0
     labelled: bool = False
     task: Any = None
@@ -274,7 +246,7 @@ class Tally:
         for name, sums in other.sums.items():
             self.sums[name].merge(sums)
         for name, counts in other.classifiers.items():
-            self.classifiers.setdefault(name, _Classifier()).merge(counts)
+            self.classifiers.setdefault(name, Top1Counts()).merge(counts)
         self.samples += other.samples
         self.labelled = self.labelled or other.labelled
         if other.task is not None:
@@ -383,7 +355,7 @@ def tally(
 
     batch_specs = model_inputs(quant_proto)  # each input's batch axis, to count samples
     sums = {name: _ErrorSums() for name in fetch}
-    classifiers: dict[str, _Classifier] = {}
+    classifiers: dict[str, Top1Counts] = {}
     samples = 0
     labelled = False
     for index, batch in enumerate(data):
@@ -409,7 +381,7 @@ def tally(
             sums[name].update(x, q)
             if name in layers_shared or not _is_classifier(x):
                 continue
-            classifiers.setdefault(name, _Classifier()).update(x, q, labels)
+            classifiers.setdefault(name, Top1Counts()).update(x, q, labels)
         if metric is not None:
             count = len(output_names)
             metric.update(dict(zip(output_names, float_values[:count], strict=True)),

@@ -25,7 +25,6 @@ import time
 from qtool.analysis.common import Batches, iterate_batches, session
 from qtool.analysis.evaluate import (
     Evaluation,
-    _Classifier,
     _ErrorSums,
     _feeds,
     _input_specs,
@@ -33,7 +32,7 @@ from qtool.analysis.evaluate import (
     output_metrics,
     output_ranks,
 )
-from qtool.analysis.tasks import Task, resolve_task
+from qtool.analysis.tasks import Task, Top1Counts, resolve_task
 from qtool.errors import DataError
 from qtool.io import load_model, serialize
 
@@ -106,7 +105,7 @@ class FloatReference:
         start = time.perf_counter()
         candidate = session(serialize(load_model(quant_model)))
         sums = {name: _ErrorSums() for name in self.output_names}
-        classifiers: dict[str, _Classifier] = {}
+        classifiers: dict[str, Top1Counts] = {}
         metric = self.task.metric() if self.task is not None else None
         for index, (feeds, labels, outputs) in enumerate(self._batches):
             values = _run(candidate, self.output_names, feeds, index)
@@ -119,7 +118,7 @@ class FloatReference:
                     raise DataError(f"output {name}: float shape {x.shape}, quantized {q.shape}")
                 sums[name].update(x, q)
                 if _is_classifier(x):
-                    classifiers.setdefault(name, _Classifier()).update(x, q, labels)
+                    classifiers.setdefault(name, Top1Counts()).update(x, q, labels)
         self.candidates += 1
         self.seconds += time.perf_counter() - start
         return Evaluation(self.samples, output_metrics(self.output_names, sums, classifiers,

@@ -246,16 +246,40 @@ def _has_function(spec: str) -> bool:
 # -- classify ------------------------------------------------------------------------------
 
 
-class ClassifyMetric:
-    """Top-1 agreement and, with labels, accuracy of one ``[N, classes]`` output."""
+class Top1Counts:
+    """Running top-1 counts of one classifier output: rows, agreement, correct with labels."""
 
-    def __init__(self, output: str | None = None) -> None:
-        self.output = output
+    def __init__(self) -> None:
         self.rows = 0
         self.agree = 0
         self.labelled = 0
         self.float_correct = 0
         self.quant_correct = 0
+
+    def update(self, x: np.ndarray, q: np.ndarray, labels: np.ndarray | None) -> None:
+        """Add one batch of float and quantized ``[N, classes]`` outputs."""
+        fx = np.argmax(x, axis=-1).reshape(-1)
+        fq = np.argmax(q, axis=-1).reshape(-1)
+        self.rows += int(fx.size)
+        self.agree += int(np.sum(fx == fq))
+        if labels is not None and np.ndim(labels) <= 1:  # class labels (not CTC sequences)
+            truth = np.asarray(labels).reshape(-1)
+            self.labelled += int(fx.size)
+            self.float_correct += int(np.sum(fx == truth))
+            self.quant_correct += int(np.sum(fq == truth))
+
+    def merge(self, other: Top1Counts) -> None:
+        """Add another shard's counts."""
+        for key in ("rows", "agree", "labelled", "float_correct", "quant_correct"):
+            setattr(self, key, getattr(self, key) + getattr(other, key))
+
+
+class ClassifyMetric:
+    """Top-1 agreement and, with labels, accuracy of one ``[N, classes]`` output."""
+
+    def __init__(self, output: str | None = None) -> None:
+        self.output = output
+        self.counts = Top1Counts()
 
     def update(self, float_outputs: Mapping[str, np.ndarray],
                quant_outputs: Mapping[str, np.ndarray], labels: np.ndarray | None,
@@ -264,32 +288,24 @@ class ClassifyMetric:
         if self.output is None:
             self.output = _first(float_outputs, lambda x: x.ndim == 2 and x.shape[1] > 1,
                                  "classify", "an [N, classes] output")
-        fx = np.argmax(float_outputs[self.output], axis=-1).reshape(-1)
-        fq = np.argmax(quant_outputs[self.output], axis=-1).reshape(-1)
-        self.rows += int(fx.size)
-        self.agree += int(np.sum(fx == fq))
-        if labels is not None and np.ndim(labels) <= 1:  # one class per row
-            truth = np.asarray(labels).reshape(-1)
-            self.labelled += int(fx.size)
-            self.float_correct += int(np.sum(fx == truth))
-            self.quant_correct += int(np.sum(fq == truth))
+        self.counts.update(float_outputs[self.output], quant_outputs[self.output], labels)
 
     def merge(self, other: ClassifyMetric) -> None:
         """Add another shard's counts."""
         self.output = self.output or other.output
-        for key in ("rows", "agree", "labelled", "float_correct", "quant_correct"):
-            setattr(self, key, getattr(self, key) + getattr(other, key))
+        self.counts.merge(other.counts)
 
     def result(self) -> TaskResult:
         """Top-1 agreement, accuracies; the accuracy drop, or without labels the disagreement."""
-        metrics: dict[str, float | int | None] = {"top1_agreement": _ratio(self.agree, self.rows)}
-        if self.labelled:
-            metrics["float_accuracy"] = _ratio(self.float_correct, self.labelled)
-            metrics["quant_accuracy"] = _ratio(self.quant_correct, self.labelled)
-            drop = 100.0 * (self.float_correct - self.quant_correct) / self.labelled
+        c = self.counts
+        metrics: dict[str, float | int | None] = {"top1_agreement": _ratio(c.agree, c.rows)}
+        if c.labelled:
+            metrics["float_accuracy"] = _ratio(c.float_correct, c.labelled)
+            metrics["quant_accuracy"] = _ratio(c.quant_correct, c.labelled)
+            drop = 100.0 * (c.float_correct - c.quant_correct) / c.labelled
             return TaskResult("classify", self.output or "", metrics, drop,
                               "top-1 accuracy drop against the labels")
-        drop = 100.0 * (self.rows - self.agree) / self.rows if self.rows else None
+        drop = 100.0 * (c.rows - c.agree) / c.rows if c.rows else None
         return TaskResult("classify", self.output or "", metrics, drop,
                           "top-1 disagreement with the float model")
 
