@@ -16,10 +16,10 @@ import click
 
 import qtool
 from qtool.errors import QtoolError
+from qtool.options import METHOD_ALIASES
 
 INTERNAL_ERROR_EXIT = 70  # EX_SOFTWARE: an exception qtool did not expect (a bug)
 INTERRUPTED_EXIT = 130  # the shell's code for a run stopped by Ctrl-C (128 + SIGINT)
-METHOD_ALIASES = {"entropy": "kld", "percentile": "quantile"}  # onnxruntime's, ModelOpt's
 COMPARE_FAILED_EXIT = 1  # `qtool compare`: the table is printed, but a cell failed
 _DEBUG_KEY = "qtool.debug"
 _ERROR_EXIT_KEY = "qtool.error_exit"

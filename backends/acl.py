@@ -47,7 +47,7 @@ def record(result) -> str:
     for entry in result.plan.entries("weight"):
         for node in entry.consumers:
             weights.setdefault(node, entry)
-    from qtool.planner import all_nodes
+    from qtool.graph_walk import all_nodes
 
     by_name = {n.name: n for n in all_nodes(result.float_graph)}  # If/Loop/Scan bodies too
     for node_name in result.plan.nodes:

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from qtool.graph_walk import name_nodes
 from qtool.io import load, load_model, serialize
-from qtool.planner import name_nodes
 
 log = logging.getLogger(__name__)
 

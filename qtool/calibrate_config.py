@@ -1,7 +1,7 @@
 """A calibrate config: ``qtool calibrate --config FILE`` reads the run's options from a file.
 
 The file (YAML or JSON, read by :func:`qtool.pipeline.load_recipe`) is a mapping whose keys
-are the ``qtool calibrate`` options, named as :class:`qtool.workflow.CalibrateOptions`
+are the ``qtool calibrate`` options, named as :class:`qtool.options.CalibrateOptions`
 names them::
 
     model: digits_cnn.onnx          # paths are relative to the file's folder
@@ -178,7 +178,7 @@ def _adaround(value, _base) -> dict[str, Any]:
 
 
 def _method_aliases() -> Mapping[str, str]:
-    from qtool.cli import METHOD_ALIASES  # onnxruntime's and ModelOpt's names, as the flag
+    from qtool.options import METHOD_ALIASES  # onnxruntime's and ModelOpt's names, as the flag
 
     return METHOD_ALIASES
 
@@ -186,7 +186,7 @@ def _method_aliases() -> Mapping[str, str]:
 def _observer_names(auto: bool) -> Callable[[], list[str]]:
     def names():
         from qtool.calibration.observers import OBSERVERS
-        from qtool.workflow import AUTO_METHOD
+        from qtool.options import AUTO_METHOD
 
         return [*OBSERVERS, *([AUTO_METHOD] if auto else [])]
 
@@ -212,7 +212,7 @@ def _executors():
 
 
 def _analysis_levels():
-    from qtool.workflow import ANALYSIS_LEVELS
+    from qtool.options import ANALYSIS_LEVELS
 
     return ANALYSIS_LEVELS
 
@@ -337,7 +337,7 @@ class CalibrateConfig:
         model: The model path, relative to the current folder (None: not in the config).
         output: The output path, likewise.
         backend: The backend name (None: not in the config).
-        values: The :class:`qtool.workflow.CalibrateOptions` fields the config sets.
+        values: The :class:`qtool.options.CalibrateOptions` fields the config sets.
     """
 
     source: str | None = None
@@ -350,14 +350,14 @@ class CalibrateConfig:
         """``base`` options with the config's values, except where a flag in ``given`` set one.
 
         Args:
-            base: The :class:`qtool.workflow.CalibrateOptions` of the command line (or the
+            base: The :class:`qtool.options.CalibrateOptions` of the command line (or the
                 defaults).
             given: The ``qtool calibrate`` parameters given explicitly (click names).
 
         Returns:
             The effective ``CalibrateOptions``, naming this config as its source.
         """
-        from qtool.workflow import CalibrateOptions
+        from qtool.options import CalibrateOptions
 
         base = CalibrateOptions() if base is None else base
         given = set(given)

@@ -167,7 +167,7 @@ def float_nodes_for_backend(source: ModelSource, backend: str) -> dict[str, str]
 
 
 def _prepared(model: onnx.ModelProto) -> gs.Graph:
-    from qtool.workflow import prepare
+    from qtool.prepare import prepare
 
     graph, _ = prepare(load(model))
     return graph

@@ -40,7 +40,6 @@ graph by ``<op>_<index>`` before planning (the same renaming quantize() applies)
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -50,6 +49,15 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qtool.errors import PlanError
+from qtool.graph_walk import (  # noqa: F401  (also read from here)
+    all_graphs,
+    all_nodes,
+    all_tensors,
+    consumer_map,
+    name_nodes,
+    owner_graph,
+    walk,
+)
 from qtool.plan import QuantPlan, TensorPlan
 from qtool.scheme import QuantScheme
 from qtool.sensitive_patterns import sensitive_nodes
@@ -142,7 +150,7 @@ def build_plan(
         split_shared_biases(graph)  # one int32 bias per consumer (its own s_in * s_w)
     sensitive = sensitive_nodes(graph)  # qtool.sensitive_patterns: kept float everywhere
     nodes = all_nodes(graph)
-    consumers = _consumers(nodes)
+    consumers = consumer_map(nodes)
     graph_outputs = {t.name for g in all_graphs(graph) for t in g.outputs}
     constant = _constant_tensors(nodes)
     carried = _loop_state(nodes)
@@ -395,7 +403,7 @@ def coverage_warning(graph: gs.Graph, plan: QuantPlan) -> str | None:
     """
     weights: dict[str, int] = {}
     body_nodes = 0
-    for depth, node in _walk(graph):
+    for depth, node in walk(graph):
         body_nodes += depth > 0
         for tensor in node.inputs:
             if (isinstance(tensor, gs.Constant) and len(tensor.shape) >= 2
@@ -414,93 +422,10 @@ def coverage_warning(graph: gs.Graph, plan: QuantPlan) -> str | None:
     return None
 
 
-def _walk(graph: gs.Graph, depth: int = 0):
-    """``(depth, node)`` for every node of ``graph`` and of its subgraphs (depth > 0)."""
-    for node in graph.nodes:
-        yield depth, node
-        for value in node.attrs.values():
-            subgraphs = value if isinstance(value, list) else [value]
-            for sub in subgraphs:
-                if isinstance(sub, gs.Graph):
-                    yield from _walk(sub, depth + 1)
-
-
-def all_graphs(graph: gs.Graph) -> list[gs.Graph]:
-    """``graph`` and every If/Loop/Scan body in it (nested ones too), outermost first."""
-    graphs = [graph]
-    for _, node in _walk(graph):
-        for value in node.attrs.values():
-            for sub in value if isinstance(value, list) else [value]:
-                if isinstance(sub, gs.Graph):
-                    graphs.append(sub)
-    return graphs
-
-
-def all_nodes(graph: gs.Graph) -> list[gs.Node]:
-    """Every node of ``graph`` and of its bodies, each body's nodes after the node holding it.
-
-    Body nodes read outer tensors by name (onnx-graphsurgeon shares the tensor objects), so
-    one walk over this list sees every producer and consumer of every tensor.
-    """
-    return [node for _, node in _walk(graph)]
-
-
-def all_tensors(graph: gs.Graph) -> dict[str, gs.Tensor]:
-    """The tensors of ``graph`` and of its bodies, by name."""
-    tensors: dict[str, gs.Tensor] = {}
-    for sub in all_graphs(graph):
-        for name, tensor in sub.tensors().items():
-            tensors.setdefault(name, tensor)
-    return tensors
-
-
-def owner_graph(graph: gs.Graph, tensor: gs.Tensor, consumers: Sequence[gs.Node],
-                graphs: Sequence[gs.Graph] | None = None) -> gs.Graph:
-    """The (sub)graph where nodes reading ``tensor`` for ``consumers`` go.
-
-    That is the body producing the tensor (or holding it as a body input), else the body
-    holding every consumer, else ``graph`` itself: every body can read outer tensors.
-    ``graphs`` is :func:`all_graphs` of ``graph`` when the caller has it already.
-    """
-    graphs = all_graphs(graph) if graphs is None else graphs
-    for sub in graphs[1:]:
-        if any(t is tensor for t in sub.inputs) or any(
-            tensor is out for node in sub.nodes for out in node.outputs
-        ):
-            return sub
-    if consumers:
-        holders = [next((sub for sub in graphs[1:] if node in sub.nodes), graph)
-                   for node in consumers]
-        if all(h is holders[0] for h in holders):
-            return holders[0]
-    return graph
-
-
-def name_nodes(graph: gs.Graph) -> None:
-    """Give every node a unique name (``<op>_<index>`` for unnamed or repeated ones), in place.
-
-    Nodes inside If/Loop/Scan bodies are named too (after the outer graph's nodes' indices).
-    """
-    seen: set[str] = set()
-    renamed = 0
-    for index, node in enumerate(all_nodes(graph)):
-        if not node.name or node.name in seen:
-            base = f"{node.op}_{index}"
-            candidate, suffix = base, 0
-            while candidate in seen:
-                suffix += 1
-                candidate = f"{base}_{suffix}"
-            node.name = candidate
-            renamed += 1
-        seen.add(node.name)
-    if renamed:
-        log.info("named %d unnamed or duplicate nodes", renamed)
-
-
 def shape_tensors(graph: gs.Graph) -> set[str]:
     """Names of the tensors on shape/index paths (rules (a)-(c) of the module docstring)."""
     nodes = all_nodes(graph)
-    consumers = _consumers(nodes)
+    consumers = consumer_map(nodes)
     constant = _constant_tensors(nodes)
     graph_outputs = {t.name for g in all_graphs(graph) for t in g.outputs}
     shape: set[str] = set()
@@ -583,15 +508,6 @@ def _is_shape_edge(node: gs.Node, index: int, shape: set[str]) -> bool:
     if index in SHAPE_INPUTS.get(node.op, ()):
         return True
     return bool(node.outputs) and all(o.name in shape for o in node.outputs)
-
-
-def _consumers(nodes: Iterable[gs.Node]) -> dict[str, list[tuple[gs.Node, int]]]:
-    uses: dict[str, list[tuple[gs.Node, int]]] = collections.defaultdict(list)
-    for node in nodes:
-        for index, tensor in enumerate(node.inputs):
-            if tensor.name:
-                uses[tensor.name].append((node, index))
-    return uses
 
 
 def _constant_tensors(nodes: Sequence[gs.Node]) -> set[str]:

@@ -51,17 +51,10 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from qtool.errors import OutputError, PlanError
+from qtool.graph_walk import all_graphs, all_nodes, all_tensors, name_nodes, owner_graph
 from qtool.io import atomic_write_bytes, load
 from qtool.plan import QuantPlan, TensorPlan
-from qtool.planner import (
-    all_graphs,
-    all_nodes,
-    all_tensors,
-    build_plan,
-    drop_unreached,
-    name_nodes,
-    owner_graph,
-)
+from qtool.planner import build_plan, drop_unreached
 from qtool.scheme import QuantScheme, onnx_dtype
 
 log = logging.getLogger(__name__)

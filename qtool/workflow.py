@@ -26,17 +26,17 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
-from qtool.errors import DataError, OutputError, PlanError, RecipeError
+from qtool.errors import OutputError, PlanError, RecipeError
 from qtool.io import atomic_write_text, load, save, serialize
-from qtool.output import (  # noqa: F401  (staging_folder, fill_folder: also qtool.qat's)
+from qtool.options import ANALYSIS_LEVELS, AUTO_METHOD, CalibrateOptions  # noqa: F401
+from qtool.output import (
     check_file_output,
     fill_folder,
     is_file_output,
@@ -45,122 +45,17 @@ from qtool.output import (  # noqa: F401  (staging_folder, fill_folder: also qto
     write_beside,
 )
 from qtool.pipeline import PassReport, Pipeline
+from qtool.prepare import prepare
+from qtool.samples import labelled_batches, load_samples
 
 log = logging.getLogger(__name__)
 
-PREPARE_PASSES = ("cleanup", "fold_bn", "upgrade_opset", "fuse_activations")
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
-AUTO_METHOD = "auto"
-RANDOM_SAMPLES = 16
-#: ``--analysis`` levels: nothing after quantizing, the output comparison, or also the
-#: accumulated error of every quantized tensor with histograms.
-ANALYSIS_LEVELS = ("none", "summary", "full")
 #: Rows the float fallback and the sensitivity judge each candidate on.
 SEARCH_SAMPLES = 128
 RECIPE_KEYS = frozenset({"model", "output", "passes"})
-
-
-@dataclass(frozen=True)
-class CalibrateOptions:
-    """Options of :func:`quantize_model` (the ``qtool calibrate`` flags).
-
-    Attributes:
-        data: Calibration data (folder, .npz, .npy); None: random inputs, marked unfit.
-        eval_data: Held-out data to evaluate on; None: the calibration data.
-        method: Observer name for activation ranges, or ``auto`` (the least-error
-            observer per tensor, :mod:`qtool.analysis.autoselect`).
-        weight_method: Observer name for weight ranges.
-        num_samples: At most this many samples (calibration and evaluation each).
-        batch_size: Samples per onnxruntime run.
-        weight_bits: Override the backend's weight bits.
-        act_bits: Override the backend's activation bits.
-        skip: Node names, op types or regexes to keep float.
-        plan: A saved plan JSON to use instead of building one.
-        workers: Processes that calibrate shards of the data.
-        seed: Seed of random inputs.
-        layerwise: Add per-tensor SQNR to the report.
-        progress: Show a progress bar (None: when stderr is a terminal).
-        sensitivity: Measure each layer quantized alone (one pass over the data per layer).
-        target_sqnr: Keep the most sensitive layers float until the output SQNR (dB, on the
-            calibration data) reaches this.
-        max_accuracy_drop: Keep the most sensitive layers float until the top-1 accuracy on
-            the (labelled) evaluation data is at most this many points below float; with a
-            ``task``, until the task's drop is at most this (:mod:`qtool.analysis.tasks`).
-        task: ``classify``, ``ctc`` or ``detect`` (or a :class:`qtool.analysis.tasks.Task`):
-            its metric is reported beside the SQNR and judges ``max_accuracy_drop`` and the
-            sensitivity ranking; None: top-1 of rank-2 outputs, as always.
-        task_options: The task's ``KEY=VALUE`` options (``--task-option``) or a mapping.
-        task_decoder: ``--task detect``: the decoder recipe, ``FILE.py[:FUNCTION]``.
-        preprocess: Image-folder preprocessing (:class:`qtool.calibration.images.
-            Preprocessing` or a dict of its keys); None: the defaults for the model.
-        providers: onnxruntime execution providers of every session, in order (names or
-            ``"cuda,cpu"``); None: the CPU.
-        backend_options: The backend's options, ``{"reduce_range": False}`` or
-            ``("reduce_range=false", ...)`` (``--backend-option``); unknown keys are an error.
-        kernel_check: Also run the QDQ model in onnxruntime's integer kernels (default
-            optimizations) on a few evaluation samples and report how far they are from the
-            simulation (:mod:`qtool.analysis.kernels`); not with ``analysis="none"``.
-        adaround: Learn the rounding of the Conv/Gemm weights on the calibration data
-            (AdaRound, :mod:`qtool.qat.adaround`; needs ``qtool[qat]``).
-        adaround_iters: AdaRound's optimisation steps per layer.
-        cle: Cross-layer equalization before planning (:mod:`qtool.passes.cle`), with
-            high-bias absorption measured on the calibration data. None (the default): on
-            for backends with per-tensor weights (academic, tvm, snpe), where evening the
-            channels' weight ranges pays, off for per-channel ones, where it only moves
-            activation ranges (silero-vad: snpe +4.8 dB, tvm +7.6 dB, tensorrt -8.3 dB).
-        bias_correction: Correct each quantized layer's bias for the mean error it adds on
-            the calibration data (:mod:`qtool.bias_correction`).
-        fail_under_sqnr: SQNR floor (dB) of every output on the evaluation data; below it
-            the report warns (at 10 dB when None) and the CLI exits 1.
-        input_axes: ``(input, axis)`` pairs declaring an input's batch axis (None: the input
-            is not a batch, its value goes with every sample); others are inferred.
-        analysis: ``none``, ``summary`` (outputs compared on the evaluation data) or
-            ``full`` (also the accumulated error of every quantized tensor, histograms).
-        memory_budget: Bytes of observed tensors per onnxruntime run of the calibration;
-            bigger batches run as micro-batches (None: whole batches).
-        executor: Where ``workers > 1`` calibrate their shards: ``local`` processes or
-            ``ray`` (:mod:`qtool.executor`; the cluster ``RAY_ADDRESS`` names, else a local
-            Ray). The output is the same, byte for byte.
-        config: The calibrate config file these options came from
-            (:func:`calibrate_options_from_recipe`); the report names it.
-    """
-
-    data: str | os.PathLike | None = None
-    eval_data: str | os.PathLike | None = None
-    method: str = "minmax"
-    weight_method: str = "minmax"
-    num_samples: int | None = None
-    batch_size: int = 32
-    weight_bits: int | None = None
-    act_bits: int | None = None
-    skip: tuple[str, ...] = ()
-    plan: str | os.PathLike | None = None
-    workers: int = 1
-    seed: int = 0
-    layerwise: bool = False
-    progress: bool | None = False
-    sensitivity: bool = False
-    target_sqnr: float | None = None
-    max_accuracy_drop: float | None = None
-    task: Any = None
-    task_options: Mapping[str, Any] | tuple[str, ...] = ()
-    task_decoder: str | None = None
-    preprocess: Any = None
-    providers: str | tuple[str, ...] | None = None
-    backend_options: Mapping[str, Any] | tuple[str, ...] = ()
-    kernel_check: bool = True
-    adaround: bool = False
-    adaround_iters: int = 200
-    cle: bool | None = None
-    bias_correction: bool = True
-    fail_under_sqnr: float | None = None
-    input_axes: tuple[tuple[str, int | None], ...] = ()
-    analysis: str = "summary"
-    memory_budget: int | None = 64 * 2**20
-    executor: str = "local"
-    config: str | os.PathLike | None = None
 
 
 def calibrate_options_from_recipe(
@@ -202,11 +97,6 @@ class CalibrationRun:
     files: dict[str, bytes] = field(default_factory=dict)
     report: dict[str, Any] | None = None
     paths: dict[str, str] = field(default_factory=dict)
-
-
-def prepare(graph: gs.Graph) -> tuple[gs.Graph, list[PassReport]]:
-    """Run the passes every backend expects first: cleanup, BN folding, opset >= 13."""
-    return Pipeline(PREPARE_PASSES).run(graph)
 
 
 def default_output(model: str | os.PathLike, backend: str) -> Path:
@@ -785,79 +675,6 @@ def _build_plan(graph: gs.Graph, backend, options: CalibrateOptions):
     except OSError as exc:
         raise PlanError(f"{path}: cannot read the plan ({exc.strerror})") from exc
     return QuantPlan.from_json(text)
-
-
-def load_samples(path, graph: gs.Graph, num_samples: int | None, seed: int,
-                 preprocess: Any = None, *, axes: Mapping[str, int | None] | None = None):
-    """The samples of a data path (None: seeded random inputs shaped from ``graph``).
-
-    ``preprocess`` (a :class:`qtool.calibration.images.Preprocessing` or a dict of its
-    keys) applies to an image folder only; ``axes`` declares inputs' batch axes (see
-    :func:`qtool.calibration.data.model_inputs`).
-    """
-    from qtool.calibration.data import load_data
-
-    if path is None:
-        return load_data(None, graph, axes=axes, num_samples=num_samples or RANDOM_SAMPLES,
-                         seed=seed)
-    options = {}
-    if preprocess is not None and Path(path).is_dir():
-        from qtool.calibration.images import Preprocessing
-
-        if not isinstance(preprocess, Preprocessing):
-            preprocess = Preprocessing.from_mapping(preprocess)
-        options = preprocess.options()
-    return load_data(path, graph, axes=axes, num_samples=num_samples, **options)
-
-
-def labelled_batches(samples, path, batch_size: int) -> Iterator[dict]:
-    """Evaluation batches of ``samples`` (loaded from ``path``), with labels if it has any.
-
-    An .npz's ``labels`` array rides along under the key ``labels``, row for row (the
-    loaders keep the file's order). The batches are what the model accepts: its fixed batch
-    size, each input's batch axis (:func:`qtool.calibration.batching.batches`).
-    """
-    from qtool.analysis.evaluate import LABELS_KEY
-    from qtool.calibration.batching import batches, resolve_batch_size
-
-    labels = _labels(path)
-    indices = getattr(samples, "indices", None)  # a held-out split: labels by source position
-    needed = (indices[-1] + 1 if indices else 0) if indices is not None else len(samples)
-    if labels is not None and len(labels) < needed:
-        raise DataError(
-            f"{path}: {len(labels)} labels for {needed} samples",
-            "give one label per sample under the 'labels' key",
-        )
-
-    first = (getattr(samples, "window", None) or (0, 0))[0]  # a shard: labels from its start
-
-    def with_labels() -> Iterator[dict]:
-        for index, sample in enumerate(samples):
-            if labels is None:
-                yield sample
-            else:
-                row = indices[index] if indices is not None else first + index
-                yield {**sample, LABELS_KEY: labels[row : row + 1]}
-
-    specs = samples.specs
-    size, fixed = resolve_batch_size(specs, batch_size)
-    extra = (LABELS_KEY,) if labels is not None else ()
-    joined = batches(with_labels(), specs, size, fixed=fixed, extra=extra)
-    return ({**batch.feeds, **batch.extra} for batch in joined)
-
-
-def _labels(path) -> np.ndarray | None:
-    from qtool.analysis.evaluate import LABELS_KEY
-
-    if path is None or Path(path).suffix.lower() != ".npz":
-        return None
-    with np.load(path, allow_pickle=False) as archive:
-        if LABELS_KEY not in archive.files:
-            return None
-        labels = np.asarray(archive[LABELS_KEY])
-        if labels.ndim >= 2 and labels.shape[1:] != (1,):  # CTC lines: [N, L], -1 padding
-            return labels.reshape(labels.shape[0], -1).astype(np.int64)
-        return labels.reshape(-1).astype(np.int64)
 
 
 def _display(path) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from qtool.io import load
-from qtool.workflow import prepare
+from qtool.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits_cnn.onnx"

@@ -27,6 +27,7 @@ from qtool.calibration import calibrate  # noqa: E402
 from qtool.errors import PlanError  # noqa: E402
 from qtool.io import load, serialize  # noqa: E402
 from qtool.planner import build_plan  # noqa: E402
+from qtool.prepare import prepare  # noqa: E402
 from qtool.qat.adaround import (  # noqa: E402
     AdaRoundOptions,
     adaround,
@@ -35,7 +36,6 @@ from qtool.qat.adaround import (  # noqa: E402
     rectified_sigmoid,
 )
 from qtool.qdq import quantize  # noqa: E402
-from qtool.workflow import prepare  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / "digits_cnn.onnx"

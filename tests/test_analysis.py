@@ -29,8 +29,9 @@ from qtool.analysis import (
 from qtool.analysis.autoselect import METHODS, select_ranges
 from qtool.io import load, save, serialize, to_model
 from qtool.planner import build_plan
+from qtool.prepare import prepare
 from qtool.qdq import quantize
-from qtool.workflow import labelled_batches, prepare
+from qtool.samples import labelled_batches
 
 BACKEND = "tensorrt"  # per-channel weights: the outlier hurts only through res.2's inputs
 TARGET_SQNR = 30.0

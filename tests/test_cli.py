@@ -21,7 +21,7 @@ import qtool
 from qtool.analysis.evaluate import evaluate
 from qtool.io import load
 from qtool.planner import build_plan
-from qtool.workflow import prepare
+from qtool.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "examples" / "digits_cnn.onnx")

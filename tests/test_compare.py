@@ -17,8 +17,8 @@ from qtool.analysis import layers_of
 from qtool.analysis.compare import compare, layer_macs, model_cost
 from qtool.io import load, serialize
 from qtool.planner import build_plan
+from qtool.prepare import prepare
 from qtool.qdq import quantize
-from qtool.workflow import prepare
 
 # Spatial size of each weighted layer's output in the digits CNN (8x8 input, one MaxPool
 # before mix, GlobalAveragePool before the Gemm), from examples/train_digits.py.

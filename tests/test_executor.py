@@ -135,7 +135,7 @@ def test_a_calibration_worker_killed_on_ray_is_retried(ray_executor, tmp_path):
 
     from qtool import load
     from qtool.planner import build_plan
-    from qtool.workflow import prepare
+    from qtool.prepare import prepare
 
     graph, _ = prepare(load(DIGITS))
     schemes = build_plan(graph, "tensorrt").activation_schemes()

@@ -151,7 +151,7 @@ def test_fusing_gives_the_plan_of_a_native_activation(tmp_path, monkeypatch):
     # many Q/DQ on every backend (Conv inputs; on snpe every activation output)
     for backend, (_, quantizers) in fused.items():
         assert quantizers == quantize("relu.onnx", backend)[1], backend
-    monkeypatch.setattr("qtool.workflow.PREPARE_PASSES", ("cleanup", "fold_bn", "upgrade_opset"))
+    monkeypatch.setattr("qtool.prepare.PREPARE_PASSES", ("cleanup", "fold_bn", "upgrade_opset"))
     spelled = {b: quantize("hs.onnx", b) for b in ("tensorrt", "snpe")}
     # inside the spelled-out form snpe's plan has three more Q/DQ per activation (after the
     # Add+Clip, the Mul and the Div), which its converter, fusing them, would not run

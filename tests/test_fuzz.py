@@ -128,7 +128,7 @@ def _load_prepare_plan(data: bytes):
     """Load (checked), prepare and plan: the first steps of every command."""
     from qtool.io import load
     from qtool.planner import build_plan
-    from qtool.workflow import prepare
+    from qtool.prepare import prepare
 
     graph = load(data)
     graph, _ = prepare(graph)
@@ -703,7 +703,7 @@ def _digits_plan_setup():
 
     from qtool.io import load
     from qtool.planner import build_plan
-    from qtool.workflow import prepare
+    from qtool.prepare import prepare
 
     graph, _ = prepare(load(str(DIGITS)))
     plan = build_plan(graph, "tensorrt")

@@ -186,7 +186,7 @@ def test_float_example_is_clean_and_only_notes_its_dynamic_batch():
 def test_float_model_nodes_a_backend_leaves_float():
     from qtool.io import load
     from qtool.planner import build_plan
-    from qtool.workflow import prepare
+    from qtool.prepare import prepare
 
     graph, _ = prepare(load(str(DIGITS)))
     expected = build_plan(graph, "academic").float_nodes

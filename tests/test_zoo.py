@@ -38,8 +38,8 @@ from qtool.calibration import calibrate
 from qtool.io import load, serialize
 from qtool.lint import lint_model
 from qtool.planner import SHAPE_INPUTS, SHAPE_SOURCES, build_plan
+from qtool.prepare import prepare
 from qtool.qdq import quantize
-from qtool.workflow import prepare
 
 OPSETS = (11, 13, 17, 21)
 #: The attention exports need opset 14 (scaled_dot_product_attention); 17 and 21 it is.

@@ -8,8 +8,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from qtool.analysis.evaluate import LABELS_KEY
 from qtool.errors import DataError, PlanError
+
+#: The key of the labels array in a data file (``.npz``); not a model input.
+LABELS_KEY = "labels"
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]] | Sequence[Mapping[str, np.ndarray]]
 

@@ -195,7 +195,7 @@ def compare(
     from qtool.backends import backend_names
     from qtool.calibration.observers import OBSERVERS
     from qtool.executor import get_executor
-    from qtool.workflow import labelled_batches
+    from qtool.samples import labelled_batches
 
     backends = list(backends or backend_names())
     methods = list(methods or OBSERVERS)
@@ -244,7 +244,8 @@ class _CompareJob:
 def _loaded(job: _CompareJob):
     """``(prepared graph, calibration, evaluation samples, labels path)``: once a process."""
     from qtool.io import load
-    from qtool.workflow import load_samples, prepare
+    from qtool.prepare import prepare
+    from qtool.samples import load_samples
 
     graph, _ = prepare(load(job.model))
     calib = load_samples(job.data, graph, job.num_samples, seed=0)
@@ -258,7 +259,7 @@ def _compare_cell(job: _CompareJob, key: tuple[str, str]) -> tuple[Cell, float |
     """``(cell, float accuracy, samples)`` where the executor runs it (errors in the cell)."""
     from qtool import providers
     from qtool.analysis.sensitivity import model_sqnr
-    from qtool.workflow import labelled_batches
+    from qtool.samples import labelled_batches
 
     backend, method = key
     cell = Cell(backend, method)

@@ -34,13 +34,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from qtool.analysis.common import LABELS_KEY  # noqa: F401  (read from here too)
 from qtool.analysis.tasks import Task, TaskResult, Top1Counts, resolve_task
 from qtool.errors import DataError
 from qtool.io import ModelSource, load_model, serialize
 
 log = logging.getLogger(__name__)
 
-LABELS_KEY = "labels"
 _CHUNK = 1 << 15  # values per step of the error sums: float64 buffers stay in cache
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 

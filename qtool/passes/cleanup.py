@@ -56,7 +56,7 @@ def cleanup(graph: gs.Graph, *, fold_constants: bool = True) -> gs.Graph:
     Returns:
         The cleaned, topologically sorted graph.
     """
-    from qtool.planner import all_graphs
+    from qtool.graph_walk import all_graphs
 
     nodes_before = len(graph.nodes)
     lowered = lower_constant_nodes(graph)

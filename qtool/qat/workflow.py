@@ -125,11 +125,11 @@ def qat_model(model: str | os.PathLike, backend: str, data: str | os.PathLike,
     from qtool.io import load
     from qtool.pipeline import Pipeline
     from qtool.planner import build_plan
+    from qtool.prepare import prepare
     from qtool.qat.bn import recalibrate_bn
     from qtool.qat.importer import to_torch
     from qtool.qat.train import fit
     from qtool.qdq import quantize
-    from qtool.workflow import prepare
 
     torch.manual_seed(options.seed)
     graph, _ = prepare(load(model))
@@ -223,7 +223,7 @@ def qat_to_folder(model: str | os.PathLike, backend: str, data: str | os.PathLik
         OutputError: The folder exists and is not empty (without ``force``) or cannot be
             written; nothing is left behind.
     """
-    from qtool.workflow import fill_folder, staging_folder
+    from qtool.output import fill_folder, staging_folder
 
     folder = Path(output)
     with staging_folder(folder, force=force) as staging:

@@ -58,7 +58,7 @@ def build_report(
     Args:
         model: The model path as given.
         backend: Backend name.
-        options: The run's :class:`qtool.workflow.CalibrateOptions`.
+        options: The run's :class:`qtool.options.CalibrateOptions`.
         calibration_samples: Number of calibration samples used.
         passes: The preparation passes' :class:`qtool.pipeline.PassReport` list.
         plan: The :class:`qtool.plan.QuantPlan` applied.
