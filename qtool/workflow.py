@@ -441,12 +441,18 @@ def _analyze(graph, backend, result, ranges, eval_samples, eval_path, options, t
     wants_fallback = options.target_sqnr is not None or options.max_accuracy_drop is not None
     if not (options.sensitivity or wants_fallback):
         return analysis
+    from qtool.executor import get_executor
+
     reference = FloatReference(graph, _batches(eval_samples, eval_path, options.batch_size),
                                max_samples=SEARCH_SAMPLES, task=task)
+    # --workers: the candidates (one per layer, one per prefix of the ranking) are judged
+    # by the executor's workers, with the same result as here
+    executor = get_executor(options.executor, options.workers) if options.workers > 1 else None
 
     def sensitivity():
         if not analysis.layers:
-            analysis.layers = layer_sensitivity(graph, result, reference=reference)
+            analysis.layers = layer_sensitivity(graph, result, reference=reference,
+                                                executor=executor)
         return analysis.layers
 
     if options.sensitivity:
@@ -455,7 +461,7 @@ def _analyze(graph, backend, result, ranges, eval_samples, eval_path, options, t
         analysis.fallback = float_fallback(
             graph, backend, result.plan, ranges, sensitivity, reference=reference,
             target_sqnr=options.target_sqnr, max_accuracy_drop=options.max_accuracy_drop,
-            weight_method=options.weight_method,
+            weight_method=options.weight_method, executor=executor,
         )
     analysis.search = reference.cost()  # wall time only in the log: report bytes are stable
     log.info("analysis search: %d candidate(s) on %d sample(s) in %.1f s",

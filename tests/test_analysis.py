@@ -270,3 +270,55 @@ def test_tensor_errors_do_not_depend_on_the_batching(hard):
         assert a.sqnr_db == pytest.approx(b.sqnr_db, rel=1e-9)
         assert a.max_abs_error == b.max_abs_error
     assert [h.counts for h in big_hist] == [h.counts for h in small_hist]
+
+
+def test_sensitivity_and_fallback_through_local_workers_equal_one_process(hard, sensitivity):
+    """The executor judges the candidates: same ranking, same numbers, same fallback steps."""
+    from qtool.executor import ProcessExecutor
+
+    workers = ProcessExecutor(2)
+    parallel = layer_sensitivity(hard["graph"], hard["result"], hard["batches"],
+                                 executor=workers)
+    assert parallel == sensitivity  # dataclass equality: every float bit for bit
+    serial = float_fallback(hard["graph"], BACKEND, hard["plan"], hard["ranges"], sensitivity,
+                            hard["batches"], target_sqnr=TARGET_SQNR)
+    spread = float_fallback(hard["graph"], BACKEND, hard["plan"], hard["ranges"], sensitivity,
+                            hard["batches"], target_sqnr=TARGET_SQNR, executor=workers)
+    assert spread.float_layers == serial.float_layers == [HARD_LAYER]
+    assert spread.steps == serial.steps
+    assert spread.cost == serial.cost  # candidates past the first met one are not counted
+    assert spread.plan.to_json() == serial.plan.to_json()
+
+
+def test_first_met_judges_in_rounds_but_reports_what_one_process_saw():
+    from qtool.analysis.candidates import CandidateJob, first_met
+
+    class Reference:  # counts candidates; evaluation = the plan's own number
+        candidates = 0
+        task = None
+
+        def evaluate(self, graph):
+            self.candidates += 1
+            return graph
+
+    class Rounds:  # 3 workers, each with its own copy of the job, as processes have
+        workers = 3
+        rounds: list = []
+
+        def map_shared(self, fn, shared, chunks, desc=""):
+            import copy
+
+            self.rounds.append([p for chunk in chunks for p in chunk])
+            return [[copy.deepcopy(shared).reference.evaluate(p) for p in chunk]
+                    for chunk in chunks]
+
+    reference = Reference()
+    job = CandidateJob(b"", "tensorrt", {}, "minmax", reference)
+    executor = Rounds()
+    index, seen = first_met(job, list(range(10)), lambda value: value >= 4, executor)
+    assert index == 4 and seen == [0, 1, 2, 3, 4]
+    assert executor.rounds == [[0, 1, 2], [3, 4, 5]]  # 5 was judged, then dropped
+    assert reference.candidates == 5
+    index, seen = first_met(job, list(range(6)), lambda value: value > 9, executor)
+    assert index is None and seen == [0, 1, 2, 3, 4, 5]
+    assert reference.candidates == 11

@@ -19,7 +19,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from qtool import progress
 from qtool.analysis.common import Batches, db_text, sort_db
 from qtool.analysis.reference import FloatReference
 from qtool.analysis.sensitivity import LayerSensitivity, accuracy_drop, keep_float, model_sqnr
@@ -92,6 +91,7 @@ def float_fallback(
     reference: FloatReference | None = None,
     max_samples: int | None = None,
     task=None,
+    executor=None,
 ) -> Fallback:
     """Raise the most sensitive layers to 16-bit activations, else keep them float, greedily.
 
@@ -116,6 +116,9 @@ def float_fallback(
         max_samples: Judge on at most this many rows of ``batches`` (None: all).
         task: The task (name or :class:`~qtool.analysis.tasks.Task`) whose metric judges
             ``max_accuracy_drop``; not needed with ``reference`` (its task judges).
+        executor: A :class:`qtool.executor.Executor` whose workers judge the prefixes of
+            the ranking in rounds (:func:`qtool.analysis.candidates.first_met`); None: here,
+            one after the other. The layers chosen are the same either way.
 
     Returns:
         The :class:`Fallback`; ``met`` is False if even all layers float miss the target.
@@ -125,36 +128,56 @@ def float_fallback(
         DataError: ``max_accuracy_drop`` without labels (top-1) or a task metric the data
             cannot define (no float detections).
     """
-    from qtool.qdq import quantize
+    from qtool.analysis.candidates import CandidateJob, first_met, judge_one
+    from qtool.io import serialize
+    from qtool.providers import current
 
     if target_sqnr is None and max_accuracy_drop is None:
         raise PlanError("float fallback needs a target", "give target_sqnr or max_accuracy_drop")
     if reference is None:
         reference = FloatReference(float_graph, batches, max_samples=max_samples, task=task)
+    job = CandidateJob(serialize(float_graph), backend, ranges, weight_method, reference,
+                       current())
     reasons: dict[str, str] = {}
     steps: list[FallbackStep] = []
     judged_by: list[str] = []  # what the drop measures, said by the first evaluation
 
-    def judge(layers: list[str], wide: Sequence[str] = ()):
+    def candidate_plan(layers: Sequence[str], wide: Sequence[str] = ()):
         candidate = keep_float(plan, layers, reasons)
         if wide:
             candidate = with_activation_bits(candidate, wide, WIDE_ACTIVATION_BITS)
-        quantized = quantize(float_graph, backend, ranges, plan=candidate,
-                             weight_method=weight_method)
-        evaluation = reference.evaluate(quantized.graph)
+        return candidate
+
+    def meets(evaluation) -> bool:
         sqnr, drop = model_sqnr(evaluation), accuracy_drop(evaluation)
         if max_accuracy_drop is not None and drop is None:
             raise _undefined_drop(evaluation)
+        return (target_sqnr is None or sort_db(sqnr) >= target_sqnr) and (
+            max_accuracy_drop is None or drop <= max_accuracy_drop + 1e-9
+        )
+
+    def record(layers: Sequence[str], wide: Sequence[str], evaluation) -> bool:
+        met = meets(evaluation)
+        sqnr, drop = model_sqnr(evaluation), accuracy_drop(evaluation)
         if max_accuracy_drop is not None and not judged_by:
             judged_by.append(evaluation.task.judged_by if evaluation.task is not None
                              else "top-1 accuracy drop against the labels")
-        met = (target_sqnr is None or sort_db(sqnr) >= target_sqnr) and (
-            max_accuracy_drop is None or drop <= max_accuracy_drop + 1e-9
-        )
         steps.append(FallbackStep(list(layers), sqnr, drop, met, list(wide)))
         log.info("fallback with %d float and %d 16-bit layer(s): %s dB, drop %s",
                  len(layers), len(wide), sqnr, drop)
-        return met, candidate
+        return met
+
+    def judge(layers: list[str], wide: Sequence[str] = ()):
+        candidate = candidate_plan(layers, wide)
+        return record(layers, wide, judge_one(job, candidate, float_graph)), candidate
+
+    def search(prefixes: list[list[str]], wide: bool, desc: str):
+        """The first prefix that meets the target (index or None) and the last plan judged."""
+        plans = [candidate_plan([], p) if wide else candidate_plan(p) for p in prefixes]
+        index, seen = first_met(job, plans, meets, executor, desc=desc, graph=float_graph)
+        for prefix, evaluation in zip(prefixes, seen, strict=False):
+            record([] if wide else prefix, prefix if wide else [], evaluation)
+        return index, plans[len(seen) - 1] if seen else None
 
     met, candidate = judge([])
     judged = judged_by[0] if judged_by else None
@@ -173,21 +196,21 @@ def float_fallback(
         )
         for rank, s in enumerate(sensitivity, start=1)
     })
+    prefixes = [list(order[:k]) for k in range(1, len(order) + 1)]
     if _runs_wide(backend, plan):
-        for k in progress.bar(range(1, len(order) + 1), desc="16-bit search", unit="step"):
-            met, candidate = judge([], order[:k])
-            if met:
-                return Fallback(target_sqnr, max_accuracy_drop, [], True, steps,
-                                reference.cost(), candidate, list(order[:k]), judged)
-    for k in progress.bar(range(1, len(order) + 1), desc="fallback search", unit="step"):
-        met, candidate = judge(order[:k])
-        if met:
-            break
-    else:
+        index, last = search(prefixes, True, "16-bit search")
+        candidate = last if last is not None else candidate
+        if index is not None:
+            return Fallback(target_sqnr, max_accuracy_drop, [], True, steps,
+                            reference.cost(), candidate, list(order[: index + 1]), judged)
+    index, last = search(prefixes, False, "fallback search")
+    candidate = last if last is not None else candidate
+    if index is None:
         log.warning("the target %s is not met even with every layer float",
                     _target_text(target_sqnr, max_accuracy_drop, judged))
         return Fallback(target_sqnr, max_accuracy_drop, list(order), False, steps,
                         reference.cost(), candidate, judged_by=judged)
+    k = index + 1
     # Prune: a layer added early may be unnecessary once later ones are float. The last one
     # added is needed (the prefix without it missed the target); try the others.
     kept = list(order[:k])

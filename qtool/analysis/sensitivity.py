@@ -14,7 +14,6 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from qtool import progress
 from qtool.analysis.common import Batches, sort_db
 from qtool.analysis.evaluate import Evaluation
 from qtool.analysis.reference import FloatReference
@@ -90,7 +89,8 @@ def accuracy_drop(evaluation: Evaluation) -> float | None:
 
 def layer_sensitivity(float_graph, result, batches: Batches | None = None, *,
                       reference: FloatReference | None = None,
-                      max_samples: int | None = None, task=None) -> list[LayerSensitivity]:
+                      max_samples: int | None = None, task=None,
+                      executor=None) -> list[LayerSensitivity]:
     """Quantize each layer alone and measure the model outputs (see the module docstring).
 
     Args:
@@ -102,12 +102,17 @@ def layer_sensitivity(float_graph, result, batches: Batches | None = None, *,
         max_samples: Judge on at most this many rows of ``batches`` (None: all).
         task: A task (name or :class:`~qtool.analysis.tasks.Task`) to rank by; not needed
             with ``reference`` (its task judges).
+        executor: A :class:`qtool.executor.Executor` whose workers judge the layers
+            (:mod:`qtool.analysis.candidates`); None: here, one after the other. The
+            result is the same either way.
 
     Returns:
         One entry per layer, worst first (largest task drop, then lowest SQNR); ties by
         node name.
     """
-    from qtool.qdq import quantize
+    from qtool.analysis.candidates import CandidateJob, judge_plans
+    from qtool.io import serialize
+    from qtool.providers import current
 
     if reference is None:
         reference = FloatReference(float_graph, batches, max_samples=max_samples, task=task)
@@ -118,12 +123,12 @@ def layer_sensitivity(float_graph, result, batches: Batches | None = None, *,
         for name, qp in result.qparams.items()
         if qp.role == "activation"
     }
+    job = CandidateJob(serialize(float_graph), result.backend, union, result.weight_method,
+                       reference, current())
+    alone = [keep_float(plan, [n for n in layers if n != node]) for node in layers]
+    evaluations = judge_plans(job, alone, executor, desc="sensitivity", graph=float_graph)
     sensitivity = []
-    for node, tensors in progress.bar(list(layers.items()), desc="sensitivity", unit="layer"):
-        alone = keep_float(plan, [n for n in layers if n != node])
-        quantized = quantize(float_graph, result.backend, union, plan=alone,
-                             weight_method=result.weight_method)
-        evaluation = reference.evaluate(quantized.graph)
+    for (node, tensors), evaluation in zip(layers.items(), evaluations, strict=True):
         cosine = min(o.cosine for o in evaluation.outputs)
         accuracy = evaluation.accuracy
         sensitivity.append(LayerSensitivity(
