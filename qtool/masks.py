@@ -16,7 +16,10 @@ weight. So:
   it anywhere else (an overflow).
 * The carriers on a path from a mask constant to a ``Softmax``/``LogSoftmax``, and that
   Softmax, are kept float on every backend (:func:`qtool.sensitive_patterns.sensitive_nodes`):
-  the masked scores reach the Softmax exactly as in float. A mask that reaches no Softmax
+  the masked scores reach the Softmax exactly as in float. So is the guard torch's
+  ``scaled_dot_product_attention`` export puts after it, ``Where(IsNaN(p), 0, p)``: a row
+  masked whole is NaN after the Softmax, and the guard, not an observer, turns it into
+  zeros. A mask that reaches no Softmax
   (``-inf`` padding before a MaxPool) is quantized: its values saturate to the low end of the
   range, which a max ignores.
 
@@ -99,6 +102,7 @@ def mask_flow(nodes: Iterable[NodeView], seeds: Iterable[str]) -> MaskFlow:
     keep: set[str] = set()
     for softmax in softmaxes:
         keep.add(softmax[0])
+        keep.update(_nan_guard(nodes, softmax[3][0]))
         stack = [name for name in softmax[2] if name in producer]
         while stack:
             name, _, inputs, _ = producer[stack.pop()]
@@ -107,6 +111,15 @@ def mask_flow(nodes: Iterable[NodeView], seeds: Iterable[str]) -> MaskFlow:
                 stack.extend(i for i in inputs if i in producer)
     kept = {node[0]: REASON for node in nodes if node[0] in keep}
     return MaskFlow(frozenset(tensors), kept)
+
+
+def _nan_guard(nodes: Sequence[NodeView], probabilities: str) -> list[str]:
+    """``IsNaN(p)`` and ``Where(IsNaN(p), c, p)`` after a masked Softmax's output ``p``."""
+    checks = {outputs[0]: name for name, op, inputs, outputs in nodes
+              if op == "IsNaN" and probabilities in inputs}
+    guards = [name for name, op, inputs, _ in nodes
+              if op == "Where" and probabilities in inputs and inputs[0] in checks]
+    return [*checks.values(), *guards] if guards else []
 
 
 def proto_mask_flow(graph, initializers: Mapping[str, np.ndarray] | None = None) -> MaskFlow:
