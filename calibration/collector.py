@@ -59,7 +59,7 @@ from qtool.calibration.batching import (  # noqa: F401  (re-exported for callers
     resolve_batch_size,
     row_windows,
 )
-from qtool.calibration.data import check_inputs, specs_of
+from qtool.calibration.data import check_inputs, no_batch_axis_hint, specs_of
 from qtool.calibration.observers import NonFiniteError, Observer, get_observer
 
 from qtool import progress as qtool_progress
@@ -485,9 +485,23 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
                                   optimization=optimization, memory_budget=budget)
             del plan  # the collector drops the serialized model once its session exists
             collector.observe_constants()
+            ran = 0
             for batch in stream:
-                collector.run(batch)
+                try:
+                    collector.run(batch)
+                except DataError as exc:
+                    if ran:
+                        raise
+                    # the first batch fails: a [T, F] model fed rows of its T axis?
+                    raise DataError(exc.message,
+                                    exc.hint + no_batch_axis_hint(specs)) from exc
+                ran += batch.rows
                 bar.update(batch.rows)
+            if not ran and fixed:
+                raise DataError(
+                    f"no calibration batch ran: the model fixes the batch dim to {size} and "
+                    "the data has fewer samples", f"give at least {size} samples"
+                    + no_batch_axis_hint(specs))
         else:
             threads = intra_op_threads or max(1, (os.cpu_count() or 1) // workers)
             _run_workers(plan, ctor, schemes, observers, stream, workers, threads, bar,
