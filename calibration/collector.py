@@ -379,12 +379,13 @@ class Collector:
         if value.size == 0:
             return  # a tensor of an If branch that did not run
         observer = self.observers[name]
-        infinite = observer.infinite
+        infinite = getattr(observer, "infinite", 0)  # anything with update() may observe
         try:
             observer.update(value)
         except NonFiniteError as exc:
             raise NonFiniteError(name, exc.kind, _where(value, batch)) from None
-        if observer.infinite > infinite and name not in self.plan.mask_tensors:
+        if (getattr(observer, "infinite", 0) > infinite
+                and name not in self.plan.mask_tensors):
             # no mask constant reaches this tensor: the Inf is an overflow, not a mask
             raise NonFiniteError(name, "Inf", _where(value, batch))
 
@@ -511,7 +512,7 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
 
 def _ranges(observers: Mapping[str, Observer], plan_aliases) -> dict[str, tuple]:
     ranges = {}
-    masked = {name: o.masked for name, o in observers.items() if o.masked}
+    masked = {name: o.masked for name, o in observers.items() if getattr(o, "masked", 0)}
     if masked:
         log.info("left %d mask value(s) (+-inf or |x| >= 1e30: attention masks) out of the "
                  "ranges of %d tensor(s): %s", sum(masked.values()), len(masked),

@@ -46,8 +46,8 @@ CARRIERS = frozenset({
 #: Ops whose input may hold a mask and whose output does not.
 SOFTMAXES = frozenset({"Softmax", "LogSoftmax"})
 
-REASON = ("attention mask (+-inf or finfo.min values) on its way to a Softmax: kept float "
-          "on every backend, a quantized mask saturates to the scores' range")
+REASON = ("attention mask (+-inf or finfo.min values) and the Softmax it feeds: kept float "
+          "on every backend (a quantized mask saturates to the scores' range)")
 
 #: A node as the walk sees it: ``(name, op, input names, output names)``.
 NodeView = tuple[str, str, Sequence[str], Sequence[str]]
