@@ -28,7 +28,7 @@ Only the main graph is walked (masks live there in every exporter's output).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,20 +122,19 @@ def _nan_guard(nodes: Sequence[NodeView], probabilities: str) -> list[str]:
     return [*checks.values(), *guards] if guards else []
 
 
-def proto_mask_flow(graph, initializers: Mapping[str, np.ndarray] | None = None) -> MaskFlow:
+def proto_mask_flow(graph) -> MaskFlow:
     """:func:`mask_flow` of an ``onnx.GraphProto`` (the calibration session's model).
 
-    Args:
-        graph: The main graph.
-        initializers: Its initializers as arrays, where the caller has them already.
+    Only initializers a carrier reads are looked at, one at a time: the weights of a
+    MatMul or Conv are never decoded.
     """
     from onnx import numpy_helper
 
-    seeds = []
-    if initializers is None:
-        initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer
-                        if t.data_type in _FLOAT_TYPES}
-    seeds += [name for name, array in initializers.items() if holds_mask_values(array)]
+    read_by_carriers = {name for node in graph.node if node.op_type in CARRIERS
+                        for name in node.input}
+    seeds = [t.name for t in graph.initializer
+             if t.name in read_by_carriers and t.data_type in _FLOAT_TYPES
+             and holds_mask_values(numpy_helper.to_array(t))]
     views = []
     for index, node in enumerate(graph.node):
         if node.op_type in ("Constant", "ConstantOfShape"):

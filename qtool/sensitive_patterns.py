@@ -55,7 +55,7 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from qtool.masks import holds_mask_values, mask_flow
+from qtool.masks import CARRIERS, holds_mask_values, mask_flow
 
 #: Ops that are kept float wherever they read a computed input, and why.
 SINKS = {
@@ -148,8 +148,9 @@ def mask_nodes(graph: gs.Graph) -> dict[str, str]:
                     value.values if isinstance(value, gs.Constant) else value):
                 seeds += [t.name for t in node.outputs]
             continue
-        seeds += [t.name for t in node.inputs
-                  if isinstance(t, gs.Constant) and holds_mask_values(t.values)]
+        if node.op in CARRIERS:  # the weights of a MatMul or Conv are never decoded
+            seeds += [t.name for t in node.inputs
+                      if isinstance(t, gs.Constant) and holds_mask_values(t.values)]
         views.append((node.name, node.op, [t.name for t in node.inputs],
                       [t.name for t in node.outputs]))
     return mask_flow(views, seeds).kept_float
