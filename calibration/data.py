@@ -254,7 +254,8 @@ def conform(array: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, str | None]
       holds every value;
     * floats to another float type (float64 to float32): the cast rounds, so the note says
       by how much when values change;
-    * integral floats (ids saved as floats) to an integer type that holds them.
+    * integral floats (ids saved as floats) to an integer type that holds them;
+    * 0/1 numbers to bool, and bool to integers (padding masks).
 
     Anything else (uint8 pixels for a float input: they need scaling) is returned as is, for
     :func:`check_inputs` to refuse with :func:`cast_hint`.
@@ -263,8 +264,14 @@ def conform(array: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, str | None]
         ``(array, note)``: the note says what changed (None when nothing did).
     """
     want = spec.dtype
-    if array.dtype == want or array.dtype == np.bool_ or want == np.bool_:
+    if array.dtype == want:
         return array, None
+    if want == np.bool_:  # a 0/1 mask for a bool input
+        if np.issubdtype(array.dtype, np.number) and np.isin(array, (0, 1)).all():
+            return array.astype(np.bool_), None
+        return array, None
+    if array.dtype == np.bool_:
+        return (array.astype(want), None) if np.issubdtype(want, np.integer) else (array, None)
     if np.issubdtype(want, np.integer):
         if np.issubdtype(array.dtype, np.integer) or (
                 np.issubdtype(array.dtype, np.floating) and array.size

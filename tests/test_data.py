@@ -314,6 +314,15 @@ def test_int32_token_ids_feed_an_int64_input(tmp_path):
     np.savez(tmp_path / "half.npz", ids=np.full((2, 6), 1.5))
     with pytest.raises(DataError, match="float64, the model expects int64"):
         load_data(tmp_path / "half.npz", token_model())
+    # a 0/1 padding mask for a bool input, and back
+    np.savez(tmp_path / "mask.npz", ids=np.tril(np.ones((6, 6), np.int64)))
+    mask = next(iter(load_data(tmp_path / "mask.npz", token_model(TensorProto.BOOL))))["ids"]
+    assert mask.dtype == np.bool_ and mask.sum() == 1
+    np.savez(tmp_path / "bool.npz", ids=np.ones((2, 6), np.bool_))
+    assert next(iter(load_data(tmp_path / "bool.npz", token_model())))["ids"].dtype == np.int64
+    np.savez(tmp_path / "twos.npz", ids=np.full((2, 6), 2, np.int64))
+    with pytest.raises(DataError, match="int64, the model expects bool"):
+        load_data(tmp_path / "twos.npz", token_model(TensorProto.BOOL))
 
 
 def test_float64_data_is_cast_with_a_note_when_values_change(tmp_path, caplog):
