@@ -26,8 +26,10 @@ After the first batch of a given input shape, the session writes the observed te
 output buffers bound once (onnxruntime IO binding) instead of allocating them per run.
 Observed tensors that are graph inputs are read from the feeds, initializers once from the
 model; tensors inside If/Loop/Scan bodies leave them as extra outputs of their node
-(:func:`qtool.io.expose_outputs`). NaN or Inf raises :class:`qtool.errors.CalibrationError`
-naming the tensor and the sample. With ``workers > 1`` (or ``executor="ray"``) data that
+(:func:`qtool.io.expose_outputs`). NaN, or Inf in a tensor no mask constant reaches
+(:mod:`qtool.masks`), raises :class:`qtool.errors.CalibrationError` naming the tensor and the
+sample; mask values (attention masks' ``-inf`` and ``finfo.min``) are left out of the ranges
+and counted (logged). With ``workers > 1`` (or ``executor="ray"``) data that
 a loader reads from a path is split into row windows on batch boundaries, each observed by
 its own worker (:mod:`qtool.executor`: local processes or Ray), and the observers are merged
 in window order; a plain iterable of samples is dealt batch by batch to local processes
@@ -57,12 +59,13 @@ from qtool.calibration.batching import (  # noqa: F401  (re-exported for callers
     resolve_batch_size,
     row_windows,
 )
-from qtool.calibration.data import check_inputs, specs_of
+from qtool.calibration.data import check_inputs, no_batch_axis_hint, specs_of
 from qtool.calibration.observers import NonFiniteError, Observer, get_observer
 
 from qtool import progress as qtool_progress
 from qtool import providers
 from qtool.errors import CalibrationError, DataError, InvalidModelError, QtoolError
+from qtool.masks import proto_mask_flow
 from qtool.memory import trim_heap
 from qtool.scheme import QuantScheme
 
@@ -86,6 +89,8 @@ class ObservePlan:
     feeds: tuple[str, ...]
     constants: dict[str, np.ndarray]
     aliases: dict[str, str] = field(default_factory=dict)  # output -> tensor in a body
+    # tensors a mask constant reaches (qtool.masks): Inf there is a mask, elsewhere an error
+    mask_tensors: frozenset[str] = frozenset()
 
 
 def plan_observation(model, tensors: Iterable[str]) -> ObservePlan:
@@ -107,6 +112,7 @@ def plan_observation(model, tensors: Iterable[str]) -> ObservePlan:
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
     graph = proto.graph
+    masks = proto_mask_flow(graph).tensors
     initializers = {t.name: t for t in graph.initializer}
     inputs = {i.name for i in graph.input} - set(initializers)
     produced = {name for node in graph.node for name in node.output if name}
@@ -137,7 +143,8 @@ def plan_observation(model, tensors: Iterable[str]) -> ObservePlan:
         aliases = {out: name for name, out in exposed.items()}
         outputs.extend(exposed.values())
     return ObservePlan(proto.SerializeToString(), tuple(outputs), tuple(feeds), constants,
-                       aliases)
+                       aliases, masks & (set(outputs) | set(feeds) | set(constants)
+                                         | set(aliases.values())))
 
 
 def make_session(model_bytes: bytes, *, intra_op_threads: int | None = None,
@@ -371,10 +378,16 @@ class Collector:
     def _feed(self, name: str, value: np.ndarray, batch: Batch | None) -> None:
         if value.size == 0:
             return  # a tensor of an If branch that did not run
+        observer = self.observers[name]
+        infinite = getattr(observer, "infinite", 0)  # anything with update() may observe
         try:
-            self.observers[name].update(value)
+            observer.update(value)
         except NonFiniteError as exc:
             raise NonFiniteError(name, exc.kind, _where(value, batch)) from None
+        if (getattr(observer, "infinite", 0) > infinite
+                and name not in self.plan.mask_tensors):
+            # no mask constant reaches this tensor: the Inf is an overflow, not a mask
+            raise NonFiniteError(name, "Inf", _where(value, batch))
 
 
 def _rows(batch: Batch, start: int, stop: int) -> Batch:
@@ -473,9 +486,23 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
                                   optimization=optimization, memory_budget=budget)
             del plan  # the collector drops the serialized model once its session exists
             collector.observe_constants()
+            ran = 0
             for batch in stream:
-                collector.run(batch)
+                try:
+                    collector.run(batch)
+                except DataError as exc:
+                    if ran:
+                        raise
+                    # the first batch fails: a [T, F] model fed rows of its T axis?
+                    raise DataError(exc.message,
+                                    exc.hint + no_batch_axis_hint(specs)) from exc
+                ran += batch.rows
                 bar.update(batch.rows)
+            if not ran and fixed:
+                raise DataError(
+                    f"no calibration batch ran: the model fixes the batch dim to {size} and "
+                    "the data has fewer samples", f"give at least {size} samples"
+                    + no_batch_axis_hint(specs))
         else:
             threads = intra_op_threads or max(1, (os.cpu_count() or 1) // workers)
             _run_workers(plan, ctor, schemes, observers, stream, workers, threads, bar,
@@ -485,6 +512,11 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
 
 def _ranges(observers: Mapping[str, Observer], plan_aliases) -> dict[str, tuple]:
     ranges = {}
+    masked = {name: o.masked for name, o in observers.items() if getattr(o, "masked", 0)}
+    if masked:
+        log.info("left %d mask value(s) (+-inf or |x| >= 1e30: attention masks) out of the "
+                 "ranges of %d tensor(s): %s", sum(masked.values()), len(masked),
+                 ", ".join(f"{name} ({count})" for name, count in masked.items()))
     for name, observer in observers.items():
         try:
             ranges[name] = _as_range(observer.range())

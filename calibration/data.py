@@ -10,6 +10,8 @@ members numpy reads whole.
   RGB, BGR or gray, NCHW or NHWC.
 * :class:`ArrayData` - ``.npz`` arrays keyed by input name (the key ``labels`` is kept for
   evaluation and ignored here) or one ``.npy`` for a single-input model; rows are samples.
+  Arrays are cast to the input's dtype where nothing a model reads is lost (:func:`conform`:
+  int32 token ids for an int64 input; float64 to float32, noted when values round).
 * :class:`RandomData` - standard-normal inputs shaped from the model; ``fit_for_calibration``
   is False and a warning is logged: ranges from it say nothing about real data.
 
@@ -186,12 +188,12 @@ def check_inputs(model, sample: Mapping[str, np.ndarray]) -> None:
             raise DataError(
                 f"input {name}: data has rank {array.ndim} {array.shape}, the model expects "
                 f"rank {len(spec.shape)} {_show(spec.shape)}",
-                _rank_hint(spec),
+                _rank_hint(spec, array.ndim),
             )
         if array.dtype != spec.dtype:
             raise DataError(
                 f"input {name}: data is {array.dtype}, the model expects {spec.dtype}",
-                f"convert the data with .astype(np.{spec.dtype})",
+                cast_hint(array.dtype, spec.dtype),
             )
         for axis, (have, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
             if axis != spec.batch_axis and want is not None and have != want:
@@ -202,11 +204,91 @@ def check_inputs(model, sample: Mapping[str, np.ndarray]) -> None:
                 )
 
 
-def _rank_hint(spec: InputSpec) -> str:
+def _rank_hint(spec: InputSpec, rank: int | None = None) -> str:
     if spec.batch_axis is None:
         return "this input is not a batch of samples: give it with the model's exact rank"
+    if rank == len(spec.shape) + 1:
+        # data one rank above the input: samples stacked on a new axis 0 of a model that takes
+        # one sample at a time ([T, F] audio features)
+        return (f"the model's input {spec.name} {_show(spec.shape)} may have no batch axis "
+                f"(one sample per run, such as [T, F] features): say so with --input-axis "
+                f"{spec.name}=none, and axis 0 of the data counts the samples")
     return (f"samples keep the batch axis (axis {spec.batch_axis} of {spec.name}, size 1 for "
-            "one example)")
+            f"one example); if {spec.name} has no batch axis, give --input-axis "
+            f"{spec.name}=none")
+
+
+def no_batch_axis_hint(specs: Sequence[InputSpec]) -> str:
+    """The ``--input-axis NAME=none`` advice for inputs whose axis 0 was taken as the batch.
+
+    A model without a batch axis (``[T, F]`` features) fails inside onnxruntime when qtool
+    feeds it rows of its axis 0, or leaves nothing to run when that axis is fixed: the
+    message of such a failure ends with this. Empty when every input's axis was declared
+    or none is on axis 0.
+    """
+    names = [s.name for s in specs if s.batch_axis == 0 and len(s.shape) >= 2]
+    if not names:
+        return ""
+    flags = " ".join(f"--input-axis {n}=none" for n in names)
+    return (f"; if axis 0 of {', '.join(names)} is not a batch of samples (a [T, F] input "
+            f"that takes one sample per run), say so: {flags}")
+
+
+def cast_hint(have: np.dtype, want: np.dtype) -> str:
+    """How to convert data of dtype ``have`` for an input of dtype ``want``."""
+    have, want = np.dtype(have), np.dtype(want)
+    if np.issubdtype(want, np.floating) and have == np.uint8:
+        return (f"uint8 data is usually an image in 0..255: scale it as the model was trained "
+                f"(e.g. x.astype(np.{want}) / 255, then the model's normalization "
+                f"(x - mean) / std), or give the image folder, which qtool preprocesses")
+    if np.issubdtype(want, np.floating) and np.issubdtype(have, np.integer):
+        return (f"{have} data must be scaled to the model's float range (e.g. 16-bit PCM "
+                f"audio: x.astype(np.{want}) / 32768), as the model was trained")
+    return f"convert the data with .astype(np.{want})"
+
+
+def conform(array: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, str | None]:
+    """``array`` in the input's dtype where the cast loses nothing a model would read.
+
+    * integers to another integer type (int32 token ids for an int64 input) whose range
+      holds every value;
+    * floats to another float type (float64 to float32): the cast rounds, so the note says
+      by how much when values change;
+    * integral floats (ids saved as floats) to an integer type that holds them;
+    * 0/1 numbers to bool, and bool to integers (padding masks).
+
+    Anything else (uint8 pixels for a float input: they need scaling) is returned as is, for
+    :func:`check_inputs` to refuse with :func:`cast_hint`.
+
+    Returns:
+        ``(array, note)``: the note says what changed (None when nothing did).
+    """
+    want = spec.dtype
+    if array.dtype == want:
+        return array, None
+    if want == np.bool_:  # a 0/1 mask for a bool input
+        if np.issubdtype(array.dtype, np.number) and np.isin(array, (0, 1)).all():
+            return array.astype(np.bool_), None
+        return array, None
+    if array.dtype == np.bool_:
+        return (array.astype(want), None) if np.issubdtype(want, np.integer) else (array, None)
+    if np.issubdtype(want, np.integer):
+        if np.issubdtype(array.dtype, np.integer) or (
+                np.issubdtype(array.dtype, np.floating) and array.size
+                and np.isfinite(array).all() and (np.round(array) == array).all()):
+            info = np.iinfo(want)
+            if array.size == 0 or (array.min() >= info.min and array.max() <= info.max):
+                return array.astype(want), None
+        return array, None
+    if np.issubdtype(want, np.floating) and np.issubdtype(array.dtype, np.floating):
+        cast = array.astype(want)
+        if array.size == 0 or np.array_equal(cast.astype(array.dtype), array, equal_nan=True):
+            return cast, None
+        with np.errstate(all="ignore"):
+            change = np.abs(cast.astype(np.float64) - array) / np.maximum(np.abs(array), 1e-30)
+        return cast, (f"input {spec.name}: {array.dtype} data cast to {want} for the model "
+                      f"(values change by up to {float(np.nanmax(change)):.1e} relative)")
+    return array, None
 
 
 def _is_specs(model) -> bool:
@@ -327,6 +409,7 @@ class ArrayData(_Loader):
         self._shared = {k: v for k, v in self.arrays.items() if self.axes[k] is None}
         self._per_sample = {k: v for k, v in self.arrays.items() if k in known
                             and known[k].batch_axis is None and self.axes[k] == 0}
+        self._known = known
 
     def _total(self) -> int:
         return self.rows
@@ -348,7 +431,15 @@ class ArrayData(_Loader):
                     rows = [slice(None)] * array.ndim
                     rows[axis] = slice(index, index + 1)
                     sample[name] = np.ascontiguousarray(array[tuple(rows)])
+                if name in self._known and sample[name].dtype != self._known[name].dtype:
+                    sample[name], note = conform(sample[name], self._known[name])
+                    if note and (str(self.path), name) not in _NOTED:
+                        _NOTED.add((str(self.path), name))  # once per file and input
+                        log.warning("note: %s", note)
             yield sample
+
+
+_NOTED: set[tuple[str, str]] = set()
 
 
 def _reopen_arrays(path: str, options: dict, window: tuple[int, int] | None) -> ArrayData:

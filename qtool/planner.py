@@ -115,6 +115,8 @@ CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 
 #: Below this share of the model's weight values quantized, a run warns loudly.
 MIN_WEIGHT_COVERAGE = 0.25
+#: Ops that read rows of a constant table by index (embeddings): not weights for coverage.
+LOOKUPS = frozenset({"Gather", "GatherElements", "GatherND"})
 
 
 def build_plan(
@@ -399,16 +401,19 @@ def coverage_warning(graph: gs.Graph, plan: QuantPlan) -> str | None:
 
     "Almost nothing" is less than :data:`MIN_WEIGHT_COVERAGE` of the weight values; the
     warning names the likely cause (compute inside subgraph bodies). Weights are the float
-    constants of rank >= 2 of the graph and its subgraphs.
+    constants of rank >= 2 of the graph and its subgraphs, except lookup tables (read only
+    as the data of a Gather: a BERT's embedding tables are most of its values, and no
+    backend quantizes a table a lookup reads a few rows of).
     """
     weights: dict[str, int] = {}
     body_nodes = 0
     for depth, node in walk(graph):
         body_nodes += depth > 0
-        for tensor in node.inputs:
+        for index, tensor in enumerate(node.inputs):
             if (isinstance(tensor, gs.Constant) and len(tensor.shape) >= 2
                     and _is_float(tensor)):
-                weights[tensor.name] = int(np.prod(tensor.shape))
+                if not (node.op in LOOKUPS and index == 0):
+                    weights[tensor.name] = int(np.prod(tensor.shape))
     total = sum(weights.values())
     quantized = sum(weights.get(e.tensor, 0) for e in plan.entries("weight"))
     why = (f"; {body_nodes} node(s) run inside If/Loop/Scan bodies (a branch no calibration "

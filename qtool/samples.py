@@ -75,7 +75,22 @@ def labelled_batches(samples, path, batch_size: int) -> Iterator[dict]:
     size, fixed = resolve_batch_size(specs, batch_size)
     extra = (LABELS_KEY,) if labels is not None else ()
     joined = batches(with_labels(), specs, size, fixed=fixed, extra=extra)
-    return ({**batch.feeds, **batch.extra} for batch in joined)
+    return _SpecBatches(({**batch.feeds, **batch.extra} for batch in joined), specs)
+
+
+class _SpecBatches:
+    """Batch dicts (one pass) that carry the input specs they were batched by.
+
+    The evaluation counts samples along each input's batch axis as the data was loaded
+    (``--input-axis feats=none``: 8 clips, not the 8000 rows of their axis 0).
+    """
+
+    def __init__(self, stream: Iterator[dict], specs):
+        self._stream = stream
+        self.specs = specs
+
+    def __iter__(self) -> Iterator[dict]:
+        return self._stream
 
 
 def _labels(path) -> np.ndarray | None:

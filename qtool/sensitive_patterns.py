@@ -17,6 +17,9 @@ the engine (onnxruntime's and NNCF's quantizers ignore the same patterns):
   A ``Div`` by a constant is a scale and stays as the backend plans it.
 * **Exponentials.** ``Exp`` (a decomposed Softmax) turns an absolute input error ``e`` into
   a relative output error ``e^e - 1``, and ``Log`` the other way round.
+* **Attention masks.** ``+-inf`` or ``finfo.min`` added to the scores before a Softmax
+  (:mod:`qtool.masks`): any 8-bit range either rounds the scores to nothing or saturates the
+  mask to the scores' range.
 * **GELU's cubic term.** ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``: ``x^3`` spans
   the cube of the input range, so one scale for it rounds the term to zero where it matters.
 
@@ -38,6 +41,8 @@ The rules, applied by :func:`sensitive_nodes` and the planner:
    spans orders of magnitude over the data (a constant row has variance 0, so ``1/sqrt(eps)``
    is huge), and one 8-bit scale for it rounds every typical value to zero (magika's
    LayerNorm on tvm: -18 dB at its Rsqrt, 0 % top-1 agreement).
+6. What carries an attention mask's values from its constant to a Softmax, and that
+   Softmax, is kept float (:func:`mask_nodes`).
 
 A node kept float reads float inputs; other consumers of the same tensors are quantized as
 the backend's rules say. The plan lists every such node with the reason.
@@ -49,6 +54,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+from qtool.masks import CARRIERS, holds_mask_values, mask_flow
 
 #: Ops that are kept float wherever they read a computed input, and why.
 SINKS = {
@@ -125,7 +132,28 @@ def sensitive_nodes(graph: gs.Graph) -> dict[str, str]:
             _walk_cubic(node, keep)
         elif node.op == "Sub" and _is_centering(node):
             keep(node, "centering x - mean(x)")
+    for name, reason in mask_nodes(graph).items():
+        found.setdefault(name, reason)
     return found
+
+
+def mask_nodes(graph: gs.Graph) -> dict[str, str]:
+    """The nodes between an attention mask's constant and its Softmax (rule 6), with why."""
+    seeds = []
+    views = []
+    for node in graph.nodes:
+        if node.op in ("Constant", "ConstantOfShape"):
+            value = node.attrs.get("value")
+            if value is not None and holds_mask_values(
+                    value.values if isinstance(value, gs.Constant) else value):
+                seeds += [t.name for t in node.outputs]
+            continue
+        if node.op in CARRIERS:  # the weights of a MatMul or Conv are never decoded
+            seeds += [t.name for t in node.inputs
+                      if isinstance(t, gs.Constant) and holds_mask_values(t.values)]
+        views.append((node.name, node.op, [t.name for t in node.inputs],
+                      [t.name for t in node.outputs]))
+    return mask_flow(views, seeds).kept_float
 
 
 def _is_centering(node: gs.Node) -> bool:

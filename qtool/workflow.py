@@ -336,10 +336,31 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
 
     coverage = coverage_warning(graph, result.plan)
     report["warnings"] += model_warnings + ([coverage] if coverage else [])
+    report["warnings"] = advice_for_flags(report["warnings"], rules)
     files[REPORT_JSON] = to_json(report).encode("utf-8")
     files[REPORT_MD] = to_markdown(report).encode("utf-8")
     files[REPORT_HTML] = render_html(report).encode("utf-8")
     return dict(sorted(files.items())), report
+
+
+def advice_for_flags(lines: list[str], rules) -> list[str]:
+    """The warnings without advice that contradicts the flags given.
+
+    "quantize with --backend onnxruntime" on an onnxruntime run can only mean the options
+    that made it differ from onnxruntime's defaults (``reduce_range=false``): the advice
+    names those instead, or goes where no option was changed.
+    """
+    import re
+
+    from qtool.backends import get_backend
+
+    defaults = get_backend(rules.name).options
+    changed = [f"--backend-option {key}={str(value).lower()}"
+               for key, value in rules.options.items() if defaults.get(key) != value]
+    own = rf"(?:quantize with|use) --backend {re.escape(rules.name)}\b"
+    if changed:
+        return [re.sub(own, "quantize without " + " ".join(changed), line) for line in lines]
+    return [re.sub(rf"(?:,? or |; )?{own}(?:, or )?", "", line) for line in lines]
 
 
 def _count_shape_nodes(graph: gs.Graph, report: dict[str, Any]) -> None:

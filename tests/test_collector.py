@@ -195,6 +195,50 @@ def test_inf_activation_is_reported():
         calibrate(nan_model(), {"log_x": SYM}, samples_of(data, "x"), batch_size=2)
 
 
+def mask_model(fill: float) -> onnx.ModelProto:
+    """``scores + Where(keep == 0, fill, 0)`` then ``Log(x)``: a padding mask and an overflow."""
+    scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 4])
+    keep = helper.make_tensor_value_info("keep", TensorProto.INT64, ["n", 4])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("p", "log_x")]
+    inits = [helper.make_tensor("zero", TensorProto.INT64, [], [0]),
+             helper.make_tensor("fill", TensorProto.FLOAT, [], [fill]),
+             helper.make_tensor("nothing", TensorProto.FLOAT, [], [0.0])]
+    nodes = [helper.make_node("Equal", ["keep", "zero"], ["pad"]),
+             helper.make_node("Where", ["pad", "fill", "nothing"], ["mask"]),
+             helper.make_node("Add", ["scores", "mask"], ["masked"]),
+             helper.make_node("Softmax", ["masked"], ["p"]),
+             helper.make_node("Log", ["x"], ["log_x"])]
+    graph = helper.make_graph(nodes, "mask", [scores, keep, x], outs, initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("fill", [-np.inf, float(np.finfo(np.float32).min)])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_mask_values_are_left_out_and_inf_elsewhere_still_fails(fill, workers, caplog):
+    rng = np.random.default_rng(7)
+    scores = rng.normal(size=(12, 4)).astype(np.float32)
+    keep = np.ones((12, 4), np.int64)
+    keep[::3, 2:] = 0
+    x = np.abs(scores) + 0.5
+    samples = [{"scores": scores[i:i + 1], "keep": keep[i:i + 1], "x": x[i:i + 1]}
+               for i in range(12)]
+    with caplog.at_level(logging.INFO, logger="qtool"):
+        ranges = calibrate(mask_model(fill), {"mask": SYM, "masked": SYM, "log_x": SYM},
+                           samples, batch_size=4, workers=workers)
+    # the data alone decides: the mask's zeros, the scores that are not masked
+    assert ranges["mask"] == (0.0, 0.0)
+    kept = scores[keep == 1]
+    assert ranges["masked"] == pytest.approx((kept.min(), kept.max()))
+    if workers == 1:
+        assert "left 16 mask value(s)" in caplog.text  # 8 in mask, 8 in masked
+    x[5, 1] = 0.0  # log(0) = -inf in a tensor no mask constant reaches: an overflow
+    samples[5] = {**samples[5], "x": x[5:6]}
+    with pytest.raises(CalibrationError, match=r"log_x contains Inf at sample 5"):
+        calibrate(mask_model(fill), {"masked": SYM, "log_x": SYM}, samples, batch_size=4,
+                  workers=workers)
+
+
 def test_nan_in_input_data_is_a_data_error():
     data = np.ones((5, 4), dtype=np.float32)
     data[2, 1] = np.nan

@@ -279,3 +279,131 @@ def test_public_names_through_qtool(png_folder, tmp_path):
     assert len(list(qtool.data.array_file(tmp_path / "a.npz"))) == 3
     assert qtool.data.random_inputs(DIGITS, num_samples=2).fit_for_calibration is False
     assert qtool.calibrate is calibrate
+
+
+# -- inputs users have: lossless casts, scaling hints, models without a batch axis ---------
+
+
+def token_model(dtype=TensorProto.INT64) -> onnx.ModelProto:
+    """Token ids [batch, seq] -> an embedding Gather of a float table."""
+    table = helper.make_tensor("table", TensorProto.FLOAT, [50, 4],
+                               np.arange(200, dtype=np.float32).tolist())
+    ids = helper.make_tensor_value_info("ids", dtype, ["batch", 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["y"])], "tok",
+                              [ids], [y], initializer=[table])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_int32_token_ids_feed_an_int64_input(tmp_path):
+    ids = np.random.default_rng(0).integers(0, 50, (5, 6)).astype(np.int32)
+    np.savez(tmp_path / "ids.npz", ids=ids)
+    samples = list(load_data(tmp_path / "ids.npz", token_model()))
+    assert [s["ids"].dtype for s in samples] == [np.int64] * 5
+    np.testing.assert_array_equal(np.concatenate([s["ids"] for s in samples]), ids)
+    # the other way only when every id fits: int64 ids beyond int32 are refused
+    np.savez(tmp_path / "big.npz", ids=np.full((2, 6), 2**40, np.int64))
+    with pytest.raises(DataError, match="int64, the model expects int32"):
+        load_data(tmp_path / "big.npz", token_model(TensorProto.INT32))
+    np.savez(tmp_path / "small.npz", ids=ids.astype(np.int64))
+    assert next(iter(load_data(tmp_path / "small.npz", token_model(TensorProto.INT32))))[
+        "ids"].dtype == np.int32
+    # ids saved as floats are whole numbers: cast; 1.5 is not an id
+    np.savez(tmp_path / "float_ids.npz", ids=ids.astype(np.float64))
+    assert next(iter(load_data(tmp_path / "float_ids.npz", token_model())))["ids"].dtype == np.int64
+    np.savez(tmp_path / "half.npz", ids=np.full((2, 6), 1.5))
+    with pytest.raises(DataError, match="float64, the model expects int64"):
+        load_data(tmp_path / "half.npz", token_model())
+    # a 0/1 padding mask for a bool input, and back
+    np.savez(tmp_path / "mask.npz", ids=np.tril(np.ones((6, 6), np.int64)))
+    mask = next(iter(load_data(tmp_path / "mask.npz", token_model(TensorProto.BOOL))))["ids"]
+    assert mask.dtype == np.bool_ and mask.sum() == 1
+    np.savez(tmp_path / "bool.npz", ids=np.ones((2, 6), np.bool_))
+    assert next(iter(load_data(tmp_path / "bool.npz", token_model())))["ids"].dtype == np.int64
+    np.savez(tmp_path / "twos.npz", ids=np.full((2, 6), 2, np.int64))
+    with pytest.raises(DataError, match="int64, the model expects bool"):
+        load_data(tmp_path / "twos.npz", token_model(TensorProto.BOOL))
+
+
+def test_float64_data_is_cast_with_a_note_when_values_change(tmp_path, caplog):
+    exact = np.arange(2 * 3 * 8 * 8, dtype=np.float64).reshape(2, 3, 8, 8) / 4  # binary fractions
+    np.savez(tmp_path / "exact.npz", image=exact)
+    with caplog.at_level(logging.WARNING, logger="qtool"):
+        samples = list(load_data(tmp_path / "exact.npz", image_model()))
+    assert samples[0]["image"].dtype == np.float32 and not caplog.records
+    np.testing.assert_array_equal(samples[1]["image"][0], exact[1].astype(np.float32))
+    rounded = exact + 0.1  # 0.1 has no float32 twin
+    np.savez(tmp_path / "rounded.npz", image=rounded)
+    with caplog.at_level(logging.WARNING, logger="qtool"):
+        samples = list(load_data(tmp_path / "rounded.npz", image_model()))
+    notes = [r.getMessage() for r in caplog.records]
+    assert len(notes) == 1  # once per file and input, not per sample
+    assert "float64 data cast to float32" in notes[0] and "relative" in notes[0]
+    np.testing.assert_array_equal(samples[0]["image"][0], rounded[0].astype(np.float32))
+
+
+def test_uint8_images_are_refused_with_how_to_scale(tmp_path):
+    np.savez(tmp_path / "pixels.npz", image=np.zeros((2, 3, 8, 8), np.uint8))
+    with pytest.raises(DataError, match="uint8, the model expects float32") as error:
+        load_data(tmp_path / "pixels.npz", image_model())
+    assert "/ 255" in error.value.hint and "(x - mean) / std" in error.value.hint
+    assert "image folder" in error.value.hint
+
+
+def features_model(frames: int | str = "T", bins: int = 8) -> onnx.ModelProto:
+    """An audio model without a batch axis: features [T, F] -> Conv1d(k=5) -> [T - 4, 4]."""
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [4, bins, 5],
+                                np.random.default_rng(0).normal(size=4 * bins * 5).tolist())
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [0])
+    feats = helper.make_tensor_value_info("feats", TensorProto.FLOAT, [frames, bins])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["frames", 4])
+    nodes = [
+        helper.make_node("Transpose", ["feats"], ["ft"], perm=[1, 0]),
+        helper.make_node("Unsqueeze", ["ft", "axes"], ["x"]),
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("Squeeze", ["c", "axes"], ["s"]),
+        helper.make_node("Transpose", ["s"], ["y"], perm=[1, 0]),
+    ]
+    graph = helper.make_graph(nodes, "audio", [feats], [y], initializer=[weight, axes])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("frames", ["T", 20])
+def test_a_model_without_a_batch_axis_is_named_in_the_messages(tmp_path, frames):
+    model = tmp_path / "audio.onnx"
+    onnx.save(features_model(frames), model)
+    clips = np.random.default_rng(1).normal(size=(3, 20, 8)).astype(np.float32)
+    np.savez(tmp_path / "stacked.npz", feats=clips)  # one rank above the input
+    with pytest.raises(DataError, match="rank 3") as error:
+        load_data(tmp_path / "stacked.npz", model)
+    assert "--input-axis feats=none" in error.value.hint
+    # half a clip: its frames taken as rows, 1-frame runs for a 5-tap Conv (onnxruntime
+    # fails), or fewer rows than a fixed [20, 8] "batch" (nothing runs)
+    np.savez(tmp_path / "raw.npz", feats=clips[0, :10])
+    raw = load_data(tmp_path / "raw.npz", model)
+    scheme = {"y": QuantScheme()}
+    with pytest.raises(DataError) as error:
+        calibrate(model, scheme, raw, batch_size=4)
+    assert "--input-axis feats=none" in error.value.hint
+    # declared: each entry along axis 0 of the stacked file is one clip
+    loader = load_data(tmp_path / "stacked.npz", model, axes={"feats": None})
+    assert len(loader) == 3
+    assert [s["feats"].shape for s in loader] == [(20, 8)] * 3
+    ranges = calibrate(model, scheme, loader)
+    session = __import__("onnxruntime").InferenceSession(model.read_bytes())
+    outputs = np.stack([session.run(None, {"feats": clip})[0] for clip in clips])
+    assert ranges["y"] == pytest.approx((outputs.min(), outputs.max()), rel=1e-6)
+
+
+def test_summary_counts_clips_not_frames(tmp_path):
+    from qtool.workflow import CalibrateOptions, quantize_model
+
+    model = tmp_path / "audio.onnx"
+    onnx.save(features_model(), model)
+    clips = np.random.default_rng(2).normal(size=(4, 30, 8)).astype(np.float32)
+    np.savez(tmp_path / "clips.npz", feats=clips)
+    _, report = quantize_model(model, "onnxruntime", CalibrateOptions(
+        data=tmp_path / "clips.npz", eval_data=tmp_path / "clips.npz",
+        input_axes=(("feats", None),), bias_correction=False))
+    assert report["calibration"]["samples"] == 4
+    assert report["evaluation"]["samples"] == 4  # 4 clips, not their 120 frames

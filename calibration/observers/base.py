@@ -7,6 +7,15 @@ scalars for per-tensor schemes, one value per channel when ``scheme.per_channel_
 
 Observers are handed around as constructors (a class, or ``Cls.with_args(...)``), never as
 instances: each tensor gets its own fresh observer, as torch.ao's ``QConfig`` does.
+
+Masks are not data. An attention mask added before a Softmax holds ``-inf`` (the TorchScript
+exporter's ``Where(mask, 0, -inf)``) or ``torch.finfo(float32).min`` (HF's
+``masked_fill``, the dynamo exporter): a range stretched to them rounds every real value to
+zero. So every observer leaves out ``+-inf`` and values of magnitude
+:data:`qtool.masks.MASK_MAGNITUDE` (``1e30``) or more and counts them (``masked``, of which
+``infinite`` are ``+-inf``); no real activation of a float32 model comes near. Whether an
+``Inf`` is a mask or an overflow is the collector's call (it knows which tensors a mask
+constant reaches, :mod:`qtool.masks`). NaN is never a mask: it raises :class:`NonFiniteError`.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import functools
 import numpy as np
 
 from qtool.errors import CalibrationError
+from qtool.masks import MASK_MAGNITUDE
 from qtool.scheme import QuantScheme
 
 
@@ -31,6 +41,8 @@ class Observer:
     def __init__(self, scheme: QuantScheme | None = None, name: str = "<tensor>"):
         self.scheme = scheme or QuantScheme()
         self.name = name
+        self.masked = 0  # values left out as mask values (+-inf or |x| >= MASK_MAGNITUDE)
+        self.infinite = 0  # of those, +-inf
 
     @classmethod
     def with_args(cls, **options) -> functools.partial:
@@ -90,20 +102,56 @@ class Observer:
             )
         return np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
 
-    def _row_extremes(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per-row min and max (float64), refusing NaN/Inf.
+    def _observed_rows(self, x: np.ndarray):
+        """``(rows, lo, hi)`` of one batch without its mask values, or None when it is empty.
 
-        NaN propagates through ``min``/``max`` and Inf shows as an extreme, so checking the
-        two extremes finds every non-finite value without another pass over the batch.
+        ``rows`` as :meth:`_channels_first`; ``lo``/``hi`` the per-row extremes (float64) of
+        the values that are not masks. The common batch holds no mask value and costs one
+        min and one max; otherwise the mask values are counted and left out (per-channel
+        rows, which must stay rectangular, get them clipped to the row's extremes instead;
+        a row of masks only reads as zeros).
 
         Raises:
-            NonFiniteError: The batch holds NaN or Inf.
+            NonFiniteError: The batch holds NaN.
+        """
+        rows = self._channels_first(x)
+        if rows.size == 0:
+            return None
+        lo, hi = self._row_extremes(rows)
+        if lo.min() > -MASK_MAGNITUDE and hi.max() < MASK_MAGNITUDE:
+            return rows, lo, hi
+        masks = np.abs(rows) >= MASK_MAGNITUDE  # +-inf included
+        self.masked += int(masks.sum())
+        self.infinite += int(np.isinf(rows).sum())
+        if rows.shape[0] == 1:
+            rows = rows[~masks].reshape(1, -1)
+            if rows.size == 0:
+                return None
+            return rows, *self._row_extremes(rows)
+        lo = np.where(masks, np.inf, rows).min(axis=1).astype(np.float64)
+        hi = np.where(masks, -np.inf, rows).max(axis=1).astype(np.float64)
+        empty = lo > hi
+        lo[empty], hi[empty] = 0.0, 0.0
+        rows = np.clip(rows, lo[:, None].astype(rows.dtype), hi[:, None].astype(rows.dtype))
+        return rows, lo, hi
+
+    def _merge_counts(self, other: Observer) -> None:
+        self.masked += other.masked
+        self.infinite += other.infinite
+
+    def _row_extremes(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-row min and max (float64), refusing NaN.
+
+        NaN propagates through ``min``/``max``, so checking the two extremes finds every NaN
+        without another pass over the batch.
+
+        Raises:
+            NonFiniteError: The batch holds NaN.
         """
         lo = rows.min(axis=1).astype(np.float64)
         hi = rows.max(axis=1).astype(np.float64)
-        if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
-            bad = "NaN" if np.isnan(lo).any() or np.isnan(hi).any() else "Inf"
-            raise NonFiniteError(self.name, bad)
+        if np.isnan(lo).any() or np.isnan(hi).any():
+            raise NonFiniteError(self.name, "NaN")
         return lo, hi
 
     def _per_tensor(self, lo: np.ndarray, hi: np.ndarray):

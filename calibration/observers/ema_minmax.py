@@ -32,15 +32,16 @@ class EMAMinMaxObserver(Observer):
 
     def update(self, x: np.ndarray) -> None:
         """Add one batch's extremes to the sums."""
-        rows = self._channels_first(x)
-        if rows.size == 0:
+        observed = self._observed_rows(x)
+        if observed is None:
             return
-        lo, hi = self._row_extremes(rows)
+        rows, lo, hi = observed
         self._combine(1, lo, hi)
 
     def merge(self, other: EMAMinMaxObserver) -> None:
         """Add the other shard's sums and batch count."""
         self._check_mergeable(other)
+        self._merge_counts(other)
         if other.batches:
             self._combine(other.batches, other.min_sum, other.max_sum)
 

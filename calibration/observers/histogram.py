@@ -89,12 +89,12 @@ class HistogramObserver(Observer):
 
     def update(self, x: np.ndarray) -> None:
         """Add one batch to the histogram, coarsening the grid first if the range grew."""
-        rows = self._channels_first(x)
-        if rows.size == 0:
+        observed = self._observed_rows(x)
+        if observed is None:
             return
+        rows, lo, hi = observed
         if rows.dtype not in (np.float32, np.float64):
             rows = rows.astype(np.float32)
-        lo, hi = self._row_extremes(rows)
         if self.empty:
             self._init_state(len(lo))
             self.min_val, self.max_val = lo, hi
@@ -124,6 +124,7 @@ class HistogramObserver(Observer):
     def merge(self, other: HistogramObserver) -> None:
         """Add another shard's histogram: both are re-binned onto the grid of the union."""
         self._check_mergeable(other)
+        self._merge_counts(other)
         if other.bins != self.bins:
             raise TypeError(f"cannot merge a {other.bins}-bin histogram into {self.bins} bins")
         if other.empty:
@@ -163,6 +164,7 @@ class HistogramObserver(Observer):
             raise TypeError(f"cannot take a {other.bins}-bin histogram as {self.bins} bins")
         if other.scheme.per_channel_axis != self.scheme.per_channel_axis:
             raise TypeError(f"{self.name}: histograms of different per-channel axes")
+        self.masked, self.infinite = other.masked, other.infinite
         self.min_val, self.max_val = other.min_val.copy(), other.max_val.copy()
         if ratio == 1 or other.empty:
             self.counts, self.exponent = other.counts.copy(), other.exponent.copy()

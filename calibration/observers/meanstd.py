@@ -39,10 +39,10 @@ class MeanStdObserver(Observer):
 
     def update(self, x: np.ndarray) -> None:
         """Combine one batch's count, mean and M2 into the running ones."""
-        rows = self._channels_first(x)
-        if rows.size == 0:
+        observed = self._observed_rows(x)
+        if observed is None:
             return
-        lo, hi = self._row_extremes(rows)
+        rows, lo, hi = observed
         rows = rows.astype(np.float64)
         mean = rows.mean(axis=1)
         deviation = rows - mean[:, None]
@@ -52,6 +52,7 @@ class MeanStdObserver(Observer):
     def merge(self, other: MeanStdObserver) -> None:
         """Chan's pairwise combination of the two shards' statistics."""
         self._check_mergeable(other)
+        self._merge_counts(other)
         if other.count.size:
             self._combine(other.count, other.mean, other.m2, other.min_val, other.max_val)
 

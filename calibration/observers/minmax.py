@@ -22,10 +22,10 @@ class MinMaxObserver(Observer):
 
     def update(self, x: np.ndarray) -> None:
         """Fold one batch into the running min and max."""
-        rows = self._channels_first(x)
-        if rows.size == 0:
+        observed = self._observed_rows(x)
+        if observed is None:
             return
-        lo, hi = self._row_extremes(rows)
+        rows, lo, hi = observed
         if self.min_val.size == 0:
             self.min_val, self.max_val = lo, hi
         else:
@@ -35,6 +35,7 @@ class MinMaxObserver(Observer):
     def merge(self, other: MinMaxObserver) -> None:
         """Min of mins, max of maxes."""
         self._check_mergeable(other)
+        self._merge_counts(other)
         if other.min_val.size == 0:
             return
         if self.min_val.size == 0:

@@ -43,10 +43,10 @@ class NormObserver(Observer):
 
     def update(self, x: np.ndarray) -> None:
         """Add ``sum |x|^p`` and the count of one batch."""
-        rows = self._channels_first(x)
-        if rows.size == 0:
+        observed = self._observed_rows(x)
+        if observed is None:
             return
-        lo, hi = self._row_extremes(rows)
+        rows, lo, hi = observed
         magnitude = np.abs(rows.astype(np.float64))
         powered = magnitude * magnitude if self.p == 2.0 else magnitude**self.p
         sums = powered.sum(axis=1)
@@ -55,6 +55,7 @@ class NormObserver(Observer):
     def merge(self, other: NormObserver) -> None:
         """Add the other shard's sums and counts."""
         self._check_mergeable(other)
+        self._merge_counts(other)
         if other.count.size:
             self._combine(other.count, other.power_sum, other.min_val, other.max_val)
 

@@ -383,6 +383,11 @@ class _Route:
         if self.target is not None:
             self.target.update(x)
 
+    @property
+    def infinite(self) -> int:
+        """The current observer's count of +-inf (the collector refuses Inf outside masks)."""
+        return self.target.infinite if self.target is not None else 0
+
 
 def _scalar_range(lo_hi) -> tuple[float, float]:
     lo, hi = lo_hi

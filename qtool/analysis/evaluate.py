@@ -353,7 +353,9 @@ def tally(
     from qtool.calibration.batching import batch_rows
     from qtool.calibration.data import model_inputs
 
-    batch_specs = model_inputs(quant_proto)  # each input's batch axis, to count samples
+    # each input's batch axis, to count samples: as the data was loaded (--input-axis), else
+    # as the model's dims say
+    batch_specs = getattr(data, "specs", None) or model_inputs(quant_proto)
     sums = {name: _ErrorSums() for name in fetch}
     classifiers: dict[str, Top1Counts] = {}
     samples = 0

@@ -14,7 +14,7 @@ constant scale and zero point inputs (zero point absent: 0 of type uint8).
 * QT107 dtype-mismatch: integer type (int8/uint8/...) not the one the backend's scheme uses.
 * QT108 non-pot-scale: a scale that is not a power of two where the backend needs one.
 * QT109 granularity-mismatch: per-channel weight scales where the backend wants one per
-  tensor, or the reverse.
+  tensor, or the reverse (a weight with one output channel has one scale either way).
 * QT110 qoperator-format: onnxruntime's QOperator format (QLinearConv, QLinearMatMul,
   ConvInteger, ...): integer operators that take the quantized tensors themselves. Q feeding
   them directly is how that format works, so QT101/QT102 do not flag it; engines that read
@@ -287,12 +287,13 @@ def granularity_mismatch(ctx: LintContext) -> Iterator[Finding]:
     for params, _ in _with_schemes(ctx):
         if params.role != "weight" or params.scale is None:
             continue
-        users = {n.op for o in params.node.outputs for n in o.outputs}
+        readers = [n for o in params.node.outputs for n in o.outputs]
+        users = {n.op for n in readers}
         wanted = expected.per_channel_weights and (
             expected.per_channel_ops is None or bool(users & expected.per_channel_ops)
         )
         per_channel = np.asarray(params.scale).size > 1
-        if per_channel != wanted:
+        if per_channel != wanted and not _one_output_channel(params.node, readers):
             have, want = ("per-channel", "per-tensor") if per_channel else (
                 "per-tensor", "per-channel")
             yield ctx.rule.finding(
@@ -301,6 +302,31 @@ def granularity_mismatch(ctx: LintContext) -> Iterator[Finding]:
                 node=params.node.name,
                 tensor=params.node.inputs[0].name,
             )
+
+
+def _one_output_channel(node: gs.Node, readers: list[gs.Node]) -> bool:
+    """Whether the weight a DQ reads has one output channel for every reader.
+
+    Then one scale is per-tensor and per-channel alike (YOLOv8's DFL head: a 16 -> 1 Conv).
+    """
+    weight = node.inputs[0]
+    shape = getattr(weight, "shape", None)
+    if not readers or not shape:
+        return False
+    for reader in readers:
+        if reader.op == "Conv":
+            axis = 0
+        elif reader.op == "ConvTranspose":
+            axis = 1
+        elif reader.op == "Gemm":
+            axis = 0 if reader.attrs.get("transB", 0) else 1
+        elif reader.op == "MatMul":
+            axis = len(shape) - 1
+        else:
+            return False
+        if len(shape) <= axis or shape[axis] != 1:
+            return False
+    return True
 
 
 @rule("QT110", "qoperator-format", "warning",
