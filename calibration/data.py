@@ -21,17 +21,16 @@ dims) and :func:`load_data` picks the loader for a path.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+from qtool.calibration.loader import InputSpec, Loader, Sample  # noqa: F401  (read from here too)
 
 from qtool.errors import DataError
 
@@ -40,24 +39,8 @@ log = logging.getLogger(__name__)
 LABELS_KEY = "labels"
 IMAGE_NAMES = ("ImageFolder", "IMAGE_SUFFIXES", "IMAGENET_MEAN", "IMAGENET_STD")
 
-Sample = dict[str, np.ndarray]
 #: The name of a dynamic dim written without a name (or as -1 or 0): one name for all.
 DYNAMIC_DIM = "dynamic"
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """One graph input: name, numpy dtype, shape (None for a dynamic dim) and batch axis.
-
-    Attributes:
-        batch_axis: The axis that indexes samples, or None for an input that is not a
-            batch of samples (a scalar, a constant): its one value goes with every sample.
-    """
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | None, ...]
-    batch_axis: int | None = 0
 
 
 def model_inputs(model, axes: Mapping[str, int | None] | None = None) -> list[InputSpec]:
@@ -299,45 +282,7 @@ def _show(shape: Sequence[int | None]) -> str:
     return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
 
 
-class _Loader:
-    """Shared ``num_samples`` limit and seeded shuffle over an indexable collection."""
-
-    def __init__(self, num_samples: int | None, shuffle: bool, seed: int):
-        if num_samples is not None and num_samples < 1:
-            raise DataError(f"num_samples={num_samples}: must be a positive number")
-        self.num_samples = num_samples
-        self.shuffle = shuffle
-        self.seed = seed
-
-    #: Rows ``(start, stop)`` of the loader's order this copy yields (:meth:`shard`).
-    window: tuple[int, int] | None = None
-
-    def _order(self, total: int) -> np.ndarray:
-        order = np.arange(total)
-        if self.shuffle:
-            order = np.random.default_rng(self.seed).permutation(total)
-        order = order[: self.num_samples] if self.num_samples is not None else order
-        return order if self.window is None else order[self.window[0] : self.window[1]]
-
-    def shard(self, start: int, stop: int):
-        """A copy yielding only rows ``start .. stop - 1`` of this loader's order.
-
-        Parallel calibration sends such shards to workers (:mod:`qtool.executor`); a
-        loader backed by a file travels as its path and window, never as arrays.
-        """
-        part = copy.copy(self)
-        first = self.window[0] if self.window else 0
-        part.window = (first + start, first + stop)
-        return part
-
-    def __len__(self) -> int:
-        return len(self._order(self._total()))
-
-    def _total(self) -> int:
-        raise NotImplementedError
-
-
-class ArrayData(_Loader):
+class ArrayData(Loader):
     """Samples from ``.npz`` arrays keyed by input name, or from one ``.npy`` array.
 
     Each array holds the samples along its input's batch axis (axis 0 unless ``specs`` say
@@ -448,7 +393,7 @@ def _reopen_arrays(path: str, options: dict, window: tuple[int, int] | None) -> 
     return data
 
 
-class RandomData(_Loader):
+class RandomData(Loader):
     """Standard-normal samples shaped from the model: for smoke tests, not calibration.
 
     Dynamic dims other than the batch axis get ``dynamic_size``; the batch axis gets 1 and an

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtool.calibration.data import InputSpec, Sample, _Loader
+from qtool.calibration.loader import InputSpec, Loader, Sample
 
 from qtool.errors import DataError
 
@@ -118,7 +118,7 @@ def parse_floats(value) -> tuple[float, ...]:
     return tuple(float(v) for v in value)
 
 
-class ImageFolder(_Loader):
+class ImageFolder(Loader):
     """Images of a folder (recursively), preprocessed as the module docstring says.
 
     Args:
