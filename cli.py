@@ -417,6 +417,12 @@ def calibrate(ctx, model, backend, backend_options, data_path, eval_path, method
         else:
             click.echo(_with_paths(summary_table(result.report, str(result.output)),
                                    result.paths), nl=False)
+    failure = (result.report or {}).get("kernel_failure")
+    if failure:  # the deployable file does not run in the engine it was made for
+        click.echo(f"error: {failure}", err=True)
+        click.echo("hint: the files were written; report the model, or keep the op that "
+                   "fails float with --skip", err=True)
+        ctx.exit(1)
     below = (result.report or {}).get("sqnr_floor", {}).get("below")
     if options.fail_under_sqnr is not None and below:
         from qtool.report.sqnr_floor import FAIL_EXIT

@@ -333,7 +333,8 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
             labelled_batches(eval_samples, eval_path, options.batch_size), rules,
         )
         report["ort_kernels"] = kernels.to_dict()
-        report["warnings"] += kernels.warnings(rules.name)
+        report["warnings"] += kernels.warnings(rules.name) + kernels.failure_warnings()
+        report["kernel_failure"] = kernels.failure(rules.name)
     if rounding is not None:
         report["adaround"] = {"iterations": options.adaround_iters,
                               "layers": [r.to_dict() for r in rounding]}
