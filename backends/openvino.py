@@ -122,9 +122,18 @@ def ir_files(qdq_model: bytes) -> dict[str, bytes]:
     Float constants stay f32 (``compress_to_fp16=False``): f16 biases and scales would move
     the results away from the simulation.
     """
+    import onnx
     import openvino as ov
 
     model = ov.convert_model(io.BytesIO(qdq_model))
+    # The converter names the ops it adds (constants, converts) from a process-wide counter:
+    # rename those by their place in the graph so that the same model gives the same bytes.
+    graph = onnx.load_from_string(qdq_model).graph
+    known = {n.name for n in graph.node} | {o for n in graph.node for o in n.output}
+    known |= {t.name for t in graph.initializer} | {i.name for i in graph.input}
+    for index, op in enumerate(model.get_ordered_ops()):
+        if op.get_friendly_name() not in known:
+            op.set_friendly_name(f"{op.get_type_name()}_{index}")
     with tempfile.TemporaryDirectory(prefix="qtool-ov-") as folder:
         xml = Path(folder) / IR_FILES[0]
         ov.save_model(model, str(xml), compress_to_fp16=False)
