@@ -156,7 +156,7 @@ def bench(name: str, model_dir: Path, nncf_python: str | None, rounds: int) -> d
         got = outputs(compiled[key], held)
         int8, total = int8_layers(compiled[key])
         results[key] = {
-            "sqnr_db": float(np.mean([sqnr_db(r, g) for r, g in zip(reference, got)])),
+            "sqnr_db": float(np.mean([sqnr_db(r, g) for r, g in zip(reference, got, strict=True)])),
             "top1_agree": top1(reference, got),
             "int8_layers": f"{int8}/{total}",
             "latency_ms": speed[key],

@@ -113,6 +113,9 @@ def test_openvino_runs_the_digits_model_in_int8_within_1db(digits):
     assert report["error"] is None and report["float_layers"] == []
     assert report["int8_layers"] == convs + 1
     assert abs(report["sqnr_db"] - run.report["ort_kernels"]["simulated_sqnr_db"]) <= 1.0
+    markdown = run.files["report.md"].decode()
+    row = next(line for line in markdown.splitlines() if line.startswith("| OpenVINO"))
+    assert f"{convs + 1} weighted layers in u8/i8, 0 in f32" in row
 
 
 def test_weights_are_symmetric_per_channel_int8_with_zero_point_zero(digits):

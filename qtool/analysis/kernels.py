@@ -288,6 +288,41 @@ def openvino_layers(compiled: Any) -> tuple[list[str], list[str]]:
     return int8, f32
 
 
+def engines_markdown(kernels: Mapping[str, Any] | None) -> list[str]:
+    """report.md's "Deployed engines" table from report.json's ``ort_kernels``.
+
+    One row per engine the QDQ model ran in: the simulation, onnxruntime's integer kernels,
+    and OpenVINO CPU when it was measured (its row says how many weighted layers run in int8).
+    """
+    if not kernels:
+        return []
+    sim = kernels.get("simulated_sqnr_db")
+    rows = [("Q/DQ simulation (onnxruntime, optimizations off)", _cell(sim), "")]
+    error = kernels.get("error")
+    rows.append(("onnxruntime integer kernels (default optimizations)",
+                 "failed" if error else _cell(kernels.get("kernels_sqnr_db")), error or ""))
+    openvino = kernels.get("openvino")
+    if openvino:
+        floats = openvino.get("float_layers") or []
+        note = openvino.get("error") or (
+            f"{openvino['int8_layers']} weighted layers in u8/i8, {len(floats)} in f32"
+            + (f" ({', '.join(floats[:3])}{', ...' if len(floats) > 3 else ''})"
+               if floats else ""))
+        rows.append((f"OpenVINO {openvino.get('version', '').split('-')[0]} CPU "
+                     "(INFERENCE_PRECISION_HINT=f32)",
+                     "failed" if openvino.get("error") else _cell(openvino.get("sqnr_db")),
+                     note))
+    lines = ["## Deployed engines", "",
+             f"model.qdq.onnx on {kernels.get('samples', 0)} evaluation samples, output SQNR "
+             "against the float model.", "", "| engine | SQNR (dB) | note |", "|---|---|---|"]
+    lines += [f"| {engine} | {value} | {note} |" for engine, value, note in rows]
+    return lines + [""]
+
+
+def _cell(value: float | None) -> str:
+    return "exact" if value is None else f"{value:.2f}"
+
+
 def _openvino(quant_model: Any):
     """``(compiled model, OpenVinoCheck)`` for the QDQ model, or None without openvino."""
     try:
@@ -345,5 +380,5 @@ def _round(value: float | None) -> float | None:
     return round(value, 3) + 0.0  # no -0.0 in report.json
 
 
-__all__ = ["MAX_LOSS_DB", "KernelCheck", "OpenVinoCheck", "check_kernels", "openvino_layers",
-           "saturation_risk"]
+__all__ = ["MAX_LOSS_DB", "KernelCheck", "OpenVinoCheck", "check_kernels", "engines_markdown",
+           "openvino_layers", "saturation_risk"]
