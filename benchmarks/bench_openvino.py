@@ -71,8 +71,7 @@ def rows_of(path: Path) -> list[dict[str, np.ndarray]]:
 def run_qtool(model: Path, calib: Path, out: Path) -> tuple[Path, float]:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "qtool.cli", "calibrate", str(model), "-b", "openvino",
-                    "--data", str(calib), "-o", str(out), "--force", "-q",
-                    "--batch-size", "1"], check=True, cwd=ROOT,
+                    "--data", str(calib), "-o", str(out), "--force", "-q"], check=True, cwd=ROOT,
                    env={**os.environ, "PYTHONPATH": str(ROOT)})
     return out / "model.qdq.onnx", time.perf_counter() - start
 
