@@ -333,6 +333,10 @@ def main() -> None:
 @click.option("--fail-under-sqnr", type=float, metavar="DB",
               help="Exit 1 when an output's SQNR on the evaluation data is below DB (the "
                    "report always warns below 10 dB, or below DB when given).")
+@click.option("--requantize", is_flag=True,
+              help="Accept a model that already holds QuantizeLinear/DequantizeLinear pairs: "
+                   "strip them back to float (weights keep their quantized values) and "
+                   "quantize again. Without it such a model is refused.")
 @click.option("--adaround/--no-adaround", default=False,
               help="Learn the rounding of Conv/Gemm weights on the calibration data (AdaRound; "
                    "needs the qat extra).")
@@ -356,7 +360,7 @@ def calibrate(ctx, model, backend, backend_options, data_path, eval_path, method
               target_sqnr, max_accuracy_drop, task, task_options, task_decoder, cle,
               bias_correction, fail_under_sqnr, adaround, adaround_iters, analysis_level,
               memory_budget, quiet, provider, preprocess_file, input_axes=(), config_path=None,
-              **image_flags):
+              requantize=False, **image_flags):
     """Quantize MODEL for a backend: calibrate, write the model, vendor files and a report.
 
     The output folder gets the quantized model, the backend's files (encodings, calibration
@@ -391,6 +395,7 @@ def calibrate(ctx, model, backend, backend_options, data_path, eval_path, method
         cle=cle, bias_correction=bias_correction, fail_under_sqnr=fail_under_sqnr,
         input_axes=input_axes,
         analysis=analysis_level, memory_budget=memory_budget * 2**20,
+        requantize=requantize,
     )
     if config_path is not None:
         from qtool.calibrate_config import load_calibrate_config
@@ -412,6 +417,12 @@ def calibrate(ctx, model, backend, backend_options, data_path, eval_path, method
         else:
             click.echo(_with_paths(summary_table(result.report, str(result.output)),
                                    result.paths), nl=False)
+    failure = (result.report or {}).get("kernel_failure")
+    if failure:  # the deployable file does not run in the engine it was made for
+        click.echo(f"error: {failure}", err=True)
+        click.echo("hint: the files were written; report the model, or keep the op that "
+                   "fails float with --skip", err=True)
+        ctx.exit(1)
     below = (result.report or {}).get("sqnr_floor", {}).get("below")
     if options.fail_under_sqnr is not None and below:
         from qtool.report.sqnr_floor import FAIL_EXIT

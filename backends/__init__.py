@@ -15,13 +15,23 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from qtool.backends import academic, acl, fbgemm, onnxruntime, qnn, snpe, tensorrt, tvm
+from qtool.backends import (
+    academic,
+    acl,
+    fbgemm,
+    onnxruntime,
+    openvino,
+    qnn,
+    snpe,
+    tensorrt,
+    tvm,
+)
 from qtool.backends.base import Backend
 
 from qtool.errors import BackendError
 
 #: The backends, in the order ``--backend`` lists them.
-MODULES = (academic, tensorrt, acl, tvm, snpe, qnn, fbgemm, onnxruntime)
+MODULES = (academic, tensorrt, acl, tvm, snpe, qnn, fbgemm, onnxruntime, openvino)
 
 #: Other names for a backend's rules: alias -> backend name.
 ALIASES: dict[str, str] = {}

@@ -96,6 +96,8 @@ class Placement:
             reader takes the quantized value; a data-movement op's output keeps its input's
             quantizer, and an op whose output only feeds a fused activation (Conv+Relu) is
             quantized after the activation. See :func:`qtool.planner.build_plan`.
+        activation_attributes: ``activation_ops`` whose kernel takes only some attribute
+            values: op -> attribute -> allowed values (see :meth:`runs_quantized`).
     """
 
     graph: int
@@ -105,6 +107,24 @@ class Placement:
     fusable_producers: frozenset[str] = frozenset()
     requires_weight: bool = False
     quantize_outputs: bool = False
+    activation_attributes: Mapping[str, Mapping[str, frozenset]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+
+    def runs_quantized(self, op: str, attrs: Mapping[str, Any]) -> bool:
+        """Whether an ``activation_ops`` node with ``attrs`` gets quantized inputs.
+
+        ``activation_attributes`` maps an op to the attribute values its engine's integer
+        kernel takes (onnxruntime's uint8 Resize: not cubic); a node with any other value
+        runs in float.
+        """
+        for key, allowed in self.activation_attributes.get(op, {}).items():
+            actual = attrs.get(key, ATTRIBUTE_DEFAULTS.get((op, key)))
+            if isinstance(actual, bytes):
+                actual = actual.decode()
+            if actual not in allowed:
+                return False
+        return True
 
     @property
     def quantizable_ops(self) -> frozenset[str]:

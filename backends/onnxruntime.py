@@ -56,6 +56,10 @@ PLACEMENT = Placement(
     graph=3,
     weighted_ops=WEIGHTED_OPS,
     activation_ops=KERNEL_OPS | frozenset(PASS_THROUGH_OPS) | SHARING_OPS,
+    # onnxruntime's uint8 Resize (what DQ -> Resize -> Q becomes, laid out NHWC) takes
+    # nearest and linear only: a ViT's bicubic position-embedding Resize failed to load with
+    # the default optimizations (issue 21); a cubic Resize stays float.
+    activation_attributes={"Resize": {"mode": frozenset({"nearest", "linear"})}},
 )
 
 WEIGHTS = QuantScheme(bits=8, signed=True, symmetric=True)

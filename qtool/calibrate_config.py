@@ -286,6 +286,8 @@ KEYS: dict[str, Key] = {
     "cle": Key(_sets("cle", read=_boolean),
                "cross-layer equalization (null: on for per-tensor-weight backends)"),
     "bias_correction": Key(_sets("bias_correction", read=_boolean), "bias correction"),
+    "requantize": Key(_sets("requantize", read=_boolean),
+                      "strip an input's Q/DQ pairs to float and quantize it again"),
     "adaround": Key(_adaround, "learned rounding: true, or {iterations: N}"),
     "analysis": Key(_sets("analysis", read=_choice(_analysis_levels)), "none|summary|full"),
     "kernel_check": Key(_sets("kernel_check", read=_boolean), "onnxruntime kernel check"),

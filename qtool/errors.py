@@ -59,6 +59,12 @@ class UnsupportedModelError(QtoolError):
     default_hint = "qtool accepts the default ONNX domain at opsets 11 to 21"
 
 
+class QuantizedInputError(UnsupportedModelError):
+    """The input model is already quantized (Q/DQ or QOperator nodes)."""
+
+    default_hint = "give qtool the float model the quantized one was made from"
+
+
 class PassError(QtoolError):
     """A graph pass failed or broke an invariant; the message names the pass."""
 

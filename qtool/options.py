@@ -85,6 +85,8 @@ class CalibrateOptions:
             Ray). The output is the same, byte for byte.
         config: The calibrate config file these options came from
             (:func:`calibrate_options_from_recipe`); the report names it.
+        requantize: Accept a model that already holds Q/DQ pairs: strip them back to float
+            first (:mod:`qtool.passes.strip_qdq`); without it such a model is refused.
     """
 
     data: str | os.PathLike | None = None
@@ -121,3 +123,4 @@ class CalibrateOptions:
     memory_budget: int | None = 64 * 2**20
     executor: str = "local"
     config: str | os.PathLike | None = None
+    requantize: bool = False

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -27,6 +28,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from qtool.errors import OutputError
+
+log = logging.getLogger(__name__)
 
 FOLDER_MANIFEST = ".qtool-manifest.json"
 FILE_MANIFEST_SUFFIX = ".qtool.json"
@@ -39,21 +42,51 @@ def is_file_output(output: str | os.PathLike | None) -> bool:
     return output is not None and str(output).lower().endswith(MODEL_SUFFIX)
 
 
-def manifest_bytes(files: Mapping[str, bytes]) -> bytes:
-    """The manifest of ``files``: their names and SHA-256, sorted (same files, same bytes)."""
-    listing = {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())}
+def manifest_bytes(files: Mapping[str, bytes], kept: Mapping[str, str] | None = None) -> bytes:
+    """The manifest of ``files``: their names and SHA-256, sorted (same files, same bytes).
+
+    ``kept``: name -> SHA-256 of files an earlier run wrote that stay vouched for (a file
+    output's previous files that this run read, so did not remove).
+    """
+    listing = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    listing = dict(sorted({**(kept or {}), **listing}.items()))
     return (json.dumps({"tool": "qtool", "files": listing}, indent=2) + "\n").encode("utf-8")
 
 
-def _read_manifest(path: Path) -> dict[str, str] | None:
+def _read_manifest(path: Path, *, flat: bool = False) -> dict[str, str] | None:
+    """The files a qtool manifest lists (name -> SHA-256), or None if it is not one.
+
+    A manifest is only believed when every entry is what qtool writes: a relative POSIX path
+    without ``..`` (``flat``: a bare file name) and a SHA-256 in hex. Anything else (a JSON
+    list, ``../x``, an absolute path) makes it no manifest at all, so the files it names are
+    treated as files qtool did not write: refused, never deleted.
+    """
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if manifest.get("tool") != "qtool" or not isinstance(files, dict):
+    if not isinstance(manifest, dict) or manifest.get("tool") != "qtool":
         return None
-    return {str(k): str(v) for k, v in files.items()}
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return None
+    if not all(_manifest_name(k, flat) and _is_digest(v) for k, v in files.items()):
+        return None
+    return dict(files)
+
+
+def _manifest_name(name: object, flat: bool) -> bool:
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        return False
+    parts = name.split("/")
+    if flat and len(parts) > 1:
+        return False
+    return not name.startswith("/") and all(part not in ("", ".", "..") for part in parts)
+
+
+def _is_digest(value: object) -> bool:
+    return (isinstance(value, str) and len(value) == 64
+            and all(c in "0123456789abcdef" for c in value))
 
 
 def _sha256(path: Path) -> str | None:
@@ -65,6 +98,32 @@ def _sha256(path: Path) -> str | None:
 
 def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
+
+
+def input_files(model: str | os.PathLike | None,
+                *others: str | os.PathLike | None) -> list[Path]:
+    """Every file a run reads: ``model``, its external data files, and ``others`` given.
+
+    These are never written, replaced or removed as stale, whatever the flags. The external
+    data locations are read from the model without loading the data.
+    """
+    paths = [Path(p) for p in (model, *others) if p is not None]
+    if model is not None and Path(model).is_file():
+        import onnx
+
+        try:
+            proto = onnx.load_model(str(model), load_external_data=False)
+        except Exception:  # noqa: BLE001  (not ONNX: loading it reports that properly)
+            proto = None
+        if proto is not None:
+            from onnx.external_data_helper import _get_all_tensors
+
+            for tensor in _get_all_tensors(proto):
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    info = {e.key: e.value for e in tensor.external_data}
+                    if info.get("location"):
+                        paths.append(Path(model).parent / info["location"])
+    return list(dict.fromkeys(paths))
 
 
 def refuse_protected(folder: Path, inputs: Iterable[str | os.PathLike] = ()) -> None:
@@ -119,9 +178,11 @@ class staging_folder:  # noqa: N801  (used as a context manager, reads like a fu
     location fails before any work: a non-empty folder is refused without ``force``, and
     with it unless qtool wrote every file in it (its manifest); a folder that holds an
     input, or is the current folder or a parent of it, is always refused. Leaving with an
-    exception removes the staging folder; leaving normally writes the manifest and renames
-    the staging folder into place (an existing folder is moved aside first and removed after
-    the swap).
+    exception removes the staging folder; leaving normally checks the target again (a run
+    takes minutes, and a file written into the folder meanwhile is not qtool's), writes the
+    manifest and renames the staging folder into place. An existing folder is moved aside
+    first; of it only the files its manifest vouches for are removed after the swap, so a
+    file that slipped in during the swap itself is kept (and named in a log warning).
     """
 
     def __init__(self, folder: Path, *, force: bool, inputs: Iterable[str | os.PathLike] = ()):
@@ -131,7 +192,8 @@ class staging_folder:  # noqa: N801  (used as a context manager, reads like a fu
         self.inputs = tuple(inputs)
         self.path: Path | None = None
 
-    def __enter__(self) -> Path:
+    def _vet(self) -> None:
+        """Refuse the target as it is now (see the class docstring)."""
         folder, shown = self.folder, self.shown
         if folder.exists() and not folder.is_dir():
             raise OutputError(f"{shown}: exists and is not a folder", "choose a folder path")
@@ -152,6 +214,10 @@ class staging_folder:  # noqa: N801  (used as a context manager, reads like a fu
                     + (f" (no {FOLDER_MANIFEST}: an output of an older qtool must be "
                        "removed by hand)" if unlisted else ""),
                 )
+
+    def __enter__(self) -> Path:
+        folder, shown = self.folder, self.shown
+        self._vet()
         parent = folder.parent
         blocking = next((p for p in (parent, *parent.parents) if p.exists()), None)
         if blocking is not None and not blocking.is_dir():
@@ -177,6 +243,11 @@ class staging_folder:  # noqa: N801  (used as a context manager, reads like a fu
             shutil.rmtree(staging, ignore_errors=True)
             return
         try:
+            self._vet()  # again: the folder may have changed while the run worked
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        try:
             written = {
                 p.relative_to(staging).as_posix(): p.read_bytes()
                 for p in sorted(staging.rglob("*")) if p.is_file()
@@ -189,7 +260,7 @@ class staging_folder:  # noqa: N801  (used as a context manager, reads like a fu
                                               dir=self.folder.parent))
                 os.rename(self.folder, aside / "old")
                 os.rename(staging, self.folder)
-                shutil.rmtree(aside, ignore_errors=True)
+                _remove_written(aside)
             else:
                 os.rename(staging, self.folder)
         except OSError as exc:
@@ -197,6 +268,32 @@ class staging_folder:  # noqa: N801  (used as a context manager, reads like a fu
             raise OutputError(
                 f"{self.shown}: cannot move the output into place ({exc.strerror})"
             ) from exc
+
+
+def _remove_written(aside: Path) -> None:
+    """Remove a replaced output moved aside: only what its manifest vouches for.
+
+    What is left (a file written in the instant between the last check and the swap) stays
+    in ``aside`` and is named in a log warning: qtool deletes nothing it did not write.
+    """
+    old = aside / "old"
+    listed = _read_manifest(old / FOLDER_MANIFEST) or {}
+    for name, digest in listed.items():
+        path = old / name
+        if not path.is_symlink() and path.is_file() and _sha256(path) == digest:
+            path.unlink()
+    if listed:
+        (old / FOLDER_MANIFEST).unlink(missing_ok=True)
+    for path in sorted(old.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+            path.rmdir()
+    for path in (old, aside):
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    if aside.exists():
+        kept = sorted(p.relative_to(old).as_posix() for p in old.rglob("*") if not p.is_dir())
+        log.warning("%s: kept files qtool did not write from the replaced output (%s)",
+                    aside, _describe(kept))
 
 
 def fill_folder(folder: Path, files: Mapping[str, bytes]) -> None:
@@ -243,7 +340,8 @@ def write_beside(model_file: str | os.PathLike, files: Mapping[str, bytes], *, f
 
     Every file is first staged as a hidden temporary file in the target folder; only when
     all are staged are they renamed into place, the manifest ``NAME.qtool.json`` last.
-    Files a previous run listed in that manifest and this run does not write are removed.
+    Files a previous run listed in that manifest and this run does not write are removed,
+    except the run's inputs (which stay, listed in the new manifest).
 
     Args:
         model_file: ``NAME.onnx``.
@@ -260,6 +358,7 @@ def write_beside(model_file: str | os.PathLike, files: Mapping[str, bytes], *, f
     """
     names = file_names(model_file, files)
     target = Path(model_file)
+    inputs = tuple(inputs)
     manifest_path, vouched = _check_targets(target, [Path(p) for p in names.values()],
                                             force=force, inputs=inputs)
     folder = target.parent if str(target.parent) else Path(".")
@@ -268,12 +367,25 @@ def write_beside(model_file: str | os.PathLike, files: Mapping[str, bytes], *, f
         raise OutputError(f"{target}: cannot write: {blocking} is a file",
                           "choose an output path whose parents are folders")
     written = {Path(path).name: files[name] for name, path in names.items()}
+    # A file of the previous run that this one does not write is stale and removed, unless
+    # this run reads it (a QDQ model requantized beside itself): inputs always survive, and
+    # stay listed so that a later --force run may replace them.
+    protected = {Path(p).resolve() for p in inputs}
+    stale, kept = [], {}
+    for old, digest in vouched.items():
+        path = target.with_name(old)
+        if old in written or _sha256(path) != digest:
+            continue
+        if path.resolve() in protected:
+            kept[old] = digest
+        else:
+            stale.append((path, digest))
     staged: list[tuple[Path, Path]] = []
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for name, path in sorted(names.items()):
             staged.append((_stage(Path(path), files[name]), Path(path)))
-        staged.append((_stage(manifest_path, manifest_bytes(written)), manifest_path))
+        staged.append((_stage(manifest_path, manifest_bytes(written, kept)), manifest_path))
         for temp, path in staged:
             os.replace(temp, path)
     except OSError as exc:
@@ -285,10 +397,9 @@ def write_beside(model_file: str | os.PathLike, files: Mapping[str, bytes], *, f
         for temp, _ in staged:
             temp.unlink(missing_ok=True)
         raise
-    for old, digest in vouched.items():
-        stale = target.with_name(old)
-        if old not in written and "/" not in old and _sha256(stale) == digest:
-            stale.unlink(missing_ok=True)
+    for path, digest in stale:
+        if _sha256(path) == digest:  # still the bytes qtool wrote
+            path.unlink(missing_ok=True)
     return names
 
 
@@ -309,7 +420,8 @@ def _check_targets(target: Path, paths: list[Path], *, force: bool,
         raise OutputError(f"{target}: give the model file a name", "e.g. -o quantized.onnx")
     manifest_path = target.with_name(target.name[: -len(MODEL_SUFFIX)] + FILE_MANIFEST_SUFFIX)
     protected = {Path(p).resolve() for p in inputs}
-    previous = _read_manifest(manifest_path) if manifest_path.is_file() else None
+    previous = (_read_manifest(manifest_path, flat=True) if manifest_path.is_file()
+                else None)
     vouched = previous or {}
     all_targets = [*paths, manifest_path]
     for path in all_targets:

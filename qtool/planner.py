@@ -254,7 +254,7 @@ def build_plan(
             for i, tensor in inputs:
                 if i != fused:
                     quantize_input(tensor, node)
-        elif op in placement.activation_ops:
+        elif op in placement.activation_ops and placement.runs_quantized(op, node.attrs):
             for tensor in node.inputs:
                 if is_activation(tensor):
                     quantize_input(tensor, node)

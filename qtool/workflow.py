@@ -39,11 +39,13 @@ from qtool.options import ANALYSIS_LEVELS, AUTO_METHOD, CalibrateOptions  # noqa
 from qtool.output import (
     check_file_output,
     fill_folder,
+    input_files,
     is_file_output,
     refuse_existing_file,
     staging_folder,
     write_beside,
 )
+from qtool.passes.strip_qdq import float_input
 from qtool.pipeline import PassReport, Pipeline
 from qtool.prepare import prepare
 from qtool.samples import labelled_batches, load_samples
@@ -134,20 +136,23 @@ def calibrate_to_folder(
     """
     if save_plan is not None:
         refuse_existing_file(save_plan, force=force, inputs=[model])
-        graph, _ = prepare(load(model))
+        graph, _ = prepare(float_input(load(model), requantize=options.requantize))
         plan = _build_plan(graph, backend_rules(backend, options.backend_options), options)
         atomic_write_text(save_plan, plan.to_json())
         return CalibrationRun(Path(save_plan))
     from qtool import progress
 
+    decoder = str(options.task_decoder).split(":")[0] if options.task_decoder else None
+    inputs = input_files(model, options.data, options.eval_data, options.config, options.plan,
+                         decoder)
     if is_file_output(output):
-        check_file_output(output, force=force, inputs=[model])
+        check_file_output(output, force=force, inputs=inputs)
         files, report = quantize_model(model, backend, options)
         with progress.phase("write"):
-            written = write_beside(output, files, force=force, inputs=[model])
+            written = write_beside(output, files, force=force, inputs=inputs)
         return CalibrationRun(Path(output), files, report, written)
     folder = Path(output) if output is not None else default_output(model, backend)
-    with staging_folder(folder, force=force, inputs=[model]) as staging:
+    with staging_folder(folder, force=force, inputs=inputs) as staging:
         files, report = quantize_model(model, backend, options)
         with progress.phase("write"):
             fill_folder(staging, files)
@@ -193,7 +198,7 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
     if options.adaround:
         import qtool.qat  # noqa: F401  (fails fast, naming the extra, without torch)
     with progress.phase("load"):
-        loaded = load(model)
+        loaded = float_input(load(model), requantize=options.requantize)
         model_warnings = list(getattr(loaded, "load_warnings", ()))
     with progress.phase("prepare"):
         graph, pass_reports = prepare(loaded)
@@ -328,7 +333,8 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
             labelled_batches(eval_samples, eval_path, options.batch_size), rules,
         )
         report["ort_kernels"] = kernels.to_dict()
-        report["warnings"] += kernels.warnings(rules.name)
+        report["warnings"] += kernels.warnings(rules.name) + kernels.failure_warnings()
+        report["kernel_failure"] = kernels.failure(rules.name)
     if rounding is not None:
         report["adaround"] = {"iterations": options.adaround_iters,
                               "layers": [r.to_dict() for r in rounding]}

@@ -117,7 +117,7 @@ CASES = [(m, b) for m in models.MODEL_NAMES for b in ALL_BACKENDS]
 
 def test_registry_names_alias_and_errors():
     assert backend_names() == ["academic", "tensorrt", "acl", "tvm", "snpe", "qnn", "fbgemm",
-                               "onnxruntime"]
+                               "onnxruntime", "openvino"]
     qnn, snpe = get_backend("qnn"), get_backend("snpe")
     assert qnn.name == "qnn" and qnn.placement == snpe.placement
     assert qnn.activation_scheme == snpe.activation_scheme and qnn.emitter is snpe.emitter
@@ -133,7 +133,7 @@ def test_registry_names_alias_and_errors():
     assert get_backend("fbgemm", reduce_range=False).activation_scheme.qmax == 255
     graphs = {name: get_backend(name).placement_graph for name in backend_names()}
     assert graphs == {"academic": 1, "tensorrt": 2, "acl": 1, "tvm": 3, "snpe": 3, "qnn": 3,
-                      "fbgemm": 3, "onnxruntime": 3}
+                      "fbgemm": 3, "onnxruntime": 3, "openvino": 3}
 
 
 def test_backend_options_read_from_text():

@@ -11,13 +11,24 @@ for 8-bit activations and 8-bit weights (255 * 127 * 2 = 64770). Hence two check
 * **measured**: the output SQNR against the float model, simulated and in the kernels, on the
   first ``max_samples`` evaluation samples (this CPU; a loss over ``MAX_LOSS_DB`` warns);
 * **rule**: :func:`saturation_risk` from the backend's schemes (any x86 CPU without VNNI).
+
+A QDQ model that onnxruntime cannot load or run with its default optimizations (a cubic
+Resize that its uint8 kernel refuses, ...) is a WARNING naming the error, and, on the
+``onnxruntime`` backend, whose deployable file it is, a failure of the run
+(:meth:`KernelCheck.failure`; the CLI exits 1 after writing the files).
+
+When the ``openvino`` package is importable, the same samples also run in OpenVINO's CPU
+plugin (``INFERENCE_PRECISION_HINT=f32``, so that bf16 CPUs do not run the float parts in
+bf16): :class:`OpenVinoCheck` gives its SQNR, which weighted layers run in u8/i8 and which
+in f32, and fails the same way for the ``openvino`` backend.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,7 +48,9 @@ class KernelCheck:
         kernels_sqnr_db: Output SQNR vs float, default optimizations (None: exact).
         saturation_risk: The schemes overflow ``vpmaddubsw`` on x86 without VNNI.
         vnni: Whether this CPU has VNNI (None: unknown).
-        error: Why the measurement could not run, or None.
+        error: Why onnxruntime could not load or run the model (with its default
+            optimizations, or at all), or None.
+        openvino: The OpenVINO CPU run (None: openvino is not installed).
     """
 
     samples: int
@@ -46,11 +59,12 @@ class KernelCheck:
     saturation_risk: bool
     vnni: bool | None
     error: str | None = None
+    openvino: OpenVinoCheck | None = None
 
     @property
     def loss_db(self) -> float | None:
         """How much worse the kernels are than the simulation (dB), None if not measured."""
-        if self.samples == 0:
+        if self.samples == 0 or self.error is not None:
             return None
         sim = math.inf if self.simulated_sqnr_db is None else self.simulated_sqnr_db
         ker = math.inf if self.kernels_sqnr_db is None else self.kernels_sqnr_db
@@ -77,6 +91,31 @@ class KernelCheck:
             )
         return lines
 
+    def failure_warnings(self) -> list[str]:
+        """Report lines for an engine that could not load or run the QDQ model."""
+        lines = []
+        if self.error is not None:
+            lines.append(
+                f"model.qdq.onnx does not run in onnxruntime with its default optimizations: "
+                f"{self.error} (the kernel check could not measure it; see ort_kernels.error)"
+            )
+        if self.openvino is not None:
+            lines += self.openvino.warnings(self.simulated_sqnr_db)
+        return lines
+
+    def failure(self, backend: str) -> str | None:
+        """Why the backend's own engine cannot run its deployable file, or None.
+
+        Only for the backends whose deployable file is this QDQ model in that engine:
+        ``onnxruntime`` (onnxruntime's default optimizations) and ``openvino``.
+        """
+        if backend == "onnxruntime" and self.error is not None:
+            return f"onnxruntime cannot run model.qdq.onnx with its default optimizations: " \
+                   f"{self.error}"
+        if backend == "openvino" and self.openvino is not None and self.openvino.error:
+            return f"OpenVINO's CPU plugin cannot run model.qdq.onnx: {self.openvino.error}"
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for report.json."""
         return {
@@ -86,6 +125,56 @@ class KernelCheck:
             "loss_db": _round(self.loss_db),
             "saturation_risk_without_vnni": self.saturation_risk,
             "cpu_vnni": self.vnni,
+            "error": self.error,
+            "openvino": None if self.openvino is None else self.openvino.to_dict(),
+        }
+
+
+@dataclass
+class OpenVinoCheck:
+    """The QDQ model compiled by OpenVINO's CPU plugin (f32 inference precision).
+
+    Attributes:
+        sqnr_db: Output SQNR vs float on the kernel check's samples (None: exact).
+        int8_layers: Weighted layers (Convolution, FullyConnected, MatMul, Deconvolution)
+            whose runtime precision is u8/i8.
+        float_layers: Weighted layers that run in f32 (e.g. weights with a zero point).
+        error: Why OpenVINO could not compile or run the model, or None.
+        version: OpenVINO's version.
+    """
+
+    sqnr_db: float | None = None
+    int8_layers: list[str] = field(default_factory=list)
+    float_layers: list[str] = field(default_factory=list)
+    error: str | None = None
+    version: str = ""
+
+    def loss_db(self, simulated_sqnr_db: float | None) -> float | None:
+        """How much worse OpenVINO is than the simulation (dB); None if not measured."""
+        if self.error is not None:
+            return None
+        sim = math.inf if simulated_sqnr_db is None else simulated_sqnr_db
+        ov = math.inf if self.sqnr_db is None else self.sqnr_db
+        return 0.0 if math.isinf(sim) and math.isinf(ov) else sim - ov
+
+    def warnings(self, simulated_sqnr_db: float | None) -> list[str]:
+        """A failure to compile or run, or a loss over ``MAX_LOSS_DB`` against the simulation."""
+        if self.error is not None:
+            return [f"OpenVINO's CPU plugin cannot run model.qdq.onnx: {self.error}"]
+        loss = self.loss_db(simulated_sqnr_db)
+        if loss is not None and loss > MAX_LOSS_DB:
+            return [f"OpenVINO CPU (f32 inference precision) gives {_db(self.sqnr_db)} where "
+                    f"the Q/DQ simulation gives {_db(simulated_sqnr_db)}: model.qdq.onnx "
+                    "does not hold in OpenVINO (use --backend openvino)"]
+        return []
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for report.json."""
+        return {
+            "version": self.version,
+            "sqnr_db": _round(self.sqnr_db),
+            "int8_layers": len(self.int8_layers),
+            "float_layers": sorted(self.float_layers),
             "error": self.error,
         }
 
@@ -125,30 +214,140 @@ def check_kernels(
 
     risk, vnni = saturation_risk(backend), cpu_has_vnni()
     try:
-        sessions = [_session(float_model, False), _session(quant_model, False),
-                    _session(quant_model, True)]
+        reference, simulated = _session(float_model, False), _session(quant_model, False)
     except Exception as exc:  # onnxruntime raises its own exception types
         return KernelCheck(0, None, None, risk, vnni, _first_line(exc))
-    names = {i.name for i in sessions[0].get_inputs()}
-    sums = [[0.0, 0.0], [0.0, 0.0]]  # (signal, noise) for simulated, kernels
+    error = None
+    try:
+        kernels = _session(quant_model, True)
+    except Exception as exc:  # the deployable file does not load with the optimizations
+        kernels, error = None, _first_line(exc)
+    openvino = _openvino(quant_model)
+    names = {i.name for i in reference.get_inputs()}
+    # (signal, noise) for simulated, kernels, OpenVINO
+    sums = {"simulated": [0.0, 0.0], "kernels": [0.0, 0.0], "openvino": [0.0, 0.0]}
     rows = 0
     for batch in batches:
         feeds = {k: v for k, v in batch.items() if k in names}
         try:
-            reference, *quantized = (s.run(None, feeds) for s in sessions)
+            expected = reference.run(None, feeds)
+            runs = {"simulated": simulated.run(None, feeds)}
         except Exception as exc:  # onnxruntime raises its own exception types
             return KernelCheck(0, None, None, risk, vnni, _first_line(exc))
-        for index, outputs in enumerate(quantized):
-            for x, q in zip(reference, outputs, strict=True):
+        if kernels is not None:
+            try:
+                runs["kernels"] = kernels.run(None, feeds)
+            except Exception as exc:  # onnxruntime raises its own exception types
+                kernels, error = None, _first_line(exc)
+        if openvino is not None and openvino[1].error is None:
+            try:
+                runs["openvino"] = _run_openvino(openvino[0], feeds, len(expected))
+            except Exception as exc:  # openvino raises its own exception types
+                openvino[1].error = _first_line(exc)
+        for key, outputs in runs.items():
+            for x, q in zip(expected, outputs, strict=True):
                 x = np.asarray(x, dtype=np.float64)
-                sums[index][0] += float((x**2).sum())
-                sums[index][1] += float(((x - q) ** 2).sum())
+                sums[key][0] += float((x**2).sum())
+                sums[key][1] += float(((x - np.asarray(q, dtype=np.float64)) ** 2).sum())
         rows += int(next(iter(feeds.values())).shape[0]) if feeds else 1
         if rows >= max_samples:
             break
-    sqnr = [None if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
-            for signal, noise in sums]
-    return KernelCheck(rows, sqnr[0], sqnr[1], risk, vnni)
+    sqnr = {key: None if noise == 0 else 10 * math.log10(signal / noise) if signal > 0
+            else -math.inf for key, (signal, noise) in sums.items()}
+    ov_check = None
+    if openvino is not None:
+        ov_check = openvino[1]
+        if ov_check.error is None:
+            ov_check.sqnr_db = sqnr["openvino"]
+    return KernelCheck(rows, sqnr["simulated"], None if error else sqnr["kernels"], risk, vnni,
+                       error, ov_check)
+
+
+#: OpenVINO runtime layer types that carry weights (what "runs in int8" is judged on).
+OPENVINO_WEIGHTED_LAYERS = frozenset(
+    {"Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul", "Gemm"}
+)
+
+
+def openvino_layers(compiled: Any) -> tuple[list[str], list[str]]:
+    """``(int8, f32)``: names of the weighted layers by their runtime precision.
+
+    Read from ``compiled.get_runtime_model()``: each op's ``layerType`` and
+    ``runtimePrecision`` (u8/i8 when the CPU plugin runs it in integers).
+    """
+    int8, f32 = [], []
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if "layerType" not in info:
+            continue
+        if str(info["layerType"].astype(str)) not in OPENVINO_WEIGHTED_LAYERS:
+            continue
+        precision = str(info["runtimePrecision"].astype(str)) if "runtimePrecision" in info \
+            else ""
+        (int8 if precision in ("u8", "i8") else f32).append(op.get_friendly_name())
+    return int8, f32
+
+
+def engines_markdown(kernels: Mapping[str, Any] | None) -> list[str]:
+    """report.md's "Deployed engines" table from report.json's ``ort_kernels``.
+
+    One row per engine the QDQ model ran in: the simulation, onnxruntime's integer kernels,
+    and OpenVINO CPU when it was measured (its row says how many weighted layers run in int8).
+    """
+    if not kernels:
+        return []
+    sim = kernels.get("simulated_sqnr_db")
+    rows = [("Q/DQ simulation (onnxruntime, optimizations off)", _cell(sim), "")]
+    error = kernels.get("error")
+    rows.append(("onnxruntime integer kernels (default optimizations)",
+                 "failed" if error else _cell(kernels.get("kernels_sqnr_db")), error or ""))
+    openvino = kernels.get("openvino")
+    if openvino:
+        floats = openvino.get("float_layers") or []
+        note = openvino.get("error") or (
+            f"{openvino['int8_layers']} weighted layers in u8/i8, {len(floats)} in f32"
+            + (f" ({', '.join(floats[:3])}{', ...' if len(floats) > 3 else ''})"
+               if floats else ""))
+        rows.append((f"OpenVINO {openvino.get('version', '').split('-')[0]} CPU "
+                     "(INFERENCE_PRECISION_HINT=f32)",
+                     "failed" if openvino.get("error") else _cell(openvino.get("sqnr_db")),
+                     note))
+    lines = ["## Deployed engines", "",
+             f"model.qdq.onnx on {kernels.get('samples', 0)} evaluation samples, output SQNR "
+             "against the float model.", "", "| engine | SQNR (dB) | note |", "|---|---|---|"]
+    lines += [f"| {engine} | {value} | {note} |" for engine, value, note in rows]
+    return lines + [""]
+
+
+def _cell(value: float | None) -> str:
+    return "exact" if value is None else f"{value:.2f}"
+
+
+def _openvino(quant_model: Any):
+    """``(compiled model, OpenVinoCheck)`` for the QDQ model, or None without openvino."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    from qtool.backends.openvino import COMPILE_CONFIG
+    from qtool.io import serialize
+
+    check = OpenVinoCheck(version=ov.get_version())
+    data = quant_model if isinstance(quant_model, bytes) else serialize(quant_model)
+    try:
+        core = ov.Core()
+        compiled = core.compile_model(ov.convert_model(io.BytesIO(data)), "CPU",
+                                      dict(COMPILE_CONFIG))
+        check.int8_layers, check.float_layers = openvino_layers(compiled)
+    except Exception as exc:  # openvino raises its own exception types
+        check.error = _first_line(exc)
+        return None, check
+    return compiled, check
+
+
+def _run_openvino(compiled: Any, feeds: Mapping[str, np.ndarray], outputs: int) -> list:
+    result = compiled(dict(feeds))
+    return [np.asarray(result[compiled.output(i)]) for i in range(outputs)]
 
 
 def _session(model: Any, optimize: bool):
@@ -181,4 +380,5 @@ def _round(value: float | None) -> float | None:
     return round(value, 3) + 0.0  # no -0.0 in report.json
 
 
-__all__ = ["MAX_LOSS_DB", "KernelCheck", "check_kernels", "saturation_risk"]
+__all__ = ["MAX_LOSS_DB", "KernelCheck", "OpenVinoCheck", "check_kernels", "engines_markdown",
+           "openvino_layers", "saturation_risk"]

@@ -83,6 +83,9 @@ def to_markdown(report: Mapping[str, Any]) -> str:
                   "| layer | largest bias change |", "|---|---|"]
         lines += [f"| {name} | {delta:.4g} |" for name, delta in correction["layers"].items()]
         lines.append("")
+    from qtool.analysis.kernels import engines_markdown
+
+    lines += engines_markdown(report.get("ort_kernels"))
     lines += _options_markdown(report)
     lines += ["## Files", "", "| file | sha256 |", "|---|---|"]
     lines += [f"| {name} | `{digest}` |" for name, digest in report["files"].items()]
