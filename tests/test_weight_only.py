@@ -12,8 +12,8 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from mlp_block import inputs, mlp_onnx
+from qtool.cli import main
 
-from cli import main
 from qtool.weight_only.formats import BlockFormat, pack_nibbles
 from qtool.weight_only.gptq import gptq
 from qtool.weight_only.rtn import rtn, search_grid, weighted_error
@@ -271,3 +271,88 @@ def test_gptq_lowers_the_output_error_of_rtn_on_the_same_grid():
 
 def test_pack_nibbles_low_first():
     assert pack_nibbles(np.array([1, 2, 15, 0], np.uint8)).tolist() == [0x21, 0x0F]
+
+
+def test_stats_stream_the_hessian_whatever_the_batch(tmp_path):
+    from qtool.io import load
+    from qtool.weight_only.stats import collect_stats
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(mlp_onnx())
+    x = inputs(40, seed=5)
+    samples = [{"x": row[None]} for row in x]
+    graph = load(model)
+    one = collect_stats(graph, {"x": 256}, samples, batch_size=1)["x"]
+    many = collect_stats(graph, {"x": 256}, samples, batch_size=16, memory_budget=4096)["x"]
+    expected = x.astype(np.float64).T @ x / len(x)
+    np.testing.assert_allclose(one.hessian, expected, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(many.hessian, expected, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(many.mean_abs, np.abs(x).mean(axis=0), rtol=1e-6)
+
+
+def test_awq_scaling_folds_exactly_through_relu_and_bias():
+    import onnx_graphsurgeon as gs
+
+    from qtool.weight_only.emit import scale_input
+    from qtool.weight_only.layers import find_layers
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((32, 64)).astype(np.float32)
+    b1 = rng.standard_normal(64).astype(np.float32)
+    w2 = rng.standard_normal((64, 16)).astype(np.float32)
+    nodes = [onnx.helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+             onnx.helper.make_node("Add", ["h0", "b1"], ["h"], name="bias1"),
+             onnx.helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             onnx.helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    graph = onnx.helper.make_graph(
+        nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [5, 32])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [5, 16])],
+        [onnx.numpy_helper.from_array(v, n) for v, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"))])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    x = rng.standard_normal((5, 32)).astype(np.float32)
+    before = run(model.SerializeToString(), x)
+
+    g = gs.import_onnx(model)
+    layers, _ = find_layers(g, 32)
+    first, second = layers
+    s = rng.uniform(0.2, 5.0, 64).astype(np.float32)
+    second.weight = second.weight * s[:, None]
+    how = scale_input(g, second.input, [second], 1 / s, {"h0": first})
+    assert how == "folded into MatMul fc1 and Add bias1"
+    for layer in layers:
+        layer.node.inputs[1] = gs.Constant(f"{layer.name}_w", layer.weight)
+    after = run(gs.export_onnx(g.cleanup().toposort()).SerializeToString(), x)
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
+    assert not any(n.op == "Mul" for n in g.nodes)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_torch_exports(tmp_path, dynamo):
+    torch = pytest.importorskip("torch")
+    if dynamo:
+        pytest.importorskip("onnxscript")  # the dynamo exporter writes through it
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
+                              torch.nn.Linear(128, 32)).eval()
+    path = tmp_path / "net.onnx"
+    example = torch.randn(2, 4, 64)
+    torch.onnx.export(net, (example,), str(path), input_names=["x"], output_names=["y"],
+                      opset_version=18 if dynamo else 13, dynamo=dynamo)
+    x = (np.random.default_rng(1).standard_normal((256, 4, 64))
+         * np.logspace(-1, 1, 64)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x[:224])
+    np.savez(tmp_path / "val.npz", x=x[224:])
+    result = CliRunner().invoke(main, [
+        "calibrate", str(path), "-b", "onnxruntime", "--weight-only", "--block-size", "32",
+        "--data", str(tmp_path / "calib.npz"), "--eval-data", str(tmp_path / "val.npz"),
+        "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    written = onnx.load(tmp_path / "out" / "model.onnx")
+    assert [n.op_type for n in written.graph.node].count("MatMulNBits") == 2
+
+    def outputs(model):  # the export has a fixed batch of 2
+        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return np.concatenate([session.run(None, {name: x[i:i + 2]})[0]
+                               for i in range(224, 256, 2)])
+    assert sqnr(outputs(path), outputs(tmp_path / "out" / "model.onnx")) > 15

@@ -46,6 +46,7 @@ def scales_for(mean_abs: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def rtn_rounding(weight: np.ndarray, fmt: BlockFormat, importance: np.ndarray) -> BlockQuantized:
+    """RTN on the grid searched with ``importance`` (AWQ's rounding while it searches)."""
     return rtn(weight, fmt, search_grid(weight, fmt, importance))
 
 

@@ -44,10 +44,12 @@ class BlockFormat:
 
     @property
     def qmin(self) -> int:
+        """The lowest level."""
         return -(2 ** (self.bits - 1)) if self.symmetric else 0
 
     @property
     def qmax(self) -> int:
+        """The highest level."""
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
     def blocks(self, rows: int) -> int:
@@ -75,6 +77,7 @@ def expand(per_block: np.ndarray, rows: int, block_size: int) -> np.ndarray:
 
 
 def dequantize(levels, scale, zero_point, block_size: int) -> np.ndarray:
+    """``s * (q - z)`` of levels ``[K, N]`` with per-block ``scale``/``zero_point``."""
     rows = levels.shape[0]
     return (expand(scale, rows, block_size)
             * (levels.astype(np.float32) - expand(zero_point, rows, block_size))

@@ -1,5 +1,7 @@
-r"""GPTQ (Frantar et al. 2022): round input channel by input channel, pushing each rounding
-error onto the channels not yet rounded, weighted by the inverse Hessian of the layer.
+r"""GPTQ (Frantar et al. 2022): rounding that compensates each error in the rows still to come.
+
+Round input channel by input channel, pushing each rounding error onto the channels not yet
+rounded, weighted by the inverse Hessian of the layer.
 
 For a MatMul ``Y = X W`` (``W`` is ``[K, N]``) the output error of a weight change ``dW`` is
 ``tr(dW^T H dW)`` with ``H = X^T X / rows`` over the calibration inputs (streamed,

@@ -34,10 +34,12 @@ class Layer:
 
     @property
     def name(self) -> str:
+        """The node's name."""
         return self.node.name
 
     @property
     def channels(self) -> int:
+        """``K``: input channels of the weight."""
         return self.weight.shape[0]
 
 

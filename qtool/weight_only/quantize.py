@@ -55,6 +55,7 @@ class LayerReport:
     input_scaling: str | None = None
 
     def to_dict(self) -> dict:
+        """The fields that are set, floats rounded (stable report bytes)."""
         return {k: (round(v, 6) if isinstance(v, float) else v)
                 for k, v in asdict(self).items() if v is not None}
 
@@ -103,12 +104,15 @@ def quantize_layers(graph: gs.Graph, fmt: BlockFormat, form: str, algorithm: str
             plain = rtn(layer.weight, fmt, _grid(layer.weight, fmt, form, None, shrink=False))
             reports[layer.name].rtn_output_error = weighted_error(
                 layer.weight, plain.dequantize(), hessian)
+    rounded: dict[str, tuple] = {}
     if algorithm == "awq":
-        _scale_inputs(graph, layers, stats, hessians, fmt, reports)
+        _scale_inputs(graph, layers, stats, hessians, fmt, form, reports, rounded)
     quantized = {}
     for layer in layers:
         hessian = hessians.get(inputs[layer.name])
-        result = _round(layer.weight, fmt, form, algorithm, hessian)
+        source, result = rounded.get(layer.name, (None, None))
+        if source is not layer.weight:  # not rounded yet, or column-scaled by a fold since
+            result = _round(layer.weight, fmt, form, algorithm, hessian)
         report = reports[layer.name]
         if hessian is not None:
             # in the scaled coordinates, which leave the output error unchanged
@@ -134,11 +138,18 @@ def _round(weight: np.ndarray, fmt: BlockFormat, form: str, algorithm: str,
             result = rtn(weight, fmt, lpbq_grid((result.scale, result.zero_point), fmt.bits))
         return result
     grid = _grid(weight, fmt, form, np.diag(hessian).astype(np.float32))
-    return gptq(weight, hessian, fmt, grid)
+    return gptq(weight, hessian, fmt, grid)  # awq: on the scaled weights
 
 
-def _scale_inputs(graph, layers: list[Layer], stats, hessians, fmt, reports) -> None:
-    """AWQ: one scale vector per input tensor, searched, applied to weights and input."""
+def _scale_inputs(graph, layers: list[Layer], stats, hessians, fmt, form, reports,
+                  rounded) -> None:
+    """AWQ: one scale vector per input tensor, searched, applied to weights and input.
+
+    The alpha is searched with RTN (cheap); the scaling is then kept only if GPTQ on the
+    scaled weights gives a lower output error than GPTQ on the plain ones (random-init
+    transformers without outlier channels lost up to 10 dB to an RTN-chosen scaling). Both
+    GPTQ results land in ``rounded`` (node -> (weight it was computed from, levels)).
+    """
     groups: dict[str, list[Layer]] = defaultdict(list)
     for layer in layers:
         groups[layer.input.name].append(layer)
@@ -147,15 +158,30 @@ def _scale_inputs(graph, layers: list[Layer], stats, hessians, fmt, reports) -> 
         hessian = hessians[name]
         choice = awq_search.search_scales([layer.weight for layer in group], hessian,
                                           stats[name].mean_abs, fmt)
-        for layer in group:
-            reports[layer.name].awq_alpha = choice.alpha
         if choice.alpha == 0.0:
             continue
         s = choice.scales
+        scaled_hessian = hessian / np.outer(s, s)
+        plain, scaled, plain_error, scaled_error = {}, {}, 0.0, 0.0
+        for layer in group:
+            weight = (layer.weight * s[:, None]).astype(np.float32)
+            plain[layer.name] = (layer.weight, _round(layer.weight, fmt, form, "gptq", hessian))
+            scaled[layer.name] = (weight, _round(weight, fmt, form, "gptq", scaled_hessian))
+            plain_error += weighted_error(layer.weight, plain[layer.name][1].dequantize(),
+                                          hessian)
+            scaled_error += weighted_error(weight, scaled[layer.name][1].dequantize(),
+                                           scaled_hessian)
+        if scaled_error >= plain_error:
+            rounded.update(plain)
+            log.info("awq: %s keeps its scale (alpha %.2f does not lower GPTQ's error)",
+                     name, choice.alpha)
+            continue
         how = scale_input(graph, group[0].input, group, (1.0 / s).astype(np.float32),
                           by_output)
-        hessians[name] = hessian / np.outer(s, s)
+        hessians[name] = scaled_hessian
         for layer in group:
-            layer.weight = (layer.weight * s[:, None]).astype(np.float32)
+            layer.weight = scaled[layer.name][0]
+            rounded[layer.name] = scaled[layer.name]
+            reports[layer.name].awq_alpha = choice.alpha
             reports[layer.name].input_scaling = how
         log.info("awq: %s scaled with alpha %.2f (%s)", name, choice.alpha, how)

@@ -124,8 +124,12 @@ def quantize_weights(model, backend: str, options: WeightOnlyOptions = WeightOnl
 
 
 def _qnn_files(graph, float_graph, quantized, fmt) -> dict[str, bytes]:
-    """QNN: the float model with dequantized weights + LPBQ encodings (model.onnx), and the
-    INT4 DequantizeLinear graph built above as the onnxruntime reference (model.qdq.onnx)."""
+    """QNN's files: the float model on the LPBQ grid, its encodings, the INT4 QDQ reference.
+
+    ``model.onnx`` has the dequantized weights (what the converter quantizes with the
+    encodings gives back the same levels); ``model.qdq.onnx`` is the DequantizeLinear graph
+    built by :func:`quantize_weights`.
+    """
     from qtool.io import serialize
     from qtool.weight_only.emit import replace_layer
     from qtool.weight_only.layers import find_layers

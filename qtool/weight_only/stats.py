@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 import numpy as np
+
 from qtool.calibration.collector import (
     Collector,
     batches,
@@ -27,7 +28,6 @@ from qtool.calibration.collector import (
 )
 from qtool.calibration.data import specs_of
 from qtool.calibration.observers.base import Observer
-
 from qtool.errors import CalibrationError
 
 
@@ -41,6 +41,7 @@ class InputStats(Observer):
         self.rows = 0
 
     def update(self, x: np.ndarray) -> None:
+        """Add one batch (any leading shape, channels last)."""
         rows = np.asarray(x, np.float64).reshape(-1, self.gram.shape[0])
         if not np.isfinite(rows).all():
             raise CalibrationError(f"NaN or Inf in {self.name}",
@@ -50,17 +51,20 @@ class InputStats(Observer):
         self.rows += rows.shape[0]
 
     def merge(self, other: InputStats) -> None:
+        """Add the sums of another shard."""
         self.gram += other.gram
         self.abs_sum += other.abs_sum
         self.rows += other.rows
 
     @property
     def hessian(self) -> np.ndarray:
+        """``H = X^T X / rows``."""
         self._check()
         return self.gram / self.rows
 
     @property
     def mean_abs(self) -> np.ndarray:
+        """Mean ``|x|`` per channel."""
         self._check()
         return self.abs_sum / self.rows
 
