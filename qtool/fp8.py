@@ -102,8 +102,10 @@ def quantize_fp8(model, backend: str, options) -> tuple[dict[str, bytes], dict[s
     from qtool.calibration import calibrate
     from qtool.io import load, serialize
     from qtool.passes.opset import ensure_opset
+    from qtool.prepare import prepare
     from qtool.qdq import quantize
-    from qtool.workflow import _build_plan, _split_data, backend_rules, labelled_batches, prepare
+    from qtool.samples import labelled_batches
+    from qtool.workflow import _build_plan, _split_data, backend_rules
 
     if backend not in BACKENDS:
         raise PrecisionError(f"backend {backend} has no FP8 (E4M3) Q/DQ")

@@ -140,7 +140,7 @@ def _matmul_model(weight):
 ])
 def test_blockwise_dequantize_linear(mlp, tmp_path, backend, flags, dtype):
     result = calibrate(mlp, tmp_path / "out", "-b", backend, "--weight-only",
-                       "--block-size", "64", *flags)
+                       "--block-size", "64", "--weight-algorithm", "rtn", *flags)
     assert result.exit_code == 0, result.output
     path = tmp_path / "out" / "model.qdq.onnx"
     model = onnx.load(path)
@@ -148,20 +148,39 @@ def test_blockwise_dequantize_linear(mlp, tmp_path, backend, flags, dtype):
     inits = {t.name: t for t in model.graph.initializer}
     dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dqs) == 2
+    decoded = {}
     for dq in dqs:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
         assert attrs == {"axis": 0, "block_size": 64}
         weight = inits[dq.input[0]]
         assert weight.data_type == dtype
         assert len(weight.raw_data) == np.prod(weight.dims) // 2  # two per byte on disk
+        levels = _unpack_int4(weight)
         scale = onnx.numpy_helper.to_array(inits[dq.input[1]])
         assert scale.shape == (weight.dims[0] // 64, weight.dims[1])
         assert (len(dq.input) == 3) == (dtype == onnx.TensorProto.UINT4)
+        zero = _unpack_int4(inits[dq.input[2]]) if len(dq.input) == 3 else 0
+        decoded[dq.output[0]] = np.repeat(scale, 64, axis=0) * (
+            levels - np.repeat(zero, 64, axis=0) if len(dq.input) == 3 else levels)
         assert any(n.op_type == "MatMul" and n.input[1] == dq.output[0]
                    for n in model.graph.node)
     assert path.stat().st_size <= 0.25 * (mlp / "mlp.onnx").stat().st_size
+    # the file's levels, decoded here (INT4/UINT4: low nibble first), are what onnxruntime runs
+    for name, weight in decoded.items():
+        np.testing.assert_allclose(run(_prefix_model(model, None, name), inputs(1, 0)), weight,
+                                   rtol=1e-6, atol=1e-6)
     x = inputs(256, seed=11)
-    assert sqnr(run(mlp / "mlp.onnx", x), run(path, x)) > 10
+    assert sqnr(run(mlp / "mlp.onnx", x), run(path, x, optimize=False)) > 3
+
+
+def _unpack_int4(tensor):
+    """Levels of an INT4/UINT4 initializer, from the ONNX spec (two per byte, low first)."""
+    raw = np.frombuffer(tensor.raw_data, np.uint8)
+    nibbles = np.stack([raw & 0x0F, raw >> 4], axis=-1).reshape(-1)[:int(np.prod(tensor.dims))]
+    values = nibbles.astype(np.int16)
+    if tensor.data_type == onnx.TensorProto.INT4:
+        values = np.where(values > 7, values - 16, values)
+    return values.reshape(tuple(tensor.dims)).astype(np.float32)
 
 
 def test_qnn_lpbq_encodings(mlp, tmp_path):

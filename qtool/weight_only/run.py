@@ -70,7 +70,9 @@ def quantize_weights(model, backend: str, options: WeightOnlyOptions = WeightOnl
     from qtool.io import load, serialize
     from qtool.keyvalue import option_pairs
     from qtool.passes.opset import ensure_opset
-    from qtool.workflow import _split_data, labelled_batches, prepare
+    from qtool.prepare import prepare
+    from qtool.samples import labelled_batches
+    from qtool.workflow import _split_data
 
     if options.bits not in WEIGHT_BITS:
         raise WeightOnlyError(f"--weight-bits {options.bits} with --weight-only",
