@@ -234,6 +234,8 @@ def test_gemm_weights_and_hqq_without_data(tmp_path):
     (["-b", "onnxruntime", "--weight-only", "--weight-algorithm", "gptq"], "needs calibration"),
     (["-b", "onnxruntime", "--weight-only", "--backend-option", "format=qoperator"], "format"),
     (["-b", "acl", "--precision", "fp8"], "FP8"),
+    (["-b", "onnxruntime", "--weight-only", "--adaround"], "--adaround does not apply"),
+    (["-b", "tensorrt", "--precision", "fp8", "--weight-bits", "4"], "does not apply"),
 ])
 def test_refusals(tmp_path, args, message):
     model = tmp_path / "m.onnx"

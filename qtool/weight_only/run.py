@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qtool.errors import DataError, WeightOnlyError
+from qtool.errors import DataError, PrecisionError, WeightOnlyError
 from qtool.weight_only.formats import BLOCK_SIZES, WEIGHT_BITS, BlockFormat
 from qtool.weight_only.quantize import (
     DATA_AWARE,
@@ -186,6 +186,32 @@ class SpecialRun:
     summary: str
 
 
+#: CalibrateOptions fields (flag) the int8 flow reads and these jobs do not.
+_COMMON_UNUSED = {"plan": "--plan", "adaround": "--adaround", "sensitivity": "--sensitivity",
+                  "target_sqnr": "--target-sqnr", "max_accuracy_drop": "--max-accuracy-drop",
+                  "skip": "--skip", "workers": "--workers", "act_bits": "--act-bits",
+                  "task": "--task", "fail_under_sqnr": "--fail-under-sqnr"}
+WEIGHT_ONLY_UNUSED = {**_COMMON_UNUSED, "method": "--method",
+                      "weight_method": "--weight-method"}
+FP8_UNUSED = {**_COMMON_UNUSED, "weight_bits": "--weight-bits/--bits",
+              "weight_method": "--weight-method"}
+
+
+def _refuse_unused(options, unused: dict[str, str], mode: str) -> None:
+    """A flag of the int8 flow given to a job that would ignore it is an error, not a no-op."""
+    from qtool.options import CalibrateOptions
+
+    defaults = CalibrateOptions()
+    for name, flag in unused.items():
+        if getattr(options, name) != getattr(defaults, name):
+            error = WeightOnlyError if mode == "--weight-only" else PrecisionError
+            raise error(f"{flag} does not apply to {mode}",
+                        f"drop {flag}, or run without {mode}")
+    if mode != "--weight-only" and options.method == "auto":
+        raise PrecisionError("--method auto does not apply to --precision fp8",
+                             "give a method such as minmax, mse or quantile")
+
+
 def run_special(model, backend: str, output, options, *, force: bool, weight_only: bool,
                 block_size: int, algorithm: str | None, precision: str) -> SpecialRun:
     """The CLI's ``--weight-only`` / ``--precision fp8`` job (``options``: CalibrateOptions).
@@ -208,6 +234,8 @@ def run_special(model, backend: str, output, options, *, force: bool, weight_onl
         raise WeightOnlyError("--weight-only and --precision fp8 together",
                               "choose one: int4/int8 weights with float activations, or "
                               "FP8 weights and activations")
+    _refuse_unused(options, WEIGHT_ONLY_UNUSED if weight_only else FP8_UNUSED,
+                   "--weight-only" if weight_only else "--precision fp8")
     if weight_only:
         wo = WeightOnlyOptions(
             bits=options.weight_bits or 4, block_size=block_size, algorithm=algorithm,
