@@ -53,14 +53,17 @@ def decode_matmul_nbits(node, values):
     """W [K, N] of a 4-bit MatMulNBits, from onnxruntime's contrib-op spec."""
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
-    packed = values[node.input[1]]  # [N, blocks, block/2]
-    levels = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1, block)
+    packed = values[node.input[1]]  # [N, blocks, block * bits / 8]
+    four = attrs["bits"] == 4
+    levels = (np.stack([packed & 0x0F, packed >> 4], axis=-1) if four else packed).reshape(
+        n, -1, block)
     scales = values[node.input[2]].reshape(n, -1)
     if len(node.input) > 3 and node.input[3]:
         zp = values[node.input[3]]
-        zero = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)[:, :levels.shape[1]]
+        zero = (np.stack([zp & 0x0F, zp >> 4], axis=-1) if four else zp).reshape(n, -1)
+        zero = zero[:, :levels.shape[1]]
     else:
-        zero = np.full(scales.shape, 8)
+        zero = np.full(scales.shape, 8 if four else 128)
     w = (levels.astype(np.float32) - zero[:, :, None]) * scales[:, :, None]
     return w.reshape(n, k).T
 
@@ -211,6 +214,23 @@ def test_qnn_lpbq_encodings(mlp, tmp_path):
     np.testing.assert_allclose(run(tmp_path / "out" / "model.qdq.onnx", x, optimize=False),
                                run(tmp_path / "out" / "model.onnx", x), rtol=1e-4, atol=1e-4)
     assert sqnr(ref, run(tmp_path / "out" / "model.onnx", x)) > 3
+
+
+def test_int8_matmul_nbits(mlp, tmp_path):
+    result = calibrate(mlp, tmp_path / "out", "-b", "onnxruntime", "--weight-only",
+                       "--weight-bits", "8", "--block-size", "32", "--weight-algorithm", "rtn")
+    assert result.exit_code == 0, result.output
+    model = onnx.load(tmp_path / "out" / "model.onnx")
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    first = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    w1 = decode_matmul_nbits(first, values)  # levels 0..255 about the zero points
+    x = inputs(64, seed=11)
+    reference = _matmul_model(w1).SerializeToString()
+    product = ort.InferenceSession(reference, providers=["CPUExecutionProvider"]).run(
+        None, {"a": x})[0]
+    np.testing.assert_allclose(run(_prefix_model(model, first), x), product,
+                               rtol=1e-3, atol=1e-3)
+    assert sqnr(run(mlp / "mlp.onnx", x), run(tmp_path / "out" / "model.onnx", x)) > 15
 
 
 def test_gemm_weights_and_hqq_without_data(tmp_path):

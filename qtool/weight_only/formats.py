@@ -61,9 +61,9 @@ class BlockFormat:
 class BlockQuantized:
     """A weight in blocks: levels ``[K, N]`` and per-block ``scale``/``zero_point``."""
 
-    levels: np.ndarray  # int8 [K, N]
+    levels: np.ndarray  # int16 [K, N]
     scale: np.ndarray  # float32 [n_blocks, N]
-    zero_point: np.ndarray  # int8 [n_blocks, N] (zeros when symmetric)
+    zero_point: np.ndarray  # int16 [n_blocks, N] (zeros when symmetric)
     fmt: BlockFormat
 
     def dequantize(self) -> np.ndarray:
@@ -90,7 +90,7 @@ def round_to_grid(weight: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
     rows = weight.shape[0]
     q = np.round(weight / expand(scale, rows, fmt.block_size)) + expand(zero_point, rows,
                                                                         fmt.block_size)
-    return np.clip(q, fmt.qmin, fmt.qmax).astype(np.int8)
+    return np.clip(q, fmt.qmin, fmt.qmax).astype(np.int16)
 
 
 def onnx_type(fmt: BlockFormat) -> int:

@@ -61,7 +61,7 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, fmt: BlockFormat, grid,
     blocks = order // fmt.block_size  # the grid row of each permuted row
     row_scale = scale.astype(np.float64)[blocks]  # [K, N]
     row_zero = zero.astype(np.float64)[blocks]
-    levels = np.zeros(work.shape, np.int8)
+    levels = np.zeros(work.shape, np.int16)
     for start in range(0, rows, BATCH):
         stop = min(start + BATCH, rows)
         errors = np.zeros((stop - start, work.shape[1]))

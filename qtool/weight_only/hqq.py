@@ -54,7 +54,7 @@ def hqq(weight: np.ndarray, fmt: BlockFormat) -> BlockQuantized:
             zero = np.mean(q - target / scale, axis=1, keepdims=True)
         beta *= KAPPA
     scale = best_scale[:, 0].astype(np.float32)
-    zero = np.clip(np.round(best_zero[:, 0]), fmt.qmin, fmt.qmax).astype(np.int8)
+    zero = np.clip(np.round(best_zero[:, 0]), fmt.qmin, fmt.qmax).astype(np.int16)
     q = np.clip(np.round(blocks / scale[:, None]) + zero[:, None], fmt.qmin, fmt.qmax)
-    levels = q.reshape(-1, weight.shape[1])[:rows].astype(np.int8)
+    levels = q.reshape(-1, weight.shape[1])[:rows].astype(np.int16)
     return BlockQuantized(levels, scale, zero, fmt)

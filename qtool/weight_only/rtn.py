@@ -41,10 +41,10 @@ def grid_for_range(lo: np.ndarray, hi: np.ndarray, fmt: BlockFormat):
     if fmt.symmetric:
         amax = np.maximum(np.abs(lo), np.abs(hi))
         scale = np.maximum(amax / fmt.qmax, _TINY)
-        return scale.astype(np.float32), np.zeros(scale.shape, np.int8)
+        return scale.astype(np.float32), np.zeros(scale.shape, np.int16)
     lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
     scale = np.maximum((hi - lo) / (fmt.qmax - fmt.qmin), _TINY).astype(np.float32)
-    zero = np.clip(np.round(fmt.qmin - lo / scale), fmt.qmin, fmt.qmax).astype(np.int8)
+    zero = np.clip(np.round(fmt.qmin - lo / scale), fmt.qmin, fmt.qmax).astype(np.int16)
     return scale, zero
 
 
@@ -76,7 +76,7 @@ def search_grid(weight: np.ndarray, fmt: BlockFormat, importance: np.ndarray | N
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, scale, best_scale)
         best_zero = np.where(better, zero, best_zero)
-    return best_scale.astype(np.float32), best_zero.astype(np.int8)
+    return best_scale.astype(np.float32), best_zero.astype(np.int16)
 
 
 def rtn(weight: np.ndarray, fmt: BlockFormat, grid) -> BlockQuantized:
