@@ -31,6 +31,7 @@ Models:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import tempfile
@@ -133,7 +134,8 @@ def ort_variant(path, calib, algorithm, block, symmetric):
     }[algorithm]()
     quantizer = MatMulNBitsQuantizer(onnx.load(path), block_size=block, is_symmetric=symmetric,
                                      algo_config=config)
-    quantizer.process()
+    with contextlib.redirect_stdout(sys.stderr):  # its GPTQ prints progress bars
+        quantizer.process()
     return quantizer.model.model.SerializeToString()
 
 
