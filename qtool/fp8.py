@@ -66,8 +66,9 @@ def to_fp8(result) -> gs.Graph:
         if qp.role == "bias":
             value = gs.Constant(f"{tensor}_float", np.asarray(floats[tensor].values, np.float32))
             for consumer in list(node.outputs[0].outputs):
-                consumer.inputs[:] = [value if t is node.outputs[0] else t
-                                      for t in consumer.inputs]
+                for index, inp in enumerate(consumer.inputs):
+                    if inp is node.outputs[0]:
+                        consumer.inputs[index] = value
             node.outputs.clear()
             continue
         old_scale = node.inputs[1]

@@ -397,3 +397,22 @@ def test_torch_exports(tmp_path, dynamo):
         return np.concatenate([session.run(None, {name: x[i:i + 2]})[0]
                                for i in range(224, 256, 2)])
     assert sqnr(outputs(path), outputs(tmp_path / "out" / "model.onnx")) > 15
+
+
+def test_fp8_onnxruntime_keeps_gemm_biases_float(mlp, tmp_path):
+    model = tmp_path / "gemm.onnx"
+    model.write_bytes(mlp_onnx(gemm=True))
+    result = CliRunner().invoke(main, [
+        "calibrate", str(model), "-b", "onnxruntime", "--precision", "fp8", "--data",
+        str(mlp / "calib.npz"), "--eval-data", str(mlp / "val.npz"), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    written = onnx.load(tmp_path / "o" / "model.qdq.onnx")
+    types = {t.name: t.data_type for t in written.graph.initializer}
+    assert onnx.TensorProto.INT32 not in types.values()  # the int8 flow's int32 biases
+    for node in written.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            assert types[node.input[2]] == onnx.TensorProto.FLOAT8E4M3FN
+    gemms = [n for n in written.graph.node if n.op_type == "Gemm"]
+    assert all(types[n.input[2]] == onnx.TensorProto.FLOAT for n in gemms)
+    x = inputs(256, seed=11)
+    assert sqnr(run(model, x), run(tmp_path / "o" / "model.qdq.onnx", x)) > 20
