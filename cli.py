@@ -349,6 +349,17 @@ def main() -> None:
 @click.option("--memory-budget", default=64, show_default=True, type=click.IntRange(min=1),
               metavar="MB", help="MB of observed tensors per onnxruntime run of the "
                                  "calibration; bigger batches run as micro-batches.")
+@click.option("--weight-only", is_flag=True,
+              help="Quantize only MatMul/Gemm weights, blockwise (int4 by default; "
+                   "--weight-bits 8); activations stay float. See docs/cli.md.")
+@click.option("--block-size", default=128, show_default=True,
+              type=click.Choice(["32", "64", "128"]), help="--weight-only: input channels "
+                                                          "per block.")
+@click.option("--weight-algorithm", type=click.Choice(["rtn", "hqq", "gptq", "awq"]),
+              help="--weight-only rounding (default: awq with --data, else hqq).")
+@click.option("--precision", type=click.Choice(["int8", "fp8"]), default="int8",
+              show_default=True, help="fp8: E4M3FN Q/DQ (opset 19) for tensorrt, and for "
+                                      "onnxruntime as a simulation.")
 @preprocess_options
 @provider_option
 @_quiet_option
@@ -360,7 +371,8 @@ def calibrate(ctx, model, backend, backend_options, data_path, eval_path, method
               target_sqnr, max_accuracy_drop, task, task_options, task_decoder, cle,
               bias_correction, fail_under_sqnr, adaround, adaround_iters, analysis_level,
               memory_budget, quiet, provider, preprocess_file, input_axes=(), config_path=None,
-              requantize=False, **image_flags):
+              requantize=False, weight_only=False, block_size="128", weight_algorithm=None,
+              precision="int8", **image_flags):
     """Quantize MODEL for a backend: calibrate, write the model, vendor files and a report.
 
     The output folder gets the quantized model, the backend's files (encodings, calibration
@@ -408,6 +420,15 @@ def calibrate(ctx, model, backend, backend_options, data_path, eval_path, method
         raise click.UsageError("give MODEL, or a --config with a 'model' key")
     if backend is None:
         raise click.UsageError("give --backend, or a --config with a 'backend' key")
+    if weight_only or precision == "fp8":  # their own jobs (qtool.weight_only, qtool.fp8)
+        from qtool.weight_only.run import run_special
+
+        result = run_special(model, backend, output, options, force=force, weight_only=weight_only,
+                             block_size=int(block_size), algorithm=weight_algorithm,
+                             precision=precision)
+        if not quiet:
+            click.echo(result.summary)
+        return
     with progress.shown(False if quiet else None):
         result = calibrate_to_folder(model, backend, output, options, force=force,
                                      save_plan=save_plan_path)

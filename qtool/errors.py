@@ -134,3 +134,18 @@ class TaskError(QtoolError):
     """An unknown task (``--task``), task option or a decoder recipe that does not load."""
 
     exit_code = 2
+
+
+class WeightOnlyError(QtoolError):
+    """Weight-only quantization asked of a backend, width or format that cannot take it."""
+
+    exit_code = 2
+    default_hint = ("--weight-only writes onnxruntime (MatMulNBits or DequantizeLinear), "
+                    "tensorrt (INT4 DequantizeLinear) and qnn (LPBQ encodings)")
+
+
+class PrecisionError(QtoolError):
+    """``--precision`` names a number format the backend does not run."""
+
+    exit_code = 2
+    default_hint = "--precision fp8 is for -b tensorrt (and -b onnxruntime as a simulation)"
