@@ -164,8 +164,10 @@ def quantize_model(
         the report as a dict.
     """
     from qtool import providers
+    from qtool.passes.opset import checked_on
 
-    with providers.use(providers.resolve(options.providers)):
+    # opset conversions (16-bit Q/DQ needs 21) are checked on the calibration samples
+    with providers.use(providers.resolve(options.providers)), checked_on():
         return _quantize_model(model, backend, options)
 
 
@@ -174,6 +176,7 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
     from qtool.analysis.evaluate import evaluate
     from qtool.backends.base import QDQ_MODEL_FILE
     from qtool.calibration import calibrate
+    from qtool.passes.opset import remember_examples
     from qtool.qdq import quantize
     from qtool.report import build_report, to_json, to_markdown
     from qtool.report.html import render_html
@@ -198,6 +201,7 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
     with progress.phase("prepare"):
         graph, pass_reports = prepare(loaded)
         calib_data, eval_samples, eval_path, judged_on = _split_data(graph, options)
+        remember_examples(calib_data)
     rules = backend_rules(backend, options.backend_options)
     if options.cle if options.cle is not None else not rules.per_channel_weights:
         from qtool.passes.cle import equalize
