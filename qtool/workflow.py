@@ -203,11 +203,16 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
         calib_data, eval_samples, eval_path, judged_on = _split_data(graph, options)
         remember_examples(calib_data)
     rules = backend_rules(backend, options.backend_options)
+    if options.bias_correction:
+        from qtool.passes.unshare import unshare_layer_constants
+
+        unshare_layer_constants(graph)  # each layer's own bias, to correct (before planning)
     if options.cle if options.cle is not None else not rules.per_channel_weights:
-        from qtool.passes.cle import equalize
+        from qtool.passes.cle import batchnorm_statistics, equalize
 
         with progress.phase("cle"):
-            graph, cle_reports = equalize(graph, calib_data, batch_size=options.batch_size)
+            graph, cle_reports = equalize(graph, calib_data, batch_size=options.batch_size,
+                                          bn_stats=batchnorm_statistics(load(model)))
         pass_reports = [*pass_reports, *cle_reports]
     with progress.phase("plan"):
         plan = _build_plan(graph, rules, options)
