@@ -247,6 +247,16 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
             result = quantize(graph, rules, ranges, plan=analysis.fallback.plan,
                               weight_method=options.weight_method,
                               activation_method=options.method)
+    rounded = rounded_layers = None
+    if options.adaround:
+        from qtool.qat.adaround import AdaRoundOptions, adaround
+
+        # learned on the uncorrected PTQ model: AdaRound's objective (the layer's output with
+        # everything upstream quantized) removes the mean error itself, and bias correction
+        # on top of it would correct that error twice (qtool/qat/adaround.py)
+        with progress.phase("adaround"):
+            rounded, rounded_layers = adaround(result, calib_data, AdaRoundOptions(
+                iterations=options.adaround_iters, seed=options.seed))
     bias_correction = None
     judged = None  # the evaluation of the model kept, when the correction was judged
     if options.bias_correction:
@@ -275,13 +285,17 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
             if bias_correction.worse():
                 bias_correction.reverted = True
                 result, judged = uncorrected, before
-    rounding = None
-    if options.adaround:
-        from qtool.qat.adaround import AdaRoundOptions, adaround
-
-        with progress.phase("adaround"):
-            result, rounding = adaround(result, calib_data, AdaRoundOptions(
-                iterations=options.adaround_iters, seed=options.seed))
+    rounding = adaround_choice = None
+    if rounded is not None:
+        with progress.phase("adaround check"):
+            corrected = bias_correction is not None and bias_correction.layers and (
+                not bias_correction.reverted)
+            result, judged, adaround_choice = _keep_better_rounding(
+                model, result, judged, rounded, eval_samples, eval_path, options, task,
+                "the bias-corrected model" if corrected else "the PTQ model")
+        if adaround_choice["kept"]:
+            bias_correction = None  # not stacked on AdaRound: the model written has none
+        rounding = rounded_layers
     analysis.method_choice = method_choice.to_dict() if method_choice else None
     if options.analysis == "full":
         with progress.phase("tensor errors"):
@@ -300,7 +314,7 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
         evaluation = Evaluation(0, [])
     else:
         with progress.phase("evaluate"):
-            if judged is not None and rounding is None and not options.layerwise:
+            if judged is not None and not options.layerwise:
                 evaluation = judged  # the model written was just evaluated on this data
             else:
                 evaluation = evaluate(
@@ -340,7 +354,7 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
         report["warnings"] += kernels.warnings(rules.name)
     if rounding is not None:
         report["adaround"] = {"iterations": options.adaround_iters,
-                              "layers": [r.to_dict() for r in rounding]}
+                              "layers": [r.to_dict() for r in rounding], **adaround_choice}
     from qtool.planner import coverage_warning
 
     coverage = coverage_warning(graph, result.plan)
@@ -349,6 +363,33 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
     files[REPORT_MD] = to_markdown(report).encode("utf-8")
     files[REPORT_HTML] = render_html(report).encode("utf-8")
     return dict(sorted(files.items())), report
+
+
+def _keep_better_rounding(model, result, judged, rounded, eval_samples, eval_path,
+                          options: CalibrateOptions, task, against: str):
+    """``(model, its evaluation or None, report fields)`` with or without AdaRound.
+
+    AdaRound's model is kept unless an output's SQNR on the evaluation data is lower than
+    that of ``result`` (the model written without ``--adaround``, named ``against``), so
+    ``--adaround`` is never worse there; without analysis it is kept unjudged.
+    """
+    from qtool.analysis.evaluate import evaluate
+
+    if options.analysis == "none":
+        return rounded, None, {"kept": True, "compared_with": None}
+
+    def scored(candidate):
+        return evaluate(load(model), candidate.graph,
+                        labelled_batches(eval_samples, eval_path, options.batch_size),
+                        task=task)
+
+    without = judged if judged is not None else scored(result)
+    learned = scored(rounded)
+    sqnr = {a.name: [a.sqnr_db, b.sqnr_db]
+            for a, b in zip(without.outputs, learned.outputs, strict=True)}
+    kept = not any(b is not None and (a is None or b < a) for a, b in sqnr.values())
+    fields = {"kept": kept, "compared_with": against, "sqnr_db": sqnr}
+    return (rounded, learned, fields) if kept else (result, without, fields)
 
 
 def _count_shape_nodes(graph: gs.Graph, report: dict[str, Any]) -> None:
