@@ -195,6 +195,24 @@ def quantize(
     _check_ranges(plan, ranges)
     warnings: list[str] = []
     qparams = compute_qparams(float_graph, plan, ranges, weight_method, warnings)
+    for warning in warnings:
+        log.warning("%s", warning)
+    return assemble(float_graph, plan, backend, qparams, weight_method, activation_method,
+                    warnings)
+
+
+def assemble(float_graph: gs.Graph, plan: QuantPlan, backend, qparams, weight_method: str,
+             activation_method: str | None, warnings: list[str]) -> QuantizedModel:
+    """The QDQ model of a prepared float graph with its scales already computed.
+
+    The last step of :func:`quantize`, shared with the passes that change a quantized
+    model's float weights but keep its scales (AdaRound's learned rounding): the opset
+    raised to what the plan's bit widths need, Q/DQ inserted where the plan says (the graph
+    outputs too where the backend quantizes them), and the activation method and warnings
+    kept for the backend's files and the report.
+    """
+    from qtool.passes.opset import ensure_opset
+
     qdq = ensure_opset(_copy(float_graph), qdq_opset(plan))
     insert_qdq(qdq, plan, qparams, quantize_graph_outputs=backend.placement.quantize_outputs)
     qdq.cleanup().toposort()
@@ -205,10 +223,8 @@ def quantize(
         len(plan.entries("weight")),
         len(plan.entries("bias")),
     )
-    for warning in warnings:
-        log.warning("%s", warning)
     return QuantizedModel(qdq, float_graph, plan, backend, qparams, weight_method,
-                          activation_method, warnings)
+                          activation_method, list(warnings))
 
 
 def compute_qparams(

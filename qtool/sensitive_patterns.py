@@ -30,8 +30,11 @@ The rules, applied by :func:`sensitive_nodes` and the planner:
 2. From the input of a root, reciprocal or logarithm and from a ``Div``'s denominator, the
    walk goes upstream through the ops a variance or a norm is made of (``Add``, ``Sub``,
    ``Max``, ``Clip``, ``Relu``, ``Abs``, reductions, ``Mul``/``Div`` by a constant) and keeps
-   them float, up to and including the squares (``Pow(a, 2)`` or ``Mul(a, a)``), where it
-   stops: both operands of ``E[x^2] - E[x]^2`` and of ``re^2 + im^2`` stay float.
+   them float, up to and including the squares (``Pow(a, 2)``, ``Mul(a, a)``; ``Abs`` in
+   an L1 norm and ``Exp`` in a Softmax's sum count as squares), where it stops: both
+   operands of ``E[x^2] - E[x]^2`` and of ``re^2 + im^2`` stay float. Only nodes on a
+   path that reaches a square are kept: a denominator that leads through ``Add``/``Relu``
+   to a Conv without a square is no variance, and its residual trunk stays quantized.
 3. ``Sub(x, ReduceMean(x))`` is kept float.
 4. From a cube (``Pow(x, 3)`` or ``Mul(x, Mul(x, x))``) the walk goes downstream through
    ``Mul`` by a constant to the ``Add`` that joins it back with ``x``, and keeps those float.
@@ -81,6 +84,10 @@ ROOTS = frozenset({"Sqrt", "Reciprocal", "Log"})
 #: Ops whose first input is the data and the others shapes or axes.
 DATA_MOVEMENT = frozenset({"Reshape", "Expand", "Squeeze", "Unsqueeze", "Transpose",
                            "Flatten"})
+
+#: Ops whose outputs are non-negative like a square's: sums of them are norms too (L1, the
+#: sum of a Softmax's exponentials), so the variance walk keeps the path down to them.
+NON_NEGATIVE = frozenset({"Abs", "Exp"})
 
 REASON = "numerically sensitive ({what}): kept float on every backend"
 
@@ -167,29 +174,82 @@ def _is_centering(node: gs.Node) -> bool:
 def _walk_variance(tensor: gs.Tensor, keep) -> bool:
     """Keep float what computes ``tensor`` from squares (rule 2 of the module docstring).
 
+    The walk first explores upstream through :data:`VARIANCE_OPS` and only then keeps the
+    nodes that lie on a path from ``tensor`` to a square (or to :data:`NON_NEGATIVE` ops):
+    a residual trunk of ``Add``/``Relu`` that a norm's denominator happens to pass through
+    on its way to a Conv is not part of a variance and stays quantized.
+
     Returns:
         Whether the walk reached a square (``tensor`` is a variance or a norm).
     """
-    stack = [tensor]
-    squares = False
+    upstream: dict[str, list[gs.Node]] = {}  # explored node -> its explored producers
+    nodes: dict[str, gs.Node] = {}
+    terminals: set[str] = set()
+    start = _producer(tensor)
+    stack = [start] if start is not None else []
     while stack:
-        node = _producer(stack.pop())
-        if node is None:
+        node = stack.pop()
+        if node.name in nodes:
             continue
+        nodes[node.name] = node
+        upstream[node.name] = []
         if _is_square(node):
+            terminals.add(node.name)
+            continue
+        if not _walks_through(node):
+            continue
+        for t in _data_inputs(node):
+            producer = _producer(t)
+            if producer is not None and not _is_constant(t):
+                upstream[node.name].append(producer)
+                stack.append(producer)
+    reaches: dict[str, bool] = {}
+
+    def reaches_square(name: str) -> bool:
+        # iterative post-order: residual trunks can be deeper than Python's recursion limit
+        pending = [name]
+        while pending:
+            current = pending[-1]
+            if current in reaches:
+                pending.pop()
+                continue
+            if current in terminals:
+                reaches[current] = True
+                pending.pop()
+                continue
+            todo = [p.name for p in upstream[current] if p.name not in reaches]
+            if todo:
+                pending.extend(todo)
+                continue
+            # |a| and e^a are non-negative like a square: an L1 norm, Softmax's sum
+            reaches[current] = (nodes[current].op in NON_NEGATIVE
+                                or (_walks_through(nodes[current])
+                                    and any(reaches[p.name] for p in upstream[current])))
+            pending.pop()
+        return reaches[name]
+
+    if start is None or not reaches_square(start.name):
+        return False
+    for name in nodes:
+        reaches_square(name)
+    for name, node in nodes.items():  # exploration order: from the sink upstream
+        if name in terminals:
             keep(node, "square inside a variance before a root or division")
-            squares = True
-            continue
-        if node.op not in VARIANCE_OPS and node.op not in ROOTS:
-            continue
-        if node.op == "Mul" and not any(_is_constant(t) for t in node.inputs):
-            continue  # a product of two computed tensors (not a square): not a variance
-        if node.op == "Div" and not _is_constant(node.inputs[1]):
-            continue  # a sink of its own
-        if keep(node, "variance before a root or division (LayerNorm, E[x^2] - E[x]^2, "
-                      "power spectrum)"):
-            stack.extend(t for t in _data_inputs(node) if not _is_constant(t))
-    return squares
+        elif reaches.get(name):
+            keep(node, "variance before a root or division (LayerNorm, E[x^2] - E[x]^2, "
+                       "power spectrum)")
+    return True
+
+
+def _walks_through(node: gs.Node) -> bool:
+    """Whether the variance walk continues upstream through ``node``."""
+    if node.op not in VARIANCE_OPS and node.op not in ROOTS:
+        return False
+    if node.op == "Mul" and not any(_is_constant(t) for t in node.inputs):
+        return False  # a product of two computed tensors (not a square): not a variance
+    if node.op == "Div" and not _is_constant(node.inputs[1]):
+        return False  # a sink of its own
+    return True
 
 
 def _walk_normalizer(root: gs.Node, keep) -> None:

@@ -169,8 +169,10 @@ def quantize_model(
         the report as a dict.
     """
     from qtool import providers
+    from qtool.passes.opset import checked_on
 
-    with providers.use(providers.resolve(options.providers)):
+    # opset conversions (16-bit Q/DQ needs 21) are checked on the calibration samples
+    with providers.use(providers.resolve(options.providers)), checked_on():
         return _quantize_model(model, backend, options)
 
 
@@ -179,6 +181,7 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
     from qtool.analysis.evaluate import evaluate
     from qtool.backends.base import QDQ_MODEL_FILE
     from qtool.calibration import calibrate
+    from qtool.passes.opset import remember_examples
     from qtool.qdq import quantize
     from qtool.report import build_report, to_json, to_markdown
     from qtool.report.html import render_html
@@ -203,12 +206,18 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
     with progress.phase("prepare"):
         graph, pass_reports = prepare(loaded)
         calib_data, eval_samples, eval_path, judged_on = _split_data(graph, options)
+        remember_examples(calib_data)
     rules = backend_rules(backend, options.backend_options)
+    if options.bias_correction:
+        from qtool.passes.unshare import unshare_layer_constants
+
+        unshare_layer_constants(graph)  # each layer's own bias, to correct (before planning)
     if options.cle if options.cle is not None else not rules.per_channel_weights:
-        from qtool.passes.cle import equalize
+        from qtool.passes.cle import batchnorm_statistics, equalize
 
         with progress.phase("cle"):
-            graph, cle_reports = equalize(graph, calib_data, batch_size=options.batch_size)
+            graph, cle_reports = equalize(graph, calib_data, batch_size=options.batch_size,
+                                          bn_stats=batchnorm_statistics(load(model)))
         pass_reports = [*pass_reports, *cle_reports]
     with progress.phase("plan"):
         plan = _build_plan(graph, rules, options)
@@ -243,6 +252,16 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
             result = quantize(graph, rules, ranges, plan=analysis.fallback.plan,
                               weight_method=options.weight_method,
                               activation_method=options.method)
+    rounded = rounded_layers = None
+    if options.adaround:
+        from qtool.qat.adaround import AdaRoundOptions, adaround
+
+        # learned on the uncorrected PTQ model: AdaRound's objective (the layer's output with
+        # everything upstream quantized) removes the mean error itself, and bias correction
+        # on top of it would correct that error twice (qtool/qat/adaround.py)
+        with progress.phase("adaround"):
+            rounded, rounded_layers = adaround(result, calib_data, AdaRoundOptions(
+                iterations=options.adaround_iters, seed=options.seed))
     bias_correction = None
     judged = None  # the evaluation of the model kept, when the correction was judged
     if options.bias_correction:
@@ -271,13 +290,17 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
             if bias_correction.worse():
                 bias_correction.reverted = True
                 result, judged = uncorrected, before
-    rounding = None
-    if options.adaround:
-        from qtool.qat.adaround import AdaRoundOptions, adaround
-
-        with progress.phase("adaround"):
-            result, rounding = adaround(result, calib_data, AdaRoundOptions(
-                iterations=options.adaround_iters, seed=options.seed))
+    rounding = adaround_choice = None
+    if rounded is not None:
+        with progress.phase("adaround check"):
+            corrected = bias_correction is not None and bias_correction.layers and (
+                not bias_correction.reverted)
+            result, judged, adaround_choice = _keep_better_rounding(
+                model, result, judged, rounded, eval_samples, eval_path, options, task,
+                "the bias-corrected model" if corrected else "the PTQ model")
+        if adaround_choice["kept"]:
+            bias_correction = None  # not stacked on AdaRound: the model written has none
+        rounding = rounded_layers
     analysis.method_choice = method_choice.to_dict() if method_choice else None
     if options.analysis == "full":
         with progress.phase("tensor errors"):
@@ -296,7 +319,7 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
         evaluation = Evaluation(0, [])
     else:
         with progress.phase("evaluate"):
-            if judged is not None and rounding is None and not options.layerwise:
+            if judged is not None and not options.layerwise:
                 evaluation = judged  # the model written was just evaluated on this data
             else:
                 evaluation = evaluate(
@@ -337,7 +360,7 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
         report["kernel_failure"] = kernels.failure(rules.name)
     if rounding is not None:
         report["adaround"] = {"iterations": options.adaround_iters,
-                              "layers": [r.to_dict() for r in rounding]}
+                              "layers": [r.to_dict() for r in rounding], **adaround_choice}
     from qtool.planner import coverage_warning
 
     coverage = coverage_warning(graph, result.plan)
@@ -367,6 +390,33 @@ def advice_for_flags(lines: list[str], rules) -> list[str]:
     if changed:
         return [re.sub(own, "quantize without " + " ".join(changed), line) for line in lines]
     return [re.sub(rf"(?:,? or |; )?{own}(?:, or )?", "", line) for line in lines]
+
+
+def _keep_better_rounding(model, result, judged, rounded, eval_samples, eval_path,
+                          options: CalibrateOptions, task, against: str):
+    """``(model, its evaluation or None, report fields)`` with or without AdaRound.
+
+    AdaRound's model is kept unless an output's SQNR on the evaluation data is lower than
+    that of ``result`` (the model written without ``--adaround``, named ``against``), so
+    ``--adaround`` is never worse there; without analysis it is kept unjudged.
+    """
+    from qtool.analysis.evaluate import evaluate
+
+    if options.analysis == "none":
+        return rounded, None, {"kept": True, "compared_with": None}
+
+    def scored(candidate):
+        return evaluate(load(model), candidate.graph,
+                        labelled_batches(eval_samples, eval_path, options.batch_size),
+                        task=task)
+
+    without = judged if judged is not None else scored(result)
+    learned = scored(rounded)
+    sqnr = {a.name: [a.sqnr_db, b.sqnr_db]
+            for a, b in zip(without.outputs, learned.outputs, strict=True)}
+    kept = not any(b is not None and (a is None or b < a) for a, b in sqnr.values())
+    fields = {"kept": kept, "compared_with": against, "sqnr_db": sqnr}
+    return (rounded, learned, fields) if kept else (result, without, fields)
 
 
 def _count_shape_nodes(graph: gs.Graph, report: dict[str, Any]) -> None:

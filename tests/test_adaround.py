@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +217,79 @@ def test_snpe_files_carry_the_learned_levels(graph, digits):
         assert np.array_equal(np.round(levels), _weight_levels(learned, r.weight))
         changed += int(np.sum(_weight_levels(learned, r.weight) != _weight_levels(ptq, r.weight)))
     assert changed > 0
+
+
+def _held_out_sqnr(files) -> float:
+    """SQNR (dB) of the written QDQ model's logits against float on the held-out images,
+    computed here in onnxruntime."""
+    x_val = np.load(ROOT / "examples" / "digits_val.npz")["input"]
+    float_graph = load(MODEL)
+    reference = _run(float_graph, x_val, [float_graph.outputs[0].name])[0].astype(np.float64)
+    qdq = load(files["model.qdq.onnx"], check=False)
+    output = _run(qdq, x_val, [qdq.outputs[0].name])[0].astype(np.float64)
+    return 10 * np.log10(np.sum(reference ** 2) / np.sum((reference - output) ** 2))
+
+
+@pytest.mark.parametrize("backend", ["tensorrt", "tvm"])
+def test_adaround_is_never_worse_than_without_it_on_held_out_data(backend):
+    """Bias correction is on by default; AdaRound learns on the uncorrected PTQ model and
+    is kept only where it is not worse (before: the correction ran first and AdaRound on top
+    of it, 33.45 dB against 34.70 without AdaRound on tensorrt)."""
+    from qtool.workflow import CalibrateOptions, quantize_model
+
+    options = CalibrateOptions(data=str(ROOT / "examples" / "digits_calib.npz"),
+                               eval_data=str(ROOT / "examples" / "digits_val.npz"))
+    without, _ = quantize_model(MODEL, backend, options)
+    learned, report = quantize_model(MODEL, backend, replace(options, adaround=True))
+    assert _held_out_sqnr(learned) >= _held_out_sqnr(without) - 1e-6
+    choice = report["adaround"]
+    assert choice["compared_with"] == "the bias-corrected model"
+    (without_db, learned_db), = choice["sqnr_db"].values()
+    assert choice["kept"] == (learned_db >= without_db)
+    if choice["kept"]:  # AdaRound's model, with no bias correction stacked on it
+        assert "bias_correction" not in report
+        assert learned != without
+
+
+def test_rebuild_keeps_the_backend_state_of_the_ptq_model(graph, digits):
+    """Graph-output Q/DQ (snpe), the TensorRT calibrator named in the cache header, the PTQ
+    warnings and the opset all come out of AdaRound as out of the PTQ."""
+    calib = [{"input": digits[0][i : i + 1]} for i in range(64)]
+    options = AdaRoundOptions(iterations=5)
+
+    def ptq(backend, source=graph, **bits):
+        plan = build_plan(source, backend, **bits)
+        ranges = calibrate(source, plan.activation_schemes(), calib, progress=False)
+        return quantize(source, backend, ranges, plan=plan, activation_method="minmax")
+
+    def ops(result):
+        return sorted(n.op for n in result.graph.nodes)
+
+    snpe = ptq("snpe")  # snpe quantizes the graph output too
+    learned, _ = adaround(snpe, calib, options)
+    assert ops(learned) == ops(snpe)
+    output_q = [n for n in snpe.graph.nodes if n.op == "QuantizeLinear"
+                and n.inputs[0].name == f"{graph.outputs[0].name}_float"]
+    assert output_q  # the quantizer on the graph output, kept by AdaRound's rebuild
+    assert [n.inputs[0].name for n in learned.graph.nodes if n.op == "QuantizeLinear"
+            and n.inputs[0].name == output_q[0].inputs[0].name]
+
+    trt = ptq("tensorrt")
+    learned, _ = adaround(trt, calib, options)
+    cache = next(k for k in trt.files() if k.endswith(".cache"))
+    header = trt.files()[cache].splitlines()[0]
+    assert learned.files()[cache].splitlines()[0] == header
+    assert b"EntropyCalibration2" not in header
+
+    wide = ptq("qnn", act_bits=16)  # 16-bit Q/DQ: opset 21
+    learned, _ = adaround(wide, calib, options)
+    assert learned.graph.opset == wide.graph.opset >= 21
+
+    # a bias that the int32 bias scale cannot hold: PTQ raises the weight scale and warns
+    loud = load(serialize(graph))
+    conv = next(n for n in loud.nodes if n.op == "Conv")
+    conv.inputs[2].values = (conv.inputs[2].values * 1e7).astype(np.float32)
+    tvm = ptq("tvm", loud)
+    assert tvm.warnings
+    learned, _ = adaround(tvm, calib, options)
+    assert learned.warnings == tvm.warnings and learned.activation_method == "minmax"

@@ -84,12 +84,14 @@ def test_cle_makes_per_tensor_backends_better_on_the_trained_depthwise_model(tmp
     assert held_out_sqnr("academic", True, True) > held_out_sqnr("academic", False) + 2.0
 
 
-def _export(module, shape) -> bytes:
+def _export(module, shape, dynamic_batch: bool = False) -> bytes:
     buffer = io.BytesIO()
+    axes = {"x": {0: "batch"}, "y": {0: "batch"}} if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module.eval(), torch.zeros(shape), buffer, opset_version=11,
-                          dynamo=False)
+                          dynamo=False, input_names=["x"] if axes else None,
+                          output_names=["y"] if axes else None, dynamic_axes=axes)
     return buffer.getvalue()
 
 
@@ -139,27 +141,128 @@ def test_relu6_option_turns_the_clip_into_relu_and_equalizes():
         qtool.Pipeline([("cle", {"relu6": "hardtanh"})]).run(qtool.load(serialize(graph)))
 
 
-def test_high_bias_absorption_is_exact_on_the_calibration_data():
+def _biased_mlp(inputs: int, dynamic_batch: bool = False):
     nn = torch.nn
     torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 5))
+    mlp = nn.Sequential(nn.Linear(inputs, 12), nn.ReLU(), nn.Linear(12, 5))
     with torch.no_grad():
         mlp[0].bias.copy_(torch.linspace(-1, 8, 12))  # channels that never go below 0
-    graph, _ = prepare(qtool.load(_export(mlp, (1, 6))))
+    graph, _ = prepare(qtool.load(_export(mlp, (1, inputs), dynamic_batch)))
+    return graph
+
+
+def _expected_bounds(hidden: np.ndarray) -> np.ndarray:
+    """The absorbed offset per channel, written from the paper: max(0, mean - 3 std), and
+    never above the calibration minimum."""
+    return np.maximum(0.0, np.minimum(hidden.min(axis=0),
+                                      hidden.mean(axis=0) - 3 * hidden.std(axis=0)))
+
+
+def test_high_bias_absorption_is_exact_on_the_calibration_data():
+    graph = _biased_mlp(6)
     name = graph.inputs[0].name
     rng = np.random.default_rng(0)
     samples = [{name: rng.uniform(-0.5, 0.5, (1, 6)).astype(np.float32)} for _ in range(64)]
     reference = [run(graph, s)[0] for s in samples]
+    gemm = next(n for n in graph.nodes if n.op == "Gemm").outputs[0].name
     relu = next(n for n in graph.nodes if n.op == "Relu").outputs[0].name
+    pre = np.concatenate([run(_exposing(graph, gemm), s)[1] for s in samples]).astype(np.float64)
     hidden_before = np.concatenate([run(_exposing(graph, relu), s)[1] for s in samples])
     absorbed, reports = equalize(qtool.load(serialize(graph)), samples, batch_size=1)
     assert "1 ReLU layers' positive offset moved" in reports[-1].summary()
     for sample, ref in zip(samples, reference, strict=True):
         np.testing.assert_allclose(run(absorbed, sample)[0], ref, rtol=1e-5, atol=1e-5)
     hidden_after = np.concatenate([run(_exposing(absorbed, relu), s)[1] for s in samples])
-    # the ReLU output lost its certain offset: its smallest value per channel is now 0
-    assert hidden_after.min(axis=0).max() < 1e-5 < hidden_before.min(axis=0).max()
-    assert np.abs(hidden_after).max() < np.abs(hidden_before).max()
+    # the ReLU output lost its certain offset: the bound, scaled per channel by CLE's 1/s
+    live = hidden_before.max(axis=0) > 0  # channel 0 never fires
+    top = hidden_before.max(axis=0)[live] - _expected_bounds(pre)[live]
+    scale = hidden_after.max(axis=0)[live] / top
+    np.testing.assert_allclose(hidden_after.min(axis=0)[live],
+                               (hidden_before.min(axis=0) - _expected_bounds(pre))[live] * scale,
+                               rtol=1e-4, atol=1e-5)
+    assert _expected_bounds(pre).max() > 1.0
+
+
+def test_high_bias_absorption_keeps_the_function_on_fresh_data():
+    """Absorbed from 64 samples, checked on 4096 others: the exact calibration minimum was
+    no bound there (fresh rows fall below it), mean - 3 std is (two uniform inputs: every
+    pre-activation lies within 2.45 standard deviations of its mean)."""
+    graph = _biased_mlp(2, dynamic_batch=True)
+    name = graph.inputs[0].name
+    rng = np.random.default_rng(1)
+    calibration = [{name: rng.uniform(-1, 1, (1, 2)).astype(np.float32)} for _ in range(64)]
+    fresh = {name: rng.uniform(-1, 1, (4096, 2)).astype(np.float32)}
+    absorbed, reports = equalize(qtool.load(serialize(graph)), calibration, batch_size=8)
+    assert "1 ReLU layers' positive offset moved" in reports[-1].summary()
+    expected = run(graph, fresh)[0]
+    np.testing.assert_allclose(run(absorbed, fresh)[0], expected, rtol=0,
+                               atol=1e-5 * np.abs(expected).max())
+
+
+def test_absorption_bounds_take_the_batchnorm_statistics():
+    from qtool.passes.cle import absorption_bounds
+
+    graph = _biased_mlp(6)
+    name = graph.inputs[0].name
+    rng = np.random.default_rng(2)
+    samples = [{name: rng.uniform(-0.5, 0.5, (1, 6)).astype(np.float32)} for _ in range(32)]
+    gemm = next(n for n in graph.nodes if n.op == "Gemm").outputs[0].name
+    pre = np.concatenate([run(_exposing(graph, gemm), s)[1] for s in samples]).astype(np.float64)
+    pairs = [p for p in find_pairs(graph)[0] if p.activation is not None]
+    data_bound = np.minimum(pre.min(axis=0), pre.mean(axis=0) - 3 * pre.std(axis=0))
+    np.testing.assert_allclose(absorption_bounds(graph, pairs, samples)[gemm], data_bound,
+                               rtol=1e-5, atol=1e-5)
+    beta, gamma = np.linspace(-1, 8, 12), np.full(12, 0.5)  # BN's output ~ N(beta, gamma^2)
+    with_bn = absorption_bounds(graph, pairs, samples, bn_stats={gemm: (beta, gamma)})[gemm]
+    np.testing.assert_allclose(with_bn, np.minimum(data_bound, beta - 1.5), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_batchnorm_statistics_name_the_folded_layer_output():
+    from qtool.passes.cle import batchnorm_statistics
+
+    nn = torch.nn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    with torch.no_grad():
+        net[1].weight.copy_(torch.linspace(-2, 2, 8))
+        net[1].bias.copy_(torch.linspace(0, 7, 8))
+    buffer = io.BytesIO()  # torch folds the BN itself unless constant folding is off
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net.eval(), torch.zeros(1, 3, 8, 8), buffer, opset_version=11,
+                          dynamo=False, do_constant_folding=False)
+    exported = buffer.getvalue()
+    stats = batchnorm_statistics(qtool.load(exported))
+    graph, _ = prepare(qtool.load(exported))
+    pairs = [p for p in find_pairs(graph)[0] if p.activation is not None]
+    beta, gamma = stats[pairs[0].first.outputs[0].name]
+    np.testing.assert_allclose(beta, np.linspace(0, 7, 8), rtol=1e-6)
+    np.testing.assert_allclose(gamma, np.abs(np.linspace(-2, 2, 8)), rtol=1e-6)
+
+
+def test_cle_equalizes_layers_whose_equal_biases_cleanup_merged():
+    nn = torch.nn
+    torch.manual_seed(0)
+    convs = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(),
+                          nn.Conv2d(8, 4, 1))
+    with torch.no_grad():
+        for layer in (convs[0], convs[2], convs[4]):
+            layer.bias.zero_()
+        convs[0].weight.mul_(torch.logspace(-2, 1, 8)[:, None, None, None])
+    graph, _ = prepare(qtool.load(_export(convs, (1, 3, 4, 4))))
+    biases = {n.inputs[2].name for n in graph.nodes if n.op == "Conv"}
+    assert len(biases) < 3  # cleanup merged the equal zero biases
+    x = {graph.inputs[0].name: np.random.default_rng(0).standard_normal((1, 3, 4, 4))
+         .astype(np.float32)}
+    expected = run(graph, x)[0]
+    equalized, reports = qtool.Pipeline(["cle"]).run(qtool.load(serialize(graph)))
+    assert "2 layer pairs equalized" in reports[0].summary()
+    np.testing.assert_allclose(run(equalized, x)[0], expected, rtol=0,
+                               atol=1e-5 * np.abs(expected).max())
+    w1 = next(n for n in equalized.nodes if n.op == "Conv").inputs[1].values
+    ranges = np.abs(w1).reshape(8, -1).max(axis=1)
+    assert ranges.max() / ranges.min() < 100  # the 1000x spread was evened
 
 
 def test_absorb_high_bias_skips_padded_convs():

@@ -113,6 +113,39 @@ def test_what_is_not_exactly_a_hard_activation_is_left_alone():
         assert not report.changed and graph.opset == 13
 
 
+def test_broadcast_constants_keep_the_output_shape():
+    """``x[4, 8] + three[1, 1, 1]`` broadcasts the spelled-out output to (1, 4, 8), which
+    HardSwish(x) would not: fused only while the constants' rank is at most x's."""
+    x = RNG.uniform(-8, 8, (4, 8)).astype(np.float32)
+
+    def spelled(three_shape, six_shape):
+        graph = helper.make_graph(
+            [helper.make_node("Add", ["x", "three"], ["a"]),
+             helper.make_node("Clip", ["a", "zero", "six"], ["c"]),
+             helper.make_node("Mul", ["x", "c"], ["m"]),
+             helper.make_node("Div", ["m", "six_div"], ["y"])],
+            "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, np.broadcast_shapes(
+                (4, 8), three_shape, six_shape))],
+            [numpy_helper.from_array(np.full(three_shape, 3.0, np.float32), "three"),
+             numpy_helper.from_array(np.float32(0.0), "zero"),
+             numpy_helper.from_array(np.float32(6.0), "six"),
+             numpy_helper.from_array(np.full(six_shape, 6.0, np.float32), "six_div")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 8
+        return model
+
+    for three_shape, six_shape, fused in [((1, 1, 1), (), False), ((), (1, 1, 1, 1), False),
+                                          ((1, 1), (1,), True)]:
+        model = spelled(three_shape, six_shape)
+        expected = run(qtool.load(model), {"x": x})[0]  # onnxruntime on the graph as written
+        graph, _ = _fused(model)
+        got = run(graph, {"x": x})[0]
+        assert got.shape == expected.shape, (three_shape, six_shape)
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+        assert ("HardSwish" in [n.op for n in graph.nodes]) == fused, (three_shape, six_shape)
+
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 from depthwise_digits import depthwise_digits_onnx, digits_split, write_data  # noqa: E402

@@ -663,3 +663,50 @@ def test_upgrade_opset_reports_a_failed_conversion(monkeypatch):
     monkeypatch.setattr(onnx.version_converter, "convert_version", failing_convert)
     with pytest.raises(PassError, match="cannot convert the model from opset 11 to 13: No adapter"):
         run_pass(qtool.load(torch_model("resnet", 11)), "upgrade_opset")
+
+
+def _fixed_size_concat_model(opset: int = 17) -> onnx.ModelProto:
+    """Dynamic height and width declared, but a Concat with an 8x8 constant: only 8x8 runs
+    (a YOLOv8 export's feature pyramid is the same, at multiples of its stride)."""
+    return make_model(
+        [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1, 1, 1, 1]),
+         helper.make_node("Concat", ["h", "grid"], ["c"], axis=1),
+         helper.make_node("Conv", ["c", "w2", "b2"], ["y"], pads=[1, 1, 1, 1])],
+        [vinfo("x", [1, 2, "height", "width"])], [vinfo("y", [1, 2, "height", "width"])],
+        [tensor("w1", weights((2, 2, 3, 3), 1)), tensor("b1", weights((2,), 2)),
+         tensor("grid", weights((1, 2, 8, 8), 3)),
+         tensor("w2", weights((2, 4, 3, 3), 4)), tensor("b2", weights((2,), 5))],
+        opset=opset)
+
+
+def test_ensure_opset_checks_on_the_samples_the_model_accepts():
+    from qtool.passes.opset import checked_on
+
+    graph = qtool.load(_fixed_size_concat_model())
+    with pytest.raises(PassError, match="Non concat axis dimensions must match"):
+        ensure_opset(graph, 21)  # random 1x1 and 2x2 inputs: the model cannot take them
+    samples = [{"x": weights((1, 2, 8, 8), seed)} for seed in (6, 7)]
+    with checked_on(samples):
+        converted = ensure_opset(graph, 21)
+    assert converted.opset == 21
+    for sample in samples:
+        assert_close(run(_fixed_size_concat_model(), sample), run(to_model(converted), sample))
+
+
+def test_act_bits_16_on_a_model_that_runs_only_at_its_data_size(tmp_path):
+    import json
+
+    from qtool.backends.base import QDQ_MODEL_FILE
+
+    from qtool.workflow import CalibrateOptions, quantize_model
+
+    model_path, data_path = tmp_path / "m.onnx", tmp_path / "calib.npz"
+    onnx.save(_fixed_size_concat_model(), model_path)
+    np.savez(data_path, x=weights((16, 2, 8, 8), 8))
+    files, report = quantize_model(model_path, "qnn", CalibrateOptions(
+        data=str(data_path), act_bits=16, bias_correction=False))
+    qdq = onnx.load_from_string(files[QDQ_MODEL_FILE])
+    assert [o.version for o in qdq.opset_import if o.domain == ""] == [21]
+    zero_points = [i for i in qdq.graph.initializer if i.data_type == TensorProto.UINT16]
+    assert zero_points  # 16-bit activations really written
+    assert json.loads(files["model.encodings"])["activation_encodings"]

@@ -408,8 +408,9 @@ def test_qat_without_labels_distills_the_float_model(tmp_path, digits):
     assert accuracy(load(files["model.qdq.onnx"], check=False), digits[2], digits[3]) >= 0.96
     held = report["held_out"]  # no eval data: the last 10 % of the training samples
     assert held["data"] == "the last 130 training samples" and held["samples"] == 130
-    assert len(held["epochs"]) == 5 and held["ptq"] == held["epochs"][0] | {}
-    assert held["qat"]["sqnr_db"] >= held["ptq"]["sqnr_db"]
+    assert len(held["epochs"]) == 5 and held["selection"]["ptq"] == held["epochs"][0] | {}
+    assert held["selection"]["samples"] == 65  # the even rows choose, the odd ones report
+    assert held["selection"]["qat"]["sqnr_db"] >= held["selection"]["ptq"]["sqnr_db"]
     with pytest.raises(DataError, match="no array for model input"):
         np.savez(tmp_path / "wrong.npz", pixels=digits[0][:8])
         qat_model(MODEL, "tvm", tmp_path / "wrong.npz", options)
@@ -433,17 +434,24 @@ def test_default_qat_of_a_pretrained_model_is_never_worse_than_ptq(tmp_path, dig
     ranges = calibrate(graphs[0], plan.activation_schemes(),
                        [{"input": x_train[i : i + 1]} for i in range(256)], progress=False)
     start = quantize(graphs[0], "tvm", ranges, plan=plan)
-    reference = run_ort(graphs[0], x_val)[0]
-    exported = run_ort(load(files["model.qdq.onnx"], check=False), x_val)[0]
-    ptq_sqnr = _sqnr(reference, run_ort(start.graph, x_val)[0])
-    qat_sqnr = _sqnr(reference, exported)
+    written = load(files["model.qdq.onnx"], check=False)
     held = report["held_out"]
+    scores = {}
+    for part, rows in (("report", slice(1, None, 2)), ("selection", slice(0, None, 2))):
+        reference = run_ort(graphs[0], x_val[rows])[0]
+        exported = run_ort(written, x_val[rows])[0]
+        scores[part] = (_sqnr(reference, run_ort(start.graph, x_val[rows])[0]),
+                        _sqnr(reference, exported),
+                        float((exported.argmax(1) == y_val[rows]).mean()))
+    ptq_sqnr, qat_sqnr, qat_top1 = scores["report"]  # what the report says: the odd rows
     assert held["ptq"]["sqnr_db"] == pytest.approx(ptq_sqnr, abs=1e-3)
     assert held["qat"]["sqnr_db"] == pytest.approx(qat_sqnr, abs=1e-3)
-    assert held["qat"]["accuracy"] == pytest.approx(float((exported.argmax(1) == y_val).mean()))
-    assert (held["qat"]["accuracy"], qat_sqnr) >= (held["ptq"]["accuracy"], ptq_sqnr)
-    assert report["accuracy"]["qat"] >= report["accuracy"]["ptq"]
+    assert held["qat"]["accuracy"] == pytest.approx(qat_top1)
+    ptq_sqnr, qat_sqnr, qat_top1 = scores["selection"]  # never worse where it was chosen
+    assert held["selection"]["qat"]["sqnr_db"] == pytest.approx(qat_sqnr, abs=1e-3)
+    assert (qat_top1, qat_sqnr) >= (held["selection"]["ptq"]["accuracy"], ptq_sqnr)
     assert held["data"] == (tmp_path / "val.npz").as_posix() and len(held["epochs"]) == 4
+    assert held["samples"] == len(x_val) and held["selection"]["samples"] == (len(x_val) + 1) // 2
 
 
 def test_absurd_learning_rate_exports_the_ptq_start(tmp_path, digits, ptq):
@@ -456,11 +464,52 @@ def test_absurd_learning_rate_exports_the_ptq_start(tmp_path, digits, ptq):
     held = report["held_out"]
     assert held["improved"] is False and held["best_epoch"] == 0
     assert held["exported"] == "ptq (training did not improve on it)"
-    assert all(e["accuracy"] < held["ptq"]["accuracy"] for e in held["epochs"][1:])
+    assert all(e["accuracy"] < held["selection"]["ptq"]["accuracy"]
+               for e in held["epochs"][1:])
     assert held["qat"] == held["ptq"]
     assert report["accuracy"]["qat"] == report["accuracy"]["ptq"]
     # the files are the PTQ model's, byte for byte (the fixture's PTQ: same calibration)
     assert {k: v for k, v in files.items() if k != "qat_report.json"} == ptq["snpe"].files()
+
+
+def test_ptq_fallback_on_a_per_channel_backend_is_what_calibrate_writes(tmp_path, digits):
+    """tensorrt's per-channel weight scales: training must not change the PTQ model the
+    quantizers were initialised from, so the fallback is ``qtool calibrate``'s output."""
+    from qtool.workflow import CalibrateOptions, quantize_model
+
+    x_train, y_train, x_val, y_val = digits
+    np.savez(tmp_path / "train.npz", input=x_train[:256], labels=y_train[:256])
+    np.savez(tmp_path / "calib.npz", input=x_train[:128])  # QAT calibrates on these
+    np.savez(tmp_path / "val.npz", input=x_val, labels=y_val)
+    options = qat.QatOptions(epochs=1, lr=10.0, quant_lr=10.0, calib_samples=128,
+                             eval_data=tmp_path / "val.npz")
+    files, report = qat_model(MODEL, "tensorrt", tmp_path / "train.npz", options)
+    assert report["held_out"]["exported"] == "ptq (training did not improve on it)"
+    calibrated, _ = quantize_model(MODEL, "tensorrt", CalibrateOptions(
+        data=str(tmp_path / "calib.npz"), eval_data=str(tmp_path / "val.npz"),
+        bias_correction=False, analysis="none"))
+    backend_files = set(files) - {"qat_report.json", "plan.json"}
+    assert backend_files and backend_files <= set(calibrated)
+    for name in sorted(backend_files):
+        assert files[name] == calibrated[name], name
+
+
+def test_quantizers_copy_the_ptq_scales(graphs, digits):
+    plan = build_plan(graphs[0], "tensorrt")  # per-channel weight scales (float32 arrays)
+    ranges = calibrate(graphs[0], plan.activation_schemes(),
+                       [{"input": digits[0][i : i + 1]} for i in range(16)], progress=False)
+    result = quantize(graphs[0], "tensorrt", ranges, plan=plan)
+    before = serialize(result.graph)
+    model = qat.to_torch(result, "lsq")
+    arrays = [np.asarray(getattr(q, field)) for q in result.qparams.values()
+              for field in ("scale", "zero_point")]
+    for parameter in model.parameters():
+        data = parameter.detach().numpy()
+        assert not any(np.shares_memory(data, a) for a in arrays)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(2.0)
+    assert serialize(result.graph) == before
 
 
 def test_normalized_distillation_divides_each_output_by_its_variance():

@@ -11,6 +11,7 @@ import io
 import warnings
 
 import numpy as np
+import onnx_graphsurgeon as gs
 import pytest
 from qdq_helpers import BACKENDS, run, sqnr_db
 from qtool.calibration import calibrate
@@ -189,3 +190,37 @@ def test_moment_variance_collapses_when_quantized_and_not_by_default(monkeypatch
     # measured: 33.6 dB with the pattern float, 2.3 dB with it quantized
     assert kept > 25.0
     assert quantized < kept - 10.0
+
+
+def test_residual_trunk_before_an_l1_norm_stays_quantized():
+    """``f / (mean|f| + eps)`` after identity-skip blocks: the walk from the denominator
+    passes six residual Add/Relu pairs on its way to a Conv and reaches no square there, so
+    only the division and its norm (``Abs``, the mean, ``+ eps``) stay float."""
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(2, 4, 3, padding=1)
+            self.blocks = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(6))
+
+        def forward(self, x):
+            f = self.stem(x)
+            for conv in self.blocks:
+                f = torch.relu(conv(f) + f)
+            return f / (f.abs().mean(dim=(2, 3), keepdim=True) + 1e-3)
+
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Residual().eval(), torch.randn(1, 2, 6, 6), buffer, opset_version=13,
+                          dynamo=False)
+    graph, _ = qtool.Pipeline(["cleanup", "fold_bn", "upgrade_opset"]).run(
+        qtool.load(buffer.getvalue()))
+    plan = build_plan(graph, "tensorrt")
+    assert _float_ops(plan, graph) == {"Abs": 1, "Add": 1, "Div": 1, "ReduceMean": 1}
+    # the denominator's Add is the one reading a constant eps, none of the residual Adds
+    ops = {n.name: n for n in graph.nodes}
+    adds = [ops[name] for name, why in plan.float_nodes.items()
+            if why.startswith("numerically sensitive") and ops[name].op == "Add"]
+    assert any(isinstance(t, gs.Constant) for t in adds[0].inputs)

@@ -19,7 +19,9 @@ Recognised, with ``x`` any float tensor and ``a, c, h, k`` scalar constants, ``k
 
 This is exact in real arithmetic: ``clip(a*x + c, 0, h) / k == clip((a/k)*x + c/k, 0, h/k)``
 for ``k > 0``, and ``h/k == 1`` is HardSigmoid's upper clip; float results differ by rounding
-only. Every intermediate tensor must feed only the pattern (and not be a graph output);
+only. Constants may be size-1 tensors of any rank up to ``x``'s (higher ones would broadcast
+the output to a larger rank than the fused op gives, so such a form is left alone). Every
+intermediate tensor must feed only the pattern (and not be a graph output);
 ``x`` may feed anything else. HardSwish needs opset 14: a graph below it is raised by the
 checked converter of ``upgrade_opset`` when there is a HardSwish to write, and where that
 fails ``x * HardSigmoid(x)`` is written instead. Run after ``cleanup`` (which turns Constant
@@ -100,11 +102,35 @@ def find_activations(graph: gs.Graph) -> list[_Match]:
     taken: set[int] = set()
     for node in graph.nodes:
         found = _match_clip(node, outputs) or _match_hardsigmoid_mul(node, outputs)
-        if found is None or id(found.y) in taken:
+        if found is None or id(found.y) in taken or not _keeps_shape(found):
             continue
         taken.add(id(found.y))
         matches.append(found)
     return matches
+
+
+def _keeps_shape(match: _Match) -> bool:
+    """Whether the one op gives ``match.y`` the shape the spelled-out form gave it.
+
+    A size-1 constant of higher rank than ``x`` (``x[4, 8] + three[1, 1, 1]``) broadcasts
+    the spelled-out output to (1, 4, 8), where HardSwish(x) is (4, 8): such a match is left
+    alone. Where ``x``'s rank is unknown only rank-0 constants are accepted.
+    """
+    rank = len(match.x.shape) if match.x.shape is not None else 0
+    stack, seen = [match.y], set()
+    while stack:
+        tensor = stack.pop()
+        if tensor is match.x or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        for producer in tensor.inputs:
+            for t in producer.inputs:
+                if isinstance(t, gs.Constant):
+                    if np.ndim(t.values) > rank:
+                        return False
+                else:
+                    stack.append(t)
+    return True
 
 
 def _rewrite(graph: gs.Graph, match: _Match, hardswish_allowed: bool) -> str:

@@ -3,17 +3,29 @@
 QDQ needs opset 13 for per-channel DequantizeLinear (the ``axis`` attribute), so quantization
 starts from a graph at opset >= 13. The conversion is onnx's ``version_converter``; afterwards
 the converted model and the original are run in onnxruntime (graph optimizations off) on the
-same random inputs (shapes from the graph, each symbolic dim set to 1, then to 2) and every
-output must agree to ``RTOL`` relative to the output's largest magnitude::
+same inputs and every output must agree to ``RTOL`` relative to the output's largest
+magnitude::
 
     max |y_new - y_old| <= RTOL * max |y_old|
+
+The inputs are what the model accepts: inside :func:`checked_on` (the calibration workflow
+opens it and :func:`remember_examples` fills it with the first calibration samples) the
+samples themselves; otherwise random inputs with the graph's fixed dims and each symbolic dim
+set to 1, then to 2. Random dims of 1 and 2 are not what every model takes: a detector whose
+feature pyramid concatenates upsampled maps runs only at multiples of its stride (a YOLOv8
+export with dynamic height and width fails at 1x1 with "Non concat axis dimensions must
+match"), so the samples are used wherever the run has them.
 
 otherwise the pass raises :class:`~qtool.errors.PassError` and leaves the model alone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
+from collections.abc import Iterable, Iterator, Mapping
+from contextvars import ContextVar
 
 import numpy as np
 import onnx
@@ -27,6 +39,39 @@ log = logging.getLogger(__name__)
 
 RTOL = 1e-5
 DYNAMIC_DIM_VALUES = (1, 2)
+#: Samples the check runs on when the run has them (each one onnxruntime run per model).
+EXAMPLES_CHECKED = 2
+
+#: The samples of the current :func:`checked_on` block (a list the block's owner fills).
+_EXAMPLES: ContextVar[list[dict[str, np.ndarray]] | None] = ContextVar(
+    "opset_check_examples", default=None)
+
+
+@contextlib.contextmanager
+def checked_on(samples: Iterable[Mapping[str, np.ndarray]] = ()) -> Iterator[None]:
+    """Check every conversion inside the block on samples rather than on random inputs.
+
+    ``samples`` may be empty and given later by :func:`remember_examples`.
+    """
+    token = _EXAMPLES.set([])
+    try:
+        remember_examples(samples)
+        yield
+    finally:
+        _EXAMPLES.reset(token)
+
+
+def remember_examples(samples: Iterable[Mapping[str, np.ndarray]]) -> None:
+    """Give the enclosing :func:`checked_on` block its samples.
+
+    The first :data:`EXAMPLES_CHECKED` of ``samples`` are kept; outside such a block this
+    does nothing.
+    """
+    examples = _EXAMPLES.get()
+    if examples is None or len(examples) >= EXAMPLES_CHECKED:
+        return
+    for sample in itertools.islice(iter(samples), EXAMPLES_CHECKED - len(examples)):
+        examples.append({name: np.asarray(value) for name, value in sample.items()})
 
 
 @register_pass("upgrade_opset", changes_opset=True)
@@ -74,8 +119,7 @@ def ensure_opset(graph: gs.Graph, minimum: int) -> gs.Graph:
 def _check_same_outputs(
     original: onnx.ModelProto, converted: onnx.ModelProto, old: int, new: int
 ) -> None:
-    for dim_value in DYNAMIC_DIM_VALUES:
-        feeds = random_feeds(original, dim_value, seed=dim_value)
+    for feeds in _check_feeds(original):
         try:
             expected = _run(original, feeds)
         except Exception as exc:
@@ -106,6 +150,31 @@ def _check_same_outputs(
                     f"to {new}",
                     f"re-export the model at opset {new} or later",
                 )
+
+
+def _check_feeds(model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
+    """The inputs the check runs on.
+
+    The samples of the current :func:`checked_on` block where it has them (an input a
+    sample lacks is random, its symbolic dims 1), else random inputs at two sizes.
+    """
+    examples = _EXAMPLES.get() or []
+    if not examples:
+        return [random_feeds(model, v, seed=v) for v in DYNAMIC_DIM_VALUES]
+    initializers = {t.name for t in model.graph.initializer}
+    result = []
+    for i, sample in enumerate(examples):
+        filler = random_feeds(model, 1, seed=i)
+        feeds = {}
+        for inp in model.graph.input:
+            if inp.name in initializers:
+                continue
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+            value = sample.get(inp.name)
+            feeds[inp.name] = (filler[inp.name] if value is None
+                               else np.ascontiguousarray(value, dtype=dtype))
+        result.append(feeds)
+    return result
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> bool:

@@ -201,7 +201,18 @@ class FakeQuantize(nn.Module):
         return power_of_two_ste(scale) if self.scheme.power_of_two else scale
 
     def _zero_points(self, zero_point: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(zero_point, dtype=torch.float32)
+        return _owned(zero_point)
+
+
+def _owned(values) -> torch.Tensor:
+    """A float32 tensor with its own memory.
+
+    ``torch.as_tensor`` of a float32 array shares the array's memory, and the scales come
+    from the PTQ model's qparams: training would change the PTQ model in place (its
+    per-channel scale arrays), and the "PTQ model" written when no epoch beats it would not
+    be the PTQ model.
+    """
+    return torch.tensor(np.array(values, dtype=np.float32, copy=True))
 
 
 def _grid_of(scheme: QuantScheme, scale: np.ndarray, zero_point: np.ndarray):
@@ -221,7 +232,7 @@ class FixedFakeQuantize(FakeQuantize):
 
     def __init__(self, scheme, scale, zero_point, *, init=None):
         super().__init__(scheme, scale, zero_point, init=init)
-        self.register_buffer("scale", torch.as_tensor(np.asarray(scale, np.float32)))
+        self.register_buffer("scale", _owned(scale))
         self.register_buffer("zero_point", self._zero_points(zero_point))
 
     def effective(self, x=None):
@@ -237,7 +248,7 @@ class LSQFakeQuantize(FakeQuantize):
 
     def __init__(self, scheme, scale, zero_point, *, init=None):
         super().__init__(scheme, scale, zero_point, init=init)
-        self.scale = nn.Parameter(torch.as_tensor(np.asarray(scale, np.float32)))
+        self.scale = nn.Parameter(_owned(scale))
         zero_point = self._zero_points(zero_point)
         if self.learn_zero_point and not scheme.symmetric:
             self.zero_point = nn.Parameter(zero_point)
@@ -325,7 +336,7 @@ class DoReFaWeightFakeQuantize(FakeQuantize):
         if self.axis is None:
             amax = amax.reshape(())
         fixed_scale, fixed_zero_point = scheme.qparams(-amax, amax)
-        self.register_buffer("scale", torch.as_tensor(fixed_scale))
+        self.register_buffer("scale", _owned(fixed_scale))
         self.register_buffer("zero_point", self._zero_points(fixed_zero_point))
 
     def _reduce_abs_max(self, w: torch.Tensor) -> torch.Tensor:
@@ -374,11 +385,11 @@ class DSQFakeQuantize(FakeQuantize):
             raise PlanError(f"DSQ temperature alpha={alpha} must be in (0, 1)")
         self.alpha, self.momentum = alpha, momentum
         self.is_weight = init is not None
-        self.register_buffer("scale", torch.as_tensor(np.asarray(scale, np.float32)))
+        self.register_buffer("scale", _owned(scale))
         self.register_buffer("zero_point", self._zero_points(zero_point))
         lo, hi = _grid_of(scheme, scale, zero_point)
-        self.register_buffer("range_low", torch.as_tensor(lo, dtype=torch.float32))
-        self.register_buffer("range_high", torch.as_tensor(hi, dtype=torch.float32))
+        self.register_buffer("range_low", _owned(lo))
+        self.register_buffer("range_high", _owned(hi))
 
     def effective(self, x=None):
         """See :meth:`FakeQuantize.effective`."""

@@ -23,11 +23,19 @@ and the model is scored on held-out data before training (the PTQ start) and aft
 epoch, in torch: top-1 of the first output where there are labels, then the SQNR of the
 outputs against float (mean over outputs, dB). The best state is exported; when no epoch
 beats the start, or the exported graph scores below the PTQ graph in onnxruntime, the PTQ
-model itself is written, so the result is never worse than the PTQ model on the held-out
-data. The held-out data is ``eval_data`` (an ``.npz``; with ``labels`` the report also has
-float, PTQ and QAT top-1), else the last ``holdout`` fraction of the training samples,
-which then are not trained on. The report's ``held_out`` section gives the scores before and
-after, per epoch, the best epoch and whether training improved. The output folder is
+model itself is written (byte for byte what ``qtool calibrate`` writes from the same
+calibration samples: the quantizers copy the PTQ scales, never share them), so the result
+is never worse than the PTQ model on the data that chose it. The held-out data is
+``eval_data`` (an ``.npz``; with ``labels`` the report also has float, PTQ and QAT top-1),
+else the last ``holdout`` fraction of the training samples, which then are not trained on.
+
+The held-out rows are split in two (:data:`SPLIT`): the even rows (0, 2, 4, ...) *select*
+(the best epoch, and QAT or PTQ), the odd rows (1, 3, ...) *report* (the scores and top-1
+of the report), so the numbers reported were not the ones a choice was made on (a choice
+made and measured on the same rows reads better than it is). A single held-out row does
+both, and the report says so. The report's ``held_out`` section gives the PTQ and exported
+scores on the report rows, the same on the selection rows (``selection``), the per-epoch
+selection scores, the best epoch and whether training improved. The output folder is
 written whole or not at all.
 """
 
@@ -52,6 +60,9 @@ LABELS_KEY = "labels"
 #: the QDQ graph would not compute what the 4-bit torch model computes).
 NARROW_OPSET = 21
 REPORT_FILE = "qat_report.json"
+#: How the held-out rows are split between choosing and reporting (module docstring).
+SPLIT = ("even rows (0, 2, ...) choose the best epoch and QAT or PTQ; odd rows (1, 3, ...) "
+         "give the scores reported")
 
 
 @dataclass(frozen=True)
@@ -152,7 +163,8 @@ def qat_model(model: str | os.PathLike, backend: str, data: str | os.PathLike,
              for i in range(min(len(inputs[0]), options.calib_samples))]
     ranges = calibrate(graph, plan.activation_schemes(), calib, method=options.method,
                        progress=False)
-    ptq = quantize(graph, backend, ranges, plan=plan, weight_method=options.weight_method)
+    ptq = quantize(graph, backend, ranges, plan=plan, weight_method=options.weight_method,
+                   activation_method=options.method)
     bn_graph = None
     if options.bn_strategy:
         bn_graph, _ = Pipeline(
@@ -179,8 +191,10 @@ def qat_model(model: str | os.PathLike, backend: str, data: str | os.PathLike,
         batch_size=train_batch, shuffle=True, drop_last=fixed,
         generator=torch.Generator().manual_seed(options.seed),
     )
-    held.reference = run_onnx(graph, held.feeds())
-    keeper = _BestState(qat, held)
+    selection, reported = held.split()
+    selection.reference = run_onnx(graph, selection.feeds())
+    reported.reference = run_onnx(graph, reported.feeds())
+    keeper = _BestState(qat, selection, reported)
     history = fit(qat, loader, loss_fn, epochs=options.epochs, lr=options.lr,
                   optimizer=options.optimizer, weight_decay=options.weight_decay,
                   warmup_epochs=options.warmup_epochs, quant_lr=options.quant_lr,
@@ -201,10 +215,10 @@ def qat_model(model: str | os.PathLike, backend: str, data: str | os.PathLike,
         "epoch_losses": [round(x, 6) for x in history],
         "held_out": choice,
     }
-    if held.labels is not None:
-        feeds = held.feeds()
+    if reported.labels is not None:
+        feeds = reported.feeds()
         report["accuracy"] = {
-            name: accuracy(g, feeds, held.labels)
+            name: accuracy(g, feeds, reported.labels)
             for name, g in (("float", graph), ("ptq", ptq.graph), ("qat", result.graph))
         }
     files[REPORT_FILE] = (json.dumps(report, indent=2) + "\n").encode("utf-8")
@@ -270,6 +284,21 @@ class _HeldOut:
     def feeds(self) -> dict[str, np.ndarray]:
         return dict(zip(self.names, self.inputs, strict=True))
 
+    def split(self) -> tuple[_HeldOut, _HeldOut]:
+        """``(selection rows, report rows)``: the even and the odd rows (:data:`SPLIT`).
+
+        A single row is both.
+        """
+        if len(self.inputs[0]) < 2:
+            return self, self
+
+        def rows(start: int) -> _HeldOut:
+            return _HeldOut(self.names, [a[start::2] for a in self.inputs],
+                            self.labels[start::2] if self.labels is not None else None,
+                            self.source)
+
+        return rows(0), rows(1)
+
     def score(self, outputs: list[np.ndarray]) -> dict[str, float]:
         """``{"accuracy": top-1 (with labels), "sqnr_db": ...}`` of outputs against float."""
         scores = {}
@@ -300,10 +329,10 @@ def _rank(scores: dict[str, float]) -> tuple[float, ...]:
 
 
 class _BestState:
-    """Scores the model on held-out data after each epoch and keeps the best state."""
+    """Scores the model on the selection rows after each epoch and keeps the best state."""
 
-    def __init__(self, model, held: _HeldOut):
-        self.model, self.held = model, held
+    def __init__(self, model, selection: _HeldOut, reported: _HeldOut):
+        self.model, self.selection, self.reported = model, selection, reported
         self.scores = [self._score()]  # epoch 0: the PTQ start
         self.best_epoch, self.best_state = 0, None
 
@@ -312,13 +341,14 @@ class _BestState:
         model.eval()
         batches = []
         with torch.no_grad():
-            size = len(self.held.inputs[0])
+            size = len(self.selection.inputs[0])
             for start in range(0, size, 256):
-                out = model(*(torch.as_tensor(a[start : start + 256]) for a in self.held.inputs))
+                out = model(*(torch.as_tensor(a[start : start + 256])
+                              for a in self.selection.inputs))
                 out = out if isinstance(out, (tuple, list)) else (out,)
                 batches.append([o.detach().cpu().numpy() for o in out])
         outputs = [np.concatenate(parts) for parts in zip(*batches, strict=True)]
-        return self.held.score(outputs)
+        return self.selection.score(outputs)
 
     def update(self, epoch: int, loss: float) -> None:
         """``fit``'s ``on_epoch``: score, and keep the state if it beats the best so far."""
@@ -332,23 +362,33 @@ class _BestState:
         """``(the model to write, the report's held_out section)``."""
         from qtool.qat.export import export
 
-        feeds = self.held.feeds()
-        before = self.held.score(run_onnx(ptq.graph, feeds))
+        feeds = self.selection.feeds()
+        before = self.selection.score(run_onnx(ptq.graph, feeds))
         chosen, after = ptq, before
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
             exported = export(self.model)
-            scores = self.held.score(run_onnx(exported.graph, feeds))
+            scores = self.selection.score(run_onnx(exported.graph, feeds))
             if _rank(scores) > _rank(before):
                 chosen, after = exported, scores
         improved = chosen is not ptq
+        same = self.reported is self.selection
+        reported_feeds = self.reported.feeds()
+        reported_before = self.reported.score(run_onnx(ptq.graph, reported_feeds))
+        reported_after = (self.reported.score(run_onnx(chosen.graph, reported_feeds))
+                          if improved else reported_before)
         return chosen, {
-            "data": self.held.source,
-            "samples": len(self.held.inputs[0]),
-            "ranked_by": ("top-1, then " if self.held.labels is not None else "") +
+            "data": self.selection.source,
+            "samples": len(self.selection.inputs[0]) + (
+                0 if same else len(self.reported.inputs[0])),
+            "split": ("one held-out row: it chose and is reported (no split possible)"
+                      if same else SPLIT),
+            "ranked_by": ("top-1, then " if self.selection.labels is not None else "") +
                          "SQNR of the outputs against float (mean over outputs, dB)",
-            "ptq": before,
-            "qat": after,
+            "ptq": reported_before,
+            "qat": reported_after,
+            "selection": {"samples": len(self.selection.inputs[0]), "ptq": before,
+                          "qat": after},
             "epochs": self.scores,
             "best_epoch": self.best_epoch if improved else 0,
             "improved": improved,
