@@ -19,12 +19,13 @@ that flows between such ops is quantized, which puts a Q after each op's output:
 * activations per tensor, asymmetric uint8 (option ``activations=int8`` for int8: for ARM;
   on x86 onnxruntime shifts int8 activations to uint8 and then fuses only part of the graph).
 
-Option ``reduce_range`` (default True, safe everywhere): weights use 7 bits, levels
--64..63 in int8, as onnxruntime's own quantizer does with ``reduce_range``: on x86 CPUs without
-VNNI, MLAS multiplies u8 x s8 with ``vpmaddubsw``, which sums pairs into a saturating int16,
-and 255 * 64 * 2 = 32640 cannot overflow (255 * 128 * 2 can). Set ``reduce_range=false`` for
-targets with VNNI (avx512_vnni/avx_vnni) or ARM; :func:`cpu_has_vnni` tells whether this
-machine has it.
+Option ``target_cpu`` (``--target-cpu``; ``auto``, the default, reads the CPU qtool runs on,
+:mod:`qtool.cpu`) decides the weights' width: on x86 CPUs without VNNI (``avx2``) MLAS
+multiplies u8 x s8 with ``vpmaddubsw``, which sums pairs into a saturating int16, so weights
+use 7 bits, levels -64..63 in int8, as onnxruntime's quantizer does with ``reduce_range``
+(255 * 64 * 2 = 32640 cannot overflow, 255 * 128 * 2 can). With VNNI/AMX (``vnni``) and on ARM
+(``arm``) nothing saturates and weights keep 8 bits (onnxruntime's own default,
+``reduce_range=False``). Option ``reduce_range=false`` keeps 8 bits even for ``avx2``.
 
 Files: ``model.qdq.onnx`` (run it with onnxruntime's default graph optimizations).
 """
@@ -43,6 +44,7 @@ from qtool.backends.base import (
     qdq_model_file,
 )
 
+from qtool.cpu import VNNI_FLAGS, CpuTarget, cpu_flags, resolve_target
 from qtool.errors import BackendError
 from qtool.scheme import QuantScheme
 
@@ -71,20 +73,33 @@ ACTIVATIONS = {
 
 
 def cpu_has_vnni(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
-    """Whether this x86 CPU has VNNI (None when /proc/cpuinfo cannot be read)."""
-    try:
-        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.partition(":")[2].split())
-    return bool(flags & {"avx512_vnni", "avx_vnni"})
+    """Whether this x86 CPU has VNNI or AMX (None when its flags cannot be read)."""
+    flags = cpu_flags(cpuinfo)
+    return None if flags is None else bool(flags & VNNI_FLAGS)
+
+
+def target_of(backend: Backend) -> CpuTarget:
+    """The CPU the backend's ``target_cpu`` option names (``auto``: this one)."""
+    return resolve_target(backend.options["target_cpu"])
+
+
+def reduces_range(backend: Backend) -> bool:
+    """Whether weights use 7 bits: ``reduce_range`` on and a target that saturates."""
+    return backend.options["reduce_range"] and target_of(backend).saturates
+
+
+def target_note(backend: Backend) -> str:
+    """One line for the summary: the target assumed, the weights it gave, how to change it."""
+    target = target_of(backend)
+    bits = backend.weight_scheme.bits
+    others = [f"--target-cpu {name} ({_DESCRIPTION[name]})"
+              for name in ("vnni", "avx2", "arm") if name != target.name]
+    return (f"target CPU: {target.description}, {target.source()}: {bits}-bit weights; "
+            f"for another CPU pass {' or '.join(others)}")
 
 
 def configure(backend: Backend) -> Backend:
-    """Apply ``reduce_range`` (7-bit weights) and ``activations`` (uint8 or int8)."""
+    """Apply ``target_cpu``/``reduce_range`` (7 or 8-bit weights) and ``activations``."""
     kind = backend.options["activations"]
     if kind not in ACTIVATIONS:
         raise BackendError(
@@ -92,21 +107,26 @@ def configure(backend: Backend) -> Backend:
             f"{', '.join(ACTIVATIONS)}",
             "e.g. --backend-option activations=int8",
         )
-    weights = REDUCED_RANGE_WEIGHTS if backend.options["reduce_range"] else WEIGHTS
+    weights = REDUCED_RANGE_WEIGHTS if reduces_range(backend) else WEIGHTS
     return dataclasses.replace(backend, weight_scheme=weights, activation_scheme=ACTIVATIONS[kind])
 
 
+#: Weights' width per target in notes.
+_DESCRIPTION = {"vnni": "x86 with VNNI/AMX: 8-bit weights", "avx2": "x86 without VNNI: "
+                "7-bit weights", "arm": "ARM: 8-bit weights"}
+
 BACKEND = Backend(
     name="onnxruntime",
-    summary="onnxruntime's CPU integer kernels: per-channel symmetric int8 weights (7-bit by "
-    "default), uint8 activations, a Q/DQ around every kernel onnxruntime fuses",
-    weight_scheme=REDUCED_RANGE_WEIGHTS,
+    summary="onnxruntime's CPU integer kernels: per-channel symmetric int8 weights (7-bit for "
+    "x86 without VNNI), uint8 activations, a Q/DQ around every kernel onnxruntime fuses",
+    weight_scheme=WEIGHTS,
     per_channel_weights=True,
     activation_scheme=ACTIVATIONS["uint8"],
     bias_mode="int32",
     placement=PLACEMENT,
     emitter=qdq_model_file,
     fused_activations=frozenset({"Relu", "Clip"}),
-    options={"reduce_range": True, "activations": "uint8"},
+    options={"target_cpu": "auto", "reduce_range": True, "activations": "uint8"},
     configure=configure,
 )
+BACKEND = configure(BACKEND)  # the default's weights follow this CPU
