@@ -7,13 +7,27 @@ Concat -> QLinearConcat, AveragePool/GlobalAveragePool -> QLinear*, LeakyRelu/Si
 QLinear*, and drops the Q/DQ pairs around data movement (MaxPool, Reshape, Transpose,
 Flatten, Squeeze, Unsqueeze, Slice, Resize, ...) when both sides share one scale. A Relu or
 Clip between an op and its Q is removed when the Q's range starts at 0 (ReluQuantFusion,
-ClipQuantFusion). So, unlike the engines that fuse a placement of their own, every activation
-that flows between such ops is quantized, which puts a Q after each op's output:
+ClipQuantFusion). But a Conv fuses only with a Q on its output: ``DQ -> Conv`` read in float
+runs as a float Conv (and NNCF's ONNX models, which quantize no HardSwish/SiLU input, run most
+of a MobileNetV3/PP-LCNet in float there). onnxruntime has no integer HardSwish or
+HardSigmoid kernel (they run in float between a DQ and a Q).
 
-* every activation input of Conv/ConvTranspose/Gemm/MatMul and of every op above, pass-through
-  ops included (they share their input's scale, as the drop rules require);
-* Relu and Clip run fused (no Q/DQ of their own); LeakyRelu, Sigmoid, HardSigmoid and
-  HardSwish get quantized inputs (onnxruntime has QLinear kernels for them);
+Placements (option ``placement``):
+
+* ``kernels`` (default): the inputs and the output of every Conv/ConvTranspose/Gemm/MatMul
+  (after the Relu/Clip fused into it), nothing else. Every weighted op is an integer kernel,
+  and an Add, Mul, Concat or pooling between such ops fuses too, since its neighbours are
+  quantized anyway; where the op is read in float (the inside of a decomposed HardSwish,
+  an SE block's gate, a Concat into a Sigmoid head or a graph output) nothing is quantized
+  that no kernel needs, so no noise is added that buys no speed. A Concat ties its inputs'
+  scales only when its output is quantized (QLinearConcat); read in float, each input keeps
+  its own (0-1 scores beside 0-320 boxes do not collapse).
+* ``all``: the placement of qtool 0.x: every activation input of the weighted ops, of Add,
+  Mul, Concat, AveragePool/GlobalAveragePool, LeakyRelu, Sigmoid, HardSigmoid, HardSwish and
+  of the pass-through ops (they share their input's scale, as the drop rules require).
+
+In both, Relu and Clip run fused (no Q/DQ of their own), and:
+
 * weights per output channel, symmetric int8; int32 biases with ``s_in * s_w`` (what
   QLinearConv and QGemm take);
 * activations per tensor, asymmetric uint8 (option ``activations=int8`` for int8: for ARM;
@@ -54,7 +68,8 @@ KERNEL_OPS = frozenset(
      "HardSigmoid", "HardSwish"}
 )
 
-PLACEMENT = Placement(
+#: ``placement=all``: every input onnxruntime can fuse (MQBench graph 3).
+PLACEMENT_ALL = Placement(
     graph=3,
     weighted_ops=WEIGHTED_OPS,
     activation_ops=KERNEL_OPS | frozenset(PASS_THROUGH_OPS) | SHARING_OPS,
@@ -63,6 +78,10 @@ PLACEMENT = Placement(
     # the default optimizations (issue 21); a cubic Resize stays float.
     activation_attributes={"Resize": {"mode": frozenset({"nearest", "linear"})}},
 )
+#: ``placement=kernels`` (default): the inputs and outputs of the weighted ops only.
+PLACEMENT = Placement(graph=1, weighted_ops=WEIGHTED_OPS, quantize_weighted_outputs=True,
+                      kernel_ops=KERNEL_OPS - {"HardSigmoid", "HardSwish"})
+PLACEMENTS = {"kernels": PLACEMENT, "all": PLACEMENT_ALL}
 
 WEIGHTS = QuantScheme(bits=8, signed=True, symmetric=True)
 REDUCED_RANGE_WEIGHTS = QuantScheme(bits=7, signed=True, symmetric=True)
@@ -99,7 +118,7 @@ def target_note(backend: Backend) -> str:
 
 
 def configure(backend: Backend) -> Backend:
-    """Apply ``target_cpu``/``reduce_range`` (7 or 8-bit weights) and ``activations``."""
+    """Apply the options: weights' width, activations' type, placement."""
     kind = backend.options["activations"]
     if kind not in ACTIVATIONS:
         raise BackendError(
@@ -107,8 +126,16 @@ def configure(backend: Backend) -> Backend:
             f"{', '.join(ACTIVATIONS)}",
             "e.g. --backend-option activations=int8",
         )
+    placement = backend.options["placement"]
+    if placement not in PLACEMENTS:
+        raise BackendError(
+            f"backend onnxruntime: placement={placement!r} is not one of "
+            f"{', '.join(PLACEMENTS)}",
+            "e.g. --backend-option placement=all for a Q/DQ around every kernel onnxruntime has",
+        )
     weights = REDUCED_RANGE_WEIGHTS if reduces_range(backend) else WEIGHTS
-    return dataclasses.replace(backend, weight_scheme=weights, activation_scheme=ACTIVATIONS[kind])
+    return dataclasses.replace(backend, weight_scheme=weights, activation_scheme=ACTIVATIONS[kind],
+                               placement=PLACEMENTS[placement])
 
 
 #: Weights' width per target in notes.
@@ -118,7 +145,7 @@ _DESCRIPTION = {"vnni": "x86 with VNNI/AMX: 8-bit weights", "avx2": "x86 without
 BACKEND = Backend(
     name="onnxruntime",
     summary="onnxruntime's CPU integer kernels: per-channel symmetric int8 weights (7-bit for "
-    "x86 without VNNI), uint8 activations, a Q/DQ around every kernel onnxruntime fuses",
+    "x86 without VNNI), uint8 activations, Q/DQ on the inputs and outputs of Conv/Gemm/MatMul",
     weight_scheme=WEIGHTS,
     per_channel_weights=True,
     activation_scheme=ACTIVATIONS["uint8"],
@@ -126,7 +153,8 @@ BACKEND = Backend(
     placement=PLACEMENT,
     emitter=qdq_model_file,
     fused_activations=frozenset({"Relu", "Clip"}),
-    options={"target_cpu": "auto", "reduce_range": True, "activations": "uint8"},
+    options={"target_cpu": "auto", "reduce_range": True, "activations": "uint8",
+             "placement": "kernels"},
     configure=configure,
 )
 BACKEND = configure(BACKEND)  # the default's weights follow this CPU

@@ -134,7 +134,7 @@ def test_report_measures_the_kernels(tmp_path, monkeypatch):
     assert report["ort_kernels"]["saturation_risk_without_vnni"] is False
     assert not any("onnxruntime's" in w for w in report["warnings"])
     assert report["backend_options"] == {"target_cpu": "auto", "reduce_range": True,
-                                         "activations": "uint8"}
+                                         "activations": "uint8", "placement": "kernels"}
 
 
 def _saturated_pairs(result, val) -> int:
