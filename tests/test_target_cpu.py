@@ -18,8 +18,8 @@ from onnx import numpy_helper
 from qdq_helpers import EXAMPLES
 from qtool.backends import get_backend
 from qtool.backends.onnxruntime import target_note
-
 from qtool.cli import main
+
 from qtool.cpu import cpu_flags, detect, resolve_target
 from qtool.errors import BackendError
 
