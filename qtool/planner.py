@@ -286,6 +286,10 @@ def build_plan(
     if placement.quantize_weighted_outputs and placement.kernel_ops:
         _fuse_kernel_chains(nodes, consumers, backend, act_consumers, order, is_activation,
                             set(sensitive) | set(float_nodes) - _kernel_names(nodes, placement))
+    if placement.quantize_weighted_outputs:  # a node reading a quantized output is not float
+        for readers in act_consumers.values():
+            for reader in readers:
+                float_nodes.pop(reader, None)
     shared_nodes = nodes
     if placement.quantize_weighted_outputs:  # a Concat read in float keeps its inputs' scales
         shared_nodes = [n for n in nodes if n.op not in backend.sharing_ops
