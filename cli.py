@@ -271,6 +271,11 @@ def main() -> None:
 @click.option("--backend-option", "backend_options", multiple=True, metavar="KEY=VALUE",
               help="A backend option, e.g. reduce_range=false (fbgemm, onnxruntime), "
                    "activations=int8 (onnxruntime), version=10000 (tensorrt). Repeatable.")
+@click.option("--target-cpu", default="auto", show_default=True,
+              type=click.Choice(["auto", "vnni", "amx", "avx2", "arm"]),
+              help="The CPU the model is made for: vnni (x86 with VNNI/AMX), avx2 (x86 "
+                   "without VNNI: the onnxruntime backend gives 7-bit weights there), arm; "
+                   "auto: this CPU. The summary notes the target assumed.")
 @click.option("--data", "data_path", type=EXISTING_PATH,
               help="Calibration data: .npz/.npy or an image folder. Without it: random inputs "
                    "(smoke tests only, the ranges are unfit for deployment).")
@@ -365,8 +370,8 @@ def main() -> None:
 @_quiet_option
 @debug_option
 @click.pass_context
-def calibrate(ctx, model, backend, backend_options, data_path, eval_path, method, weight_method,
-              num_samples, batch_size, bits, weight_bits, act_bits, skip, plan_path,
+def calibrate(ctx, model, backend, backend_options, target_cpu, data_path, eval_path, method,
+              weight_method, num_samples, batch_size, bits, weight_bits, act_bits, skip, plan_path,
               save_plan_path, workers, executor, seed, output, force, layerwise, sensitivity,
               target_sqnr, max_accuracy_drop, task, task_options, task_decoder, cle,
               bias_correction, fail_under_sqnr, adaround, adaround_iters, analysis_level,
@@ -402,7 +407,7 @@ def calibrate(ctx, model, backend, backend_options, data_path, eval_path, method
         max_accuracy_drop=max_accuracy_drop, providers=provider,
         task=task, task_options=tuple(task_options), task_decoder=task_decoder,
         preprocess=_preprocessing(preprocess_file, **image_flags),
-        backend_options=tuple(backend_options),
+        backend_options=tuple(backend_options), target_cpu=target_cpu,
         adaround=adaround, adaround_iters=adaround_iters,
         cle=cle, bias_correction=bias_correction, fail_under_sqnr=fail_under_sqnr,
         input_axes=input_axes,

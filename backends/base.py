@@ -98,6 +98,19 @@ class Placement:
             quantized after the activation. See :func:`qtool.planner.build_plan`.
         activation_attributes: ``activation_ops`` whose kernel takes only some attribute
             values: op -> attribute -> allowed values (see :meth:`runs_quantized`).
+        quantize_weighted_outputs: Also quantize the output of every weighted op (after the
+            Relu/Clip fused into it), read quantized by all its readers: onnxruntime fuses
+            ``DQ -> Conv -> Q`` into QLinearConv only with that Q, so this keeps every
+            weighted op an integer kernel while ``activation_ops`` stays empty (no Q/DQ of
+            their own on Add, Mul, HardSwish, ...; those fuse where their neighbours are
+            quantized anyway). A sharing op (Concat) then ties its inputs' scales only when
+            its output is quantized.
+        kernel_ops: With ``quantize_weighted_outputs``: ops the engine runs as integer kernels
+            when their inputs and output are quantized (onnxruntime's QLinearSigmoid,
+            QLinearMul, ...). One whose output is quantized gets its inputs quantized too
+            when each is quantized already or is the output of such an op whose own inputs
+            are (SiLU's ``x * Sigmoid(x)`` after a Conv): the chain runs in integers, as
+            fast as the engine goes, with no Q/DQ where the op is read in float.
     """
 
     graph: int
@@ -110,6 +123,8 @@ class Placement:
     activation_attributes: Mapping[str, Mapping[str, frozenset]] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    quantize_weighted_outputs: bool = False
+    kernel_ops: frozenset[str] = frozenset()
 
     def runs_quantized(self, op: str, attrs: Mapping[str, Any]) -> bool:
         """Whether an ``activation_ops`` node with ``attrs`` gets quantized inputs.

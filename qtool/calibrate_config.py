@@ -193,6 +193,18 @@ def _observer_names(auto: bool) -> Callable[[], list[str]]:
     return names
 
 
+def _cpu_targets():
+    from qtool.cpu import TARGETS
+
+    return TARGETS
+
+
+def _cpu_aliases():
+    from qtool.cpu import ALIASES
+
+    return ALIASES
+
+
 def _backend_names():
     from qtool.backends import backend_names
 
@@ -291,6 +303,8 @@ KEYS: dict[str, Key] = {
     "adaround": Key(_adaround, "learned rounding: true, or {iterations: N}"),
     "analysis": Key(_sets("analysis", read=_choice(_analysis_levels)), "none|summary|full"),
     "kernel_check": Key(_sets("kernel_check", read=_boolean), "onnxruntime kernel check"),
+    "target_cpu": Key(_sets("target_cpu", read=_choice(_cpu_targets, _cpu_aliases())),
+                      "auto|vnni|avx2|arm: the CPU the model is made for"),
     "memory_budget": Key(_sets("memory_budget", read=_integer(1), convert=lambda mb: mb * MB),
                          "MB of observed tensors per run"),
     "providers": Key(_sets("providers", read=_providers), "onnxruntime execution providers"),

@@ -59,6 +59,9 @@ class CalibrateOptions:
             ``"cuda,cpu"``); None: the CPU.
         backend_options: The backend's options, ``{"reduce_range": False}`` or
             ``("reduce_range=false", ...)`` (``--backend-option``); unknown keys are an error.
+        target_cpu: The CPU the model is made for (``--target-cpu``: ``auto``, ``vnni``,
+            ``avx2``, ``arm``; :mod:`qtool.cpu`): the onnxruntime backend's weight width and
+            the kernel check's overflow warning follow it; ``auto`` reads this CPU.
         kernel_check: Also run the QDQ model in onnxruntime's integer kernels (default
             optimizations) on a few evaluation samples and report how far they are from the
             simulation (:mod:`qtool.analysis.kernels`); not with ``analysis="none"``.
@@ -112,6 +115,7 @@ class CalibrateOptions:
     preprocess: Any = None
     providers: str | tuple[str, ...] | None = None
     backend_options: Mapping[str, Any] | tuple[str, ...] = ()
+    target_cpu: str = "auto"
     kernel_check: bool = True
     adaround: bool = False
     adaround_iters: int = 200

@@ -208,6 +208,12 @@ def build_plan(
             inputs = [t for t in node.inputs[:2] if is_activation(t)]
             for tensor in inputs:
                 quantize_input(tensor, node)
+            if placement.quantize_weighted_outputs:
+                output = _kernel_output(node, consumers, backend, graph_outputs)
+                if output is not None and is_activation(output):
+                    for reader, _ in consumers.get(output.name, ()):
+                        if reader.op not in SHAPE_SOURCES and reader.name not in sensitive:
+                            quantize_input(output, reader)
             if weight is not None:
                 entry = weights.get(weight.name)
                 if entry is None:
@@ -277,7 +283,18 @@ def build_plan(
                                                kept_float=set(sensitive))
         order = _converter_order(graph, act_consumers, set(weights) | set(biases))
 
-    groups = _sharing_groups(nodes, backend, shape, constant)
+    if placement.quantize_weighted_outputs and placement.kernel_ops:
+        _fuse_kernel_chains(nodes, consumers, backend, act_consumers, order, is_activation,
+                            set(sensitive) | set(float_nodes) - _kernel_names(nodes, placement))
+    if placement.quantize_weighted_outputs:  # a node reading a quantized output is not float
+        for readers in act_consumers.values():
+            for reader in readers:
+                float_nodes.pop(reader, None)
+    shared_nodes = nodes
+    if placement.quantize_weighted_outputs:  # a Concat read in float keeps its inputs' scales
+        shared_nodes = [n for n in nodes if n.op not in backend.sharing_ops
+                        or all(o.name in act_consumers for o in n.outputs)]
+    groups = _sharing_groups(shared_nodes, backend, shape, constant)
     group_ids = _group_ids(order, act_consumers, groups)
     tensors: dict[str, TensorPlan] = {}
     for name in order:
@@ -358,6 +375,82 @@ def _converter_activations(
             if not fused and (not only_float_readers or tensor.name in graph_outputs):
                 encoded[tensor.name] = readers(tensor.name)
     return encoded
+
+
+def _kernel_output(node: gs.Node, consumers, backend, graph_outputs: set[str]):
+    """A weighted op's output as its integer kernel writes it.
+
+    That is the output of the Relu/Clip that is its only reader (fused into it), else its own.
+    """
+    if not node.outputs:
+        return None
+    output = node.outputs[0]
+    uses = consumers.get(output.name, ())
+    if (output.name not in graph_outputs and len(uses) == 1
+            and uses[0][0].op in backend.fused_activations and uses[0][0].outputs):
+        return uses[0][0].outputs[0]
+    return output
+
+
+def _kernel_names(nodes, placement) -> set[str]:
+    return {n.name for n in nodes if n.op in placement.kernel_ops}
+
+
+def _fuse_kernel_chains(nodes, consumers, backend, act_consumers: dict[str, list[str]],
+                        order: list[str], is_activation, kept_float: set[str]) -> None:
+    """Quantize the inputs of kernel ops whose output is quantized, where that fuses them.
+
+    Data-movement ops count as kernels (onnxruntime drops their Q/DQ pairs). Run to a
+    fixed point; see :attr:`qtool.backends.base.Placement.kernel_ops`. A node of
+    ``kept_float`` (numerically sensitive) is never fused.
+    """
+    producer = {o.name: n for n in nodes for o in n.outputs}
+
+    def is_kernel(node) -> bool:  # data movement keeps the integers (onnxruntime drops Q/DQ)
+        return (node.op in backend.placement.kernel_ops
+                or backend.passes_scale_through(node.op, node.attrs))
+
+    def inputs(node):
+        return [t for t in node.inputs if is_activation(t)]
+
+    def output_quantized(node) -> bool:
+        outs = [o for o in node.outputs if is_activation(o)]
+        for out in outs:
+            uses = consumers.get(out.name, ())
+            if len(uses) == 1 and uses[0][0].op in backend.fused_activations:
+                out = uses[0][0].outputs[0]
+            if out.name not in act_consumers:
+                return False
+        return bool(outs)
+
+    def fusable_input(tensor) -> bool:
+        if tensor.name in act_consumers:
+            return True
+        node = producer.get(tensor.name)
+        return (node is not None and is_kernel(node) and node.name not in kept_float
+                and bool(inputs(node)) and all(t.name in act_consumers for t in inputs(node)))
+
+    changed = True
+    while changed:
+        changed = False
+        for node in nodes:
+            if not is_kernel(node) or node.name in kept_float or not output_quantized(node):
+                continue
+            todo = [t for t in inputs(node) if node.name not in act_consumers.get(t.name, ())]
+            if not todo or not all(fusable_input(t) for t in inputs(node)):
+                continue
+            for tensor in todo:
+                if tensor.name not in act_consumers:
+                    order.append(tensor.name)
+                    # every reader takes the quantized value, as a kernel's output Q gives it
+                    act_consumers[tensor.name] = []
+                    for reader, _ in consumers.get(tensor.name, ()):
+                        if reader.op not in SHAPE_SOURCES and reader.name not in act_consumers[
+                                tensor.name]:
+                            act_consumers[tensor.name].append(reader.name)
+                elif node.name not in act_consumers[tensor.name]:
+                    act_consumers[tensor.name].append(node.name)
+            changed = True
 
 
 def _converter_order(

@@ -137,7 +137,7 @@ def calibrate_to_folder(
     if save_plan is not None:
         refuse_existing_file(save_plan, force=force, inputs=[model])
         graph, _ = prepare(float_input(load(model), requantize=options.requantize))
-        plan = _build_plan(graph, backend_rules(backend, options.backend_options), options)
+        plan = _build_plan(graph, _target_rules(backend, options), options)
         atomic_write_text(save_plan, plan.to_json())
         return CalibrationRun(Path(save_plan))
     from qtool import progress
@@ -207,7 +207,7 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
         graph, pass_reports = prepare(loaded)
         calib_data, eval_samples, eval_path, judged_on = _split_data(graph, options)
         remember_examples(calib_data)
-    rules = backend_rules(backend, options.backend_options)
+    rules = _target_rules(backend, options)
     if options.bias_correction:
         from qtool.passes.unshare import unshare_layer_constants
 
@@ -348,15 +348,19 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
         report["calibration"]["preprocessing"] = preprocessing
     report["backend_options"] = dict(rules.options)
     report["warnings"] += result.warnings
+    report["notes"] = _target_notes(rules)
     if options.kernel_check and options.analysis != "none":
         from qtool.analysis.kernels import check_kernels
+        from qtool.cpu import resolve_target
 
         kernels = check_kernels(
             result.graph, load(model),
             labelled_batches(eval_samples, eval_path, options.batch_size), rules,
+            target=resolve_target(rules.options.get("target_cpu", options.target_cpu)),
         )
         report["ort_kernels"] = kernels.to_dict()
         report["warnings"] += kernels.warnings(rules.name) + kernels.failure_warnings()
+        report["notes"] += kernels.notes(rules.name)
         report["kernel_failure"] = kernels.failure(rules.name)
     if rounding is not None:
         report["adaround"] = {"iterations": options.adaround_iters,
@@ -735,6 +739,28 @@ def backend_rules(backend, backend_options: Mapping[str, Any] | tuple[str, ...] 
     if not backend_options:
         return rules
     return rules.with_options(**rules.parse_options(backend_options))
+
+
+def _target_rules(backend, options: CalibrateOptions):
+    """:func:`backend_rules` with ``--target-cpu`` given to a backend that has the option."""
+    rules = backend_rules(backend, options.backend_options)
+    if "target_cpu" in rules.options:  # configured again: ``auto`` reads the CPU now
+        named = options.target_cpu if options.target_cpu != "auto" else None
+        rules = rules.with_options(target_cpu=named or rules.options["target_cpu"])
+    elif options.target_cpu != "auto":
+        from qtool.cpu import resolve_target
+
+        resolve_target(options.target_cpu)  # a wrong name fails before any work
+    return rules
+
+
+def _target_notes(rules) -> list[str]:
+    """The summary's note on the CPU a backend with a ``target_cpu`` option was made for."""
+    if "target_cpu" not in rules.options:
+        return []
+    from qtool.backends.onnxruntime import target_note
+
+    return [target_note(rules)]
 
 
 def _build_plan(graph: gs.Graph, backend, options: CalibrateOptions):

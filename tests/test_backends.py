@@ -82,9 +82,12 @@ RESNET_COUNTS = {
     "tvm": (10, 24),
     "snpe": (11, 18),
     "fbgemm": (10, 17),
-    # graph 3's 10 activations, the Flatten output read by the Gemm too (it has an integer
-    # kernel path: QGemm), 7 weights and 7 int32 biases
-    "onnxruntime": (11, 25),
+    # placement kernels: the inputs and outputs of the 7 weighted ops, 9 activations (input,
+    # the stem's Relu, a.1's Relu, down's and a.2's conv outputs, the first Add's Relu, b.1's
+    # Relu, b.2's conv output, the Flatten read by the Gemm; the last Add is read in float:
+    # its output feeds only the pooling, which no kernel needs quantized), 7 weights and 7
+    # int32 biases
+    "onnxruntime": (9, 23),
 }
 
 #: What each backend's integers look like.
@@ -133,7 +136,7 @@ def test_registry_names_alias_and_errors():
     assert get_backend("fbgemm", reduce_range=False).activation_scheme.qmax == 255
     graphs = {name: get_backend(name).placement_graph for name in backend_names()}
     assert graphs == {"academic": 1, "tensorrt": 2, "acl": 1, "tvm": 3, "snpe": 3, "qnn": 3,
-                      "fbgemm": 3, "onnxruntime": 3, "openvino": 3}
+                      "fbgemm": 3, "onnxruntime": 1, "openvino": 3}
 
 
 def test_backend_options_read_from_text():
@@ -194,14 +197,79 @@ def _expected_inputs(model, backend, node: gs.Node, shape: set[str]) -> list[int
             return TRT_ADD_INPUTS[(model, node.name)]
         return []
     if backend == "onnxruntime":
-        if node.op not in ORT_OPS:
-            return []
-        return [i for i in variable
-                if node.inputs[i].name not in shape and node.inputs[i].dtype in (np.float32, None)
-                and node.inputs[i].name]
+        quantized = _ort_kernel_tensors(model, shape)
+        return [i for i in variable if node.name in quantized.get(node.inputs[i].name, ())]
     if rules.placement_graph == 3 and node.op in GRAPH_3_ACTIVATION_OPS:
         return variable
     return []
+
+
+def _ort_kernel_tensors(model: str, shape: set[str]) -> dict[str, set[str]]:
+    """onnxruntime (placement ``kernels``): tensor -> the nodes that read it quantized.
+
+    The weighted ops read their inputs quantized; a weighted op's output (after a Relu/Clip
+    that alone reads it) is read quantized by every reader. Then, to a fixed point, a kernel
+    op or data movement whose output is quantized reads its inputs quantized when each is
+    quantized already or is the output of such an op whose own inputs are (the chain fuses);
+    a tensor it quantizes so is read quantized by every reader.
+    """
+    graph = prepared(model)
+    readers: dict[str, list[gs.Node]] = {}
+    for node in graph.nodes:
+        for t in node.inputs:
+            readers.setdefault(t.name, []).append(node)
+
+    def data(t) -> bool:
+        return (bool(t.name) and not isinstance(t, gs.Constant) and t.name not in shape
+                and t.dtype in (np.float32, None))
+
+    def kernel_output(t):
+        uses = readers.get(t.name, [])
+        if len(uses) == 1 and uses[0].op in ("Relu", "Clip") and t not in graph.outputs:
+            return uses[0].outputs[0]
+        return t
+
+    quantized: dict[str, set[str]] = {}
+    for node in graph.nodes:
+        if node.op in WEIGHTED:
+            for t in node.inputs[:2]:
+                if data(t):
+                    quantized.setdefault(t.name, set()).add(node.name)
+            out = kernel_output(node.outputs[0])
+            if readers.get(out.name):
+                quantized.setdefault(out.name, set()).update(n.name for n in readers[out.name])
+    kernels = ORT_OPS - {"HardSigmoid", "HardSwish", "Sum"}
+
+    def is_kernel(n) -> bool:
+        return n.op in kernels and (n.op != "Resize" or n.attrs.get("mode", "nearest") in (
+            "nearest", b"nearest"))
+
+    def fusable(t) -> bool:
+        if t.name in quantized:
+            return True
+        producer = t.inputs[0] if t.inputs else None
+        ins = [i for i in producer.inputs if data(i)] if producer is not None else []
+        return producer is not None and is_kernel(producer) and bool(ins) and all(
+            i.name in quantized for i in ins)
+
+    grown = True
+    while grown:
+        grown = False
+        for node in graph.nodes:
+            outs = [kernel_output(o) for o in node.outputs if data(o)]
+            ins = [t for t in node.inputs if data(t)]
+            if (not is_kernel(node) or not outs or not ins
+                    or not all(o.name in quantized for o in outs)
+                    or all(node.name in quantized.get(t.name, ()) for t in ins)
+                    or not all(map(fusable, ins))):
+                continue
+            for t in ins:
+                if t.name in quantized:
+                    quantized[t.name].add(node.name)
+                else:
+                    quantized[t.name] = {n.name for n in readers[t.name]}
+            grown = True
+    return quantized
 
 
 def _converter_encodes(tensor: gs.Tensor, rules, shape: set[str]) -> bool:
@@ -266,7 +334,9 @@ def test_float_nodes_say_why(backend):
         assert plan.float_nodes["/MatMul"] == (
             "MatMul without a constant weight: acl quantizes only layers with weights"
         )
-    if get_backend(backend).placement_graph == 1:
+    if get_backend(backend).placement.quantize_weighted_outputs:
+        assert "/Add" not in plan.float_nodes  # it reads the MatMul's quantized output
+    elif get_backend(backend).placement_graph == 1:
         assert "/Add" in plan.float_nodes
     else:
         assert "/Add" not in plan.float_nodes
@@ -290,6 +360,9 @@ def test_concat_inputs_share_one_scale_in_the_model(backend):
             assert all(m in quantizers for m in members[:-1])
         if q_nodes:
             with_quantized_member += 1
+            if (get_backend(backend).placement.quantize_weighted_outputs
+                    and members[-1] not in quantizers):
+                continue  # onnxruntime reads this Concat in float: each input its own scale
             # Exactly one scale and one zero point initializer for all of them.
             assert len({q.inputs[1].name for q in q_nodes}) == 1
             assert len({q.inputs[2].name for q in q_nodes}) == 1

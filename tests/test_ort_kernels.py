@@ -105,7 +105,9 @@ def test_saturation_rule_follows_the_pair_sum():
         ("academic", ()): True, ("tensorrt", ()): True, ("acl", ()): True, ("tvm", ()): True,
         ("snpe", ()): False,  # uint8 weights: u8 x u8 kernels, widened without saturation
         ("fbgemm", ()): False, ("fbgemm", (("reduce_range", False),)): True,
-        ("onnxruntime", ()): False, ("onnxruntime", (("reduce_range", False),)): True,
+        ("onnxruntime", (("target_cpu", "avx2"),)): False,
+        ("onnxruntime", (("target_cpu", "vnni"),)): True,
+        ("onnxruntime", (("target_cpu", "avx2"), ("reduce_range", False))): True,
     }
     for (name, options), risky in expected.items():
         rules = get_backend(name, **dict(options))
@@ -115,10 +117,12 @@ def test_saturation_rule_follows_the_pair_sum():
     assert pair_max(get_backend("fbgemm")) == 2 * 127 * 128  # 32512: fits
 
 
-def test_report_measures_the_kernels(tmp_path):
-    """The run's report compares simulation and kernels and flags the risky schemes."""
+def test_report_measures_the_kernels(tmp_path, monkeypatch):
+    """The run's report compares simulation and kernels and flags the risky schemes (on a
+    CPU without VNNI, injected: the test machine's own flags do not matter)."""
     from qtool.workflow import CalibrateOptions, quantize_model
 
+    monkeypatch.setenv("QTOOL_CPU_FLAGS", "sse4_2 avx2 fma")
     options = CalibrateOptions(data=str(EXAMPLES / "digits_calib.npz"), num_samples=64,
                                eval_data=str(EXAMPLES / "digits_val.npz"))
     _, report = quantize_model(EXAMPLES / "digits_cnn.onnx", "tensorrt", options)
@@ -129,7 +133,8 @@ def test_report_measures_the_kernels(tmp_path):
     _, report = quantize_model(EXAMPLES / "digits_cnn.onnx", "onnxruntime", options)
     assert report["ort_kernels"]["saturation_risk_without_vnni"] is False
     assert not any("onnxruntime's" in w for w in report["warnings"])
-    assert report["backend_options"] == {"reduce_range": True, "activations": "uint8"}
+    assert report["backend_options"] == {"target_cpu": "auto", "reduce_range": True,
+                                         "activations": "uint8", "placement": "kernels"}
 
 
 def _saturated_pairs(result, val) -> int:
@@ -176,12 +181,13 @@ def _saturated_pairs(result, val) -> int:
 
 @pytest.mark.parametrize("backend, options", [
     ("tensorrt", {}), ("academic", {}), ("fbgemm", {"reduce_range": False}),
-    ("fbgemm", {}), ("onnxruntime", {}),
+    ("fbgemm", {}), ("onnxruntime", {"target_cpu": "avx2"}),
+    ("onnxruntime", {"target_cpu": "vnni"}),
 ])
 def test_saturation_is_real_on_the_digits_model(backend, options):
     """The rule's risk is not hypothetical: on the digits CNN's real integer activations the
     8-bit x 8-bit schemes give int16 pair sums that overflow (their non-VNNI kernels clip),
-    and the 7-bit schemes (fbgemm's and onnxruntime's defaults) never do."""
+    and the 7-bit schemes (fbgemm's default, onnxruntime's for x86 without VNNI) never do."""
     calib, val = _data()
     rules = get_backend(backend, **options)
     graph = prepared("digits")

@@ -10,7 +10,10 @@ for 8-bit activations and 8-bit weights (255 * 127 * 2 = 64770). Hence two check
 
 * **measured**: the output SQNR against the float model, simulated and in the kernels, on the
   first ``max_samples`` evaluation samples (this CPU; a loss over ``MAX_LOSS_DB`` warns);
-* **rule**: :func:`saturation_risk` from the backend's schemes (any x86 CPU without VNNI).
+* **rule**: :func:`saturation_risk` from the backend's schemes (any x86 CPU without VNNI). It
+  warns only where the model is made for such a CPU: the target (:mod:`qtool.cpu`) is the
+  ``onnxruntime`` backend's ``target_cpu`` option, else ``--target-cpu``, else the CPU qtool
+  runs on. On a target with VNNI/AMX or on ARM it is a one-line note about other CPUs.
 
 A QDQ model that onnxruntime cannot load or run with its default optimizations (a cubic
 Resize that its uint8 kernel refuses, ...) is a WARNING naming the error, and, on the
@@ -33,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from qtool.cpu import CpuTarget, resolve_target
+
 #: A kernel run losing more than this (dB) against the simulation is reported.
 MAX_LOSS_DB = 1.0
 _INT16_MAX = 32767
@@ -51,6 +56,7 @@ class KernelCheck:
         error: Why onnxruntime could not load or run the model (with its default
             optimizations, or at all), or None.
         openvino: The OpenVINO CPU run (None: openvino is not installed).
+        target: The CPU the model is made for (None: unknown, judged as x86 without VNNI).
     """
 
     samples: int
@@ -60,6 +66,12 @@ class KernelCheck:
     vnni: bool | None
     error: str | None = None
     openvino: OpenVinoCheck | None = None
+    target: CpuTarget | None = None
+
+    @property
+    def saturates_on_target(self) -> bool:
+        """The schemes overflow ``vpmaddubsw`` and the target CPU multiplies with it."""
+        return self.saturation_risk and (self.target is None or self.target.saturates)
 
     @property
     def loss_db(self) -> float | None:
@@ -83,13 +95,29 @@ class KernelCheck:
                 f"{_db(self.simulated_sqnr_db)}: model.qdq.onnx does not hold in onnxruntime "
                 "on this CPU (use --backend onnxruntime, or reduce_range)"
             )
-        if self.saturation_risk:
+        if self.saturates_on_target:
+            where = "" if self.target is None else (
+                f" (the target CPU, {self.target.source()})")
             lines.append(
                 f"{backend}'s 8-bit activations x 8-bit weights overflow onnxruntime's u8 x s8 "
-                "kernels on x86 CPUs without VNNI: run model.qdq.onnx there with "
-                "optimizations off, or quantize with --backend onnxruntime"
+                f"kernels on x86 CPUs without VNNI{where}: run model.qdq.onnx there with "
+                f"optimizations off, or {_cure(backend)}"
             )
         return lines
+
+    def notes(self, backend: str) -> list[str]:
+        """Report notes: the overflow rule where the target CPU is safe from it.
+
+        The onnxruntime backend's own note names its target and weights instead.
+        """
+        if not self.saturation_risk or self.saturates_on_target or backend == "onnxruntime":
+            return []
+        return [
+            f"no u8 x s8 overflow on the target CPU ({self.target.description}, "
+            f"{self.target.source()}); on x86 CPUs without VNNI {backend}'s 8-bit weights "
+            f"would overflow onnxruntime's kernels: for those, {_cure(backend)} "
+            "(--target-cpu avx2)"
+        ]
 
     def failure_warnings(self) -> list[str]:
         """Report lines for an engine that could not load or run the QDQ model."""
@@ -125,6 +153,7 @@ class KernelCheck:
             "loss_db": _round(self.loss_db),
             "saturation_risk_without_vnni": self.saturation_risk,
             "cpu_vnni": self.vnni,
+            "target_cpu": None if self.target is None else self.target.name,
             "error": self.error,
             "openvino": None if self.openvino is None else self.openvino.to_dict(),
         }
@@ -197,6 +226,7 @@ def check_kernels(
     batches: Iterable[Mapping[str, np.ndarray]],
     backend,
     max_samples: int = 64,
+    target: CpuTarget | None = None,
 ) -> KernelCheck:
     """Run the QDQ model with optimizations off and on, and the float model, on a few samples.
 
@@ -206,6 +236,8 @@ def check_kernels(
         batches: Feed dicts (extra keys such as ``labels`` are ignored).
         backend: The :class:`qtool.backends.base.Backend` the model was made for.
         max_samples: Stop after this many rows.
+        target: The CPU the model is made for (None: the backend's ``target_cpu`` option,
+            else this CPU).
 
     Returns:
         The :class:`KernelCheck` (``samples == 0`` and ``error`` set if a session failed).
@@ -213,10 +245,12 @@ def check_kernels(
     from qtool.backends.onnxruntime import cpu_has_vnni
 
     risk, vnni = saturation_risk(backend), cpu_has_vnni()
+    if target is None:
+        target = resolve_target(backend.options.get("target_cpu", "auto"))
     try:
         reference, simulated = _session(float_model, False), _session(quant_model, False)
     except Exception as exc:  # onnxruntime raises its own exception types
-        return KernelCheck(0, None, None, risk, vnni, _first_line(exc))
+        return KernelCheck(0, None, None, risk, vnni, _first_line(exc), target=target)
     error = None
     try:
         kernels = _session(quant_model, True)
@@ -233,7 +267,7 @@ def check_kernels(
             expected = reference.run(None, feeds)
             runs = {"simulated": simulated.run(None, feeds)}
         except Exception as exc:  # onnxruntime raises its own exception types
-            return KernelCheck(0, None, None, risk, vnni, _first_line(exc))
+            return KernelCheck(0, None, None, risk, vnni, _first_line(exc), target=target)
         if kernels is not None:
             try:
                 runs["kernels"] = kernels.run(None, feeds)
@@ -260,7 +294,7 @@ def check_kernels(
         if ov_check.error is None:
             ov_check.sqnr_db = sqnr["openvino"]
     return KernelCheck(rows, sqnr["simulated"], None if error else sqnr["kernels"], risk, vnni,
-                       error, ov_check)
+                       error, ov_check, target)
 
 
 #: OpenVINO runtime layer types that carry weights (what "runs in int8" is judged on).
@@ -348,6 +382,13 @@ def _openvino(quant_model: Any):
 def _run_openvino(compiled: Any, feeds: Mapping[str, np.ndarray], outputs: int) -> list:
     result = compiled(dict(feeds))
     return [np.asarray(result[compiled.output(i)]) for i in range(outputs)]
+
+
+def _cure(backend: str) -> str:
+    """What avoids the overflow: 7-bit weights of the onnxruntime backend."""
+    if backend == "onnxruntime":
+        return "keep reduce_range on (drop --backend-option reduce_range=false)"
+    return "quantize with --backend onnxruntime"
 
 
 def _session(model: Any, optimize: bool):

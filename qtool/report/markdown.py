@@ -13,6 +13,9 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     for warning in report.get("warnings", []):
         lines.append(f"> **Warning:** {warning}")
         lines.append("")
+    for note in report.get("notes", []):
+        lines.append(f"> Note: {note}")
+        lines.append("")
     cal = report["calibration"]
     lines += [
         "## Calibration",
@@ -172,6 +175,8 @@ def summary_table(report: Mapping[str, Any], output: str | None = None) -> str:
     lines = [f"{report['model']}{target}  [{report['backend']}, {cal['method']}]"]
     for warning in report.get("warnings", []):
         lines.append(f"WARNING: {warning}")
+    for note in report.get("notes", []):
+        lines.append(f"note: {note}")
     lines.append(f"  calibration data   {cal['data']} ({cal['samples']} samples)")
     ev = report.get("evaluation")
     if ev:

@@ -187,6 +187,9 @@ def shared_scale_mismatch(ctx: LintContext) -> Iterator[Finding]:
     for node in ctx.graph.nodes:
         if node.op in _QDQ or not shares_scale(node.op, node.attrs, ctx.backend):
             continue
+        if node.op == "Concat" and not any(r.op == "QuantizeLinear" for t in node.outputs
+                                           for r in t.outputs):
+            continue  # read in float (onnxruntime's placement=kernels): no integer Concat
         sides: list[tuple[str, QuantParams]] = []
         data_inputs = node.inputs if node.op == "Concat" else node.inputs[:1]
         for tensor in data_inputs:
