@@ -68,19 +68,23 @@ KERNEL_OPS = frozenset(
      "HardSigmoid", "HardSwish"}
 )
 
+#: onnxruntime's uint8 Resize (what DQ -> Resize -> Q becomes, laid out NHWC) takes nearest
+#: and linear only: a ViT's bicubic position-embedding Resize failed to load with the default
+#: optimizations (issue 21); a cubic Resize stays float, and nothing before it is quantized
+#: for it.
+KERNEL_ATTRIBUTES = {"Resize": {"mode": frozenset({"nearest", "linear"})}}
+
 #: ``placement=all``: every input onnxruntime can fuse (MQBench graph 3).
 PLACEMENT_ALL = Placement(
     graph=3,
     weighted_ops=WEIGHTED_OPS,
     activation_ops=KERNEL_OPS | frozenset(PASS_THROUGH_OPS) | SHARING_OPS,
-    # onnxruntime's uint8 Resize (what DQ -> Resize -> Q becomes, laid out NHWC) takes
-    # nearest and linear only: a ViT's bicubic position-embedding Resize failed to load with
-    # the default optimizations (issue 21); a cubic Resize stays float.
-    activation_attributes={"Resize": {"mode": frozenset({"nearest", "linear"})}},
+    activation_attributes=KERNEL_ATTRIBUTES,
 )
 #: ``placement=kernels`` (default): the inputs and outputs of the weighted ops only.
 PLACEMENT = Placement(graph=1, weighted_ops=WEIGHTED_OPS, quantize_weighted_outputs=True,
-                      kernel_ops=KERNEL_OPS - {"HardSigmoid", "HardSwish"})
+                      kernel_ops=KERNEL_OPS - {"HardSigmoid", "HardSwish"},
+                      activation_attributes=KERNEL_ATTRIBUTES)
 PLACEMENTS = {"kernels": PLACEMENT, "all": PLACEMENT_ALL}
 
 WEIGHTS = QuantScheme(bits=8, signed=True, symmetric=True)

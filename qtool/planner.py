@@ -212,7 +212,10 @@ def build_plan(
                 output = _kernel_output(node, consumers, backend, graph_outputs)
                 if output is not None and is_activation(output):
                     for reader, _ in consumers.get(output.name, ()):
-                        if reader.op not in SHAPE_SOURCES and reader.name not in sensitive:
+                        # a reader the engine's kernels refuse (a cubic Resize) reads float:
+                        # a Q/DQ pair before it would let onnxruntime fuse it into one
+                        if (reader.op not in SHAPE_SOURCES and reader.name not in sensitive
+                                and placement.runs_quantized(reader.op, reader.attrs)):
                             quantize_input(output, reader)
             if weight is not None:
                 entry = weights.get(weight.name)
@@ -407,6 +410,8 @@ def _fuse_kernel_chains(nodes, consumers, backend, act_consumers: dict[str, list
     producer = {o.name: n for n in nodes for o in n.outputs}
 
     def is_kernel(node) -> bool:  # data movement keeps the integers (onnxruntime drops Q/DQ)
+        if not backend.placement.runs_quantized(node.op, node.attrs):
+            return False  # an attribute the integer kernel refuses (a cubic Resize)
         return (node.op in backend.placement.kernel_ops
                 or backend.passes_scale_through(node.op, node.attrs))
 
