@@ -259,6 +259,18 @@ def main() -> None:
     """  # noqa: D301  (click reads \b as a no-rewrap marker)
 
 
+#: ``--bias-correction``'s default: qtool.bias_correction.DEFAULT_MODE (not imported here:
+#: the CLI starts without numpy and onnx-graphsurgeon; a test checks they agree).
+BIAS_CORRECTION_DEFAULT = "exact"
+
+
+def _bias_correction(mode: str, off: bool) -> bool | str:
+    """The option value: True for the default mode, False for off, else the mode."""
+    if off or mode == "off":
+        return False
+    return True if mode == BIAS_CORRECTION_DEFAULT else mode
+
+
 @main.command()
 @click.argument("model", required=False, type=EXISTING_FILE)
 @click.option("--config", "config_path", type=EXISTING_FILE, metavar="FILE",
@@ -332,9 +344,13 @@ def main() -> None:
                    "absorption before planning: evens per-channel weight ranges for per-tensor "
                    "backends. Default: on for backends with per-tensor weights (academic, tvm, "
                    "snpe), off for the others.")
-@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
+@click.option("--bias-correction", type=click.Choice(["exact", "fast", "off"]),
+              is_flag=False, flag_value=BIAS_CORRECTION_DEFAULT,
+              default=BIAS_CORRECTION_DEFAULT, show_default=True,
               help="Add each quantized layer's mean output error on the calibration data to "
-                   "its bias (one pass of the data per layer depth).")
+                   "its bias: exact (one pass of the quantized model, layer after layer) or "
+                   "fast (each layer's own error on its mean input, as NNCF's).")
+@click.option("--no-bias-correction", is_flag=True, help="Same as --bias-correction off.")
 @click.option("--fail-under-sqnr", type=float, metavar="DB",
               help="Exit 1 when an output's SQNR on the evaluation data is below DB (the "
                    "report always warns below 10 dB, or below DB when given).")
@@ -353,7 +369,8 @@ def main() -> None:
                    "(streamed); or also the error of every quantized tensor and histograms.")
 @click.option("--memory-budget", default=64, show_default=True, type=click.IntRange(min=1),
               metavar="MB", help="MB of observed tensors per onnxruntime run of the "
-                                 "calibration; bigger batches run as micro-batches.")
+                                 "calibration; bigger batches run as micro-batches. Also "
+                                 "the activations bias correction keeps in memory.")
 @click.option("--weight-only", is_flag=True,
               help="Quantize only MatMul/Gemm weights, blockwise (int4 by default; "
                    "--weight-bits 8); activations stay float. See docs/cli.md.")
@@ -374,10 +391,10 @@ def calibrate(ctx, model, backend, backend_options, target_cpu, data_path, eval_
               weight_method, num_samples, batch_size, bits, weight_bits, act_bits, skip, plan_path,
               save_plan_path, workers, executor, seed, output, force, layerwise, sensitivity,
               target_sqnr, max_accuracy_drop, task, task_options, task_decoder, cle,
-              bias_correction, fail_under_sqnr, adaround, adaround_iters, analysis_level,
-              memory_budget, quiet, provider, preprocess_file, input_axes=(), config_path=None,
-              requantize=False, weight_only=False, block_size="128", weight_algorithm=None,
-              precision="int8", **image_flags):
+              bias_correction, no_bias_correction, fail_under_sqnr, adaround, adaround_iters,
+              analysis_level, memory_budget, quiet, provider, preprocess_file, input_axes=(),
+              config_path=None, requantize=False, weight_only=False, block_size="128",
+              weight_algorithm=None, precision="int8", **image_flags):
     """Quantize MODEL for a backend: calibrate, write the model, vendor files and a report.
 
     The output folder gets the quantized model, the backend's files (encodings, calibration
@@ -409,7 +426,8 @@ def calibrate(ctx, model, backend, backend_options, target_cpu, data_path, eval_
         preprocess=_preprocessing(preprocess_file, **image_flags),
         backend_options=tuple(backend_options), target_cpu=target_cpu,
         adaround=adaround, adaround_iters=adaround_iters,
-        cle=cle, bias_correction=bias_correction, fail_under_sqnr=fail_under_sqnr,
+        cle=cle, bias_correction=_bias_correction(bias_correction, no_bias_correction),
+        fail_under_sqnr=fail_under_sqnr,
         input_axes=input_axes,
         analysis=analysis_level, memory_budget=memory_budget * 2**20,
         requantize=requantize,

@@ -85,6 +85,14 @@ def _boolean(value, _base):
     return value
 
 
+def _bias_correction(value, _base):
+    from qtool.bias_correction import MODES
+
+    if isinstance(value, bool) or value in MODES:
+        return value
+    raise _Bad(f"true, false or one of {', '.join(MODES)}")
+
+
 def _choice(names: Callable[[], Collection[str]], aliases: Mapping[str, str] | None = None
             ) -> Reader:
     def read(value, _base):
@@ -297,7 +305,8 @@ KEYS: dict[str, Key] = {
     "fail_under_sqnr": Key(_sets("fail_under_sqnr", read=_number()), "SQNR floor (dB)"),
     "cle": Key(_sets("cle", read=_boolean),
                "cross-layer equalization (null: on for per-tensor-weight backends)"),
-    "bias_correction": Key(_sets("bias_correction", read=_boolean), "bias correction"),
+    "bias_correction": Key(_sets("bias_correction", read=_bias_correction),
+                           "bias correction: true|false|exact|fast|off"),
     "requantize": Key(_sets("requantize", read=_boolean),
                       "strip an input's Q/DQ pairs to float and quantize it again"),
     "adaround": Key(_adaround, "learned rounding: true, or {iterations: N}"),
@@ -321,6 +330,7 @@ FLAGS: dict[str, tuple[str, ...]] = {
     "plan": ("plan_path",),
     "providers": ("provider",),
     "analysis": ("analysis_level",),
+    "bias_correction": ("bias_correction", "no_bias_correction"),
     "preprocess": ("preprocess_file", "resize", "crop", "mean", "std", "scale", "layout",
                    "color"),
 }

@@ -74,7 +74,8 @@ class CalibrateOptions:
             channels' weight ranges pays, off for per-channel ones, where it only moves
             activation ranges (silero-vad: snpe +4.8 dB, tvm +7.6 dB, tensorrt -8.3 dB).
         bias_correction: Correct each quantized layer's bias for the mean error it adds on
-            the calibration data (:mod:`qtool.bias_correction`).
+            the calibration data (:mod:`qtool.bias_correction`): ``exact`` (True), ``fast``
+            or ``off`` (False).
         fail_under_sqnr: SQNR floor (dB) of every output on the evaluation data; below it
             the report warns (at 10 dB when None) and the CLI exits 1.
         input_axes: ``(input, axis)`` pairs declaring an input's batch axis (None: the input
@@ -120,7 +121,7 @@ class CalibrateOptions:
     adaround: bool = False
     adaround_iters: int = 200
     cle: bool | None = None
-    bias_correction: bool = True
+    bias_correction: bool | str = True
     fail_under_sqnr: float | None = None
     input_axes: tuple[tuple[str, int | None], ...] = ()
     analysis: str = "summary"

@@ -1,0 +1,254 @@
+r"""Keep or revert a bias correction by what the user's task sees (issues #21, #22).
+
+The whole outputs' SQNR is the wrong judge when an output carries values of very different
+ranges: a detector's output that concatenates 0-320 pixel boxes with 0-1 scores reads 34 dB
+while its scores are destroyed, because the boxes dominate the signal. So a correction is
+judged, on the held-out data, by
+
+* the task metric when one is given or recognised (``--task``): the points lost on the task;
+* otherwise the *worst output slice*: each output is split along the axis (not the batch
+  axis) where its channels' ranges differ most, into runs of neighbouring channels whose
+  largest magnitudes stay within :data:`SLICE_RATIO` of each other (boxes | scores), and each
+  run's SQNR is measured; the lowest over every output and run is the verdict. An output
+  whose channels' ranges are alike is one slice (its whole SQNR).
+
+:func:`judge` runs the float model once and every candidate quantized model beside it on the
+same batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: Neighbouring channels whose largest magnitudes differ by more than this (4 bits) are in
+#: different slices.
+SLICE_RATIO = 16.0
+
+
+@dataclass
+class _AxisSums:
+    """Per-index sums along one axis: signal, noise, largest float magnitude."""
+
+    signal: np.ndarray
+    noise: np.ndarray
+    amax: np.ndarray
+
+
+@dataclass
+class Verdict:
+    """One candidate's judgement.
+
+    Attributes:
+        sqnr_db: Output -> whole-output SQNR (None: equal to float).
+        slices: Output -> ``(label, SQNR)`` of its worst slice.
+        worst: ``(output slice label, SQNR)`` of the worst slice over every output.
+        worst_at: ``(output, axis, start, stop)`` of that slice (axis None: the whole).
+        task_drop: Points lost on the task (None: no task, or undefined).
+        task_metrics: The task's metrics, if any.
+        evaluation: The :class:`qtool.analysis.evaluate.Evaluation` of the candidate.
+    """
+
+    sqnr_db: dict[str, float | None] = field(default_factory=dict)
+    slices: dict[str, tuple[str, float | None]] = field(default_factory=dict)
+    worst: tuple[str, float | None] = ("", None)
+    worst_at: tuple[str, int | None, int, int] | None = None
+    task_drop: float | None = None
+    task_metrics: dict | None = None
+    evaluation: Any = None
+
+
+def _db(signal: float, noise: float) -> float | None:
+    if noise == 0.0:
+        return None
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def _key(value: float | None) -> float:
+    return math.inf if value is None else value
+
+
+class _OutputSums:
+    """Running sums of one output for one candidate, along every non-batch axis."""
+
+    def __init__(self) -> None:
+        self.axes: dict[int, _AxisSums] = {}
+        self.signal = 0.0
+        self.noise = 0.0
+
+    def update(self, x: np.ndarray, q: np.ndarray) -> None:
+        x = np.asarray(x, np.float64)
+        error = x - np.asarray(q, np.float64)
+        power, noise = x * x, error * error
+        self.signal += float(power.sum())
+        self.noise += float(noise.sum())
+        for axis in range(1, x.ndim):
+            if x.shape[axis] < 2:
+                continue
+            others = tuple(a for a in range(x.ndim) if a != axis)
+            amax = np.abs(x).max(axis=others)
+            sums = self.axes.get(axis)
+            if sums is None or sums.signal.shape != amax.shape:
+                if sums is not None:  # the axis changes size between batches: not a channel
+                    self.axes[axis] = _AxisSums(np.zeros(0), np.zeros(0), np.zeros(0))
+                    continue
+                sums = self.axes[axis] = _AxisSums(np.zeros(amax.shape), np.zeros(amax.shape),
+                                                   np.zeros(amax.shape))
+            if not sums.signal.size:
+                continue
+            sums.signal += power.sum(axis=others)
+            sums.noise += noise.sum(axis=others)
+            np.maximum(sums.amax, amax, out=sums.amax)
+
+
+def slices_of(amax: np.ndarray) -> list[tuple[int, int]]:
+    """Runs ``[start, stop)`` of neighbouring indices, magnitudes within :data:`SLICE_RATIO`."""
+    runs, start, low, high = [], 0, None, None
+    for index, value in enumerate(np.maximum(amax, 1e-30)):
+        low = value if low is None else min(low, value)
+        high = value if high is None else max(high, value)
+        if high / low > SLICE_RATIO:
+            runs.append((start, index))
+            start, low, high = index, value, value
+    runs.append((start, len(amax)))
+    return runs
+
+
+def _slicing_axis(sums: _OutputSums) -> int | None:
+    """The axis whose indices' largest magnitudes differ most (None: they are alike)."""
+    best, spread = None, SLICE_RATIO
+    for axis, axis_sums in sorted(sums.axes.items()):
+        live = axis_sums.amax[axis_sums.amax > 0]
+        if live.size < 2:
+            continue
+        ratio = float(live.max() / live.min())
+        if ratio > spread:
+            best, spread = axis, ratio
+    return best
+
+
+def worst_slice(name: str, sums: _OutputSums, axis: int | None
+                ) -> tuple[str, float | None, tuple[str, int | None, int, int]]:
+    """``(label, SQNR, (output, axis, start, stop))`` of the output's worst slice.
+
+    ``axis`` None: the whole output is the slice.
+    """
+    if axis is None:
+        return name, _db(sums.signal, sums.noise), (name, None, 0, 0)
+    axis_sums = sums.axes[axis]
+    worst = (name, None, (name, None, 0, 0))
+    for start, stop in slices_of(axis_sums.amax):
+        value = _db(float(axis_sums.signal[start:stop].sum()),
+                    float(axis_sums.noise[start:stop].sum()))
+        if value is not None and (worst[1] is None or value < worst[1]):
+            worst = (f"{name}[axis {axis}: {start}:{stop}]", value, (name, axis, start, stop))
+    return worst
+
+
+def judge(float_model, candidates: Sequence, batches: Iterable[Mapping[str, np.ndarray]],
+          task=None) -> list[Verdict]:
+    """Judge each candidate quantized graph against the float model on ``batches``.
+
+    One pass: the float model once, every candidate beside it. Each verdict carries the
+    candidate's :class:`qtool.analysis.evaluate.Evaluation` too (what
+    :func:`~qtool.analysis.evaluate.evaluate` gives on the same batches), so the model
+    kept needs no second evaluation.
+
+    Args:
+        float_model: The float model (path, bytes, ModelProto or Graph).
+        candidates: Quantized graphs with the float model's inputs and outputs.
+        batches: Held-out batches (a ``labels`` entry rides along).
+        task: A :class:`qtool.analysis.tasks.Task`, or None.
+
+    Returns:
+        One :class:`Verdict` per candidate. The slicing axis of each output is chosen from
+        the float values, so every candidate is sliced alike.
+    """
+    from qtool.analysis.common import session
+    from qtool.analysis.evaluate import (
+        Tally,
+        Top1Counts,
+        _ErrorSums,
+        _feeds,
+        _input_specs,
+        _is_classifier,
+    )
+    from qtool.calibration.batching import batch_rows
+    from qtool.calibration.data import model_inputs
+    from qtool.io import load_model
+
+    float_proto = load_model(float_model)
+    quant_protos = [load_model(c) for c in candidates]
+    input_specs = _input_specs(quant_protos[0])
+    outputs = [o.name for o in quant_protos[0].graph.output]
+    specs = model_inputs(quant_protos[0])
+    float_run = session(float_proto.SerializeToString())
+    runs = [session(p.SerializeToString()) for p in quant_protos]
+    del quant_protos
+    sums = [{name: _OutputSums() for name in outputs} for _ in candidates]
+    errors = [{name: _ErrorSums() for name in outputs} for _ in candidates]
+    classifiers: list[dict] = [{} for _ in candidates]
+    metrics = [task.metric() if task is not None else None for _ in candidates]
+    samples, labelled = 0, False
+    for index, batch in enumerate(batches):
+        feeds, labels = _feeds(batch, input_specs, index)
+        labelled = labelled or labels is not None
+        rows = batch_rows(feeds, specs)
+        samples += rows
+        float_values = dict(zip(outputs, float_run.run(outputs, feeds), strict=True))
+        for c, run in enumerate(runs):
+            quant_values = dict(zip(outputs, run.run(outputs, feeds), strict=True))
+            for name in outputs:
+                x, q = float_values[name], quant_values[name]
+                sums[c][name].update(x, q)
+                errors[c][name].update(x, q)
+                if _is_classifier(x):
+                    classifiers[c].setdefault(name, Top1Counts()).update(x, q, labels)
+            if metrics[c] is not None:
+                metrics[c].update(float_values, quant_values, labels, rows)
+    axes = {name: _slicing_axis(sums[0][name]) for name in outputs}
+    verdicts = []
+    for c, metric in enumerate(metrics):
+        verdict = Verdict()
+        for name in outputs:
+            output_sums = sums[c][name]
+            verdict.sqnr_db[name] = _db(output_sums.signal, output_sums.noise)
+            label, value, where = worst_slice(name, output_sums, axes[name])
+            verdict.slices[name] = (label, value)
+            if verdict.worst_at is None or _key(value) < _key(verdict.worst[1]):
+                verdict.worst, verdict.worst_at = (label, value), where
+        verdict.evaluation = Tally(outputs, {}, errors[c], classifiers[c], samples, labelled,
+                                   metric).evaluation()
+        if verdict.evaluation.task is not None:
+            verdict.task_drop = verdict.evaluation.task.drop
+            verdict.task_metrics = dict(verdict.evaluation.task.metrics)
+        verdicts.append(verdict)
+    return verdicts
+
+
+def hurts(before: Verdict, after: Verdict, tolerance_db: float = 0.05) -> str | None:
+    """Why ``after`` is worse than ``before`` (None: it is not).
+
+    By the task when both drops are defined, else by the worst slice.
+    """
+    if before.task_drop is not None and after.task_drop is not None:
+        if after.task_drop > before.task_drop + 1e-9:
+            return (f"the task lost {after.task_drop:.2f} points with it, "
+                    f"{before.task_drop:.2f} without")
+        return None
+    label, with_db = after.worst
+    _, without_db = before.worst
+    if _key(with_db) < _key(without_db) - tolerance_db:
+        return (f"the worst output slice fell from "
+                f"{'exact' if without_db is None else f'{without_db:.2f} dB'} "
+                f"to {with_db:.2f} dB ({label})")
+    return None
+
+
+__all__ = ["SLICE_RATIO", "Verdict", "hurts", "judge", "slices_of", "worst_slice"]
