@@ -424,7 +424,7 @@ def test_the_rows_read_are_spread_over_the_calibration_data():
 
 
 def test_the_mode_flag_and_config_key(tmp_path):
-    import cli as cli_module
+    from qtool import cli as cli_module
     from qtool.bias_correction import DEFAULT_MODE
     from qtool.errors import RecipeError
     from qtool.workflow import calibrate_options_from_recipe

@@ -227,12 +227,18 @@ def with_activation_bits(plan, layers: Sequence[str], bits: int):
     """``plan`` with the activation inputs of ``layers`` at ``bits`` (weights unchanged).
 
     An activation that ``layers`` share with other layers takes the new bits: it is one
-    tensor with one scale.
+    tensor with one scale. So does every member of its shared-scale group (a Concat's
+    inputs and output): one scale is one scheme.
     """
     chosen = set(layers)
+    raised = {name for name, entry in plan.tensors.items()
+              if entry.role == "activation" and chosen & set(entry.consumers)}
+    groups = {plan.tensors[name].group for name in raised} - {None}
+    raised |= {name for name, entry in plan.tensors.items()
+               if entry.role == "activation" and entry.group in groups}
     tensors = {
         name: dataclasses.replace(entry, scheme=entry.scheme.with_(bits=bits))
-        if entry.role == "activation" and chosen & set(entry.consumers) else entry
+        if name in raised else entry
         for name, entry in plan.tensors.items()
     }
     return dataclasses.replace(plan, tensors=tensors)
