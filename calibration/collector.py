@@ -67,8 +67,8 @@ from qtool.calibration.observers import NonFiniteError, Observer, get_observer
 from qtool import progress as qtool_progress
 from qtool import providers
 from qtool.errors import CalibrationError, DataError, InvalidModelError, QtoolError
-from qtool.masks import proto_mask_flow
 from qtool.io import release
+from qtool.masks import proto_mask_flow
 from qtool.memory import trim_heap
 from qtool.scheme import QuantScheme
 
