@@ -124,7 +124,7 @@ def choose_smoothing(graph: gs.Graph, setting, channel_stats: Callable[[list[str
     """
     if setting == OFF:
         return graph, SmoothQuantChoice("off", None, "--smoothquant off")
-    from qtool.planner import name_nodes
+    from qtool.graph_walk import name_nodes
 
     name_nodes(graph)  # the report names the readers and the nodes 1/s went into
     targets = list(smoothing_targets(graph))
