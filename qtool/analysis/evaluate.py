@@ -350,8 +350,14 @@ def tally(
         layers_shared = _shared_layer_tensors(float_proto, quant_proto, set(output_names))
         float_proto = _with_outputs(float_proto, list(layers_shared))
         quant_proto = _with_outputs(quant_proto, sorted({q for q, _ in layers_shared.values()}))
-    float_session = _session(float_path or _graph_or(float_model, float_proto), intra_op_threads)
-    quant_session = _session(quant_path or _graph_or(quant_model, quant_proto), intra_op_threads)
+    if layerwise:  # the protos have the shared layers as outputs
+        float_session = _session(float_proto, intra_op_threads)
+        quant_session = _session(quant_proto, intra_op_threads)
+    else:
+        float_session = _session(float_path or _graph_or(float_model, float_proto),
+                                 intra_op_threads)
+        quant_session = _session(quant_path or _graph_or(quant_model, quant_proto),
+                                 intra_op_threads)
     fetch = output_names + list(layers_shared)
     quant_fetch = output_names + [q for q, _ in layers_shared.values()]
 
