@@ -351,6 +351,11 @@ def _bias_correction(mode: str, off: bool) -> bool | str:
                    "its bias: exact (one pass of the quantized model, layer after layer) or "
                    "fast (each layer's own error on its mean input, as NNCF's).")
 @click.option("--no-bias-correction", is_flag=True, help="Same as --bias-correction off.")
+@click.option("--smoothquant", "smoothquant", is_flag=False, flag_value="search", default=None,
+              metavar="[ALPHA|off]",
+              help="SmoothQuant: move activation outlier channels into the MatMul/Gemm weights "
+                   "(alpha in [0, 1]; without a value, alpha is judged on held-out data). "
+                   "Default: on where transformer blocks read outlier channels; 'off' never.")
 @click.option("--fail-under-sqnr", type=float, metavar="DB",
               help="Exit 1 when an output's SQNR on the evaluation data is below DB (the "
                    "report always warns below 10 dB, or below DB when given).")
@@ -394,7 +399,7 @@ def calibrate(ctx, model, backend, backend_options, target_cpu, data_path, eval_
               bias_correction, no_bias_correction, fail_under_sqnr, adaround, adaround_iters,
               analysis_level, memory_budget, quiet, provider, preprocess_file, input_axes=(),
               config_path=None, requantize=False, weight_only=False, block_size="128",
-              weight_algorithm=None, precision="int8", **image_flags):
+              weight_algorithm=None, precision="int8", smoothquant=None, **image_flags):
     """Quantize MODEL for a backend: calibrate, write the model, vendor files and a report.
 
     The output folder gets the quantized model, the backend's files (encodings, calibration
@@ -431,6 +436,7 @@ def calibrate(ctx, model, backend, backend_options, target_cpu, data_path, eval_
         input_axes=input_axes,
         analysis=analysis_level, memory_budget=memory_budget * 2**20,
         requantize=requantize,
+        smoothquant=smoothquant,
     )
     if config_path is not None:
         from qtool.calibrate_config import load_calibrate_config

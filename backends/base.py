@@ -387,10 +387,13 @@ QDQ_MODEL_FILE = "model.qdq.onnx"
 
 
 def qdq_model_file(result: QuantizedModel) -> dict[str, bytes]:
-    """``{"model.qdq.onnx": bytes}``: the QDQ graph, serialized deterministically."""
-    from qtool.io import serialize
+    """``{"model.qdq.onnx": bytes}``: the QDQ graph, serialized deterministically.
 
-    return {QDQ_MODEL_FILE: serialize(result.graph)}
+    Over 2 GB, ``model.qdq.onnx.data`` goes beside it (:func:`qtool.io.model_files`).
+    """
+    from qtool.io import model_files
+
+    return model_files(result.graph, QDQ_MODEL_FILE)
 
 
 def json_bytes(data: Any) -> bytes:

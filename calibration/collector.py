@@ -48,10 +48,12 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from qtool.calibration.batching import (  # noqa: F401  (re-exported for callers)
     DEFAULT_BATCH_SIZE,
     Batch,
@@ -65,6 +67,7 @@ from qtool.calibration.observers import NonFiniteError, Observer, get_observer
 from qtool import progress as qtool_progress
 from qtool import providers
 from qtool.errors import CalibrationError, DataError, InvalidModelError, QtoolError
+from qtool.io import release
 from qtool.masks import proto_mask_flow
 from qtool.memory import trim_heap
 from qtool.scheme import QuantScheme
@@ -84,7 +87,7 @@ DEFAULT_OPTIMIZATION = "all"
 class ObservePlan:
     """Where each observed tensor comes from: session outputs, feeds, or constants."""
 
-    model_bytes: bytes
+    model_bytes: bytes | str  # a str: the path of a model with external data (over 2 GB)
     outputs: tuple[str, ...]
     feeds: tuple[str, ...]
     constants: dict[str, np.ndarray]
@@ -103,9 +106,18 @@ def plan_observation(model, tensors: Iterable[str]) -> ObservePlan:
     Raises:
         CalibrationError: A tensor the graph does not have.
     """
-    from qtool.io import load_model
+    from qtool.io import is_large, load, load_model, session_source
 
-    proto = load_model(model)
+    spilled = None
+    if not isinstance(model, bytes | onnx.ModelProto) and is_large(
+            graph_of := model if isinstance(model, gs.Graph) else load(model, check=False)):
+        # over 2 GB: the weights go to a temporary data file once, straight from the graph;
+        # only the small model file is parsed and given the observed outputs here
+        spilled = Path(session_source(graph_of))
+        del graph_of
+        proto = onnx.load(str(spilled), load_external_data=False)
+    else:
+        proto = load_model(model)
     if proto is model:
         # the caller's proto: copy it before adding outputs. A path or a Graph gives a fresh
         # proto already, and one more copy of every weight would only raise the peak memory.
@@ -122,7 +134,8 @@ def plan_observation(model, tensors: Iterable[str]) -> ObservePlan:
         if name in inputs:
             feeds.append(name)
         elif name in initializers:
-            constants[name] = onnx.numpy_helper.to_array(initializers[name])
+            constants[name] = onnx.numpy_helper.to_array(
+                initializers[name], base_dir=str(spilled.parent) if spilled else "")
         elif name in produced:
             outputs.append(name)
             if name not in existing_outputs:
@@ -142,12 +155,17 @@ def plan_observation(model, tensors: Iterable[str]) -> ObservePlan:
             )
         aliases = {out: name for name, out in exposed.items()}
         outputs.extend(exposed.values())
+    if spilled is not None:
+        from qtool.io import atomic_write_bytes
+
+        atomic_write_bytes(spilled, proto.SerializeToString())
+        return ObservePlan(str(spilled), tuple(outputs), tuple(feeds), constants, aliases)
     return ObservePlan(proto.SerializeToString(), tuple(outputs), tuple(feeds), constants,
                        aliases, masks & (set(outputs) | set(feeds) | set(constants)
                                          | set(aliases.values())))
 
 
-def make_session(model_bytes: bytes, *, intra_op_threads: int | None = None,
+def make_session(model_bytes: bytes | str, *, intra_op_threads: int | None = None,
                  optimization: str | None = None):
     """A CPU onnxruntime session with the given threads and optimization level."""
     import onnxruntime as ort
@@ -181,13 +199,14 @@ def make_session(model_bytes: bytes, *, intra_op_threads: int | None = None,
     return open_session(model_bytes, options, "calibrate it")
 
 
-def open_session(model_bytes: bytes, options, purpose: str):
+def open_session(model_bytes: bytes | str, options, purpose: str):
     """An onnxruntime session on qtool's execution providers (:mod:`qtool.providers`).
 
     Every phase opens its sessions so: a model onnxruntime cannot load is one clear error.
 
     Args:
-        model_bytes: The serialized model.
+        model_bytes: The serialized model, or the path of one with external data
+            (:func:`qtool.io.session_source`).
         options: The ``onnxruntime.SessionOptions``.
         purpose: What the session is for, for the message ("calibrate it").
 
@@ -461,6 +480,19 @@ def calibrate(model, schemes: Mapping[str, QuantScheme], data: Iterable[Mapping[
     if not observers:
         return {}
     plan = plan_observation(model, observers)
+    try:
+        return _calibrate(plan, data, specs, stream, observers, ctor, schemes, method=method,
+                          batch_size=batch_size, num_samples=num_samples, workers=workers,
+                          intra_op_threads=intra_op_threads, progress=progress,
+                          optimization=optimization, executor=executor,
+                          memory_budget=memory_budget)
+    finally:
+        release(plan.model_bytes)  # a temporary model with external data: removed
+
+
+def _calibrate(plan, data, specs, stream, observers, ctor, schemes, *, method, batch_size,
+               num_samples, workers, intra_op_threads, progress, optimization, executor,
+               memory_budget):
     plan_aliases = set(plan.aliases.values())
     trim_heap()  # the proto copy that was serialized is freed
     size, fixed = resolve_batch_size(specs, batch_size)
@@ -758,3 +790,53 @@ def _start_quietly(processes) -> None:
             process.start()
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+class ChannelAbsMax:
+    """Largest ``|x|`` of each channel (the last axis) over every row seen.
+
+    SmoothQuant's activation statistic (:mod:`qtool.passes.smoothquant`); starts empty.
+    """
+
+    def __init__(self):
+        self.values: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        """Fold one batch in (all axes but the last are rows)."""
+        x = np.asarray(x)
+        if x.ndim == 0:
+            return
+        if not np.isfinite(x).all():
+            raise NonFiniteError("", "NaN/Inf")
+        current = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0).astype(np.float64)
+        self.values = current if self.values is None else np.maximum(self.values, current)
+
+
+def channel_absmax(model, tensors: Iterable[str], data: Iterable[Mapping[str, np.ndarray]], *,
+                   batch_size: int | None = None,
+                   memory_budget: int | None = DEFAULT_MEMORY_BUDGET) -> dict[str, np.ndarray]:
+    """``{tensor: max |x| per channel of its last axis}`` of the float model over the data.
+
+    One onnxruntime session, streamed batch by batch like :func:`calibrate` (nothing but
+    one vector per tensor is kept).
+
+    Raises:
+        DataError: The data does not fit the model.
+        CalibrationError: NaN/Inf in an observed tensor.
+    """
+    specs = specs_of(data, model)
+    stream = checked_samples(data, specs)
+    stats = {name: ChannelAbsMax() for name in dict.fromkeys(tensors)}
+    if not stats:
+        return {}
+    plan = plan_observation(model, stats)
+    size, fixed = resolve_batch_size(specs, batch_size)
+    try:
+        collector = Collector(plan, stats,
+                              memory_budget=run_budget(specs, fixed, memory_budget))
+        collector.observe_constants()
+        for batch in batches(stream, specs, size, fixed=fixed):
+            collector.run(batch)
+    finally:
+        release(plan.model_bytes)
+    return {name: stat.values for name, stat in stats.items() if stat.values is not None}

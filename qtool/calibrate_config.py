@@ -165,6 +165,14 @@ def _preprocess(value, base):
         raise _Bad(valid, exc.message) from exc
 
 
+def _smoothquant(value, _base):
+    """An alpha in [0, 1], ``search`` or ``off`` (as ``--smoothquant``)."""
+    if isinstance(value, bool) or not (isinstance(value, int | float) and 0 <= value <= 1
+                                       or value in ("search", "off")):
+        raise _Bad("an alpha from 0 to 1, 'search' or 'off'")
+    return value if isinstance(value, str) else float(value)
+
+
 def _adaround(value, _base) -> dict[str, Any]:
     """``true``/``false``, or a mapping of :data:`ADAROUND_KEYS` (enabled unless it says no)."""
     if isinstance(value, bool):
@@ -309,6 +317,8 @@ KEYS: dict[str, Key] = {
                            "bias correction: true|false|exact|fast|off"),
     "requantize": Key(_sets("requantize", read=_boolean),
                       "strip an input's Q/DQ pairs to float and quantize it again"),
+    "smoothquant": Key(_sets("smoothquant", read=_smoothquant),
+                       "SmoothQuant alpha, search or off (null: transformer default)"),
     "adaround": Key(_adaround, "learned rounding: true, or {iterations: N}"),
     "analysis": Key(_sets("analysis", read=_choice(_analysis_levels)), "none|summary|full"),
     "kernel_check": Key(_sets("kernel_check", read=_boolean), "onnxruntime kernel check"),

@@ -3,19 +3,32 @@
 Everything else works on an onnx-graphsurgeon ``Graph``. Writes are atomic (a temporary file
 in the target folder, then ``os.replace``) and deterministic (same graph, same bytes), and a
 model over 2 GB goes out with its weights in one external data file beside it.
+
+Protobuf cannot hold a message over 2 GB, so a model whose tensors exceed
+:data:`LARGE_MODEL_BYTES` is never serialized whole: it is written as a small model file plus
+one data file, tensor by tensor from the Graph (:func:`external_files`, :func:`save`), and
+onnxruntime gets it as a path to such a pair in a temporary folder (:func:`session_source`),
+which it loads with its external data. Loading reads the data file into the tensors once.
 """
 
 from __future__ import annotations
 
+import atexit
+import io as pyio
 import logging
 import os
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
 import onnx.inliner
 import onnx_graphsurgeon as gs
 from google.protobuf.descriptor import FieldDescriptor
+from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from qtool.errors import InvalidModelError, ModelLoadError, OutputError, UnsupportedModelError
@@ -32,26 +45,39 @@ MIN_OPSET = 11
 MAX_OPSET = 21
 DEFAULT_DOMAINS = ("", "ai.onnx")
 _TWO_GB = 2**31 - 1
+#: Tensor bytes above which a model goes to files with external data instead of one protobuf
+#: (protobuf's 2 GB limit, less room for the graph itself); tests lower it.
+LARGE_MODEL_BYTES = _TWO_GB - 2**24
+#: Tensors smaller than this stay inside the model file when it is written with external data.
+EXTERNAL_MIN_BYTES = 1024
+#: Offsets of tensors in a data file are multiples of this (a page: onnxruntime can map them).
+EXTERNAL_ALIGNMENT = 4096
 #: Largest tensor (bytes) a model may ask for with a static shape; see check_tensor_sizes.
 MAX_TENSOR_BYTES = 2**32
 
 ModelSource = str | os.PathLike | bytes | onnx.ModelProto | gs.Graph
 
 
-def load_model(source: ModelSource) -> onnx.ModelProto:
+def load_model(source: ModelSource, *, external_data: bool = True) -> onnx.ModelProto:
     """Read a model from a path, bytes or a ModelProto, with its external data loaded.
 
     Args:
         source: A file path, the serialized bytes, a ModelProto or a graphsurgeon Graph.
+        external_data: Read the external data files into the tensors (False: their paths
+            are checked, the tensors keep pointing at them; for a model's inputs and outputs).
 
     Returns:
-        The ModelProto, external tensors loaded into memory.
+        The ModelProto, external tensors loaded into memory; for a Graph over
+        :data:`LARGE_MODEL_BYTES`, its structure only (the big tensors point at a file
+        that does not exist: give the Graph itself to :func:`session_source` to run it).
 
     Raises:
         ModelLoadError: The file is missing, not ONNX, truncated, or its external data is
             missing or points outside the model's folder.
     """
     if isinstance(source, gs.Graph):
+        if is_large(source):  # the structure only: its big tensors point at no file
+            return _skeleton(source, UNWRITTEN_DATA)[0]
         return to_model(source)
     if isinstance(source, onnx.ModelProto):
         return source
@@ -75,8 +101,15 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
     model = _parse(data, str(path))
     external = _external_tensors(model)
     if external:
-        _load_external_data(model, path.parent.resolve(), external, str(path))
+        _check_external_paths(path.parent.resolve(), external, str(path))
+        if external_data:
+            _load_external_data(model, path.parent.resolve(), str(path))
+        _HAD_EXTERNAL_DATA.add(id(model))
     return model
+
+
+#: ids of the protos :func:`load_model` read external data into (read by :func:`load`).
+_HAD_EXTERNAL_DATA: set[int] = set()
 
 
 def load(source: ModelSource, *, check: bool = True) -> gs.Graph:
@@ -96,7 +129,9 @@ def load(source: ModelSource, *, check: bool = True) -> gs.Graph:
     """
     if isinstance(source, gs.Graph):
         return source
-    model = load_model(source)
+    model, lazy = _load_for_graph(source)
+    external_data = id(model) in _HAD_EXTERNAL_DATA
+    _HAD_EXTERNAL_DATA.discard(id(model))
     model, negative = symbolic_dims(model, copy=model is source)
     if model.functions:
         # torch's dynamo exporter (and others) wrap blocks in model-local functions; inline
@@ -110,13 +145,108 @@ def load(source: ModelSource, *, check: bool = True) -> gs.Graph:
         graph = gs.import_onnx(model)
     except Exception as exc:  # graphsurgeon raises bare exceptions on malformed graphs
         raise InvalidModelError(f"cannot import the graph: {exc}") from exc
+    if lazy:
+        _read_external_tensors(graph, Path(source).parent.resolve())
     graph.load_warnings = []  # what a report on this model must say (read by the workflow)
+    # a model read with external data is written with it (qtool.workflow)
+    graph.external_data = external_data
     if negative:
         message = (f"{len(negative)} dim(s) written as a value <= 0 ({', '.join(negative[:4])}"
                    f"{', ...' if len(negative) > 4 else ''}) are treated as dynamic")
         log.info(message)
         graph.load_warnings.append(message)
     return graph
+
+
+def _load_for_graph(source: ModelSource) -> tuple[onnx.ModelProto, bool]:
+    """``(model, lazy)``: lazy when its external data is over :data:`LARGE_MODEL_BYTES`.
+
+    A lazy model's tensors still point at the data files; :func:`load` reads them into the
+    Graph's arrays (:func:`_read_external_tensors`) instead of into protobuf.
+    """
+    if not isinstance(source, str | os.PathLike):
+        return load_model(source), False
+    model = load_model(source, external_data=False)
+    if id(model) not in _HAD_EXTERNAL_DATA:
+        return model, False
+    if is_large(model):
+        return model, True
+    _load_external_data(model, Path(source).parent.resolve(), str(source))
+    return model, False
+
+
+def _read_external_tensors(graph: gs.Graph, base: Path) -> None:
+    """Read every Constant that points at external data into a numpy array, one at a time.
+
+    Straight from the data file into the array (``numpy.fromfile``): the weights are held
+    once, never as protobuf bytes and an array both.
+    """
+    for const in _graph_constants(graph):
+        values = const._values
+        if not isinstance(values, LazyValues):
+            continue
+        tensor = values.tensor
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        path = base / info["location"]
+        offset = int(info.get("offset", 0) or 0)
+        array = np.fromfile(path, dtype=np.dtype(dtype).newbyteorder("<"), count=count,
+                            offset=offset)
+        if array.size != count:
+            raise ModelLoadError(f"{path}: external data for tensor {tensor.name} is truncated",
+                                 "copy the whole data file next to the model")
+        const._values = array.astype(dtype, copy=False).reshape(tuple(tensor.dims))
+        _FILE_ORIGINS[id(const._values)] = (weakref.ref(const._values), tensor, path)
+
+
+#: id(array) -> (weak reference to it, its TensorProto, its data file): the arrays
+#: :func:`_read_external_tensors` read, which :func:`release_weights` can drop again.
+_FILE_ORIGINS: dict[int, tuple] = {}
+
+
+class FileValues(LazyValues):
+    """A tensor's values left in the model's data file, read again on each access."""
+
+    def __init__(self, tensor: onnx.TensorProto, path: Path):
+        super().__init__(tensor)
+        self.path = path
+
+    def load(self) -> np.ndarray:
+        """The values, from the data file."""
+        info = {e.key: e.value for e in self.tensor.external_data}
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(self.tensor.data_type)
+        return np.fromfile(self.path, dtype=dtype, offset=int(info.get("offset", 0) or 0),
+                           count=int(np.prod(self.tensor.dims, dtype=np.int64))
+                           ).reshape(tuple(self.tensor.dims))
+
+
+def release_weights(*graphs: gs.Graph) -> int:
+    """Drop the arrays a large model's Constants read from its data file (unchanged since).
+
+    They point at the file again (:class:`FileValues`, read on access).
+
+    After quantization, the float weights of a model over 2 GB are needed only by the
+    sessions that read the model file itself; holding them in Python too would cost one
+    more copy of every weight through the evaluation.
+
+    Returns:
+        Bytes of arrays dropped (each counted once).
+    """
+    dropped: dict[int, int] = {}
+    for graph in graphs:
+        for const in _graph_constants(graph):
+            values = const._values
+            origin = _FILE_ORIGINS.get(id(values))
+            if origin is None or origin[0]() is not values:
+                continue
+            dropped[id(values)] = values.nbytes
+            const._values = FileValues(origin[1], origin[2])
+    for key in dropped:
+        _FILE_ORIGINS.pop(key, None)
+    return sum(dropped.values())
 
 
 def symbolic_dims(model: onnx.ModelProto, *, copy: bool = True
@@ -290,7 +420,7 @@ def check_model(model: onnx.ModelProto) -> None:
     Raises:
         InvalidModelError: With the checker's or shape inference's first line.
     """
-    if model.ByteSize() > _TWO_GB:
+    if is_large(model):
         return  # neither takes a >2 GB proto in memory
     try:
         onnx.checker.check_model(model)
@@ -377,13 +507,215 @@ def to_model(graph: gs.Graph | onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def tensor_bytes(model: gs.Graph | onnx.ModelProto) -> int:
+    """Bytes of the model's tensor data (initializers, Constant nodes, subgraphs).
+
+    Counted from the shapes and types: nothing is copied or serialized to count them.
+    """
+    if isinstance(model, gs.Graph):
+        return sum(_constant_nbytes(c) for c in _graph_constants(model))
+    total = 0
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            itemsize = 1
+        count = 1
+        for d in tensor.dims:
+            count *= int(d)
+        total += count * itemsize
+    return total
+
+
+def is_large(model: gs.Graph | onnx.ModelProto) -> bool:
+    """Whether ``model`` must go to files with external data (see :data:`LARGE_MODEL_BYTES`)."""
+    return tensor_bytes(model) > LARGE_MODEL_BYTES
+
+
 def serialize(graph: gs.Graph | onnx.ModelProto) -> bytes:
-    """Deterministic bytes of a model under 2 GB."""
+    """Deterministic bytes of a model under 2 GB.
+
+    Raises:
+        OutputError: The model is over :data:`LARGE_MODEL_BYTES` (use :func:`session_source`
+            to run it, :func:`external_files` or :func:`save` to write it).
+    """
+    if is_large(graph):
+        raise OutputError(
+            f"the model holds {tensor_bytes(graph) / 2**30:.2f} GiB of tensors, more than one "
+            "protobuf message can", "it is written with external data; this step needs that")
     return to_model(graph).SerializeToString(deterministic=True)
 
 
+def session_source(graph: gs.Graph | onnx.ModelProto) -> bytes | str:
+    """What ``onnxruntime.InferenceSession`` (and :func:`load`) should be given for a model.
+
+    The serialized bytes; over :data:`LARGE_MODEL_BYTES`, the path (``str``) of the model
+    written with its external data into a temporary folder, which :func:`release` removes
+    (and which is removed at exit in any case).
+    """
+    if not is_large(graph):
+        return to_model(graph).SerializeToString(deterministic=True)
+    folder = Path(tempfile.mkdtemp(prefix="qtool-large-"))
+    _SPILLED.add(str(folder))
+    path = folder / "model.onnx"
+    for name, data in external_files(graph, path.name).items():
+        if isinstance(data, bytes):
+            (folder / name).write_bytes(data)
+        else:
+            with open(folder / name, "wb") as handle:
+                data(handle)
+    return str(path)
+
+
+def release(source: bytes | str) -> None:
+    """Remove the temporary folder of a :func:`session_source` path (bytes: nothing)."""
+    if isinstance(source, str) and str(Path(source).parent) in _SPILLED:
+        _SPILLED.discard(str(Path(source).parent))
+        shutil.rmtree(Path(source).parent, ignore_errors=True)
+
+
+_SPILLED: set[str] = set()
+
+
+@atexit.register
+def _remove_spilled() -> None:
+    for folder in list(_SPILLED):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def external_files(graph: gs.Graph | onnx.ModelProto, name: str) -> dict[str, Any]:
+    """The files of a model written with external data: ``{name: bytes, name.data: writer}``.
+
+    The model file holds the graph and the small tensors; every tensor of at least
+    :data:`EXTERNAL_MIN_BYTES` goes to ``<name>.data`` in graph order, each at an offset
+    aligned to :data:`EXTERNAL_ALIGNMENT` (so the same graph gives the same bytes). The data
+    file is given as a callable ``writer(handle)`` that streams the tensors one at a time
+    into a binary file object: the weights are never held twice.
+    """
+    data_name = f"{name}.data"
+    if isinstance(graph, onnx.ModelProto):
+        graph = gs.import_onnx(graph)
+    model, layout, end = _skeleton(graph, data_name)
+    model_bytes = model.SerializeToString(deterministic=True)
+    del model
+
+    def write_data(handle) -> None:
+        for const, start, _ in layout:
+            handle.seek(start)  # past the end: the gap reads as zeros
+            handle.write(_constant_bytes(const))
+        handle.truncate(end)
+
+    return {name: model_bytes, data_name: write_data}
+
+
+#: Where the tensors of a :func:`load_model` skeleton point: a file no one writes.
+UNWRITTEN_DATA = "qtool-tensors-not-written.data"
+
+
+def _skeleton(graph: gs.Graph, data_name: str):
+    """``(model, layout, size)``: the model with its big tensors pointing at ``data_name``.
+
+    ``layout`` is ``[(constant, offset, length)]`` in graph order; ``size`` the data file's.
+    """
+    constants = [c for c in _graph_constants(graph) if _constant_nbytes(c) >= EXTERNAL_MIN_BYTES]
+    layout, offset = [], 0
+    for const in constants:
+        size = _constant_nbytes(const)
+        layout.append((const, offset, size))
+        offset += -(-size // EXTERNAL_ALIGNMENT) * EXTERNAL_ALIGNMENT
+    swapped = []
+    try:
+        for const, start, size in layout:
+            stub = onnx.TensorProto(name=const.name, data_type=_onnx_dtype(const),
+                                    dims=list(const.shape),
+                                    data_location=onnx.TensorProto.EXTERNAL)
+            for key, value in (("location", data_name), ("offset", str(start)),
+                               ("length", str(size))):
+                stub.external_data.add(key=key, value=value)
+            swapped.append((const, const._values))
+            const._values = LazyValues(stub)
+        model = to_model(graph)
+    finally:
+        for const, values in reversed(swapped):
+            const._values = values
+    return model, layout, offset
+
+
+def _graph_constants(graph: gs.Graph) -> list[gs.Constant]:
+    """Every Constant of ``graph`` and its subgraphs, once each, in a stable order."""
+    seen: dict[int, gs.Constant] = {}
+    stack = [graph]
+    while stack:
+        current = stack.pop(0)
+        for tensor in current.tensors().values():
+            if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
+                seen[id(tensor)] = tensor
+        for node in current.nodes:
+            for attr in node.attrs.values():
+                if isinstance(attr, gs.Graph):
+                    stack.append(attr)
+                elif isinstance(attr, gs.Constant) and id(attr) not in seen:
+                    seen[id(attr)] = attr
+    return list(seen.values())
+
+
+def _constant_nbytes(const: gs.Constant) -> int:
+    values = const._values
+    nbytes = getattr(values, "nbytes", None)
+    return int(nbytes) if nbytes is not None else 0
+
+
+def _onnx_dtype(const: gs.Constant) -> int:
+    if isinstance(const._values, LazyValues):  # FileValues too
+        return int(const._values.tensor.data_type)
+    return onnx.helper.np_dtype_to_tensor_dtype(np.asarray(const.values).dtype)
+
+
+def _constant_bytes(const: gs.Constant) -> bytes:
+    """The tensor's raw little-endian bytes, as ONNX stores them (one tensor at a time)."""
+    values = const._values
+    if isinstance(values, LazyValues) and not isinstance(values, FileValues) \
+            and values.tensor.HasField("raw_data"):
+        return values.tensor.raw_data
+    return np.ascontiguousarray(const.values).tobytes()
+
+
+def model_files(graph: gs.Graph | onnx.ModelProto, name: str, *,
+                external: bool | None = None) -> dict[str, bytes]:
+    """A model as a run's output holds it: one file, or two with external data.
+
+    ``{name: bytes}``, or ``{name: model bytes, name + ".data": tensor bytes}`` (see
+    :func:`external_files`).
+
+    Args:
+        graph: The model.
+        name: Its file name.
+        external: Write the tensors to the data file (None: when the model is large).
+    """
+    if not (is_large(graph) if external is None else external):
+        return {name: to_model(graph).SerializeToString(deterministic=True)}
+    files = external_files(graph, name)
+    buffer = pyio.BytesIO()
+    files[f"{name}.data"](buffer)
+    return {name: files[name], f"{name}.data": buffer.getvalue()}
+
+
+def relocate_external(model_bytes: bytes, location: str) -> bytes:
+    """The model file of :func:`external_files` pointing at another data file name."""
+    model = onnx.ModelProto()
+    model.ParseFromString(model_bytes)
+    for tensor in _external_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    return model.SerializeToString(deterministic=True)
+
+
 def save(graph: gs.Graph | onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write a model atomically; over 2 GB, with one external data file ``<name>.data``.
+    """Write a model atomically; over :data:`LARGE_MODEL_BYTES`, with external data.
+
+    The data file ``<name>.data`` is written (atomically) first, so that a reader never sees
+    the model without its data.
 
     Args:
         graph: A Graph or a ModelProto.
@@ -399,21 +731,17 @@ def save(graph: gs.Graph | onnx.ModelProto, path: str | os.PathLike) -> Path:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OutputError(f"{folder}: folder does not exist", "create it first")
-    model = to_model(graph)
-    if model.ByteSize() <= _TWO_GB:
-        atomic_write_bytes(path, model.SerializeToString(deterministic=True))
+    if not is_large(graph):
+        atomic_write_bytes(path, to_model(graph).SerializeToString(deterministic=True))
         return path
-    data_name = path.name + ".data"
-    external = onnx.ModelProto()
-    external.CopyFrom(model)
-    onnx.external_data_helper.convert_model_to_external_data(
-        external, all_tensors_to_one_file=True, location=data_name, size_threshold=1024
-    )
+    files = external_files(graph, path.name)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".qtool-") as tmp:
-        tmp_model = Path(tmp) / path.name
-        onnx.save_model(external, tmp_model)  # writes tmp/<name> and tmp/<name>.data
-        os.replace(Path(tmp) / data_name, folder / data_name)
-        os.replace(tmp_model, path)
+        staged = Path(tmp) / f"{path.name}.data"
+        with open(staged, "wb") as handle:
+            files[staged.name](handle)
+        os.chmod(staged, 0o644)
+        os.replace(staged, folder / staged.name)
+        atomic_write_bytes(path, files[path.name])
     return path
 
 
@@ -512,9 +840,7 @@ def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     ]
 
 
-def _load_external_data(
-    model: onnx.ModelProto, base: Path, tensors: list[onnx.TensorProto], name: str
-) -> None:
+def _check_external_paths(base: Path, tensors: list[onnx.TensorProto], name: str) -> None:
     for tensor in tensors:
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
@@ -530,6 +856,9 @@ def _load_external_data(
                 f"{name}: external data file '{location}' for tensor {tensor.name} is missing",
                 "copy the data file next to the model",
             )
+
+
+def _load_external_data(model: onnx.ModelProto, base: Path, name: str) -> None:
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(base))
     except Exception as exc:

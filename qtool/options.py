@@ -91,6 +91,9 @@ class CalibrateOptions:
             (:func:`calibrate_options_from_recipe`); the report names it.
         requantize: Accept a model that already holds Q/DQ pairs: strip them back to float
             first (:mod:`qtool.passes.strip_qdq`); without it such a model is refused.
+        smoothquant: SmoothQuant (:mod:`qtool.smoothing`): an alpha in [0, 1], ``search``
+            (alpha judged on the judging data), ``off``, or None: on by default where
+            transformer blocks read activations with outlier channels.
     """
 
     data: str | os.PathLike | None = None
@@ -129,3 +132,4 @@ class CalibrateOptions:
     executor: str = "local"
     config: str | os.PathLike | None = None
     requantize: bool = False
+    smoothquant: float | str | None = None

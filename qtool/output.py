@@ -314,8 +314,8 @@ def file_names(model_file: str | os.PathLike, files: Mapping[str, bytes]) -> dic
     """Folder file name -> path beside ``model_file`` (``NAME.onnx``) for a file output.
 
     The deployable model (``model.onnx`` where the backend ships one, else the QDQ model)
-    becomes ``NAME.onnx``; every other file ``NAME.<its name without 'model.'>``, e.g.
-    ``NAME.encodings``, ``NAME.calibration.cache``, ``NAME.report.html``.
+    becomes ``NAME.onnx`` (and its external data ``NAME.onnx.data``); every other file
+    ``NAME.<its name without 'model.'>``, e.g. ``NAME.encodings``, ``NAME.report.html``.
     """
     target = Path(model_file)
     stem = target.name[: -len(MODEL_SUFFIX)]
@@ -328,6 +328,8 @@ def file_names(model_file: str | os.PathLike, files: Mapping[str, bytes]) -> dic
             raise OutputError(f"{name}: a file output cannot hold sub-folders", "use -o DIR/")
         if name == deployable:
             names[name] = target.name
+        elif deployable is not None and name == f"{deployable}.data":
+            names[name] = f"{target.name}.data"
         else:
             rest = name[len("model."):] if name.startswith("model.") else name
             names[name] = f"{stem}.{rest}"
@@ -359,6 +361,7 @@ def write_beside(model_file: str | os.PathLike, files: Mapping[str, bytes], *, f
     names = file_names(model_file, files)
     target = Path(model_file)
     inputs = tuple(inputs)
+    files = _relocated(files, names)
     manifest_path, vouched = _check_targets(target, [Path(p) for p in names.values()],
                                             force=force, inputs=inputs)
     folder = target.parent if str(target.parent) else Path(".")
@@ -401,6 +404,18 @@ def write_beside(model_file: str | os.PathLike, files: Mapping[str, bytes], *, f
         if _sha256(path) == digest:  # still the bytes qtool wrote
             path.unlink(missing_ok=True)
     return names
+
+
+def _relocated(files: Mapping[str, bytes], names: Mapping[str, str]) -> Mapping[str, bytes]:
+    """``files`` with each model that has external data pointing at its renamed data file."""
+    from qtool.io import relocate_external
+
+    moved = dict(files)
+    for name in files:
+        data = f"{name}.data"
+        if name.endswith(MODEL_SUFFIX) and data in files:
+            moved[name] = relocate_external(files[name], Path(names[data]).name)
+    return moved
 
 
 def check_file_output(model_file: str | os.PathLike, *, force: bool,

@@ -34,7 +34,7 @@ from typing import Any
 import onnx_graphsurgeon as gs
 
 from qtool.errors import OutputError, PlanError, RecipeError
-from qtool.io import atomic_write_text, load, save, serialize
+from qtool.io import atomic_write_text, is_large, load, model_files, save, serialize
 from qtool.options import ANALYSIS_LEVELS, AUTO_METHOD, CalibrateOptions  # noqa: F401
 from qtool.output import (
     check_file_output,
@@ -203,6 +203,10 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
     with progress.phase("load"):
         loaded = float_input(load(model), requantize=options.requantize)
         model_warnings = list(getattr(loaded, "load_warnings", ()))
+        keep_external = getattr(loaded, "external_data", False)
+        # the float reference of every comparison: over 2 GB, the file itself (onnxruntime
+        # reads its external data; the weights are not loaded into Python a second time)
+        float_model = (lambda: str(model)) if is_large(loaded) else (lambda: load(model))
     with progress.phase("prepare"):
         graph, pass_reports = prepare(loaded)
         calib_data, eval_samples, eval_path, judged_on = _split_data(graph, options)
@@ -219,8 +223,11 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
             graph, cle_reports = equalize(graph, calib_data, batch_size=options.batch_size,
                                           bn_stats=batchnorm_statistics(load(model)))
         pass_reports = [*pass_reports, *cle_reports]
+    with progress.phase("smoothquant"):
+        graph, smoothquant, blocks = _smoothquant(graph, rules, options, calib_data,
+                                                  eval_samples, eval_path)
     with progress.phase("plan"):
-        plan = _build_plan(graph, rules, options)
+        plan = blocks.keep_float(smoothquant.keep_float(_build_plan(graph, rules, options)))
     with progress.phase("calibrate"):
         method_choice = None
         if options.method == AUTO_METHOD:
@@ -243,6 +250,12 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
         result = quantize(graph, rules, ranges, plan=plan, weight_method=options.weight_method,
                           activation_method=options.method)
 
+    if is_large(graph) and not (searches or options.adaround or options.analysis == "full"):
+        from qtool.io import release_weights
+
+        # over 2 GB: the float weights stay in the model file, which every comparison below
+        # gives onnxruntime as it is; no second copy is held in Python meanwhile
+        release_weights(graph, result.float_graph)
     with progress.phase("analysis"):
         analysis = _analyze(graph, rules, result, ranges, eval_samples, eval_path, options,
                             task)
@@ -271,7 +284,11 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
 
     bias_correction = None
     judged = None  # the evaluation of the model kept, when the correction was judged
-    if correction_mode(options.bias_correction):
+    if correction_mode(options.bias_correction) and is_large(graph):
+        # it runs a copy of the float graph per segment: over 2 GB, memory the run has not
+        model_warnings.append("bias correction skipped: the model is over 2 GB (its runs "
+                              "would each hold a copy of the weights)")
+    elif correction_mode(options.bias_correction):
         with progress.phase("bias correction"):
             uncorrected = result
             result, bias_correction = correct_biases(
@@ -290,18 +307,18 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
             from qtool.bias_correction import keep_what_helps
             from qtool.bias_judge import judge
 
-            float_model = load(model, check=False)
+            reference_model = float_model()
 
             def held_out():
                 return labelled_batches(eval_samples, eval_path, options.batch_size)
 
             with progress.phase("bias correction check"):
-                verdicts = judge(float_model, [uncorrected.graph, result.graph], held_out(),
+                verdicts = judge(reference_model, [uncorrected.graph, result.graph], held_out(),
                                  task)
                 kept = verdicts[1]
                 if bias_correction.judge(*verdicts):
                     result, kept = keep_what_helps(
-                        float_model, graph, uncorrected, result, bias_correction, verdicts,
+                        reference_model, graph, uncorrected, result, bias_correction, verdicts,
                         held_out, task, rules, ranges, weight_method=options.weight_method,
                         activation_method=options.method)
                     if not bias_correction.worse():
@@ -325,10 +342,14 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
                 graph, result, calib_data, options.batch_size, options.memory_budget
             )
     files = dict(result.files())
-    qdq_bytes = serialize(result.graph)
-    if qdq_bytes not in files.values():  # e.g. SNPE ships the float model + encodings
-        files[QDQ_MODEL_FILE] = qdq_bytes
-    del qdq_bytes
+    if keep_external or is_large(result.graph):
+        # a model given with external data keeps it: model.qdq.onnx + model.qdq.onnx.data
+        files.update(model_files(result.graph, QDQ_MODEL_FILE, external=True))
+    else:
+        qdq_bytes = serialize(result.graph)
+        if qdq_bytes not in files.values():  # e.g. SNPE ships the float model + encodings
+            files[QDQ_MODEL_FILE] = qdq_bytes
+        del qdq_bytes
 
     if options.analysis == "none":
         from qtool.analysis.evaluate import Evaluation
@@ -340,7 +361,7 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
                 evaluation = judged  # the model written was just evaluated on this data
             else:
                 evaluation = evaluate(
-                    load(model),
+                    float_model(),
                     result.graph,
                     labelled_batches(eval_samples, eval_path, options.batch_size),
                     layerwise=options.layerwise, task=task,
@@ -364,6 +385,7 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
     if preprocessing is not None:  # an image folder: the preprocessing applied
         report["calibration"]["preprocessing"] = preprocessing
     report["backend_options"] = dict(rules.options)
+    report["transformer"] = {"blocks": blocks.to_dict(), "smoothquant": smoothquant.to_dict()}
     report["warnings"] += result.warnings
     report["notes"] = _target_notes(rules)
     if options.kernel_check and options.analysis != "none":
@@ -371,7 +393,7 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
         from qtool.cpu import resolve_target
 
         kernels = check_kernels(
-            result.graph, load(model),
+            result.graph, float_model(),
             labelled_batches(eval_samples, eval_path, options.batch_size), rules,
             target=resolve_target(rules.options.get("target_cpu", options.target_cpu)),
         )
@@ -438,6 +460,64 @@ def _keep_better_rounding(model, result, judged, rounded, eval_samples, eval_pat
     kept = not any(b is not None and (a is None or b < a) for a, b in sqnr.values())
     fields = {"kept": kept, "compared_with": against, "sqnr_db": sqnr}
     return (rounded, learned, fields) if kept else (result, without, fields)
+
+
+def _smoothquant(graph, rules, options: CalibrateOptions, calib_data, eval_samples, eval_path):
+    """SmoothQuant as ``options.smoothquant`` says (:mod:`qtool.smoothing`).
+
+    Returns:
+        ``(graph, choice, transformer blocks)``.
+    """
+    from qtool.smoothing import choose_smoothing, parse_smoothquant
+    from qtool.transformer_patterns import find_transformer_blocks
+
+    setting = parse_smoothquant(options.smoothquant)
+    if options.plan is not None and setting is None:
+        setting = "off"  # a saved plan names the nodes of the unsmoothed graph
+    blocks = find_transformer_blocks(graph)
+
+    def stats(tensors):
+        from qtool.calibration.collector import channel_absmax
+
+        return channel_absmax(graph, tensors, calib_data, batch_size=options.batch_size,
+                              memory_budget=options.memory_budget)
+
+    return (*choose_smoothing(graph, setting, stats,
+                              _candidate_scorer(graph, rules, options, calib_data,
+                                                eval_samples, eval_path, blocks),
+                              transformer=blocks.is_transformer), blocks)
+
+
+def _candidate_scorer(reference, rules, options: CalibrateOptions, calib_data, eval_samples,
+                      eval_path, blocks):
+    """Scores a candidate float graph for :mod:`qtool.smoothing`.
+
+    The score is the worst output SQNR (dB) of the candidate quantized the run's way (plan,
+    calibration, quantization), on at most :data:`SEARCH_SAMPLES` judging rows.
+    """
+    import itertools
+
+    from qtool.analysis.evaluate import evaluate
+    from qtool.calibration import calibrate
+    from qtool.qdq import quantize
+    from qtool.smoothing import keep_float
+
+    method = "minmax" if options.method == AUTO_METHOD else options.method
+    judged = -(-SEARCH_SAMPLES // max(options.batch_size, 1))
+
+    def score(candidate: gs.Graph, float_muls: tuple[str, ...]) -> float:
+        plan = blocks.keep_float(keep_float(_build_plan(candidate, rules, options), float_muls))
+        ranges = calibrate(candidate, plan.activation_schemes(), calib_data, method=method,
+                           batch_size=options.batch_size, memory_budget=options.memory_budget)
+        result = quantize(candidate, rules, ranges, plan=plan,
+                          weight_method=options.weight_method, activation_method=method)
+        batches = itertools.islice(
+            labelled_batches(eval_samples, eval_path, options.batch_size), judged)
+        evaluation = evaluate(reference, result.graph, batches)
+        return min((o.sqnr_db if o.sqnr_db is not None else 200.0)
+                   for o in evaluation.outputs)
+
+    return score
 
 
 def _count_shape_nodes(graph: gs.Graph, report: dict[str, Any]) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -325,8 +326,12 @@ def tally(
         DataError: A missing input, or arrays that do not fit the model's inputs.
         TaskError: The task's options do not fit the model's outputs.
     """
-    float_proto = load_model(float_model)
-    quant_proto = load_model(quant_model)
+    # a model file is given to onnxruntime as a path, which reads its external data itself:
+    # a model over 2 GB is then never held in protobuf (only its inputs and outputs are read)
+    float_path = _path_of(float_model) if not layerwise else None
+    quant_path = _path_of(quant_model) if not layerwise else None
+    float_proto = load_model(float_model, external_data=float_path is None)
+    quant_proto = load_model(quant_model, external_data=quant_path is None)
     input_specs = _input_specs(quant_proto)
     output_names = [o.name for o in quant_proto.graph.output]
     task = resolve_task(task)
@@ -345,8 +350,14 @@ def tally(
         layers_shared = _shared_layer_tensors(float_proto, quant_proto, set(output_names))
         float_proto = _with_outputs(float_proto, list(layers_shared))
         quant_proto = _with_outputs(quant_proto, sorted({q for q, _ in layers_shared.values()}))
-    float_session = _session(float_proto, intra_op_threads)
-    quant_session = _session(quant_proto, intra_op_threads)
+    if layerwise:  # the protos have the shared layers as outputs
+        float_session = _session(float_proto, intra_op_threads)
+        quant_session = _session(quant_proto, intra_op_threads)
+    else:
+        float_session = _session(float_path or _graph_or(float_model, float_proto),
+                                 intra_op_threads)
+        quant_session = _session(quant_path or _graph_or(quant_model, quant_proto),
+                                 intra_op_threads)
     fetch = output_names + list(layers_shared)
     quant_fetch = output_names + [q for q, _ in layers_shared.values()]
 
@@ -540,10 +551,25 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return onnx.load_from_string(serialize(graph))
 
 
-def _session(model: onnx.ModelProto, intra_op_threads: int | None):
-    from qtool.analysis.common import session
+def _graph_or(model, proto):
+    """A Graph goes to its session as it is (over 2 GB its proto holds no weights)."""
+    return model if isinstance(model, gs.Graph) else proto
 
-    return session(serialize(model), intra_op_threads)
+
+def _path_of(model) -> str | None:
+    return str(model) if isinstance(model, str | os.PathLike) else None
+
+
+def _session(model: onnx.ModelProto | gs.Graph | str, intra_op_threads: int | None):
+    from qtool.analysis.common import session
+    from qtool.io import release, session_source
+
+    # a path goes to onnxruntime as it is; a model over 2 GB: a temporary file pair
+    source = model if isinstance(model, str) else session_source(model)
+    try:
+        return session(source, intra_op_threads)
+    finally:
+        release(source)
 
 
 def _rounded(value: Any) -> Any:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -394,7 +395,7 @@ def _cure(backend: str) -> str:
 def _session(model: Any, optimize: bool):
     import onnxruntime as ort
 
-    from qtool.io import serialize
+    from qtool.io import release, session_source
 
     options = ort.SessionOptions()
     options.graph_optimization_level = (
@@ -402,8 +403,12 @@ def _session(model: Any, optimize: bool):
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     options.log_severity_level = 3
-    data = model if isinstance(model, bytes) else serialize(model)
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    data = (model if isinstance(model, bytes) else str(model)
+            if isinstance(model, str | os.PathLike) else session_source(model))
+    try:
+        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    finally:
+        release(data)
 
 
 def _first_line(exc: Exception) -> str:

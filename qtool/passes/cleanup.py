@@ -107,10 +107,12 @@ def infer_shapes(graph: gs.Graph) -> gs.Graph:
 
     Existing ``value_info`` is dropped first, so stale shapes an exporter left behind (a traced
     batch size) cannot override the symbolic dims of the inputs. Returns ``graph`` itself when
-    inference fails (e.g. a model over 2 GB).
+    inference fails, or for a model over 2 GB (:func:`qtool.io.is_large`).
     """
-    from qtool.io import to_model
+    from qtool.io import is_large, to_model
 
+    if is_large(graph):
+        return graph  # one protobuf cannot hold it: a copy would only double the memory
     try:
         model = to_model(graph)
         model.graph.ClearField("value_info")
