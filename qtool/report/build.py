@@ -114,6 +114,7 @@ def build_report(
             "weights": len(plan.entries("weight")),
             "biases": len(plan.entries("bias")),
             "float_nodes": dict(sorted(plan.float_nodes.items())),
+            **({"notes": dict(plan.notes)} if getattr(plan, "notes", None) else {}),
         },
         "evaluation": {
             "data": eval_data if eval_data is not None else "random inputs",
