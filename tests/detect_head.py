@@ -1,8 +1,9 @@
 """A YOLOv8-style detection head from torch: pixel boxes concatenated with sigmoid scores.
 
 The output is ``Concat([boxes, scores], axis=1)`` of shape ``[N, 4 + C, A]`` as ultralytics
-exports it: ``boxes`` are xyxy in pixels of a 320-pixel image (a grid of anchor points plus
-distances regressed by a Conv, times the stride), ``scores`` are ``sigmoid`` of a class
+exports it: ``boxes`` are ``cx, cy, w, h`` in pixels of a 320-pixel image (a grid of anchor
+points and the distances to the box sides regressed by a Conv, times the stride, as
+ultralytics' ``dist2bbox``), ``scores`` are ``sigmoid`` of a class
 Conv whose logits are spread over about -8..6 (most anchors see no object). The weights are
 constructed, not trained: a backbone that responds to bright blobs and class channels that
 read the blob's colour, so float detections follow the data (the images hold 1-3 coloured
@@ -61,7 +62,8 @@ def _module():
             n = x.shape[0]
             dist = torch.relu(self.box(feat)).reshape(n, 4, -1)
             lt, rb = dist[:, :2], dist[:, 2:]
-            boxes = torch.cat([self.anchors - lt, self.anchors + rb], 1) * self.scale
+            centre = self.anchors + (rb - lt) / 2
+            boxes = torch.cat([centre, lt + rb], 1) * self.scale
             scores = torch.sigmoid(self.cls(feat).reshape(n, CLASSES, -1))
             return torch.cat([boxes, scores], 1)
 
@@ -80,10 +82,7 @@ def head_bytes(opset: int = 13, dynamo: bool = False) -> bytes:
         kwargs["dynamic_axes"] = {"images": {0: "batch"}, "output0": {0: "batch"}}
     torch.onnx.export(module, (torch.zeros(1, 3, SIZE, SIZE),), buffer, opset_version=opset,
                       input_names=["images"], output_names=["output0"], **kwargs)
-    model = onnx.load_from_string(buffer.getvalue())
-    if dynamo:
-        model = onnx.load_from_string(buffer.getvalue())
-    return model.SerializeToString()
+    return onnx.load_from_string(buffer.getvalue()).SerializeToString()
 
 
 def images(count: int, seed: int) -> np.ndarray:
