@@ -9,13 +9,11 @@ calibration has measured the ranges, a group whose union range leaves one member
 
 * **16 bits** where the backend runs and describes 16-bit activations (snpe, qnn, academic:
   A16W8) and every member keeps :data:`MIN_LEVELS` at 16 bits: the group keeps one scale;
-* else **requantize**: the group is split where the tie joins ranges too far apart (a
-  Concat input and its output): each part gets its own scale, and the engine requantizes
-  the narrow member into the op (onnxruntime's QLinearConcat, TensorRT and TVM take one
-  scale per Concat input);
-* and where a tensor that holds slices of both ranges (the Concat's output, and what only
-  moves its data) is itself quantized, it is **kept float**: its readers read the float
-  tensor, so the op runs float in the engine.
+* else the sharing op is **kept float**: it reads its inputs unquantized (an input only it
+  read is no longer quantized; others keep their own scale for their other readers), and a
+  tensor that holds both ranges (its output, and what only moves that output's data) is not
+  quantized either: its readers read the float tensor. The rest of the group keeps one
+  scale per part that the ties still join. The op is listed in ``float_nodes``.
 
 Levels of a member ``t`` under the group's range ``g`` are ``(qmax - qmin) * s_t / s_g``,
 ``s`` the scale the scheme gives each range. The plan's ``notes`` say, per member, which
@@ -50,7 +48,7 @@ class GroupSplit:
 
     Attributes:
         group: The group id in the plan built before calibration.
-        action: ``16-bit``, ``requantize`` or ``float``.
+        action: ``16-bit`` or ``float``.
         narrow: The member(s) the shared scale would erase, with the levels they would keep.
         float_tensors: Tensors no longer quantized (their readers read float values).
         reason: One line for the report.
@@ -87,6 +85,7 @@ def split_wide_groups(graph: gs.Graph, plan: QuantPlan, ranges: Mapping[str, Any
     backend = resolve_backend(backend)
     tensors = dict(plan.tensors)
     notes = dict(plan.notes)
+    float_nodes = dict(plan.float_nodes)
     splits: list[GroupSplit] = []
     next_id = _next_group_index(plan)
     for group, members in plan.groups.items():
@@ -106,24 +105,32 @@ def split_wide_groups(graph: gs.Graph, plan: QuantPlan, ranges: Mapping[str, Any
                       f"({backend.name} runs them)")
             splits.append(GroupSplit(group, f"{WIDE_BITS}-bit", narrow, (), reason))
         else:
-            parts, mixed = _parts(graph, backend, members, bounds, scheme)
-            dropped = tuple(m for m in members if m in mixed)
+            parts, mixed, ops = _parts(graph, backend, members, bounds, scheme)
+            dropped = []
+            for m in members:
+                entry = tensors[m]
+                readers = tuple(c for c in entry.consumers if c not in ops)
+                if m in mixed or (entry.consumers and not readers):
+                    dropped.append(m)  # only the float op read it, or it holds both ranges
+                    del tensors[m]
+                else:
+                    tensors[m] = dataclasses.replace(entry, consumers=readers)
             for part in parts:
-                kept = [m for m in part if m not in mixed]
+                kept = [m for m in part if m in tensors]
                 new_id = f"group{next_id}" if len(kept) > 1 else None
                 next_id += len(kept) > 1
                 for m in kept:
                     tensors[m] = dataclasses.replace(tensors[m], group=new_id)
-            for m in dropped:
-                del tensors[m]
-            action = "float" if dropped else "requantize"
             reason = (f"ranges {_spans(bounds, narrow)} leave {_levels(narrow)} at "
-                      f"{scheme.bits} bits under one scale: split into {len(parts)} scales "
-                      "(the engine requantizes at the op)")
+                      f"{scheme.bits} bits under one scale: {', '.join(sorted(ops))} "
+                      "runs float, reading its inputs unquantized")
             if dropped:
-                reason += (f"; {', '.join(dropped)} holds both ranges and stays float "
-                           "(its readers run float)")
-            splits.append(GroupSplit(group, action, narrow, dropped, reason))
+                reason += f" ({', '.join(dropped)} no longer quantized)"
+            for op in ops:
+                float_nodes[op] = (f"its inputs' ranges are too far apart for one "
+                                   f"{scheme.bits}-bit scale ({_levels(narrow)}): it runs "
+                                   "float (shared-scale split after calibration)")
+            splits.append(GroupSplit(group, "float", narrow, tuple(dropped), reason))
         for m in members:
             notes[m] = f"shared-scale group {group}: {splits[-1].reason}"
         log.info("shared-scale group %s: %s", group, splits[-1].reason)
@@ -131,7 +138,18 @@ def split_wide_groups(graph: gs.Graph, plan: QuantPlan, ranges: Mapping[str, Any
         return plan, []
     tensors = {n: e for n, e in tensors.items()
                if e.bias_inputs is None or all(b in tensors for b in e.bias_inputs)}
-    return dataclasses.replace(plan, tensors=tensors, notes=notes), splits
+    return dataclasses.replace(plan, tensors=_single_groups_dropped(tensors), notes=notes,
+                               float_nodes=float_nodes), splits
+
+
+def _single_groups_dropped(tensors):
+    counts: dict[str, int] = {}
+    for entry in tensors.values():
+        if entry.group is not None:
+            counts[entry.group] = counts.get(entry.group, 0) + 1
+    return {name: dataclasses.replace(entry, group=None)
+            if entry.group is not None and counts[entry.group] < 2 else entry
+            for name, entry in tensors.items()}
 
 
 def member_levels(scheme, bounds: Mapping[str, tuple[float, float]]) -> dict[str, float]:
@@ -163,13 +181,15 @@ def _range(entry, ranges) -> tuple[float, float] | None:
     return min(lo, hi), max(lo, hi)
 
 
-def _parts(graph, backend, members, bounds, scheme) -> tuple[list[list[str]], set[str]]:
-    """The group re-joined only where a tie keeps both sides' levels, and its mixed tensors.
+def _parts(graph, backend, members, bounds,
+           scheme) -> tuple[list[list[str]], set[str], set[str]]:
+    """The group re-joined where a tie keeps both sides' levels; mixed tensors; cut ops.
 
-    A tie (an input and output of a sharing op, the data input and outputs of a pass-through
-    op) joins two members when neither would keep fewer than :data:`MIN_LEVELS` under their
-    union. A sharing op's output whose tie to a narrower input was cut holds values of both
-    ranges; it, and the members tied to it by pass-through ops, are mixed.
+    A sharing op joins its quantized inputs and outputs when none would keep fewer than
+    :data:`MIN_LEVELS` under their union; otherwise it is cut (returned by name: it runs
+    float) and its outputs hold values of both ranges: they, and the members tied to them by
+    pass-through ops, are mixed. A pass-through op joins its data input and outputs when
+    neither would keep fewer than :data:`MIN_LEVELS` under their union.
     """
     from qtool.planner import _UnionFind, all_nodes
 
@@ -180,24 +200,26 @@ def _parts(graph, backend, members, bounds, scheme) -> tuple[list[list[str]], se
         union.find(m)
         moves.find(m)
     cut_outputs: set[str] = set()
+    cut_ops: set[str] = set()
     for node in all_nodes(graph):
         if node.op in backend.sharing_ops:
-            outputs = [t.name for t in node.outputs if t.name in inside]
-            ties = [(t.name, o) for t in node.inputs if t.name in inside for o in outputs]
+            side = [t.name for t in [*node.inputs, *node.outputs] if t.name in inside]
+            if len(side) < 2:
+                continue
+            if _narrow(scheme, {m: bounds[m] for m in side}):  # the op would erase one
+                cut_ops.add(node.name)
+                cut_outputs.update(t.name for t in node.outputs if t.name in inside)
+                continue
+            for m in side[1:]:
+                union.union(side[0], m)
         elif backend.passes_scale_through(node.op, node.attrs) and node.inputs:
-            ties = [(node.inputs[0].name, t.name) for t in node.outputs]
-        else:
-            continue
-        for a, b in ties:
-            if a not in inside or b not in inside:
-                continue
-            if node.op not in backend.sharing_ops:
-                moves.union(a, b)
-            if _narrow(scheme, {a: bounds[a], b: bounds[b]}):
-                if node.op in backend.sharing_ops:
-                    cut_outputs.add(b)
-                continue
-            union.union(a, b)
+            source = node.inputs[0].name
+            for out in node.outputs:
+                if source not in inside or out.name not in inside:
+                    continue
+                moves.union(source, out.name)
+                if not _narrow(scheme, {source: bounds[source], out.name: bounds[out.name]}):
+                    union.union(source, out.name)
     parts: dict[str, list[str]] = {}
     for m in members:
         parts.setdefault(union.find(m), []).append(m)
@@ -209,7 +231,7 @@ def _parts(graph, backend, members, bounds, scheme) -> tuple[list[list[str]], se
             result += [[m] for m in part]
         else:
             result.append(part)
-    return result, mixed
+    return result, mixed, cut_ops
 
 
 def _next_group_index(plan: QuantPlan) -> int:

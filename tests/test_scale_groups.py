@@ -58,6 +58,11 @@ def test_score_slice_survives_every_backend(head, backend):
             None, {"images": held_out})[0]
         assert _sqnr(reference[:, 4:], quant[:, 4:]) >= 20.0, (backend, level)
         assert _sqnr(reference[:, :4], quant[:, :4]) >= 20.0, (backend, level)
+    # the split output is what the backend's rules accept (no mixed scales at an int Concat)
+    from qtool.lint import lint_model
+
+    found = lint_model(files["model.qdq.onnx"], backend=backend).findings
+    assert not [f for f in found if f.rule_id == "QT104"], backend
 
 
 def _concat_then_conv() -> gs.Graph:
@@ -99,8 +104,11 @@ def test_tvm_splits_the_group_and_keeps_the_mixed_tensor_float():
     split, decisions = split_wide_groups(graph, plan, RANGES, "tvm")
     assert [d.action for d in decisions] == ["float"]
     assert "joined" not in split.tensors  # both ranges in one tensor: read float
-    assert split.tensors["scores"].group is None and split.tensors["boxes"].group is None
-    assert "scores" in split.notes and "joined" in split.notes["scores"]
+    # only the Concat read them, and it runs float: no scale forced on either
+    assert "scores" not in split.tensors and "boxes" not in split.tensors
+    assert "one 8-bit scale" in split.float_nodes["concat"]
+    assert "reader" not in split.float_nodes  # reads the float Concat output, weight quantized
+    assert "scores" in split.notes and "concat runs float" in split.notes["scores"]
     assert split.to_dict()["notes"] == dict(split.notes)  # the plan says why
     from qtool.plan import QuantPlan
 
