@@ -71,17 +71,17 @@ def _module():
 
 
 @functools.cache
-def head_bytes(opset: int = 13, dynamo: bool = False) -> bytes:
-    """The exported head (input ``images`` [N, 3, 32, 32], output ``output0`` [N, 4+C, A])."""
+def head_bytes(opset: int = 13) -> bytes:
+    """The exported head (input ``images`` [N, 3, 32, 32], output ``output0`` [N, 4+C, A]).
+
+    The classic exporter (``dynamo=False``) with a dynamic batch, as ultralytics exports.
+    """
     import torch
 
-    module = _module()
     buffer = io.BytesIO()
-    kwargs = {"dynamo": dynamo}
-    if not dynamo:
-        kwargs["dynamic_axes"] = {"images": {0: "batch"}, "output0": {0: "batch"}}
-    torch.onnx.export(module, (torch.zeros(1, 3, SIZE, SIZE),), buffer, opset_version=opset,
-                      input_names=["images"], output_names=["output0"], **kwargs)
+    torch.onnx.export(_module(), (torch.zeros(1, 3, SIZE, SIZE),), buffer, opset_version=opset,
+                      input_names=["images"], output_names=["output0"], dynamo=False,
+                      dynamic_axes={"images": {0: "batch"}, "output0": {0: "batch"}})
     return onnx.load_from_string(buffer.getvalue()).SerializeToString()
 
 

@@ -65,6 +65,23 @@ def test_score_slice_survives_every_backend(head, backend):
     assert not [f for f in found if f.rule_id == "QT104"], backend
 
 
+@pytest.mark.parametrize("opset", [11, 17])
+@pytest.mark.parametrize("backend", ["onnxruntime", "qnn"])
+def test_score_slice_survives_other_opsets(tmp_path, opset, backend):
+    model = tmp_path / "head.onnx"
+    model.write_bytes(head_bytes(opset))
+    np.savez(tmp_path / "calib.npz", images=images(32, 1))
+    files, _ = quantize_model(model, backend, CalibrateOptions(
+        data=tmp_path / "calib.npz", kernel_check=False, analysis="none",
+        bias_correction=False))
+    held_out = images(8, 3)
+    reference = ort.InferenceSession(head_bytes(opset), providers=["CPUExecutionProvider"]).run(
+        None, {"images": held_out})[0]
+    quant = ort.InferenceSession(files["model.qdq.onnx"], providers=["CPUExecutionProvider"]).run(
+        None, {"images": held_out})[0]
+    assert _sqnr(reference[:, 4:], quant[:, 4:]) >= 20.0
+
+
 def _concat_then_conv() -> gs.Graph:
     """Boxes (0-300) and sigmoid scores (0-1) concatenated, then a 1x1 Conv reads both."""
     x = gs.Variable("x", np.float32, [1, 2, 4, 4])

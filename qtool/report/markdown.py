@@ -45,6 +45,9 @@ def to_markdown(report: Mapping[str, Any]) -> str:
                 f"| {out['name']} | {fmt_db(out['sqnr_db'])} | {out['cosine']:.5f} | "
                 f"{out['max_abs_error']:.4g} | {fmt_pct(out['top1_agreement'])} |"
             )
+            for part in out.get("slices", ()):
+                lines.append(f"| {_slice_label(out['name'], part)} | "
+                             f"{fmt_db(part['sqnr_db'])} | | | |")
         accuracy = _accuracy(ev)
         if accuracy:
             lines += ["", f"Top-1 accuracy: float {fmt_pct(accuracy[0])}, quantized "
