@@ -5,7 +5,8 @@ movement chains: :func:`qtool.planner.build_plan`), before any range is known. O
 calibration has measured the ranges, a group whose union range leaves one member fewer than
 :data:`MIN_LEVELS` quantization levels would erase that member: a YOLO head's sigmoid scores
 (0-1) concatenated with boxes in pixels (0-320) take two values at 8 bits, ``{0, 1.25}``.
-:func:`split_wide_groups` decides per group, by what the engine runs:
+:func:`split_wide_groups` (called by :func:`qtool.qdq.quantize`, where the group ranges are
+united) decides per group, by what the engine runs:
 
 * **16 bits** where the backend runs and describes 16-bit activations (snpe, qnn, academic:
   A16W8) and every member keeps :data:`MIN_LEVELS` at 16 bits: the group keeps one scale;
@@ -191,7 +192,8 @@ def _parts(graph, backend, members, bounds,
     pass-through ops, are mixed. A pass-through op joins its data input and outputs when
     neither would keep fewer than :data:`MIN_LEVELS` under their union.
     """
-    from qtool.planner import _UnionFind, all_nodes
+    from qtool.graph_walk import all_nodes
+    from qtool.planner import _UnionFind
 
     inside = set(members)
     union = _UnionFind()

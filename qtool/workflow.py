@@ -249,9 +249,6 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
                 executor=options.executor,
             )
     with progress.phase("quantize"):
-        from qtool.scale_groups import split_wide_groups
-
-        plan, _ = split_wide_groups(graph, plan, ranges, rules)  # ranges known: no collapse
         result = quantize(graph, rules, ranges, plan=plan, weight_method=options.weight_method,
                           activation_method=options.method)
 

@@ -18,10 +18,12 @@ import pytest
 from detect_head import head_bytes, images
 from qtool.backends import backend_names
 
+from qtool.options import CalibrateOptions
 from qtool.planner import build_plan
+from qtool.prepare import prepare
 from qtool.scale_groups import MIN_LEVELS, member_levels, split_wide_groups
 from qtool.scheme import QuantScheme
-from qtool.workflow import CalibrateOptions, prepare, quantize_model
+from qtool.workflow import quantize_model
 
 
 def _sqnr(x: np.ndarray, q: np.ndarray) -> float:
@@ -163,3 +165,14 @@ def test_plan_without_notes_keeps_its_json():
     graph, _ = prepare(_concat_then_conv())
     plan = build_plan(graph, "tvm")
     assert "notes" not in plan.to_dict()
+
+
+def test_quantize_splits_on_every_path():
+    """qtool.qdq.quantize itself splits: fallback, sensitivity, QAT and compare get it too."""
+    from qtool.qdq import quantize
+
+    graph, _ = prepare(_concat_then_conv())
+    result = quantize(graph, "tvm", RANGES)
+    assert "concat" in result.plan.float_nodes and "joined" not in result.plan.tensors
+    again = quantize(graph, "tvm", RANGES, plan=result.plan)  # a split plan stays as it is
+    assert again.plan == result.plan
