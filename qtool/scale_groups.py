@@ -3,7 +3,8 @@
 The planner ties tensors to one scale with a union-find (a Concat's inputs and output, data
 movement chains: :func:`qtool.planner.build_plan`), before any range is known. Once the
 calibration has measured the ranges, a group whose union range leaves one member fewer than
-:data:`MIN_LEVELS` quantization levels would erase that member: a YOLO head's sigmoid scores
+:data:`MIN_LEVELS` quantization levels (at low widths, fewer than 1/8 of its levels:
+:func:`min_levels`) would erase that member: a YOLO head's sigmoid scores
 (0-1) concatenated with boxes in pixels (0-320) take two values at 8 bits, ``{0, 1.25}``.
 :func:`split_wide_groups` (called by :func:`qtool.qdq.quantize`, where the group ranges are
 united) decides per group, by what the engine runs:
@@ -162,8 +163,18 @@ def member_levels(scheme, bounds: Mapping[str, tuple[float, float]]) -> dict[str
     return {m: steps * float(scheme.qparams(*b)[0]) / shared for m, b in bounds.items()}
 
 
+def min_levels(scheme) -> float:
+    """Fewest levels a member may keep: :data:`MIN_LEVELS`, or at low widths 1/8 of all.
+
+    At 8 bits and more a member keeps 32 levels; at 4 bits (15 steps) one 8x narrower than
+    the union (under 2 levels) is erased, one as wide is not.
+    """
+    return min(MIN_LEVELS, (scheme.qmax - scheme.qmin) / 8)
+
+
 def _narrow(scheme, bounds) -> dict[str, float]:
-    return {m: v for m, v in member_levels(scheme, bounds).items() if v < MIN_LEVELS}
+    floor = min_levels(scheme)
+    return {m: v for m, v in member_levels(scheme, bounds).items() if v < floor}
 
 
 def _runs_wide(backend, bits: int) -> bool:

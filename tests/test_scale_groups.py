@@ -21,7 +21,7 @@ from qtool.backends import backend_names
 from qtool.options import CalibrateOptions
 from qtool.planner import build_plan
 from qtool.prepare import prepare
-from qtool.scale_groups import MIN_LEVELS, member_levels, split_wide_groups
+from qtool.scale_groups import MIN_LEVELS, member_levels, min_levels, split_wide_groups
 from qtool.scheme import QuantScheme
 from qtool.workflow import quantize_model
 
@@ -159,6 +159,19 @@ def test_member_levels_formula():
     assert levels["a"] == pytest.approx(255.0)
     assert levels["b"] == pytest.approx(255.0 / 320.0)
     assert levels["b"] < MIN_LEVELS <= levels["a"]
+    assert min_levels(scheme) == pytest.approx(255 / 8)
+    assert min_levels(scheme.with_(bits=16)) == MIN_LEVELS
+    assert min_levels(scheme.with_(bits=4)) == pytest.approx(15 / 8)  # 4 bits: 8x narrower
+
+
+def test_four_bit_groups_of_like_ranges_stay_shared():
+    graph, _ = prepare(_concat_then_conv())
+    plan = build_plan(graph, "tvm", act_bits=4)
+    close = {**RANGES, "boxes": (-3.0, 3.0), "joined": (-3.0, 3.0), "scores": (0.0, 1.0)}
+    split, decisions = split_wide_groups(graph, plan, close, "tvm")
+    assert decisions == [] and split is plan  # 1/3 of the range: 5 of 15 levels kept
+    split, decisions = split_wide_groups(graph, plan, RANGES, "tvm")
+    assert [d.action for d in decisions] == ["float"]
 
 
 def test_plan_without_notes_keeps_its_json():
