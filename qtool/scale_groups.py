@@ -132,6 +132,15 @@ def split_wide_groups(graph: gs.Graph, plan: QuantPlan, ranges: Mapping[str, Any
                 float_nodes[op] = (f"its inputs' ranges are too far apart for one "
                                    f"{scheme.bits}-bit scale ({_levels(narrow)}): it runs "
                                    "float (shared-scale split after calibration)")
+            # a reader of a tensor no longer quantized that reads no other quantized tensor
+            # (an activation or its weight) runs float: say why
+            still = {c for e in tensors.values() for c in e.consumers}
+            for m in dropped:
+                for reader in plan.tensors[m].consumers:
+                    if reader not in ops and reader not in still:
+                        float_nodes[reader] = (
+                            f"reads {m}, which holds ranges too far apart for one "
+                            f"{scheme.bits}-bit scale ({_levels(narrow)}): it runs float")
             splits.append(GroupSplit(group, "float", narrow, tuple(dropped), reason))
         for m in members:
             notes[m] = f"shared-scale group {group}: {splits[-1].reason}"

@@ -126,7 +126,8 @@ def test_tvm_splits_the_group_and_keeps_the_mixed_tensor_float():
     # only the Concat read them, and it runs float: no scale forced on either
     assert "scores" not in split.tensors and "boxes" not in split.tensors
     assert "one 8-bit scale" in split.float_nodes["concat"]
-    assert "reader" not in split.float_nodes  # reads the float Concat output, weight quantized
+    # the Conv reading the Concat's output reads it float; its weight stays quantized
+    assert "reader" not in split.float_nodes and split.tensors["w3"].consumers == ("reader",)
     assert "scores" in split.notes and "concat runs float" in split.notes["scores"]
     assert split.to_dict()["notes"] == dict(split.notes)  # the plan says why
     from qtool.plan import QuantPlan
@@ -189,3 +190,25 @@ def test_quantize_splits_on_every_path():
     assert "concat" in result.plan.float_nodes and "joined" not in result.plan.tensors
     again = quantize(graph, "tvm", RANGES, plan=result.plan)  # a split plan stays as it is
     assert again.plan == result.plan
+
+
+def test_a_reader_left_without_quantized_inputs_is_listed_float():
+    """ViT's shape: a class token concatenated with patch embeddings, then a float Add."""
+    x = gs.Variable("x", np.float32, [1, 4, 8])
+    token = gs.Variable("token", np.float32)
+    joined = gs.Variable("joined", np.float32)
+    out = gs.Variable("out", np.float32)
+    nodes = [
+        gs.Node("Mul", "tiny", inputs=[x, gs.Constant("k", np.array(0.001, np.float32))],
+                outputs=[token]),
+        gs.Node("Concat", "cat", inputs=[token, x], outputs=[joined], attrs={"axis": 1}),
+        gs.Node("Add", "pos", inputs=[joined, gs.Constant(
+            "pos_embed", np.ones((1, 8, 8), np.float32))], outputs=[out]),
+    ]
+    graph, _ = prepare(gs.Graph(nodes=nodes, inputs=[x], outputs=[out], opset=13))
+    plan = build_plan(graph, "tvm")
+    assert plan.tensors["joined"].consumers == ("pos",)
+    ranges = {"x": (-50.0, 50.0), "token": (-0.05, 0.05), "joined": (-50.0, 50.0)}
+    split, _ = split_wide_groups(graph, plan, ranges, "tvm")
+    assert "joined" not in split.tensors
+    assert "too far apart" in split.float_nodes["pos"] and "cat" in split.float_nodes
