@@ -357,8 +357,12 @@ def _bias_correction(mode: str, off: bool) -> bool | str:
                    "(alpha in [0, 1]; without a value, alpha is judged on held-out data). "
                    "Default: on where transformer blocks read outlier channels; 'off' never.")
 @click.option("--fail-under-sqnr", type=float, metavar="DB",
-              help="Exit 1 when an output's SQNR on the evaluation data is below DB (the "
-                   "report always warns below 10 dB, or below DB when given).")
+              help="Exit 1 when an output's (or output slice's) SQNR on the evaluation data is "
+                   "below DB (the report always warns below 10 dB, or below DB when given).")
+@click.option("--fail-on-floor", is_flag=True,
+              help="Exit 1 on any floor breach the summary warns about: SQNR of an output, "
+                   "an output slice or the kernel path, or the task's floor (top-1 agreement "
+                   "90%, mAP@0.5 vs float 80%, CER rise 2 pts).")
 @click.option("--requantize", is_flag=True,
               help="Accept a model that already holds QuantizeLinear/DequantizeLinear pairs: "
                    "strip them back to float (weights keep their quantized values) and "
@@ -396,7 +400,8 @@ def calibrate(ctx, model, backend, backend_options, target_cpu, data_path, eval_
               weight_method, num_samples, batch_size, bits, weight_bits, act_bits, skip, plan_path,
               save_plan_path, workers, executor, seed, output, force, layerwise, sensitivity,
               target_sqnr, max_accuracy_drop, task, task_options, task_decoder, cle,
-              bias_correction, no_bias_correction, fail_under_sqnr, adaround, adaround_iters,
+              bias_correction, no_bias_correction, fail_under_sqnr, fail_on_floor, adaround,
+              adaround_iters,
               analysis_level, memory_budget, quiet, provider, preprocess_file, input_axes=(),
               config_path=None, requantize=False, weight_only=False, block_size="128",
               weight_algorithm=None, precision="int8", smoothquant=None, **image_flags):
@@ -477,10 +482,20 @@ def calibrate(ctx, model, backend, backend_options, target_cpu, data_path, eval_
     if options.fail_under_sqnr is not None and below:
         from qtool.report.sqnr_floor import FAIL_EXIT
 
-        names = ", ".join(f"{b['output']} ({b['sqnr_db']:.2f} dB)" for b in below)
+        names = ", ".join(f"{b.get('slice') or b['output']} ({b['sqnr_db']:.2f} dB)"
+                          for b in below)
         click.echo(f"error: SQNR below --fail-under-sqnr {options.fail_under_sqnr:g} dB: "
                    f"{names}", err=True)
         ctx.exit(FAIL_EXIT)
+    if fail_on_floor and result.report is not None:
+        from qtool.report.floors import breaches
+        from qtool.report.sqnr_floor import FAIL_EXIT
+
+        found = breaches(result.report)
+        if found:
+            click.echo(f"error: below the floors (--fail-on-floor): {'; '.join(found)}",
+                       err=True)
+            ctx.exit(FAIL_EXIT)
 
 
 def _given_parameters(ctx: click.Context) -> set[str]:

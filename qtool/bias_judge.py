@@ -179,6 +179,7 @@ def judge(float_model, candidates: Sequence, batches: Iterable[Mapping[str, np.n
         _input_specs,
         _is_classifier,
     )
+    from qtool.analysis.slices import SliceSums
     from qtool.calibration.batching import batch_rows
     from qtool.calibration.data import model_inputs
     from qtool.io import load_model
@@ -194,6 +195,7 @@ def judge(float_model, candidates: Sequence, batches: Iterable[Mapping[str, np.n
     sums = [{name: _OutputSums() for name in outputs} for _ in candidates]
     errors = [{name: _ErrorSums() for name in outputs} for _ in candidates]
     classifiers: list[dict] = [{} for _ in candidates]
+    sliced = [{name: SliceSums() for name in outputs} for _ in candidates]  # the report's
     metrics = [task.metric() if task is not None else None for _ in candidates]
     samples, labelled = 0, False
     for index, batch in enumerate(batches):
@@ -208,6 +210,7 @@ def judge(float_model, candidates: Sequence, batches: Iterable[Mapping[str, np.n
                 x, q = float_values[name], quant_values[name]
                 sums[c][name].update(x, q)
                 errors[c][name].update(x, q)
+                sliced[c][name].update(x, q)
                 if _is_classifier(x):
                     classifiers[c].setdefault(name, Top1Counts()).update(x, q, labels)
             if metrics[c] is not None:
@@ -224,7 +227,7 @@ def judge(float_model, candidates: Sequence, batches: Iterable[Mapping[str, np.n
             if verdict.worst_at is None or _key(value) < _key(verdict.worst[1]):
                 verdict.worst, verdict.worst_at = (label, value), where
         verdict.evaluation = Tally(outputs, {}, errors[c], classifiers[c], samples, labelled,
-                                   metric).evaluation()
+                                   metric, sliced[c]).evaluation()
         if verdict.evaluation.task is not None:
             verdict.task_drop = verdict.evaluation.task.drop
             verdict.task_metrics = dict(verdict.evaluation.task.metrics)

@@ -16,7 +16,9 @@ Each :class:`TensorPlan` entry is one tensor with
 * ``pinned_range``: a user-fixed ``(lo, hi)`` that replaces calibration.
 
 ``float_nodes`` maps node names to the reason they stay float; ``nodes`` holds every node's
-op type so that edits by op type work on a saved plan without the graph.
+op type so that edits by op type work on a saved plan without the graph. ``notes`` (written
+only when there are any) says per tensor why its quantization differs from the backend's
+rules, e.g. a shared-scale group split after calibration (:mod:`qtool.scale_groups`).
 
 JSON layout (``to_json``; unknown keys are rejected by ``from_json``)::
 
@@ -139,6 +141,7 @@ class QuantPlan:
         tensors: Entries by tensor name, in graph order.
         float_nodes: Node name -> why it stays float.
         nodes: Every node's op type, by node name.
+        notes: Tensor name -> why its quantization departs from the rules (a split group).
     """
 
     backend: str
@@ -146,6 +149,7 @@ class QuantPlan:
     tensors: Mapping[str, TensorPlan]
     float_nodes: Mapping[str, str] = field(default_factory=dict)
     nodes: Mapping[str, str] = field(default_factory=dict)
+    notes: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         self._validate()
@@ -196,6 +200,9 @@ class QuantPlan:
         if self.float_nodes:
             lines.append("float nodes:")
             lines += [f"  {name}: {why}" for name, why in self.float_nodes.items()]
+        if self.notes:
+            lines.append("notes:")
+            lines += [f"  {name}: {why}" for name, why in self.notes.items()]
         return "\n".join(lines)
 
     __str__ = summary
@@ -306,7 +313,7 @@ class QuantPlan:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (see the module docstring for the layout)."""
-        return {
+        data = {
             "format": FORMAT,
             "backend": self.backend,
             "placement_graph": self.placement_graph,
@@ -314,6 +321,9 @@ class QuantPlan:
             "float_nodes": dict(self.float_nodes),
             "nodes": dict(self.nodes),
         }
+        if self.notes:
+            data["notes"] = dict(self.notes)
+        return data
 
     def to_json(self) -> str:
         """Deterministic JSON text (same plan, same bytes)."""
@@ -330,12 +340,12 @@ class QuantPlan:
             raise PlanError("a plan is a JSON object")
         _check_keys(
             data, {"format", "backend", "placement_graph", "tensors", "float_nodes", "nodes"},
-            "plan",
+            "plan", optional={"notes"},
         )
         if data["format"] != FORMAT:
             raise PlanError(f"plan format {data['format']!r} is not {FORMAT!r}")
-        for key in ("tensors", "float_nodes", "nodes"):
-            if not isinstance(data[key], Mapping):
+        for key in ("tensors", "float_nodes", "nodes", "notes"):
+            if not isinstance(data.get(key, {}), Mapping):
                 raise PlanError(f"plan: {key} must be an object")
         placement_graph = data["placement_graph"]
         if not isinstance(placement_graph, int) or isinstance(placement_graph, bool):
@@ -348,6 +358,7 @@ class QuantPlan:
             },
             float_nodes={str(k): str(v) for k, v in data["float_nodes"].items()},
             nodes={str(k): str(v) for k, v in data["nodes"].items()},
+            notes={str(k): str(v) for k, v in data.get("notes", {}).items()},
         )
 
     @classmethod
@@ -419,9 +430,10 @@ def _drop_single_groups(tensors: Mapping[str, TensorPlan]) -> dict[str, TensorPl
     }
 
 
-def _check_keys(data: Mapping[str, Any], known: Iterable[str], where: str) -> None:
+def _check_keys(data: Mapping[str, Any], known: Iterable[str], where: str,
+                optional: Iterable[str] = ()) -> None:
     known = set(known)
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known - set(optional))
     if unknown:
         raise PlanError(
             f"{where}: unknown key(s) {', '.join(unknown)}",

@@ -176,6 +176,7 @@ def quantize(
     from qtool.backends import resolve_backend
     from qtool.bias import split_shared_biases
     from qtool.passes.opset import ensure_opset
+    from qtool.scale_groups import split_wide_groups
 
     backend = resolve_backend(backend)
     float_graph = ensure_opset(_copy(load(graph)), QDQ_MIN_OPSET)
@@ -193,6 +194,8 @@ def quantize(
     _check_activation_bits(plan, backend)
     plan = drop_unreached(plan, ranges, float_graph)
     _check_ranges(plan, ranges)
+    # ranges known: a shared scale that would erase a member is split (qtool.scale_groups)
+    plan, _ = split_wide_groups(float_graph, plan, ranges, backend)
     warnings: list[str] = []
     qparams = compute_qparams(float_graph, plan, ranges, weight_method, warnings)
     for warning in warnings:

@@ -195,9 +195,11 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
         raise PlanError("--analysis none turns off the comparison, the sensitivity and the "
                         "float fallback", "drop --analysis none, or the flags that need them "
                         "(--layerwise, --sensitivity, --target-sqnr, --max-accuracy-drop)")
-    from qtool.analysis.tasks import resolve_task
+    from qtool.analysis.tasks import AUTO_TASK, NO_TASK, resolve_task
 
     task = resolve_task(options.task, options.task_options, options.task_decoder)
+    # the summary's task: the one given, else the one the outputs look like (--task none: off)
+    judge_task = task if task is not None or options.task == NO_TASK else resolve_task(AUTO_TASK)
     if options.adaround:
         import qtool.qat  # noqa: F401  (fails fast, naming the extra, without torch)
     with progress.phase("load"):
@@ -314,12 +316,13 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
 
             with progress.phase("bias correction check"):
                 verdicts = judge(reference_model, [uncorrected.graph, result.graph], held_out(),
-                                 task)
+                                 judge_task)
                 kept = verdicts[1]
                 if bias_correction.judge(*verdicts):
                     result, kept = keep_what_helps(
                         reference_model, graph, uncorrected, result, bias_correction, verdicts,
-                        held_out, task, rules, ranges, weight_method=options.weight_method,
+                        held_out, judge_task, rules, ranges,
+                        weight_method=options.weight_method,
                         activation_method=options.method)
                     if not bias_correction.worse():
                         result.warnings.append(f"bias correction: {bias_correction.reason}")
@@ -330,7 +333,7 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
             corrected = bias_correction is not None and bias_correction.layers and (
                 not bias_correction.reverted)
             result, judged, adaround_choice = _keep_better_rounding(
-                model, result, judged, rounded, eval_samples, eval_path, options, task,
+                model, result, judged, rounded, eval_samples, eval_path, options, judge_task,
                 "the bias-corrected model" if corrected else "the PTQ model")
         if adaround_choice["kept"]:
             bias_correction = None  # not stacked on AdaRound: the model written has none
@@ -364,7 +367,7 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
                     float_model(),
                     result.graph,
                     labelled_batches(eval_samples, eval_path, options.batch_size),
-                    layerwise=options.layerwise, task=task,
+                    layerwise=options.layerwise, task=judge_task,
                 )
     report = build_report(
         model=_display(model),
@@ -401,6 +404,7 @@ def _quantize_model(model, backend: str, options: CalibrateOptions):
         report["warnings"] += kernels.warnings(rules.name) + kernels.failure_warnings()
         report["notes"] += kernels.notes(rules.name)
         report["kernel_failure"] = kernels.failure(rules.name)
+    _check_floors(report, graph, result, eval_samples, eval_path, options)
     if rounding is not None:
         report["adaround"] = {"iterations": options.adaround_iters,
                               "layers": [r.to_dict() for r in rounding], **adaround_choice}
@@ -518,6 +522,19 @@ def _candidate_scorer(reference, rules, options: CalibrateOptions, calib_data, e
                    for o in evaluation.outputs)
 
     return score
+
+
+def _check_floors(report, graph, result, eval_samples, eval_path, options) -> None:
+    """SQNR and task floors (qtool.report.floors), each breach located for its output."""
+    from qtool.analysis.collapse import first_collapse
+    from qtool.report.floors import apply_floors
+
+    def locate(output: str, floor: float):
+        return first_collapse(graph, result, _batches(eval_samples, eval_path,
+                                                      options.batch_size), output, floor)
+
+    apply_floors(report, options.fail_under_sqnr,
+                 locate if options.analysis != "none" else None)
 
 
 def _count_shape_nodes(graph: gs.Graph, report: dict[str, Any]) -> None:

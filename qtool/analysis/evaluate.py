@@ -17,6 +17,10 @@ With a task (``task="ctc"``, ``"detect"``, ``"classify"``: :mod:`qtool.analysis.
 task's own metric (CER and line accuracy after CTC decoding, mAP@0.5 against the float
 model's detections, top-1) streams over the same batches and is reported beside the SQNR.
 
+Every output is also judged in two slices along the axis where its ranges differ most
+(:mod:`qtool.analysis.slices`): sigmoid scores concatenated with pixel boxes get their own
+SQNR, which the whole output's hides.
+
 ``layerwise=True`` also compares every intermediate tensor the two graphs share by name (the
 outputs of ordinary nodes of the quantized graph, which hold the error accumulated up to that
 layer) and lists them worst SQNR first.
@@ -36,6 +40,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qtool.analysis.common import LABELS_KEY  # noqa: F401  (read from here too)
+from qtool.analysis.slices import SliceSums
 from qtool.analysis.tasks import Task, TaskResult, Top1Counts, resolve_task
 from qtool.errors import DataError
 from qtool.io import ModelSource, load_model, serialize
@@ -157,6 +162,8 @@ class OutputMetrics:
         top1_agreement: Fraction of rows with the same argmax (classifier outputs only).
         float_accuracy: Top-1 accuracy of the float model (with labels, classifier only).
         quant_accuracy: Top-1 accuracy of the quantized model (with labels, classifier only).
+        slices: The two slices of an output whose ranges differ along an axis, each with
+            its SQNR (:mod:`qtool.analysis.slices`); empty when judged whole.
     """
 
     name: str
@@ -166,6 +173,7 @@ class OutputMetrics:
     top1_agreement: float | None = None
     float_accuracy: float | None = None
     quant_accuracy: float | None = None
+    slices: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -232,6 +240,7 @@ class Tally:
         samples: Rows seen.
         labelled: Whether the data had labels.
         task: The task's running metric (:mod:`qtool.analysis.tasks`), or None.
+        slices: Per-entry sums of each output (:mod:`qtool.analysis.slices`).
     """
 
     output_names: list[str]
@@ -241,6 +250,7 @@ class Tally:
     samples: int = 0
     labelled: bool = False
     task: Any = None
+    slices: dict[str, SliceSums] = field(default_factory=dict)
 
     def merge(self, other: Tally) -> None:
         """Add the sums of another shard (merge shards in their data order)."""
@@ -248,6 +258,8 @@ class Tally:
             self.sums[name].merge(sums)
         for name, counts in other.classifiers.items():
             self.classifiers.setdefault(name, Top1Counts()).merge(counts)
+        for name, sums in other.slices.items():
+            self.slices.setdefault(name, SliceSums()).merge(sums)
         self.samples += other.samples
         self.labelled = self.labelled or other.labelled
         if other.task is not None:
@@ -265,6 +277,10 @@ class Tally:
         if self.samples == 0:
             raise DataError("the evaluation data is empty", "give at least one sample")
         outputs = output_metrics(self.output_names, self.sums, self.classifiers, self.labelled)
+        for out in outputs:
+            if out.name in self.slices:
+                result = self.slices[out.name].result(out.sqnr_db)
+                out.slices = [s.to_dict() for s in result.slices]
         layers = [
             LayerMetrics(name, op, self.sums[name].sqnr_db, self.sums[name].cosine,
                          self.sums[name].max_abs)
@@ -369,6 +385,7 @@ def tally(
     batch_specs = getattr(data, "specs", None) or model_inputs(quant_proto)
     sums = {name: _ErrorSums() for name in fetch}
     classifiers: dict[str, Top1Counts] = {}
+    slices = {name: SliceSums() for name in output_names}
     samples = 0
     labelled = False
     for index, batch in enumerate(data):
@@ -392,6 +409,8 @@ def tally(
             if x.shape != q.shape:
                 raise DataError(f"output {name}: float shape {x.shape}, quantized {q.shape}")
             sums[name].update(x, q)
+            if name in slices:
+                slices[name].update(x, q)
             if name in layers_shared or not _is_classifier(x):
                 continue
             classifiers.setdefault(name, Top1Counts()).update(x, q, labels)
@@ -400,7 +419,8 @@ def tally(
             metric.update(dict(zip(output_names, float_values[:count], strict=True)),
                           dict(zip(output_names, quant_values[:count], strict=True)), labels,
                           rows)
-    return Tally(output_names, layers_shared, sums, classifiers, samples, labelled, metric)
+    return Tally(output_names, layers_shared, sums, classifiers, samples, labelled, metric,
+                 slices)
 
 
 def output_ranks(model: onnx.ModelProto) -> dict[str, int | None]:

@@ -32,7 +32,21 @@ counts, never the outputs. Three tasks:
       AP = sum_k (r_k - r_{k-1}) * max_{k' >= k} p_{k'}
 
   averaged over the classes the float model detects. Drop = 100 * (1 - mAP). Memory: one
-  (score, hit) pair per quantized detection.
+  (score, hit) pair per quantized detection. A YOLO-style output (``output=NAME``,
+  ``[N, 4 + C, A]`` or ``[N, A, 4 + C]``: box ``cx, cy, w, h`` (``box_format``) then C class
+  scores per anchor) has a built-in decoder (:class:`YoloDecoder`): per anchor the best class,
+  kept when its score is ``>= score_threshold`` (default 0.25), then greedy NMS per class at
+  IoU ``nms_iou`` (default 0.7), as ultralytics decodes.
+
+``ctc`` also counts the per-step top-1 agreement (``step_agreement``): the fraction of
+steps whose argmax is the same in both models, for any ``[N, T, C]`` sequence of
+log-probabilities (a recurrent decoder) as much as for CTC.
+
+``auto`` recognises the task from the float model's outputs on the first batch
+(:func:`recognize`): a YOLO-style output (scores in [0, 1] beside values outside it) is
+``detect``, a rank-3 output of log-probabilities or probabilities per step is ``ctc``, a
+``[N, classes]`` output is ``classify``; otherwise there is no task metric. ``none`` is no
+task.
 
 Options come as ``KEY=VALUE`` (``--task-option``), typed by their defaults; an unknown key
 is a :class:`~qtool.errors.TaskError` that lists the task's options.
@@ -58,9 +72,15 @@ TASK_OPTIONS: dict[str, dict[str, Any]] = {
     "classify": {"output": ""},
     "ctc": {"output": "", "blank": 0, "layout": "auto"},
     "detect": {"decoder": "", "boxes": "", "scores": "", "classes": "", "min_score": 0.0,
-               "iou": 0.5},
+               "iou": 0.5, "output": "", "box_format": "cxcywh", "score_threshold": 0.25,
+               "nms_iou": 0.7},
+    "auto": {},
+    "none": {},
 }
 TASK_NAMES = tuple(TASK_OPTIONS)
+AUTO_TASK = "auto"
+NO_TASK = "none"
+BOX_FORMATS = ("cxcywh", "xyxy")
 CTC_LAYOUTS = ("auto", "tnc", "ntc")
 DECODER_FUNCTION = "decode"
 
@@ -76,6 +96,7 @@ class TaskResult:
         drop: Points the quantized model lost on the task (see the module docstring), or
             None where it is undefined (the float model detects nothing; no characters).
         judged_by: What ``drop`` measures, in words.
+        recognized: Whether the task was recognised from the outputs (``auto``), not given.
     """
 
     task: str
@@ -83,6 +104,7 @@ class TaskResult:
     metrics: dict[str, float | int | None]
     drop: float | None
     judged_by: str
+    recognized: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,8 +122,10 @@ class Task:
         """The option's value (its default when not given)."""
         return dict(self.options).get(key, TASK_OPTIONS[self.name][key])
 
-    def metric(self) -> ClassifyMetric | CTCMetric | DetectMetric:
+    def metric(self) -> ClassifyMetric | CTCMetric | DetectMetric | AutoMetric:
         """A fresh metric of this task."""
+        if self.name == AUTO_TASK:
+            return AutoMetric()
         if self.name == "classify":
             return ClassifyMetric(self.option("output") or None)
         if self.name == "ctc":
@@ -109,7 +133,7 @@ class Task:
                              self.option("layout"))
         spec = self.option("decoder")
         source = Path(spec).name if spec else ", ".join(
-            self.option(k) for k in ("boxes", "scores", "classes") if self.option(k))
+            self.option(k) for k in ("boxes", "scores", "classes", "output") if self.option(k))
         return DetectMetric(self.decoder(), self.option("iou"), source)
 
     def decoder(self) -> Callable[[dict[str, np.ndarray]], list]:
@@ -117,6 +141,9 @@ class Task:
         spec = self.option("decoder")
         if spec:
             return load_decoder(spec)
+        if self.option("output"):
+            return YoloDecoder(self.option("output"), self.option("box_format"),
+                               self.option("score_threshold"), self.option("nms_iou"))
         return BoxDecoder(self.option("boxes"), self.option("scores"),
                           self.option("classes") or None, self.option("min_score"))
 
@@ -130,8 +157,8 @@ class Task:
             TaskError: A named output is missing.
         """
         names = ", ".join(outputs) or "none"
-        keys = {"classify": ("output",), "ctc": ("output",),
-                "detect": ("boxes", "scores", "classes")}[self.name]
+        keys = {"classify": ("output",), "ctc": ("output",), AUTO_TASK: (),
+                "detect": ("boxes", "scores", "classes", "output")}[self.name]
         for key in keys:
             value = self.option(key)
             if value and value not in outputs:
@@ -165,6 +192,8 @@ def resolve_task(task: str | Task | None, options: Mapping[str, Any] | Sequence[
         return None
     if task not in TASK_OPTIONS:
         raise TaskError(f"unknown task {task!r}", f"choose one of: {', '.join(TASK_NAMES)}")
+    if task == NO_TASK and not (options or decoder):
+        return None
     parsed = _parse(task, options)
     if decoder:
         if task != "detect":
@@ -177,12 +206,16 @@ def resolve_task(task: str | Task | None, options: Mapping[str, Any] | Sequence[
     if task == "detect":
         if parsed.get("decoder"):
             load_decoder(parsed["decoder"])  # fails now, not in the middle of a run
-        elif not (parsed.get("boxes") and parsed.get("scores")):
+        elif not (parsed.get("boxes") and parsed.get("scores")) and not parsed.get("output"):
             raise TaskError(
                 "--task detect needs the model's decoding",
-                "give --task-decoder FILE.py[:FUNCTION], or --task-option boxes=OUTPUT "
+                "give --task-decoder FILE.py[:FUNCTION], --task-option output=OUTPUT for a "
+                "YOLO-style [N, 4+C, A] output, or --task-option boxes=OUTPUT "
                 "--task-option scores=OUTPUT for outputs that already are boxes and scores",
             )
+        if parsed.get("box_format", "cxcywh") not in BOX_FORMATS:
+            raise TaskError(f"--task detect: box_format={parsed['box_format']} is not one of "
+                            f"{', '.join(BOX_FORMATS)}", "ultralytics exports cxcywh")
         if not 0.0 < parsed.get("iou", 0.5) <= 1.0:
             raise TaskError(f"--task detect: iou={parsed['iou']} is not in (0, 1]",
                             "mAP@0.5 uses iou=0.5")
@@ -382,6 +415,8 @@ class CTCMetric:
         self.vs_float = _Lines()
         self.float_truth = _Lines()
         self.quant_truth = _Lines()
+        self.steps = 0
+        self.steps_agree = 0
 
     def update(self, float_outputs: Mapping[str, np.ndarray],
                quant_outputs: Mapping[str, np.ndarray], labels: np.ndarray | None,
@@ -394,6 +429,9 @@ class CTCMetric:
         if rows is None and labels is not None:
             rows = int(np.shape(labels)[0])
         axis = self._batch_axis(x, rows)
+        same = np.argmax(x, axis=-1) == np.argmax(q, axis=-1)
+        self.steps += int(same.size)
+        self.steps_agree += int(np.sum(same))
         decoded_float = greedy_ctc(x, self.blank, axis)
         decoded_quant = greedy_ctc(q, self.blank, axis)
         for fl, ql in zip(decoded_float, decoded_quant, strict=True):
@@ -429,11 +467,14 @@ class CTCMetric:
         self.vs_float.merge(other.vs_float)
         self.float_truth.merge(other.float_truth)
         self.quant_truth.merge(other.quant_truth)
+        self.steps += other.steps
+        self.steps_agree += other.steps_agree
 
     def result(self) -> TaskResult:
         """CER and line accuracy against float (and the labels); the CER rise in points."""
         metrics: dict[str, float | int | None] = {
-            "cer": self.vs_float.cer, "line_accuracy": self.vs_float.line_accuracy}
+            "cer": self.vs_float.cer, "line_accuracy": self.vs_float.line_accuracy,
+            "step_agreement": _ratio(self.steps_agree, self.steps)}
         if self.float_truth.lines:
             metrics.update({
                 "float_cer": self.float_truth.cer, "quant_cer": self.quant_truth.cer,
@@ -481,6 +522,55 @@ class BoxDecoder:
             keep = s >= self.min_score
             images.append((b.reshape(-1, 4)[keep], s[keep], c[keep]))
         return images
+
+
+class YoloDecoder:
+    """The built-in decoder of a YOLO-style ``[N, 4 + C, A]`` or ``[N, A, 4 + C]`` output.
+
+    The axis of size ``4 + C`` is the smaller non-batch axis. Per anchor: the best class and
+    its score; anchors with score ``>= score_threshold`` are kept, boxes converted to xyxy
+    (from ``cx, cy, w, h`` unless ``box_format="xyxy"``), then greedy NMS per class at IoU
+    ``nms_iou`` (the highest score first, dropping boxes that overlap a kept one more).
+    """
+
+    def __init__(self, output: str, box_format: str = "cxcywh", score_threshold: float = 0.25,
+                 nms_iou: float = 0.7):
+        self.output, self.box_format = output, box_format
+        self.score_threshold, self.nms_iou = score_threshold, nms_iou
+
+    def __call__(self, outputs: Mapping[str, np.ndarray]) -> list:
+        """Per image ``(boxes[K, 4], scores[K], classes[K])``."""
+        value = np.asarray(outputs[self.output], np.float64)
+        if value.ndim != 3 or min(value.shape[1:]) < 5:
+            raise TaskError(f"--task detect: output {self.output!r} has shape "
+                            f"{list(value.shape)}, not [N, 4+C, A] or [N, A, 4+C]",
+                            "give --task-decoder FILE.py for other layouts")
+        if value.shape[1] > value.shape[2]:
+            value = value.transpose(0, 2, 1)  # [N, A, 4+C] -> [N, 4+C, A]
+        images = []
+        for image in value:
+            boxes, scores = image[:4].T, image[4:]
+            classes = np.argmax(scores, axis=0)
+            best = scores[classes, np.arange(scores.shape[1])]
+            keep = best >= self.score_threshold
+            boxes, best, classes = boxes[keep], best[keep], classes[keep]
+            if self.box_format == "cxcywh":
+                half = boxes[:, 2:] / 2
+                boxes = np.concatenate([boxes[:, :2] - half, boxes[:, :2] + half], axis=1)
+            kept = nms(boxes, best, classes, self.nms_iou)
+            images.append((boxes[kept], best[kept], classes[kept].astype(np.int64)))
+        return images
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float) -> np.ndarray:
+    """Indices kept by greedy per-class NMS, highest score first."""
+    kept: list[int] = []
+    for k in np.argsort(-scores, kind="stable"):
+        same = [j for j in kept if classes[j] == classes[k]]
+        if same and np.max(box_iou(boxes[k], boxes[same])) > iou:
+            continue
+        kept.append(int(k))
+    return np.asarray(kept, np.int64)
 
 
 def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -612,6 +702,93 @@ class DetectMetric:
                           f"mAP@{self.iou:g} against the float model's detections")
 
 
+# -- auto ----------------------------------------------------------------------------------
+
+
+def recognize(outputs: Mapping[str, np.ndarray]) -> Task | None:
+    """The task a model's float outputs look like (see the module docstring), or None.
+
+    Looked for in this order over the outputs: a YOLO-style output, per-step
+    log-probabilities or probabilities (rank 3), classifier logits ``[N, classes]``.
+    """
+    for name, value in outputs.items():
+        if _looks_yolo(np.asarray(value)):
+            return Task("detect", (("output", name),))
+    for name, value in outputs.items():
+        value = np.asarray(value)
+        if value.ndim == 3 and value.shape[-1] > 1 and _is_distribution(value):
+            return Task("ctc", (("output", name),))
+    for name, value in outputs.items():
+        value = np.asarray(value)
+        if value.ndim == 2 and value.shape[1] > 1 and np.issubdtype(value.dtype, np.floating):
+            return Task("classify", (("output", name),))
+    return None
+
+
+def _looks_yolo(value: np.ndarray) -> bool:
+    """``[N, 4 + C, A]`` / ``[N, A, 4 + C]``: scores in [0, 1], boxes not all in it."""
+    if value.ndim != 3 or not np.issubdtype(value.dtype, np.floating) or value.size == 0:
+        return False
+    small, large = sorted(value.shape[1:])
+    if small < 5 or large <= small:
+        return False
+    if value.shape[1] > value.shape[2]:
+        value = value.transpose(0, 2, 1)
+    boxes, scores = value[:, :4], value[:, 4:]
+    return bool(scores.min() >= 0.0 and scores.max() <= 1.0
+                and (boxes.max() > 1.0 or boxes.min() < 0.0))
+
+
+def _is_distribution(value: np.ndarray) -> bool:
+    """Log-probabilities (logsumexp 0) or probabilities (sum 1) over the last axis."""
+    if not np.issubdtype(value.dtype, np.floating) or value.size == 0:
+        return False
+    x = np.asarray(value, np.float64)
+    if x.max() <= 1e-4:
+        top = x.max(axis=-1, keepdims=True)
+        total = np.log(np.sum(np.exp(x - top), axis=-1)) + top[..., 0]
+        return bool(np.all(np.abs(total) < 1e-3))
+    if x.min() >= 0.0:
+        return bool(np.all(np.abs(x.sum(axis=-1) - 1.0) < 1e-3))
+    return False
+
+
+class AutoMetric:
+    """The metric of the task :func:`recognize` finds on the first batch (or none)."""
+
+    def __init__(self) -> None:
+        self.inner: ClassifyMetric | CTCMetric | DetectMetric | None = None
+        self.decided = False
+
+    def update(self, float_outputs: Mapping[str, np.ndarray],
+               quant_outputs: Mapping[str, np.ndarray], labels: np.ndarray | None,
+               rows: int | None = None) -> None:
+        """Recognize the task on the first batch, then update its metric."""
+        if not self.decided:
+            self.decided = True
+            task = recognize(float_outputs)
+            self.inner = task.metric() if task is not None else None
+        if self.inner is not None:
+            self.inner.update(float_outputs, quant_outputs, labels, rows)
+
+    def merge(self, other: AutoMetric) -> None:
+        """Add another shard's metric (the same task is recognised on every shard)."""
+        if other.inner is None:
+            return
+        if self.inner is None:
+            self.inner, self.decided = other.inner, True
+        else:
+            self.inner.merge(other.inner)
+
+    def result(self) -> TaskResult | None:
+        """The recognised task's result, marked as recognised; None without one."""
+        if self.inner is None:
+            return None
+        result = self.inner.result()
+        result.recognized = True
+        return result
+
+
 def _first(outputs: Mapping[str, np.ndarray], fits: Callable[[np.ndarray], bool], task: str,
            what: str) -> str:
     for name, value in outputs.items():
@@ -631,7 +808,9 @@ def task_summary(task: Mapping[str, Any]) -> str:
     metrics = task["metrics"]
     parts = []
     for key, label in (("top1_agreement", "top-1 agreement"), ("cer", "CER vs float"),
-                       ("line_accuracy", "line accuracy vs float"), ("map50", "mAP@0.5 vs float")):
+                       ("line_accuracy", "line accuracy vs float"),
+                       ("step_agreement", "per-step top-1 agreement"),
+                       ("map50", "mAP@0.5 vs float")):
         if metrics.get(key) is not None:
             parts.append(f"{label} {_pct(metrics[key])}")
     pairs = (("float_accuracy", "quant_accuracy", "top-1 accuracy"),
@@ -647,7 +826,9 @@ def task_summary(task: Mapping[str, Any]) -> str:
     drop = task.get("drop")
     lost = "" if drop is None or (isinstance(drop, float) and math.isnan(drop)) else (
         f"; drop {drop:.2f} pts ({task['judged_by']})")
-    return f"task {task['task']}{where}: " + ", ".join(parts) + lost
+    how = " (recognised from the outputs; --task none turns it off)" if task.get(
+        "recognized") else ""
+    return f"task {task['task']}{where}{how}: " + ", ".join(parts) + lost
 
 
 def _pct(value: float) -> str:

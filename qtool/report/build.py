@@ -19,7 +19,9 @@ The JSON report holds what was done and how well it went:
   when asked the sensitivity of each layer quantized alone, the float fallback search and
   ``--method auto``'s choice per tensor;
 * ``bias_correction``: the layers whose bias was corrected (with ``--bias-correction``);
-* ``sqnr_floor``: the outputs whose SQNR is below the floor (:mod:`qtool.report.sqnr_floor`);
+* ``sqnr_floor``: the outputs (and output slices, and the kernel path) whose SQNR is below
+  the floor, and ``task_floor``: the task metrics below theirs (:mod:`qtool.report.floors`,
+  added by :func:`qtool.report.floors.apply_floors` once the kernel check ran);
 * ``files``: the SHA-256 of every other file written;
 * ``warnings``: what a reader must know before trusting the numbers.
 
@@ -35,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import qtool
-from qtool.report.sqnr_floor import WARN_UNDER_SQNR, floor_warnings, sqnr_floor
 
 
 def build_report(
@@ -114,6 +115,7 @@ def build_report(
             "weights": len(plan.entries("weight")),
             "biases": len(plan.entries("bias")),
             "float_nodes": dict(sorted(plan.float_nodes.items())),
+            **({"notes": dict(plan.notes)} if getattr(plan, "notes", None) else {}),
         },
         "evaluation": {
             "data": eval_data if eval_data is not None else "random inputs",
@@ -136,11 +138,6 @@ def build_report(
                 f"{'exact' if without is None else f'{without:.2f} dB'} to {with_:.2f} dB: "
                 f"{outcome}"
             )
-    floor = getattr(options, "fail_under_sqnr", None)
-    check = sqnr_floor(report["evaluation"], report.get("analysis"),
-                       WARN_UNDER_SQNR if floor is None else floor)
-    report["sqnr_floor"] = check
-    warnings.extend(floor_warnings(check))
     return report
 
 

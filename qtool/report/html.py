@@ -147,6 +147,12 @@ def _summary(report: Mapping[str, Any]) -> str:
             rows.append([f"output {out['name']}: SQNR", f"{fmt_db(out['sqnr_db'])} dB"
                          if out["sqnr_db"] is not None else "exact"])
             rows.append([f"output {out['name']}: cosine", f"{out['cosine']:.5f}"])
+            for part in out.get("slices", ()):  # judged per slice (qtool.analysis.slices)
+                from qtool.report.sqnr_floor import slice_label
+
+                rows.append([f"output {slice_label(out['name'], part)}: SQNR",
+                             f"{fmt_db(part['sqnr_db'])} dB" if part["sqnr_db"] is not None
+                             else "exact"])
             if out.get("top1_agreement") is not None:
                 rows.append([f"output {out['name']}: top-1 agreement",
                              fmt_pct(out["top1_agreement"])])

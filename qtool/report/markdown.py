@@ -45,6 +45,9 @@ def to_markdown(report: Mapping[str, Any]) -> str:
                 f"| {out['name']} | {fmt_db(out['sqnr_db'])} | {out['cosine']:.5f} | "
                 f"{out['max_abs_error']:.4g} | {fmt_pct(out['top1_agreement'])} |"
             )
+            for part in out.get("slices", ()):
+                lines.append(f"| {_slice_label(out['name'], part)} | "
+                             f"{fmt_db(part['sqnr_db'])} | | | |")
         accuracy = _accuracy(ev)
         if accuracy:
             lines += ["", f"Top-1 accuracy: float {fmt_pct(accuracy[0])}, quantized "
@@ -206,6 +209,8 @@ def summary_table(report: Mapping[str, Any], output: str | None = None) -> str:
                      + (f"; SQNR {effect}" if effect else "")
                      + ("; reverted (uncorrected model kept)" if correction.get("reverted")
                         else ""))
+    for reason in dict.fromkeys((plan.get("notes") or {}).values()):
+        lines.append(f"  scale split: {reason}")
     if plan["float_nodes"]:
         lines.append("")
         shown = list(plan["float_nodes"].items())
@@ -237,6 +242,9 @@ def _output_rows(ev: Mapping[str, Any]) -> list[str]:
     for out in ev["outputs"]:
         rows.append((out["name"], fmt_db(out["sqnr_db"]), f"{out['cosine']:.5f}",
                      f"{out['max_abs_error']:.4g}", fmt_pct(out["top1_agreement"])))
+        for part in out.get("slices", ()):  # judged per slice too (qtool.analysis.slices)
+            rows.append(("  " + _slice_label(out["name"], part), fmt_db(part["sqnr_db"]),
+                         "", "", ""))
     lines = _table(rows)
     accuracy = _accuracy(ev)
     if accuracy:
@@ -248,6 +256,12 @@ def _output_rows(ev: Mapping[str, Any]) -> list[str]:
     if ev.get("task"):
         lines += ["", "  " + _task_line(ev["task"])]
     return lines
+
+
+def _slice_label(output: str, part: Mapping[str, Any]) -> str:
+    from qtool.report.sqnr_floor import slice_label
+
+    return slice_label(output, part)
 
 
 def _task_line(task: Mapping[str, Any]) -> str:
