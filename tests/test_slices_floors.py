@@ -80,6 +80,8 @@ def test_recognize_known_heads():
     assert recognize({"logits": rng.normal(size=(4, 10))}) == Task(
         "classify", (("output", "logits"),))
     assert recognize({"feat": rng.normal(size=(2, 9, 5))}) is None
+    embedding = rng.normal(size=(4, 384))  # a sentence embedding: unit rows, no classes
+    assert recognize({"emb": embedding / np.linalg.norm(embedding, axis=1, keepdims=True)}) is None
     assert resolve_task("none") is None
     assert resolve_task("auto") == Task("auto")
 

@@ -720,9 +720,16 @@ def recognize(outputs: Mapping[str, np.ndarray]) -> Task | None:
             return Task("ctc", (("output", name),))
     for name, value in outputs.items():
         value = np.asarray(value)
-        if value.ndim == 2 and value.shape[1] > 1 and np.issubdtype(value.dtype, np.floating):
+        if (value.ndim == 2 and value.shape[1] > 1 and np.issubdtype(value.dtype, np.floating)
+                and not _unit_rows(value)):
             return Task("classify", (("output", name),))
     return None
+
+
+def _unit_rows(value: np.ndarray) -> bool:
+    """Rows of L2 norm 1: an embedding (a sentence or face vector), whose argmax means nothing."""
+    norms = np.linalg.norm(np.asarray(value, np.float64), axis=-1)
+    return bool(norms.size and np.all(np.abs(norms - 1.0) < 1e-3))
 
 
 def _looks_yolo(value: np.ndarray) -> bool:
