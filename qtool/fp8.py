@@ -100,21 +100,21 @@ def quantize_fp8(model, backend: str, options) -> tuple[dict[str, bytes], dict[s
         PrecisionError: A backend without FP8 Q/DQ.
     """
     from qtool.analysis.evaluate import evaluate
+    from qtool.calibrate_job import backend_rules, plan_for, split_data
     from qtool.calibration import calibrate
     from qtool.io import load, serialize
     from qtool.passes.opset import ensure_opset
     from qtool.prepare import prepare
     from qtool.qdq import quantize
     from qtool.samples import labelled_batches
-    from qtool.workflow import _build_plan, _split_data, backend_rules
 
     if backend not in BACKENDS:
         raise PrecisionError(f"backend {backend} has no FP8 (E4M3) Q/DQ")
     graph, passes = prepare(load(model))
     graph = ensure_opset(graph, FP8_OPSET)
-    calib, held_out, eval_path, judged_on = _split_data(graph, options)
+    calib, held_out, eval_path, judged_on = split_data(graph, options)
     rules = backend_rules(backend, options.backend_options)
-    plan = _build_plan(graph, rules, options)
+    plan = plan_for(graph, rules, options)
     ranges = calibrate(graph, plan.activation_schemes(), calib, method=options.method,
                        batch_size=options.batch_size, memory_budget=options.memory_budget)
     result = quantize(graph, rules, ranges, plan=plan, weight_method="minmax",

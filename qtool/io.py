@@ -420,6 +420,7 @@ def check_model(model: onnx.ModelProto) -> None:
     Raises:
         InvalidModelError: With the checker's or shape inference's first line.
     """
+    check_initializer_data(model)  # before is_large, which trusts the dims
     if is_large(model):
         return  # neither takes a >2 GB proto in memory
     try:
@@ -441,6 +442,59 @@ def check_model(model: onnx.ModelProto) -> None:
         first = lines[0] if lines else type(exc).__name__
         raise InvalidModelError(f"ONNX shape inference rejects the model: {first}") from exc
     check_tensor_sizes(inferred)
+
+
+#: Typed data fields and how many of their entries one element takes.
+_TYPED_FIELDS = {"float_data": 1, "int32_data": 1, "int64_data": 1, "double_data": 1,
+                 "uint64_data": 1, "string_data": 1}
+_COMPLEX = {onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128}
+_PACKED_4BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1")
+                if hasattr(onnx.TensorProto, n)}
+
+
+def check_initializer_data(model: onnx.ModelProto) -> None:
+    """Refuse a constant whose data does not fill its dims (the checker does not look).
+
+    A weight whose dims say ``(2147483648, 1, 3, 3)`` over 72 values would otherwise fail
+    inside a pass, as a bug would. Tensors with external data are read and checked later.
+
+    Raises:
+        InvalidModelError: Naming the tensor, its dims and how many values it holds.
+    """
+    tensors = list(model.graph.initializer) + [
+        attr.t for node in model.graph.node if node.op_type == "Constant"
+        for attr in node.attribute if attr.HasField("t")]
+    for tensor in tensors:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        expected = int(np.prod(tensor.dims, dtype=np.int64)) if tensor.dims else 1
+        held = _values_held(tensor)
+        if held is not None and held != expected:
+            raise InvalidModelError(
+                f"tensor {tensor.name or '(unnamed)'}: dims {list(tensor.dims)} need "
+                f"{expected} values but the file holds {held}",
+                "re-export the model; the file was truncated or edited",
+            )
+
+
+def _values_held(tensor: onnx.TensorProto) -> int | None:
+    """How many elements the tensor's data holds (None: a layout this check does not read)."""
+    packed = tensor.data_type in _PACKED_4BIT
+    if tensor.HasField("raw_data"):
+        if packed:
+            return None  # two per byte, the last byte maybe half used
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            return None
+        return len(tensor.raw_data) // itemsize if itemsize else None
+    if packed:
+        return None
+    for name, per in _TYPED_FIELDS.items():
+        count = len(getattr(tensor, name))
+        if count:
+            return count // (2 if tensor.data_type in _COMPLEX else per)
+    return 0
 
 
 def check_tensor_sizes(model: onnx.ModelProto, limit: int = MAX_TENSOR_BYTES) -> None:

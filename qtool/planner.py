@@ -129,6 +129,11 @@ def build_plan(
 ) -> QuantPlan:
     """Plan where and how ``graph`` is quantized for ``backend``.
 
+    The phases of the module docstring, in order: walk the graph once (:class:`_Planning`),
+    place each node's quantizers by the backend's placement, let the converter placement
+    quantize outputs instead, let a kernel placement fuse what its engine runs in
+    integers, then group shared scales and apply the overrides.
+
     Args:
         graph: The float graph, prepared (cleanup, BN folded, opset >= 13).
         backend: A backend name or :class:`qtool.backends.base.Backend`.
@@ -144,183 +149,215 @@ def build_plan(
         BackendError: Unknown backend name, or ``act_bits`` it cannot run.
     """
     from qtool.backends import resolve_backend
-    from qtool.bias import split_shared_biases
 
-    backend = resolve_backend(backend)
-    name_nodes(graph)
-    if backend.bias_mode == "int32":
-        split_shared_biases(graph)  # one int32 bias per consumer (its own s_in * s_w)
-    sensitive = sensitive_nodes(graph)  # qtool.sensitive_patterns: kept float everywhere
-    nodes = all_nodes(graph)
-    consumers = consumer_map(nodes)
-    graph_outputs = {t.name for g in all_graphs(graph) for t in g.outputs}
-    constant = _constant_tensors(nodes)
-    carried = _loop_state(nodes)
-    shape = shape_tensors(graph)
-    shape_nodes = {
-        n.name
-        for n in nodes
-        if n.outputs and all(o.name in shape for o in n.outputs)
-    }
+    planning = _Planning(graph, resolve_backend(backend))
+    for node in planning.nodes:
+        _place(planning, node)
+    _quantize_converter_outputs(planning)
+    _fuse_kernels(planning)
+    plan = _assemble(planning)
+    return _override(plan, planning.backend, skip, weight_bits, act_bits)
 
-    def is_activation(tensor: gs.Tensor) -> bool:
+
+class _Planning:
+    """One walk of the graph (readers, constants, shape tensors) and the plan being built."""
+
+    def __init__(self, graph: gs.Graph, backend):
+        from qtool.bias import split_shared_biases
+
+        self.graph, self.backend, self.placement = graph, backend, backend.placement
+        name_nodes(graph)
+        if backend.bias_mode == "int32":
+            split_shared_biases(graph)  # one int32 bias per consumer (its own s_in * s_w)
+        self.sensitive = sensitive_nodes(graph)  # qtool.sensitive_patterns: float everywhere
+        self.nodes = all_nodes(graph)
+        self.consumers = consumer_map(self.nodes)
+        self.graph_outputs = {t.name for g in all_graphs(graph) for t in g.outputs}
+        self.constant = _constant_tensors(self.nodes)
+        self.carried = _loop_state(self.nodes)
+        self.shape = shape_tensors(graph)
+        self.shape_nodes = {n.name for n in self.nodes
+                            if n.outputs and all(o.name in self.shape for o in n.outputs)}
+        self.act_consumers: dict[str, list[str]] = {}
+        self.weights: dict[str, TensorPlan] = {}
+        self.biases: dict[str, TensorPlan] = {}
+        self.float_nodes: dict[str, str] = {}
+        self.order: list[str] = []
+
+    def is_activation(self, tensor: gs.Tensor) -> bool:
+        """A float tensor computed from the inputs: not a constant, shape or loop state."""
         return (
             bool(tensor.name)
             and not isinstance(tensor, gs.Constant)
-            and tensor.name not in constant
-            and tensor.name not in shape
-            and tensor.name not in carried
+            and tensor.name not in self.constant
+            and tensor.name not in self.shape
+            and tensor.name not in self.carried
             and _is_float(tensor)
         )
 
-    placement = backend.placement
-    act_consumers: dict[str, list[str]] = {}
-    weights: dict[str, TensorPlan] = {}
-    biases: dict[str, TensorPlan] = {}
-    float_nodes: dict[str, str] = {}
-    order: list[str] = []
-
-    def quantize_input(tensor: gs.Tensor, node: gs.Node) -> None:
-        users = act_consumers.setdefault(tensor.name, [])
-        if tensor.name not in order:
-            order.append(tensor.name)
+    def quantize_input(self, tensor: gs.Tensor, node: gs.Node) -> None:
+        """``node`` reads ``tensor`` quantized."""
+        users = self.act_consumers.setdefault(tensor.name, [])
+        if tensor.name not in self.order:
+            self.order.append(tensor.name)
         if node.name not in users:
             users.append(node.name)
 
-    for node in nodes:
-        op = node.op
-        if node.name in shape_nodes:
-            float_nodes[node.name] = "shape/index computation: never quantized"
-            continue
-        if op == "Constant" or op in SHAPE_SOURCES or op in CONTROL_FLOW:
-            continue  # control flow: the nodes of its bodies are planned one by one
-        if node.name in sensitive:
-            float_nodes[node.name] = sensitive[node.name]
-            continue
-        if op in placement.weighted_ops:
-            weight = _weight_of(node)
-            if weight is None and placement.requires_weight:
-                float_nodes[node.name] = (
-                    f"{op} without a constant weight: {backend.name} quantizes only layers "
-                    "with weights"
-                )
-                continue
-            inputs = [t for t in node.inputs[:2] if is_activation(t)]
-            for tensor in inputs:
-                quantize_input(tensor, node)
-            if placement.quantize_weighted_outputs:
-                output = _kernel_output(node, consumers, backend, graph_outputs)
-                if output is not None and is_activation(output):
-                    for reader, _ in consumers.get(output.name, ()):
-                        # a reader the engine's kernels refuse (a cubic Resize) reads float:
-                        # a Q/DQ pair before it would let onnxruntime fuse it into one
-                        if (reader.op not in SHAPE_SOURCES and reader.name not in sensitive
-                                and placement.runs_quantized(reader.op, reader.attrs)):
-                            quantize_input(output, reader)
-            if weight is not None:
-                entry = weights.get(weight.name)
-                if entry is None:
-                    scheme = backend.weight_scheme.with_(
-                        per_channel_axis=_weight_axis(node, weight)
-                        if backend.weight_per_channel(op)
-                        else None
-                    )
-                    entry = TensorPlan(weight.name, "weight", scheme, ())
-                    order.append(weight.name)
-                weights[weight.name] = _add_consumer(entry, node.name)
-            bias = _bias_of(node)
-            if (
-                backend.bias_mode == "int32"
-                and bias is not None
-                and weight is not None
-                and inputs
-                and inputs[0] is node.inputs[0]
-            ):
-                scheme = QuantScheme(
-                    bits=32,
-                    signed=True,
-                    symmetric=True,
-                    per_channel_axis=0 if weights[weight.name].scheme.per_channel else None,
-                )
-                biases[bias.name] = TensorPlan(
-                    bias.name, "bias", scheme, (node.name,),
-                    bias_inputs=(node.inputs[0].name, weight.name),
-                )
-                order.append(bias.name)
-        elif op in placement.shortcut_ops:
-            inputs = [(i, t) for i, t in enumerate(node.inputs) if is_activation(t)]
-            fused = next(
-                (
-                    i
-                    for i, t in reversed(inputs)
-                    if t.inputs
-                    and t.inputs[0].op in placement.fusable_producers
-                    and len(consumers[t.name]) == 1
-                    and t.name not in graph_outputs
-                ),
-                None,
-            )
-            for i, tensor in inputs:
-                if i != fused:
-                    quantize_input(tensor, node)
-        elif op in placement.activation_ops and placement.runs_quantized(op, node.attrs):
-            for tensor in node.inputs:
-                if is_activation(tensor):
-                    quantize_input(tensor, node)
-        elif (
-            backend.passes_scale_through(op, node.attrs)
-            or op in backend.sharing_ops
-            or op in backend.fused_activations
-        ):
-            continue  # data movement keeps the scale; fused activations run with their producer
-        elif placement.quantize_outputs:
-            continue  # the converter quantizes every op (its output, below)
-        else:
-            float_nodes[node.name] = (
-                f"{op} has no integer kernel under the {backend.name} rules "
-                f"(MQBench graph {placement.graph}); it runs in float"
-            )
 
-    if placement.quantize_outputs:
-        act_consumers = _converter_activations(graph, backend, consumers, is_activation,
-                                               kept_float=set(sensitive))
-        order = _converter_order(graph, act_consumers, set(weights) | set(biases))
+def _place(planning: _Planning, node: gs.Node) -> None:
+    """One node's quantizers by the placement (MQBench Fig. 4), or its reason to stay float."""
+    op, placement, backend = node.op, planning.placement, planning.backend
+    if node.name in planning.shape_nodes:
+        planning.float_nodes[node.name] = "shape/index computation: never quantized"
+    elif op == "Constant" or op in SHAPE_SOURCES or op in CONTROL_FLOW:
+        return  # control flow: the nodes of its bodies are planned one by one
+    elif node.name in planning.sensitive:
+        planning.float_nodes[node.name] = planning.sensitive[node.name]
+    elif op in placement.weighted_ops:
+        _place_weighted(planning, node)
+    elif op in placement.shortcut_ops:
+        _place_shortcut(planning, node)
+    elif op in placement.activation_ops and placement.runs_quantized(op, node.attrs):
+        for tensor in node.inputs:
+            if planning.is_activation(tensor):
+                planning.quantize_input(tensor, node)
+    elif (
+        backend.passes_scale_through(op, node.attrs)
+        or op in backend.sharing_ops
+        or op in backend.fused_activations
+    ):
+        return  # data movement keeps the scale; fused activations run with their producer
+    elif placement.quantize_outputs:
+        return  # the converter quantizes every op (its output, _quantize_converter_outputs)
+    else:
+        planning.float_nodes[node.name] = (
+            f"{op} has no integer kernel under the {backend.name} rules "
+            f"(MQBench graph {placement.graph}); it runs in float"
+        )
 
-    if placement.quantize_weighted_outputs and placement.kernel_ops:
-        _fuse_kernel_chains(nodes, consumers, backend, act_consumers, order, is_activation,
-                            set(sensitive) | set(float_nodes) - _kernel_names(nodes, placement))
-    if placement.quantize_weighted_outputs:  # a node reading a quantized output is not float
-        for readers in act_consumers.values():
-            for reader in readers:
-                float_nodes.pop(reader, None)
-    shared_nodes = nodes
-    if placement.quantize_weighted_outputs:  # a Concat read in float keeps its inputs' scales
-        shared_nodes = [n for n in nodes if n.op not in backend.sharing_ops
-                        or all(o.name in act_consumers for o in n.outputs)]
-    groups = _sharing_groups(shared_nodes, backend, shape, constant)
-    group_ids = _group_ids(order, act_consumers, groups)
-    tensors: dict[str, TensorPlan] = {}
-    for name in order:
-        if name in act_consumers:
-            tensors[name] = TensorPlan(
-                name,
-                "activation",
-                backend.activation_scheme,
-                tuple(act_consumers[name]),
-                group=group_ids.get(name),
+
+def _place_weighted(planning: _Planning, node: gs.Node) -> None:
+    """A Conv/Gemm/MatMul: its activation inputs, its weight, its int32 bias, its output."""
+    op, placement, backend = node.op, planning.placement, planning.backend
+    weight = _weight_of(node)
+    if weight is None and placement.requires_weight:
+        planning.float_nodes[node.name] = (
+            f"{op} without a constant weight: {backend.name} quantizes only layers with weights"
+        )
+        return
+    inputs = [t for t in node.inputs[:2] if planning.is_activation(t)]
+    for tensor in inputs:
+        planning.quantize_input(tensor, node)
+    if placement.quantize_weighted_outputs:
+        output = _kernel_output(node, planning.consumers, backend, planning.graph_outputs)
+        if output is not None and planning.is_activation(output):
+            for reader, _ in planning.consumers.get(output.name, ()):
+                # a reader the engine's kernels refuse (a cubic Resize) reads float: a Q/DQ
+                # pair before it would let onnxruntime fuse it into one
+                if (reader.op not in SHAPE_SOURCES and reader.name not in planning.sensitive
+                        and placement.runs_quantized(reader.op, reader.attrs)):
+                    planning.quantize_input(output, reader)
+    weights = planning.weights
+    if weight is not None:
+        entry = weights.get(weight.name)
+        if entry is None:
+            scheme = backend.weight_scheme.with_(
+                per_channel_axis=_weight_axis(node, weight)
+                if backend.weight_per_channel(op) else None
             )
-        elif name in weights:
-            tensors[name] = weights[name]
-        else:
-            tensors[name] = biases[name]
+            entry = TensorPlan(weight.name, "weight", scheme, ())
+            planning.order.append(weight.name)
+        weights[weight.name] = _add_consumer(entry, node.name)
+    bias = _bias_of(node)
+    if (backend.bias_mode == "int32" and bias is not None and weight is not None and inputs
+            and inputs[0] is node.inputs[0]):
+        scheme = QuantScheme(
+            bits=32, signed=True, symmetric=True,
+            per_channel_axis=0 if weights[weight.name].scheme.per_channel else None,
+        )
+        planning.biases[bias.name] = TensorPlan(
+            bias.name, "bias", scheme, (node.name,),
+            bias_inputs=(node.inputs[0].name, weight.name),
+        )
+        planning.order.append(bias.name)
 
-    plan = QuantPlan(
-        backend=backend.name,
-        placement_graph=placement.graph,
-        tensors=tensors,
-        float_nodes=float_nodes,
-        nodes={n.name: n.op for n in nodes},
+
+def _place_shortcut(planning: _Planning, node: gs.Node) -> None:
+    """TensorRT's residual Add: every input but the branch fused into its producer."""
+    placement = planning.placement
+    inputs = [(i, t) for i, t in enumerate(node.inputs) if planning.is_activation(t)]
+    fused = next(
+        (
+            i
+            for i, t in reversed(inputs)
+            if t.inputs
+            and t.inputs[0].op in placement.fusable_producers
+            and len(planning.consumers[t.name]) == 1
+            and t.name not in planning.graph_outputs
+        ),
+        None,
     )
+    for i, tensor in inputs:
+        if i != fused:
+            planning.quantize_input(tensor, node)
+
+
+def _quantize_converter_outputs(planning: _Planning) -> None:
+    """The converter placement (SNPE/QNN): graph inputs and every op's output instead."""
+    if not planning.placement.quantize_outputs:
+        return
+    planning.act_consumers = _converter_activations(
+        planning.graph, planning.backend, planning.consumers, planning.is_activation,
+        kept_float=set(planning.sensitive))
+    planning.order = _converter_order(planning.graph, planning.act_consumers,
+                                      set(planning.weights) | set(planning.biases))
+
+
+def _fuse_kernels(planning: _Planning) -> None:
+    """A kernel placement (onnxruntime): fuse the ops its engine runs in integers."""
+    placement = planning.placement
+    if not placement.quantize_weighted_outputs:
+        return
+    if placement.kernel_ops:
+        _fuse_kernel_chains(planning.nodes, planning.consumers, planning.backend,
+                            planning.act_consumers, planning.order, planning.is_activation,
+                            set(planning.sensitive) | set(planning.float_nodes)
+                            - _kernel_names(planning.nodes, placement))
+    for readers in planning.act_consumers.values():  # a node reading a quantized output
+        for reader in readers:
+            planning.float_nodes.pop(reader, None)
+
+
+def _assemble(planning: _Planning) -> QuantPlan:
+    """The plan's entries in graph order, activations grouped by shared scale (union-find)."""
+    backend, act_consumers = planning.backend, planning.act_consumers
+    shared_nodes = planning.nodes
+    if planning.placement.quantize_weighted_outputs:  # a Concat read in float: own scales
+        shared_nodes = [n for n in planning.nodes if n.op not in backend.sharing_ops
+                        or all(o.name in act_consumers for o in n.outputs)]
+    groups = _sharing_groups(shared_nodes, backend, planning.shape, planning.constant)
+    group_ids = _group_ids(planning.order, act_consumers, groups)
+    tensors: dict[str, TensorPlan] = {}
+    for name in planning.order:
+        if name in act_consumers:
+            tensors[name] = TensorPlan(name, "activation", backend.activation_scheme,
+                                       tuple(act_consumers[name]), group=group_ids.get(name))
+        elif name in planning.weights:
+            tensors[name] = planning.weights[name]
+        else:
+            tensors[name] = planning.biases[name]
+    return QuantPlan(
+        backend=backend.name,
+        placement_graph=planning.placement.graph,
+        tensors=tensors,
+        float_nodes=planning.float_nodes,
+        nodes={n.name: n.op for n in planning.nodes},
+    )
+
+
+def _override(plan: QuantPlan, backend, skip: Sequence[str], weight_bits: int | None,
+              act_bits: int | None) -> QuantPlan:
+    """``--bits`` and ``--skip`` on the plan built."""
     if act_bits is not None:
         backend.check_activation_bits(act_bits)
     if weight_bits is not None or act_bits is not None:

@@ -289,3 +289,23 @@ def test_model_local_functions_are_inlined_on_load():
     assert [n.op for n in loaded.nodes] == ["Add"]
     x = np.array([1.5, -2.0], dtype=np.float32)
     np.testing.assert_array_equal(run(loaded, {"a": x})[0], 2 * x)
+
+
+@pytest.mark.parametrize("field", ["raw", "typed"])
+def test_a_weight_whose_data_does_not_fill_its_dims_is_an_invalid_model(field):
+    """dims (2**31, 1, 3, 3) over 72 values: refused on load (it failed inside cleanup, and
+    the dims made the model look over 2 GB, which skipped the checker)."""
+    values = np.arange(72, dtype=np.float32)
+    weight = (helper.make_tensor("w", TensorProto.FLOAT, [8, 1, 3, 3], values.tobytes(), raw=True)
+              if field == "raw" else
+              helper.make_tensor("w", TensorProto.FLOAT, [8, 1, 3, 3], values.tolist()))
+    node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 1, 4, 4])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [1, 8, 4, 4])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    assert load(model.SerializeToString()) is not None  # whole: accepted
+    model.graph.initializer[0].dims[0] = 2**31
+    with pytest.raises(InvalidModelError, match=r"tensor w: dims \[2147483648, 1, 3, 3\] need "
+                       r"19327352832 values but the file holds 72"):
+        load(model.SerializeToString())

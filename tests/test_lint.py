@@ -282,12 +282,16 @@ def test_double_quantization_same_and_different_scale():
         assert word in found[0].message
 
 
-def _concat_model(scale_a, scale_b):
+def _concat_model(scale_a, scale_b, quantized_output=True):
     nodes = (
         _qdq("x", "xa", "a_s", "a_zp", "A")
         + _qdq("x", "xb", "b_s", "b_zp", "B")
-        + [helper.make_node("Concat", ["xa", "xb"], ["y"], axis=1, name="cat")]
+        + [helper.make_node("Concat", ["xa", "xb"], ["c"], axis=1, name="cat")]
     )
+    if quantized_output:  # an integer Concat: its output is quantized again
+        nodes += _qdq("c", "y", "a_s", "a_zp", "C")
+    else:
+        nodes += [helper.make_node("Identity", ["c"], ["y"], name="read")]
     inits = _scales(("a", scale_a, 128), ("b", scale_b, 128))
     return _model(nodes, inits=inits, outputs=[_vi("y", [1, 8])])
 
@@ -297,6 +301,8 @@ def test_concat_scale_mismatch():
     assert len(found) == 1 and found[0].node == "cat" and found[0].severity == "warning"
     assert "0.1" in found[0].message and "0.2" in found[0].message
     assert "QT104" not in rule_ids(_concat_model(0.1, 0.1))
+    # a Concat read in float (no Q after it) joins dequantized values: any scales will do
+    assert "QT104" not in rule_ids(_concat_model(0.1, 0.2, quantized_output=False))
 
 
 def test_invalid_scale():

@@ -228,6 +228,7 @@ def check_kernels(
     backend,
     max_samples: int = 64,
     target: CpuTarget | None = None,
+    openvino: bool = True,
 ) -> KernelCheck:
     """Run the QDQ model with optimizations off and on, and the float model, on a few samples.
 
@@ -239,6 +240,8 @@ def check_kernels(
         max_samples: Stop after this many rows.
         target: The CPU the model is made for (None: the backend's ``target_cpu`` option,
             else this CPU).
+        openvino: Also compile and run the model in OpenVINO CPU, when it is importable
+            (the OpenVINO row; a compile costs about a second on a small model).
 
     Returns:
         The :class:`KernelCheck` (``samples == 0`` and ``error`` set if a session failed).
@@ -257,7 +260,7 @@ def check_kernels(
         kernels = _session(quant_model, True)
     except Exception as exc:  # the deployable file does not load with the optimizations
         kernels, error = None, _first_line(exc)
-    openvino = _openvino(quant_model)
+    openvino = _openvino(quant_model) if openvino else None
     names = {i.name for i in reference.get_inputs()}
     # (signal, noise) for simulated, kernels, OpenVINO
     sums = {"simulated": [0.0, 0.0], "kernels": [0.0, 0.0], "openvino": [0.0, 0.0]}

@@ -67,12 +67,12 @@ class WeightOnlyOptions:
 def quantize_weights(model, backend: str, options: WeightOnlyOptions = WeightOnlyOptions()):
     """``(files, report)`` of a weight-only run, in memory."""
     from qtool.analysis.evaluate import evaluate
+    from qtool.calibrate_job import split_data
     from qtool.io import load, serialize
     from qtool.keyvalue import option_pairs
     from qtool.passes.opset import ensure_opset
     from qtool.prepare import prepare
     from qtool.samples import labelled_batches
-    from qtool.workflow import _split_data
 
     if options.bits not in WEIGHT_BITS:
         raise WeightOnlyError(f"--weight-bits {options.bits} with --weight-only",
@@ -95,7 +95,7 @@ def quantize_weights(model, backend: str, options: WeightOnlyOptions = WeightOnl
     if form in ("dq", "lpbq"):
         graph = ensure_opset(graph, DQ_OPSET)
     if algorithm in DATA_AWARE or options.analysis != "none":
-        calib, held_out, eval_path, judged_on = _split_data(graph, options)
+        calib, held_out, eval_path, judged_on = split_data(graph, options)
     else:
         calib = held_out = eval_path = judged_on = None
     float_graph = graph.copy()
