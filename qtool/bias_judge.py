@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from qtool.analysis.slices import sqnr_db
+
 #: Neighbouring channels whose largest magnitudes differ by more than this (4 bits) are in
 #: different slices.
 SLICE_RATIO = 16.0
@@ -61,13 +63,6 @@ class Verdict:
     task_metrics: dict | None = None
     evaluation: Any = None
 
-
-def _db(signal: float, noise: float) -> float | None:
-    if noise == 0.0:
-        return None
-    if signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
 
 
 def _key(value: float | None) -> float:
@@ -140,11 +135,11 @@ def worst_slice(name: str, sums: _OutputSums, axis: int | None
     ``axis`` None: the whole output is the slice.
     """
     if axis is None:
-        return name, _db(sums.signal, sums.noise), (name, None, 0, 0)
+        return name, sqnr_db(sums.signal, sums.noise), (name, None, 0, 0)
     axis_sums = sums.axes[axis]
     worst = (name, None, (name, None, 0, 0))
     for start, stop in slices_of(axis_sums.amax):
-        value = _db(float(axis_sums.signal[start:stop].sum()),
+        value = sqnr_db(float(axis_sums.signal[start:stop].sum()),
                     float(axis_sums.noise[start:stop].sum()))
         if value is not None and (worst[1] is None or value < worst[1]):
             worst = (f"{name}[axis {axis}: {start}:{stop}]", value, (name, axis, start, stop))
@@ -221,7 +216,7 @@ def judge(float_model, candidates: Sequence, batches: Iterable[Mapping[str, np.n
         verdict = Verdict()
         for name in outputs:
             output_sums = sums[c][name]
-            verdict.sqnr_db[name] = _db(output_sums.signal, output_sums.noise)
+            verdict.sqnr_db[name] = sqnr_db(output_sums.signal, output_sums.noise)
             label, value, where = worst_slice(name, output_sums, axes[name])
             verdict.slices[name] = (label, value)
             if verdict.worst_at is None or _key(value) < _key(verdict.worst[1]):

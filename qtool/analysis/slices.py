@@ -139,7 +139,7 @@ class SliceSums:
         noise = _total(self.noise[axis])
         peak = self.peak[axis]
         slices = tuple(
-            Slice(axis, start, stop, _db(signal[start:stop].sum(), noise[start:stop].sum()),
+            Slice(axis, start, stop, sqnr_db(signal[start:stop].sum(), noise[start:stop].sum()),
                   float(peak[start:stop].max()))
             for start, stop in ((0, cut), (cut, len(peak))))
         return SliceResult(slices, whole_sqnr_db)
@@ -157,7 +157,7 @@ def worst_slice_sqnr(float_values: np.ndarray, quant_values: np.ndarray) -> Slic
         raise ValueError(f"float shape {x.shape} and quantized shape {q.shape} differ")
     sums = SliceSums()
     sums.update(x, q)
-    return sums.result(_db(float(np.sum(x * x)), float(np.sum((x - q) ** 2))))
+    return sums.result(sqnr_db(float(np.sum(x * x)), float(np.sum((x - q) ** 2))))
 
 
 def _best_cut(peak: np.ndarray) -> tuple[int | None, float]:
@@ -187,7 +187,8 @@ def _total(parts: list[np.ndarray]) -> np.ndarray:
     return np.sum(np.stack(parts), axis=0) if len(parts) > 1 else parts[0]
 
 
-def _db(signal: float, noise: float) -> float | None:
+def sqnr_db(signal: float, noise: float) -> float | None:
+    """``10 log10(signal / noise)``; None where the noise is 0 (exact), -inf without signal."""
     if noise == 0.0:
         return None
     if signal == 0.0:
