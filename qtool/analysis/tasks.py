@@ -563,13 +563,25 @@ class YoloDecoder:
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float) -> np.ndarray:
-    """Indices kept by greedy per-class NMS, highest score first."""
+    """Indices kept by greedy per-class NMS, highest score first.
+
+    A box is kept when its IoU with every kept box of its class, all of higher score, is at
+    most ``iou``. Each kept box suppresses the lower-scored boxes of its class in one
+    vectorised step (a detector head with thousands of candidates took seconds per image
+    box by box), with the same result as comparing box by box.
+    """
+    order = np.argsort(-scores, kind="stable")
+    ranked, ranked_classes = boxes[order], classes[order]
+    alive = np.ones(len(order), bool)
     kept: list[int] = []
-    for k in np.argsort(-scores, kind="stable"):
-        same = [j for j in kept if classes[j] == classes[k]]
-        if same and np.max(box_iou(boxes[k], boxes[same])) > iou:
+    for i in range(len(order)):
+        if not alive[i]:
             continue
-        kept.append(int(k))
+        kept.append(int(order[i]))
+        rest = np.nonzero(alive[i + 1:] & (ranked_classes[i + 1:] == ranked_classes[i]))[0]
+        if rest.size:
+            rest += i + 1
+            alive[rest[box_iou(ranked[i], ranked[rest]) > iou]] = False
     return np.asarray(kept, np.int64)
 
 
