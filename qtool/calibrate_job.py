@@ -133,7 +133,9 @@ def prepare_graph(job: Job) -> None:
             job.graph, job.options)
         remember_examples(job.calib_data)
     job.rules = target_rules(job.backend, job.options)
-    if job.options.bias_correction:
+    from qtool.bias_correction import correction_mode
+
+    if correction_mode(job.options.bias_correction):  # not for "off" given as a string
         from qtool.passes.unshare import unshare_layer_constants
 
         unshare_layer_constants(job.graph)  # each layer's own bias, to correct (before planning)
