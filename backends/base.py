@@ -31,7 +31,7 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -39,8 +39,9 @@ from qtool.errors import BackendError
 from qtool.keyvalue import option_pairs
 from qtool.scheme import QuantScheme
 
-if TYPE_CHECKING:
-    from qtool.qdq import QuantizedModel
+#: What an emitter reads: a :class:`qtool.qdq.QuantizedModel`. Not imported, even for type
+#: checking: the backends are the rules qtool.qdq and qtool.planner read, one floor below them.
+QuantizedResult = Any
 
 #: Ops with a weight input (index 1) that engines run as integer matrix products.
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -208,7 +209,7 @@ class Backend:
     activation_scheme: QuantScheme
     bias_mode: str
     placement: Placement
-    emitter: Callable[[QuantizedModel], dict[str, bytes]]
+    emitter: Callable[[QuantizedResult], dict[str, bytes]]
     pass_through: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: PASS_THROUGH_OPS)
     sharing_ops: frozenset[str] = SHARING_OPS
     fused_activations: frozenset[str] = FUSED_ACTIVATIONS
@@ -262,7 +263,7 @@ class Backend:
                 f"{bad[0]}-bit activations",
             )
 
-    def emit(self, result: QuantizedModel) -> dict[str, bytes]:
+    def emit(self, result: QuantizedResult) -> dict[str, bytes]:
         """The engine's files for a quantized model: ``{file name: bytes}``."""
         return self.emitter(result)
 
@@ -386,7 +387,7 @@ def _read_option(backend: str, key: str, value: Any, kind: type) -> Any:
 QDQ_MODEL_FILE = "model.qdq.onnx"
 
 
-def qdq_model_file(result: QuantizedModel) -> dict[str, bytes]:
+def qdq_model_file(result: QuantizedResult) -> dict[str, bytes]:
     """``{"model.qdq.onnx": bytes}``: the QDQ graph, serialized deterministically.
 
     Over 2 GB, ``model.qdq.onnx.data`` goes beside it (:func:`qtool.io.model_files`).

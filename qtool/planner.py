@@ -727,11 +727,14 @@ def _add_consumer(entry: TensorPlan, node_name: str) -> TensorPlan:
     )
 
 
-class _UnionFind:
+class UnionFind:
+    """Disjoint sets of tensor names (path compression); shared scales are its sets."""
+
     def __init__(self):
         self.parent: dict[str, str] = {}
 
     def find(self, item: str) -> str:
+        """The root of ``item``'s set (``item`` joins as its own set when new)."""
         self.parent.setdefault(item, item)
         root = item
         while self.parent[root] != root:
@@ -741,14 +744,15 @@ class _UnionFind:
         return root
 
     def union(self, a: str, b: str) -> None:
+        """Join the sets of ``a`` and ``b``."""
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
             self.parent[rb] = ra
 
 
-def _sharing_groups(nodes, backend, shape: set[str], constant: set[str]) -> _UnionFind:
+def _sharing_groups(nodes, backend, shape: set[str], constant: set[str]) -> UnionFind:
     """Union-find over data tensors: sharing ops join all, pass-through ops join input/outputs."""
-    groups = _UnionFind()
+    groups = UnionFind()
 
     def data(t: gs.Tensor) -> bool:
         return (
@@ -771,7 +775,7 @@ def _sharing_groups(nodes, backend, shape: set[str], constant: set[str]) -> _Uni
 
 
 def _group_ids(
-    order: list[str], act_consumers: Mapping[str, list[str]], groups: _UnionFind
+    order: list[str], act_consumers: Mapping[str, list[str]], groups: UnionFind
 ) -> dict[str, str]:
     """Group id per quantized activation, for roots with two or more quantized members."""
     members: dict[str, list[str]] = {}

@@ -213,11 +213,11 @@ def _parts(graph, backend, members, bounds,
     neither would keep fewer than :data:`MIN_LEVELS` under their union.
     """
     from qtool.graph_walk import all_nodes
-    from qtool.planner import _UnionFind
+    from qtool.planner import UnionFind
 
     inside = set(members)
-    union = _UnionFind()
-    moves = _UnionFind()  # pass-through ties only: what moves a mixed tensor's data
+    union = UnionFind()
+    moves = UnionFind()  # pass-through ties only: what moves a mixed tensor's data
     for m in members:
         union.find(m)
         moves.find(m)
