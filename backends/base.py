@@ -267,6 +267,18 @@ class Backend:
         """The engine's files for a quantized model: ``{file name: bytes}``."""
         return self.emitter(result)
 
+    def option_choice(self, key: str, table: Mapping[str, Any], hint: str) -> Any:
+        """``table[option key]``: an option whose value names one of a table's entries.
+
+        Raises:
+            BackendError: The value is not a key of ``table`` (the message lists them).
+        """
+        value = self.options[key]
+        if value not in table:
+            raise BackendError(
+                f"backend {self.name}: {key}={value!r} is not one of {', '.join(table)}", hint)
+        return table[value]
+
     def with_options(self, **options: Any) -> Backend:
         """A copy with some options changed, validated against the known ones.
 

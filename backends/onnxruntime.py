@@ -59,7 +59,6 @@ from qtool.backends.base import (
 )
 
 from qtool.cpu import VNNI_FLAGS, CpuTarget, cpu_flags, resolve_target
-from qtool.errors import BackendError
 from qtool.scheme import QuantScheme
 
 #: Ops with a QLinear/QDQ kernel in onnxruntime whose activation inputs get Q/DQ.
@@ -123,23 +122,14 @@ def target_note(backend: Backend) -> str:
 
 def configure(backend: Backend) -> Backend:
     """Apply the options: weights' width, activations' type, placement."""
-    kind = backend.options["activations"]
-    if kind not in ACTIVATIONS:
-        raise BackendError(
-            f"backend onnxruntime: activations={kind!r} is not one of "
-            f"{', '.join(ACTIVATIONS)}",
-            "e.g. --backend-option activations=int8",
-        )
-    placement = backend.options["placement"]
-    if placement not in PLACEMENTS:
-        raise BackendError(
-            f"backend onnxruntime: placement={placement!r} is not one of "
-            f"{', '.join(PLACEMENTS)}",
-            "e.g. --backend-option placement=all for a Q/DQ around every kernel onnxruntime has",
-        )
+    activations = backend.option_choice("activations", ACTIVATIONS,
+                                        "e.g. --backend-option activations=int8")
+    placement = backend.option_choice(
+        "placement", PLACEMENTS,
+        "e.g. --backend-option placement=all for a Q/DQ around every kernel onnxruntime has")
     weights = REDUCED_RANGE_WEIGHTS if reduces_range(backend) else WEIGHTS
-    return dataclasses.replace(backend, weight_scheme=weights, activation_scheme=ACTIVATIONS[kind],
-                               placement=PLACEMENTS[placement])
+    return dataclasses.replace(backend, weight_scheme=weights, activation_scheme=activations,
+                               placement=placement)
 
 
 #: Weights' width per target in notes.

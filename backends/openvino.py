@@ -63,7 +63,6 @@ from qtool.backends.base import (
     qdq_model_file,
 )
 
-from qtool.errors import BackendError
 from qtool.scheme import QuantScheme
 
 #: Ops LPT runs in integers when all their activation inputs are quantized: eltwise,
@@ -97,14 +96,10 @@ COMPILE_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
 
 def configure(backend: Backend) -> Backend:
     """Apply ``activations`` (uint8 or int8) and ``reduce_range`` (7-bit weights)."""
-    kind = backend.options["activations"]
-    if kind not in ACTIVATIONS:
-        raise BackendError(
-            f"backend openvino: activations={kind!r} is not one of {', '.join(ACTIVATIONS)}",
-            "e.g. --backend-option activations=int8",
-        )
+    activations = backend.option_choice("activations", ACTIVATIONS,
+                                        "e.g. --backend-option activations=int8")
     weights = REDUCED_RANGE_WEIGHTS if backend.options["reduce_range"] else WEIGHTS
-    return dataclasses.replace(backend, weight_scheme=weights, activation_scheme=ACTIVATIONS[kind])
+    return dataclasses.replace(backend, weight_scheme=weights, activation_scheme=activations)
 
 
 def openvino_available() -> bool:
