@@ -718,7 +718,9 @@ def plan_for(graph: gs.Graph, backend, options: CalibrateOptions):
         plan = build_plan(graph, backend, skip=options.skip, weight_bits=options.weight_bits,
                           act_bits=options.act_bits)
         backend_rules(backend).check_plan(plan)  # widths its files cannot hold: before calibrating
-        return plan
+        from qtool.kv_cache import with_cache_notes
+
+        return with_cache_notes(plan, graph)  # a decoder's plan says what its cache gets
     if options.skip or options.weight_bits or options.act_bits:
         raise PlanError(
             "--skip and --bits shape a new plan; they cannot change a plan given with --plan",

@@ -226,6 +226,9 @@ def assemble(float_graph: gs.Graph, plan: QuantPlan, backend, qparams, weight_me
         len(plan.entries("weight")),
         len(plan.entries("bias")),
     )
+    from qtool.kv_cache import with_cache_notes
+
+    plan = with_cache_notes(plan, float_graph)  # a decoder's final plan: what its cache got
     return QuantizedModel(qdq, float_graph, plan, backend, qparams, weight_method,
                           activation_method, list(warnings))
 

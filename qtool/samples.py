@@ -29,6 +29,9 @@ def load_samples(path, graph: gs.Graph, num_samples: int | None, seed: int,
     """
     from qtool.calibration.data import load_data
 
+    recorded = _decoder_samples(path, graph, num_samples, seed, axes)
+    if recorded is not None:
+        return recorded
     if path is None:
         return load_data(None, graph, axes=axes, num_samples=num_samples or RANDOM_SAMPLES,
                          seed=seed)
@@ -40,6 +43,22 @@ def load_samples(path, graph: gs.Graph, num_samples: int | None, seed: int,
             preprocess = Preprocessing.from_mapping(preprocess)
         options = preprocess.options()
     return load_data(path, graph, axes=axes, num_samples=num_samples, **options)
+
+
+def _decoder_samples(path, graph, num_samples, seed, axes):
+    """A KV-cache decoder's samples recorded over token sequences (:mod:`qtool.kv_cache`).
+
+    None unless the model has cache inputs and the data lacks them (token ids only, or no
+    data): data that holds the cache inputs loads as any other.
+    """
+    from qtool.kv_cache import find_cache, recorded_samples, wants_recording
+
+    cache = find_cache(graph)
+    if cache is None or not wants_recording(cache, path):
+        return None
+    from qtool.calibration.data import model_inputs
+
+    return recorded_samples(path, graph, cache, model_inputs(graph, axes), num_samples, seed)
 
 
 def labelled_batches(samples, path, batch_size: int) -> Iterator[dict]:

@@ -209,8 +209,12 @@ def summary_table(report: Mapping[str, Any], output: str | None = None) -> str:
                      + (f"; SQNR {effect}" if effect else "")
                      + ("; reverted (uncorrected model kept)" if correction.get("reverted")
                         else ""))
-    for reason in dict.fromkeys((plan.get("notes") or {}).values()):
+    notes = plan.get("notes") or {}
+    for reason in dict.fromkeys(r for r in notes.values() if not r.startswith("KV cache")):
         lines.append(f"  scale split: {reason}")
+    cache = [r for r in notes.values() if r.startswith("KV cache")]
+    if cache:  # one line; plan.json's notes say it per cache tensor
+        lines.append(f"  KV cache           {_cache_line(cache)}")
     if plan["float_nodes"]:
         lines.append("")
         shown = list(plan["float_nodes"].items())
@@ -301,3 +305,12 @@ def fmt_pct(value: float | None) -> str:
 
 def _delta(accuracy: tuple[float, float]) -> str:
     return f"{100.0 * (accuracy[1] - accuracy[0]):+.2f} pts"
+
+
+def _cache_line(notes: list[str]) -> str:
+    """The summary's KV-cache line from the plan's notes (:func:`qtool.kv_cache.cache_notes`)."""
+    inside = sum("quantized inside" in n for n in notes)
+    quantized = sum(": quantized," in n for n in notes)
+    kept = len(notes) - inside - quantized
+    return (f"{len(notes)} cache inputs/outputs: {quantized} quantized, {inside} float at the "
+            f"model's edge but quantized inside, {kept} float (plan.json notes)")
