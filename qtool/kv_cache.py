@@ -185,6 +185,27 @@ def past_axis(past: Sequence[int | str | None], present: Sequence[int | str | No
 
 # ------------------------------------------------------------------------------ data
 
+def decoder_axes(cache: DecoderCache, model) -> dict[str, int]:
+    """Batch axis 0 for the token ids, mask and positions, and the cache inputs' batch axis.
+
+    ``torch.onnx.export(dynamo=True)`` names every dim apart (``input_ids [s56, s70]``,
+    ``attention_mask [s43, s53]``), so the inferred batch (the name most inputs share at
+    axis 0) misses the mask. A decoder's token inputs are ``[batch, tokens]``, and its
+    cache inputs have the batch where the ids have theirs (axis 0 unless that name is
+    elsewhere: a stacked ``[2, batch, heads, past, dim]`` cache has it at axis 1).
+    """
+    inputs, _ = _graph_io(model)
+    axes = {name: 0 for name in (cache.ids, cache.mask, *cache.positions)
+            if name and len(inputs.get(name, ())) == 2}
+    batch = inputs[cache.ids][0] if inputs.get(cache.ids) else None
+    for tensor in cache.tensors:
+        dims = inputs[tensor.past]
+        axes[tensor.past] = dims.index(batch) if isinstance(batch, str) and batch in dims else (
+            1 if tensor.kind == "kv" and len(dims) == 5 else 0)
+    return axes
+
+
+
 def wants_recording(cache: DecoderCache, path) -> bool:
     """Whether the data at ``path`` lacks the cache inputs (then qtool records them)."""
     if path is None:

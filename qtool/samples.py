@@ -29,6 +29,7 @@ def load_samples(path, graph: gs.Graph, num_samples: int | None, seed: int,
     """
     from qtool.calibration.data import load_data
 
+    axes = dict(axes or {})
     recorded = _decoder_samples(path, graph, num_samples, seed, axes)
     if recorded is not None:
         return recorded
@@ -49,12 +50,16 @@ def _decoder_samples(path, graph, num_samples, seed, axes):
     """A KV-cache decoder's samples recorded over token sequences (:mod:`qtool.kv_cache`).
 
     None unless the model has cache inputs and the data lacks them (token ids only, or no
-    data): data that holds the cache inputs loads as any other.
+    data): data that holds the cache inputs loads as any other, with the decoder's batch
+    axes (:func:`qtool.kv_cache.decoder_axes`) unless ``--input-axis`` declares them.
     """
-    from qtool.kv_cache import find_cache, recorded_samples, wants_recording
+    from qtool.kv_cache import decoder_axes, find_cache, recorded_samples, wants_recording
 
     cache = find_cache(graph)
-    if cache is None or not wants_recording(cache, path):
+    if cache is None:
+        return None
+    axes.update({**decoder_axes(cache, graph), **dict(axes)})
+    if not wants_recording(cache, path):
         return None
     from qtool.calibration.data import model_inputs
 

@@ -123,7 +123,7 @@ def export_decoder(model, path, *, dynamo: bool = False, opset: int = 17) -> Non
             torch.onnx.export(_FlatCache(model), (ids, mask, *past), str(path),
                               input_names=inputs, output_names=outputs,
                               dynamic_shapes=shapes, opset_version=max(opset, 18),
-                              dynamo=True, external_data=False)
+                              dynamo=True, external_data=False, optimize=True)
             return
         axes = {"input_ids": {0: "batch_size", 1: "sequence_length"},
                 "attention_mask": {0: "batch_size", 1: "past_sequence_length + sequence_length"},

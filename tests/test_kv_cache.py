@@ -292,3 +292,55 @@ def test_the_quantized_decoder_generates_as_the_float_one(trained, tmp_path, bac
     assert sqnr(own_cache) >= 6.02 * 8 - 1.25 - 10 * np.log10(activations) - 6
     # the quantized cache it writes costs little beside the float cache (no compounding)
     assert sqnr(own_cache) >= sqnr(float_cache) - 3
+
+
+def test_padded_sequences_record_their_tokens_only(decoders, tmp_path):
+    """A mask's zeros are padding: each sequence runs over its own tokens, grouped by
+    length, so no step ever feeds a pad token or a zero mask."""
+    ids = arithmetic_sequences(3, 7, seed=4)
+    mask = np.ones_like(ids)
+    mask[0, 5:] = 0
+    mask[2, 4:] = 0
+    path = tmp_path / "padded.npz"
+    np.savez(path, input_ids=ids, attention_mask=mask)
+    rows = list(load_samples(str(path), onnx.load(str(decoders["llama"])), None, 0))
+    assert len(rows) == sum(1 + n - prefill_length(n) for n in (5, 7, 4))
+    for sample in rows:
+        assert sample["attention_mask"].all()
+        past = sample[CACHE_INPUTS[0]].shape[2]
+        fed = sample["input_ids"][0]
+        assert any(np.array_equal(ids[r, past:past + len(fed)], fed)
+                   and past + len(fed) <= mask[r].sum() for r in range(3))
+
+
+def test_workers_record_and_calibrate_the_same_bytes(decoders, tmp_path):
+    data = _token_file(tmp_path / "calib.npz", 8, 8, seed=1)
+    one, two = (quantize_model(str(decoders["llama"]), "qnn", CalibrateOptions(
+        data=data, bias_correction=False, analysis="none", kernel_check=False,
+        workers=workers))[0]["model.qdq.onnx"] for workers in (1, 2))
+    assert one == two
+
+
+@pytest.fixture(scope="module")
+def dynamo_llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dynamo") / "llama.onnx"
+    export_decoder(tiny_llama(), path, dynamo=True)
+    return path
+
+
+def test_a_dynamo_export_calibrates_and_generates(dynamo_llama, tmp_path):
+    """dynamo=True names every dim apart (input_ids [s56, s70], attention_mask [s43, s53]):
+    the mask's batch axis is still axis 0, the past axis the one that grows."""
+    cache = find_cache(str(dynamo_llama))
+    assert [t.past for t in cache.tensors] == CACHE_INPUTS
+    assert {t.past_axis for t in cache.tensors} == {2}
+    data = _token_file(tmp_path / "calib.npz", 8, 8, seed=1)
+    samples = load_samples(data, onnx.load(str(dynamo_llama)), None, 0)
+    assert {s.name: s.batch_axis for s in samples.specs}["attention_mask"] == 0
+    files, report = quantize_model(str(dynamo_llama), "onnxruntime", CalibrateOptions(
+        data=data, bias_correction=False, kernel_check=False))
+    assert set(report["plan"]["notes"]) >= set(CACHE_INPUTS + CACHE_OUTPUTS)
+    float_logits = Decoder(dynamo_llama).stepwise_logits(arithmetic_sequences(4, 8, 9), 4)
+    quant_logits = Decoder_from_bytes(files["model.qdq.onnx"], tmp_path).stepwise_logits(
+        arithmetic_sequences(4, 8, 9), 4)
+    assert quant_logits.shape == float_logits.shape and np.isfinite(quant_logits).all()
