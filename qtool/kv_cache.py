@@ -490,7 +490,7 @@ def _quantized_near(tensor, planned: Mapping, depth: int = 8) -> str | None:
     """
     import onnx_graphsurgeon as gs
 
-    frontier = [tensor] if tensor is not None else []
+    frontier = _branch_outputs(tensor) if tensor is not None else []
     for _ in range(depth + 1):
         following = []
         for current in frontier:
@@ -503,6 +503,19 @@ def _quantized_near(tensor, planned: Mapping, depth: int = 8) -> str | None:
                     following.extend(o for o in node.outputs[:1] if o not in following)
         frontier = following
     return None
+
+
+def _branch_outputs(tensor) -> list:
+    """``tensor``, or the tensors the branches return in its place if an If makes it.
+
+    A merged decoder's outputs come from its ``If(use_cache_branch)``.
+    """
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is None or producer.op != "If":
+        return [tensor]
+    index = producer.outputs.index(tensor)
+    return [branch.outputs[index] for key in ("then_branch", "else_branch")
+            if (branch := producer.attrs.get(key)) is not None and len(branch.outputs) > index]
 
 
 def with_cache_notes(plan, graph):

@@ -11,10 +11,13 @@ two tokens, so its logits are peaked and a quantized copy's argmax agreement mea
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from onnx import TensorProto, helper
 
 VOCAB = 16
 LAYERS = 2
@@ -136,6 +139,41 @@ def export_decoder(model, path, *, dynamo: bool = False, opset: int = 17) -> Non
                           dynamo=False)
 
 
+def merged_decoder(model: onnx.ModelProto) -> onnx.ModelProto:
+    """optimum's merged-decoder layout: ``If(use_cache_branch)`` over a branch with the cache
+    and one without, here two renamed copies of the exported body (with an empty cache
+    both compute the same; optimum's no-cache branch is a second export)."""
+    graph = model.graph
+
+    def branch(prefix: str) -> onnx.GraphProto:
+        body = copy.deepcopy(graph)
+        renamed: dict[str, str] = {}  # the branch's own tensors get the prefix
+        for init in body.initializer:
+            renamed[init.name] = init.name = prefix + init.name
+        for node in body.node:
+            node.name = prefix + node.name
+            for index, name in enumerate(node.output):
+                renamed[name] = node.output[index] = prefix + name
+        for node in body.node:
+            for index, name in enumerate(node.input):
+                node.input[index] = renamed.get(name) or name
+        outputs = [helper.make_tensor_value_info(renamed[o.name], o.type.tensor_type.elem_type,
+                                                 None) for o in graph.output]
+        return helper.make_graph(list(body.node), prefix + "branch", [], outputs,
+                                 list(body.initializer))
+
+    condition = helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1])
+    node = helper.make_node("If", ["use_cache_branch"], [o.name for o in graph.output],
+                            name="optimum::if", then_branch=branch("with_past/"),
+                            else_branch=branch("no_past/"))
+    merged = helper.make_model(
+        helper.make_graph([node], "merged", [*graph.input, condition], list(graph.output)),
+        opset_imports=model.opset_import)
+    merged.ir_version = model.ir_version
+    onnx.checker.check_model(merged)
+    return merged
+
+
 class Decoder:
     """An exported decoder in onnxruntime, run as generation runs it: with its own cache."""
 
@@ -148,6 +186,7 @@ class Decoder:
         self.cache_inputs = [n for n in inputs if n.startswith("past_key_values")]
         self.cache_outputs = [o.name for o in self.session.get_outputs()
                               if o.name.startswith("present")]
+        self.branch = "use_cache_branch" in inputs  # a merged decoder
         first = inputs[self.cache_inputs[0]]
         self.heads, self.dim = first.shape[1], first.shape[3]
 
@@ -159,6 +198,8 @@ class Decoder:
         feeds = {"input_ids": ids.astype(np.int64),
                  "attention_mask": np.ones((rows, past_length + ids.shape[1]), np.int64),
                  **dict(zip(self.cache_inputs, past, strict=True))}
+        if self.branch:
+            feeds["use_cache_branch"] = np.array([past_length > 0])
         logits, *present = self.session.run(["logits", *self.cache_outputs], feeds)
         return logits, present
 

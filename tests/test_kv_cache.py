@@ -17,6 +17,7 @@ from kv_decoders import (
     Decoder,
     arithmetic_sequences,
     export_decoder,
+    merged_decoder,
     tiny_gpt2,
     tiny_llama,
     trained_llama,
@@ -344,3 +345,28 @@ def test_a_dynamo_export_calibrates_and_generates(dynamo_llama, tmp_path):
     quant_logits = Decoder_from_bytes(files["model.qdq.onnx"], tmp_path).stepwise_logits(
         arithmetic_sequences(4, 8, 9), 4)
     assert quant_logits.shape == float_logits.shape and np.isfinite(quant_logits).all()
+
+
+def test_a_merged_decoder_calibrates_both_branches(trained, tmp_path):
+    """optimum's merged decoder: the first step runs the branch without a cache
+    (use_cache_branch False), the others the branch with it; both are calibrated, and the
+    quantized model generates as the float one."""
+    merged = tmp_path / "merged.onnx"
+    onnx.save(merged_decoder(onnx.load(str(trained))), str(merged))
+    assert find_cache(str(merged)).branch == "use_cache_branch"
+    data = _token_file(tmp_path / "calib.npz", 16, 10, seed=11)
+    rows = list(load_samples(data, onnx.load(str(merged)), None, 0))
+    assert [bool(r["use_cache_branch"][0]) for r in rows] == [
+        r[CACHE_INPUTS[0]].shape[2] > 0 for r in rows]
+    files, report = quantize_model(str(merged), "onnxruntime", CalibrateOptions(
+        data=data, bias_correction=False, analysis="none", kernel_check=False))
+    branches = onnx.load_from_string(files["model.qdq.onnx"]).graph.node[-1].attribute
+    quantizers = {a.name: sum(n.op_type == "QuantizeLinear" for n in a.g.node) for a in branches}
+    assert quantizers["then_branch"] > 0 and quantizers["then_branch"] == quantizers["else_branch"]
+    notes = report["plan"]["notes"]
+    assert all("quantized inside the model as" in notes[n] for n in CACHE_INPUTS + CACHE_OUTPUTS)
+    held_out = arithmetic_sequences(32, 12, seed=13)
+    float_logits = Decoder(merged).stepwise_logits(held_out, 4)
+    quant_logits = Decoder_from_bytes(files["model.qdq.onnx"], tmp_path).stepwise_logits(
+        held_out, 4)
+    assert (float_logits.argmax(-1) == quant_logits.argmax(-1))[:, 2:].mean() >= 0.97
