@@ -288,6 +288,14 @@ class DecoderSteps(Loader):
         self.cache = cache
         self.sequences = [np.asarray(s) for s in sequences]
         self.specs = list(specs)
+        fed = {cache.ids, cache.mask, cache.branch, *cache.positions, *cache.past_names}
+        missing = [s.name for s in self.specs if s.name not in fed]
+        if missing:  # an encoder-decoder's encoder_hidden_states: nothing here to record it
+            raise DataError(
+                f"cannot record the KV cache: no value for input(s) {', '.join(missing)}",
+                "give the cache inputs (and these) in the calibration .npz, recorded from the "
+                "float model",
+            )
         self.fit_for_calibration = real
         self._memo: list[Sample] | None = None
         self._session = None
@@ -357,13 +365,6 @@ class DecoderSteps(Loader):
             if cache.branch:
                 feeds[cache.branch] = np.array([start > 0], specs[cache.branch].dtype)
             feeds.update(past)
-            missing = sorted(set(specs) - set(feeds))
-            if missing:
-                raise DataError(
-                    f"cannot record the KV cache: no value for input(s) {', '.join(missing)}",
-                    "give the cache inputs in the calibration .npz, recorded from the float "
-                    "model",
-                )
             try:
                 present = self._session.run(outputs, feeds)
             except Exception as exc:  # onnxruntime raises its own error types

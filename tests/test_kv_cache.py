@@ -25,7 +25,7 @@ from kv_decoders import (
 from qtool.backends import backend_names
 
 from qtool.errors import DataError
-from qtool.kv_cache import DecoderSteps, find_cache, past_axis, prefill_length
+from qtool.kv_cache import DecoderSteps, decoder_axes, find_cache, past_axis, prefill_length
 from qtool.options import CalibrateOptions
 from qtool.samples import load_samples
 from qtool.workflow import quantize_model
@@ -108,12 +108,33 @@ def test_cache_names_of_other_exporters_pair_up():
     nodes = [helper.make_node("Identity", [i.name], [o.name])
              for i, o in zip(inputs[1:], outputs[1:], strict=True)]
     nodes.append(helper.make_node("Cast", ["input_ids"], ["logits"], to=TensorProto.FLOAT))
-    cache = find_cache(helper.make_model(helper.make_graph(nodes, "g", inputs, outputs)))
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs))
+    cache = find_cache(model)
+    # the batch where the ids have theirs ("b"): axis 1 of the stacked [2, b, heads, past, dim]
+    assert decoder_axes(cache, model) == {"input_ids": 0, "past_key_0": 0, "past_value_0": 0,
+                                          "past.1": 1}
     assert [(t.past, t.present, t.layer, t.kind, t.past_axis) for t in cache.tensors] == [
         ("past_key_0", "present_key_0", 0, "key", 2),
         ("past_value_0", "present_value_0", 0, "value", 2),
         ("past.1", "present.1", 1, "kv", 3),
     ]
+
+
+def test_a_decoder_with_inputs_qtool_cannot_make_is_refused_up_front(tmp_path):
+    from onnx import TensorProto, helper
+
+    def value(name, dims, kind=TensorProto.FLOAT):
+        return helper.make_tensor_value_info(name, kind, dims)
+
+    inputs = [value("input_ids", ["b", "s"], TensorProto.INT64),
+              value("encoder_hidden_states", ["b", 5, 8]),
+              value("past_key_values.0.key", ["b", 2, "past", 8])]
+    outputs = [value("logits", ["b", 5, 8]), value("present.0.key", ["b", 2, "t", 8])]
+    nodes = [helper.make_node("Identity", ["encoder_hidden_states"], ["logits"]),
+             helper.make_node("Identity", ["past_key_values.0.key"], ["present.0.key"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs))
+    with pytest.raises(DataError, match="no value for input.s. encoder_hidden_states"):
+        load_samples(_token_file(tmp_path / "t.npz", 2, 4, 0), model, None, 0)
 
 
 # ------------------------------------------------------------------------------ recording
