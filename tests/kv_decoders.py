@@ -85,17 +85,27 @@ class _FlatCache(_torch().nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, *past):
+        return self.step(input_ids, attention_mask, None, past)
+
+    def step(self, input_ids, attention_mask, position_ids, past):
         from transformers.cache_utils import DynamicCache
 
         cache = DynamicCache()
         for layer in range(len(past) // 2):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         past_key_values=cache, use_cache=True)
+                         position_ids=position_ids, past_key_values=cache, use_cache=True)
         flat = []
         for layer in out.past_key_values.layers:
             flat += [layer.keys, layer.values]
         return (out.logits, *flat)
+
+
+class _FlatCacheWithPositions(_FlatCache):
+    """The same with a ``position_ids`` input, as optimum exports Llama."""
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        return self.step(input_ids, attention_mask, position_ids, past)
 
 
 def cache_shape(model) -> tuple[int, int]:
@@ -105,8 +115,10 @@ def cache_shape(model) -> tuple[int, int]:
     return heads, config.hidden_size // config.num_attention_heads
 
 
-def export_decoder(model, path, *, dynamo: bool = False, opset: int = 17) -> None:
-    """Export with ``past_key_values.N.key/value`` inputs and ``present.N.key/value`` outputs."""
+def export_decoder(model, path, *, dynamo: bool = False, opset: int = 17,
+                   positions: bool = False) -> None:
+    """Export with ``past_key_values.N.key/value`` inputs and ``present.N.key/value`` outputs
+    (and a ``position_ids`` input with ``positions``, ``dynamo=False`` only)."""
     torch = _torch()
     heads, dim = cache_shape(model)
     ids = torch.randint(0, VOCAB, (1, 3))
@@ -134,9 +146,14 @@ def export_decoder(model, path, *, dynamo: bool = False, opset: int = 17) -> Non
         axes.update({name: {0: "batch_size", 2: "past_sequence_length"} for name in cache_in})
         axes.update({name: {0: "batch_size", 2: "past_sequence_length + sequence_length"}
                      for name in cache_out})
-        torch.onnx.export(_FlatCache(model), (ids, mask, *past), str(path), input_names=inputs,
-                          output_names=outputs, dynamic_axes=axes, opset_version=opset,
-                          dynamo=False)
+        wrapper, args = _FlatCache(model), (ids, mask, *past)
+        if positions:
+            wrapper, args = _FlatCacheWithPositions(model), (ids, mask, torch.arange(4, 7)[None],
+                                                             *past)
+            inputs.insert(2, "position_ids")
+            axes["position_ids"] = {0: "batch_size", 1: "sequence_length"}
+        torch.onnx.export(wrapper, args, str(path), input_names=inputs, output_names=outputs,
+                          dynamic_axes=axes, opset_version=opset, dynamo=False)
 
 
 def merged_decoder(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -186,6 +186,25 @@ def test_calibration_ranges_are_those_of_recorded_cache_states(decoders, tmp_pat
         assert abs(hi - max(keys.max(), 0)) <= 1.01 * scale, name
 
 
+def test_position_ids_are_counted_on_from_the_past_length(tmp_path):
+    """Exported with a position_ids input (as optimum exports Llama), the recorded cache is
+    the one the export without it records: positions past .. past + new - 1."""
+    model = tiny_llama(seed=3)
+    plain, positioned = tmp_path / "plain.onnx", tmp_path / "positions.onnx"
+    export_decoder(model, plain)
+    export_decoder(model, positioned, positions=True)
+    assert find_cache(str(positioned)).positions == ("position_ids",)
+    data = _token_file(tmp_path / "tokens.npz", 3, 6, seed=5)
+    expected = list(load_samples(data, onnx.load(str(plain)), None, 0))
+    recorded = list(load_samples(data, onnx.load(str(positioned)), None, 0))
+    assert len(recorded) == len(expected)
+    for want, got in zip(expected, recorded, strict=True):
+        past, seen = got[CACHE_INPUTS[0]].shape[2], got["input_ids"].shape[1]
+        np.testing.assert_array_equal(got["position_ids"], [np.arange(past, past + seen)])
+        for name in CACHE_INPUTS:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
 def test_data_with_the_cache_inputs_is_used_as_given(decoders, tmp_path):
     ids = arithmetic_sequences(6, 4, 0)
     _, present = Decoder(decoders["gpt2"]).run(ids[:, :3], None, 0)
