@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from kv_decoders import (
+
+pytest.importorskip("transformers")
+from kv_decoders import (  # noqa: E402  (after the skip: it builds transformers models)
     LAYERS,
     VOCAB,
     Decoder,
