@@ -178,11 +178,12 @@ def calibrate_ranges(job: Job) -> None:
         if options.method == AUTO_METHOD:
             from qtool.analysis.autoselect import select_ranges
 
-            job.method_choice = select_ranges(
-                job.graph, job.plan, job.calib_data, batch_size=options.batch_size,
-                judge_data=None if job.eval_samples is job.calib_data else job.eval_samples,
-                memory_budget=options.memory_budget,
-            )
+            with analysis_executor(options) as executor:
+                job.method_choice = select_ranges(
+                    job.graph, job.plan, job.calib_data, batch_size=options.batch_size,
+                    judge_data=None if job.eval_samples is job.calib_data else job.eval_samples,
+                    memory_budget=options.memory_budget, executor=executor,
+                )
             job.ranges = job.method_choice.ranges
         else:
             job.ranges = calibrate(
@@ -231,9 +232,9 @@ def learn_rounding(job: Job) -> None:
         return
     from qtool.qat.adaround import AdaRoundOptions, adaround
 
-    with progress.phase("adaround"):
+    with progress.phase("adaround"), analysis_executor(job.options) as executor:
         job.rounded, job.rounded_layers = adaround(job.result, job.calib_data, AdaRoundOptions(
-            iterations=job.options.adaround_iters, seed=job.options.seed))
+            iterations=job.options.adaround_iters, seed=job.options.seed), executor=executor)
 
 
 def correct(job: Job) -> None:
@@ -632,20 +633,36 @@ def _analyze(graph, backend, result, ranges, eval_samples, eval_path, options, t
     when asked or when the fully quantized model misses the target. With a ``task`` its
     metric judges the accuracy target and ranks the layers.
     """
-    from qtool.analysis import Analysis, float_fallback, layer_sensitivity
+    from qtool.analysis import Analysis
     from qtool.analysis.reference import FloatReference
 
     analysis = Analysis(samples=0, tensors=[])
     wants_fallback = options.target_sqnr is not None or options.max_accuracy_drop is not None
     if not (options.sensitivity or wants_fallback):
         return analysis
-    from qtool.executor import get_executor
-
     reference = FloatReference(graph, batches_of(eval_samples, eval_path, options.batch_size),
                                max_samples=SEARCH_SAMPLES, task=task)
     # --workers: the candidates (one per layer, one per prefix of the ranking) are judged
     # by the executor's workers, with the same result as here
-    executor = get_executor(options.executor, options.workers) if options.workers > 1 else None
+    with analysis_executor(options) as executor:
+        return _search(analysis, graph, backend, result, ranges, reference, options, executor,
+                       wants_fallback)
+
+
+def analysis_executor(options: CalibrateOptions):
+    """The executor of the analyses (``--workers``, ``--executor``); close it after use.
+
+    One worker: this process. Several: local processes or Ray, kept for the analysis' rounds.
+    """
+    from qtool.executor import SerialExecutor, get_executor
+
+    return (get_executor(options.executor, options.workers) if options.workers > 1
+            else SerialExecutor())
+
+
+def _search(analysis, graph, backend, result, ranges, reference, options, executor,
+            wants_fallback):
+    from qtool.analysis import float_fallback, layer_sensitivity
 
     def sensitivity():
         if not analysis.layers:

@@ -47,6 +47,17 @@ class Executor(ABC):
             raise ExecutorError(f"workers={workers}: must be at least 1")
         self.workers = workers
 
+    def close(self) -> None:
+        """Release what :meth:`map` kept for the next call (worker processes)."""
+        return None  # serial and Ray executors keep nothing
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
     def map_shared(self, fn: Callable[[Any, T], R], shared: Any, tasks: Sequence[T], *,
                    desc: str = "tasks", progress: bool | None = None) -> list[R]:
         """``[fn(shared, task) for task in tasks]``, ``shared`` being what every task reads.
@@ -99,20 +110,26 @@ class SerialExecutor(Executor):
 
 
 class ProcessExecutor(Executor):
-    """Spawned processes on this machine (``spawn``: safe with onnxruntime's threads)."""
+    """Spawned processes on this machine (``spawn``: safe with onnxruntime's threads).
+
+    The processes are started by the first :meth:`map` and kept for the next ones (a search
+    that maps round after round pays the start-up, imports included, once) until
+    :meth:`close`, the end of a ``with`` block, a failed map or the end of the program.
+    """
 
     name = "local"
+
+    def __init__(self, workers: int = 1):
+        super().__init__(workers)
+        self._pool = None
 
     def map(self, fn, tasks, *, desc="tasks", progress=None):
         """See :meth:`Executor.map`."""
         import concurrent.futures as cf
-        import multiprocessing
 
         if not tasks:
             return []
-        context = multiprocessing.get_context("spawn")
-        pool = cf.ProcessPoolExecutor(max_workers=min(self.workers, len(tasks)),
-                                      mp_context=context, initializer=_quiet_worker)
+        pool = self._open()
         futures = [pool.submit(fn, task) for task in tasks]
         try:
             with progress_bar(len(tasks), desc, progress) as bar:
@@ -122,11 +139,32 @@ class ProcessExecutor(Executor):
                         break
             return [_result(future) for future in futures]
         except BaseException:
-            for process in list(getattr(pool, "_processes", {}).values()):
-                process.kill()  # Ctrl-C or a failed task: nothing keeps running
+            self._kill()  # Ctrl-C or a failed task: nothing keeps running
             raise
-        finally:
+
+    def close(self) -> None:
+        """Stop the processes (idle ones exit at once)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def _open(self):
+        if self._pool is None:
+            import concurrent.futures as cf
+            import multiprocessing
+
+            self._pool = cf.ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_quiet_worker)
+        return self._pool
+
+    def _kill(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class RayExecutor(Executor):

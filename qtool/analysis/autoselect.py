@@ -28,11 +28,23 @@ held-out data, bounded; none: the calibration data judges itself, with no second
 So auto costs one histogram method plus onnxruntime and the error sums over the judging data.
 Judged on held-out data, the choice does not overfit the calibration data. Memory is one
 fixed-size histogram per tensor plus one batch.
+
+With an executor of several workers (``--workers``, ``--executor``; :mod:`qtool.executor`)
+both passes run as tasks over row windows of the data (a loader that can be split: a file,
+an image folder, the held-out split; the window travels as its path and rows, never as
+arrays), each window on batch boundaries: the histograms merge exactly (counts add, their
+grid is a power of two), and every error sum is a list of exact partial sums (Shewchuk's, as
+``math.fsum`` keeps them) of the same per-batch terms one process adds, merged in window
+order, so the choice and the ranges are the same bits as in one process. The judging windows
+split their batches as the one-process pass does (the row size measured on the first
+calibration row). Data that cannot be split runs here.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -121,6 +133,12 @@ class _Candidates:
         for observer in self.fed:
             observer.update(x)
 
+    def merge(self, other: _Candidates) -> None:
+        """Add another window's observations (histograms: exactly)."""
+        self.zeros += other.zeros
+        for mine, theirs in zip(self.fed, other.fed, strict=True):
+            mine.merge(theirs)
+
     def ranges(self) -> dict[str, tuple[float, float]]:
         if self.histogram.empty:
             raise self.histogram._empty_error()
@@ -150,8 +168,22 @@ class _RangeErrors:
         for method, (scale, zero_point) in self.qparams.items():
             key = (float(np.asarray(scale)), float(np.asarray(zero_point)))
             self.same[method] = seen.setdefault(key, method)
-        self.sums = dict.fromkeys(ranges, 0.0)
+        # exact partial sums (Shewchuk) per method: the total does not depend on how the
+        # batches were grouped into windows
+        self.parts: dict[str, list[float]] = {m: [] for m in ranges}
         self.count = 0
+
+    @property
+    def sums(self) -> dict[str, float]:
+        """``{method: summed squared error}``, correctly rounded."""
+        return {m: math.fsum(self.parts[self.same[m]]) for m in self.parts}
+
+    def merge(self, other: _RangeErrors) -> None:
+        """Add another window's sums (exactly)."""
+        for method, parts in other.parts.items():
+            for value in parts:
+                _add_exact(self.parts[method], value)
+        self.count += other.count
 
     def update(self, x: np.ndarray) -> None:
         """Add one batch, in cache-sized float64 chunks (the arithmetic of fake_quantize)."""
@@ -164,7 +196,7 @@ class _RangeErrors:
                 scale, zero_point = self.qparams[method]
                 diff = whole - self.scheme.fake_quantize(whole, scale, zero_point).astype(
                     np.float64)
-                self.sums[method] += dot(diff.ravel(), diff.ravel())
+                _add_exact(self.parts[method], dot(diff.ravel(), diff.ravel()))
         else:
             chunk = min(_CHUNK, max(flat.size, 1))
             values, work = np.empty(chunk), np.empty(chunk)
@@ -184,10 +216,26 @@ class _RangeErrors:
                     ws *= scale
                     ws[...] = ws.astype(np.float32)
                     np.subtract(xs, ws, out=ws)
-                    self.sums[method] += dot(ws, ws)
-        for method, first in self.same.items():
-            if first != method:
-                self.sums[method] = self.sums[first]
+                    _add_exact(self.parts[method], dot(ws, ws))
+
+
+def _add_exact(partials: list[float], value: float) -> None:
+    """Add ``value`` to non-overlapping partials whose sum is exact.
+
+    Shewchuk's algorithm, the one ``math.fsum`` runs: ``math.fsum(partials)`` is then the
+    correctly rounded sum of every value added, in whatever order and grouping they came.
+    """
+    kept = 0
+    for other in partials:
+        if abs(value) < abs(other):
+            value, other = other, value
+        high = value + other
+        low = other - (high - value)
+        if low:
+            partials[kept] = low
+            kept += 1
+        value = high
+    partials[kept:] = [value]
 
 
 def histogram_errors(histogram, scheme: QuantScheme, ranges: Mapping[str, tuple[float, float]],
@@ -267,6 +315,7 @@ def select_ranges(
     num_samples: int | None = None,
     judge_data: Iterable[Mapping[str, np.ndarray]] | None = None,
     memory_budget: int | None = None,
+    executor=None,
 ) -> MethodChoice:
     """Calibrate with every method and keep, per tensor or group, the least-error range.
 
@@ -281,6 +330,9 @@ def select_ranges(
         judge_data: Samples the candidates are judged on (held-out data); None: ``data``.
         memory_budget: Bytes of observed tensors per onnxruntime run (see
             :func:`qtool.calibration.calibrate`); None: whole batches.
+        executor: A :class:`qtool.executor.Executor`: with several workers, both passes run
+            as its tasks over row windows of the data (see the module docstring); None:
+            here. The result does not depend on it.
 
     Returns:
         The :class:`MethodChoice`.
@@ -293,9 +345,15 @@ def select_ranges(
     methods = tuple(dict.fromkeys(methods))
     if not schemes:
         return MethodChoice({}, {}, {}, methods)
-    candidates = {name: _Candidates(scheme, name, methods) for name, scheme in schemes.items()}
-    session = _Session(model, data, schemes, batch_size, num_samples, memory_budget)
-    session.feed(data, candidates)
+    session = _Session(model, data, schemes, batch_size, num_samples, memory_budget, executor)
+    try:
+        return _select(session, plan, schemes, methods, data, judge_data)
+    finally:
+        session.close()
+
+
+def _select(session: _Session, plan, schemes, methods, data, judge_data) -> MethodChoice:
+    candidates = session.feed(data, _Observers("candidates", schemes, methods))
     own = {}
     for name, candidate in candidates.items():
         try:
@@ -317,9 +375,8 @@ def select_ranges(
                                          union[group_of[name]], candidates[name].zeros)
                   for name, scheme in schemes.items()}
     else:  # the held-out data, through the same session: exact sums
-        judged = {name: _RangeErrors(scheme, union[group_of[name]])
-                  for name, scheme in schemes.items()}
-        session.feed(judge_data, judged)
+        judged = session.feed(judge_data, _Observers(
+            "errors", schemes, {name: union[group_of[name]] for name in schemes}))
         errors = {name: (judge.sums, judge.count) for name, judge in judged.items()}
 
     ranges, chosen, mse = {}, {}, {}
@@ -336,35 +393,82 @@ def select_ranges(
 
 
 class _Session:
-    """One collector session over the model, fed one ``{tensor: observer}`` set per data.
+    """The collector runs of both passes: here, or as executor tasks over row windows.
 
-    The calibration data and then the judging data run through the same onnxruntime
-    session (graph optimizations on, as calibration runs): the second phase costs
-    onnxruntime over the judging data only.
+    Here (one onnxruntime session, fed one ``{tensor: observer}`` set per data), the
+    calibration data and then the judging data run through the same session (graph
+    optimizations on, as calibration runs): the second phase costs onnxruntime over the
+    judging data only.
     """
 
     def __init__(self, model, data, tensors: Iterable[str], batch_size, num_samples,
-                 memory_budget):
-        from qtool.calibration.collector import (
-            Collector,
-            plan_observation,
-            resolve_batch_size,
-            run_budget,
-        )
+                 memory_budget, executor=None):
+        from qtool.calibration.collector import plan_observation, resolve_batch_size, run_budget
         from qtool.calibration.data import specs_of
 
         self.specs = specs_of(data, model)
         self.size, self.fixed = resolve_batch_size(self.specs, batch_size)
         self.num_samples = num_samples
+        self.budget = run_budget(self.specs, self.fixed, memory_budget)
         self.routes = {name: _Route() for name in tensors}
-        self.collector = Collector(plan_observation(model, self.routes), self.routes,
-                                   memory_budget=run_budget(self.specs, self.fixed,
-                                                            memory_budget))
+        self.plan = plan_observation(model, self.routes)
+        self.executor = executor
+        self.collector = None
+        self.row_bytes: float | None = None  # what the first run measured (RowBudget)
 
-    def feed(self, data, observers: Mapping[str, Any]) -> None:
-        """Stream ``data``, each observed tensor to ``observers[name]`` (if it has one)."""
-        from qtool.calibration.collector import batches, checked_samples
+    def feed(self, data, observers: _Observers) -> dict[str, Any]:
+        """Stream ``data`` into the observers ``observers`` makes; return them (merged)."""
+        windows = self._windows(data)
+        if windows is None:
+            return self._feed_here(data, observers())
+        from qtool import providers
+        from qtool.calibration.collector import checked_samples
 
+        checked_samples(data, self.specs)  # a misfit fails here, before any worker starts
+        job = _WindowJob(self.plan, observers, self.specs, self.size, self.fixed, self.budget,
+                         self.row_bytes, providers.current(),
+                         max(1, (os.cpu_count() or 1) // self.executor.workers))
+        results = self.executor.map_shared(_observe_window, job, windows,
+                                           desc=f"auto-method {observers.kind}")
+        merged = observers()  # fresh: Ray hands back read-only arrays
+        for shard, _ in results:  # window order: the same merge whatever finished first
+            for name, observer in shard.items():
+                merged[name].merge(observer)
+        if self.row_bytes is None:
+            self.row_bytes = results[0][1]
+        return merged
+
+    def close(self) -> None:
+        """Remove a temporary model with external data (over 2 GB)."""
+        from qtool.io import release
+
+        self.collector = None
+        release(self.plan.model_bytes)
+
+    def _windows(self, data) -> list[tuple[int, Any]] | None:
+        """``(index, rows)`` windows of ``data`` for the executor, or None: run here."""
+        from qtool.calibration.batching import row_windows
+
+        workers = getattr(self.executor, "workers", 1)
+        if workers <= 1 and getattr(self.executor, "name", "") != "ray":
+            return None
+        try:
+            total = len(data)
+        except TypeError:
+            total = None
+        if not hasattr(data, "shard") or not total:
+            log.info("auto method: the data cannot be split by rows; it runs in this process")
+            return None
+        total = min(total, self.num_samples) if self.num_samples is not None else total
+        return [(i, data.shard(start, stop))
+                for i, (start, stop) in enumerate(row_windows(total, self.size, workers))]
+
+    def _feed_here(self, data, observers: dict[str, Any]) -> dict[str, Any]:
+        from qtool.calibration.collector import Collector, batches, checked_samples
+
+        if self.collector is None:
+            self.collector = Collector(self.plan, self.routes, memory_budget=self.budget)
+            self.collector.budget.row_bytes = self.row_bytes
         for name, route in self.routes.items():
             route.target = observers.get(name)
         stream = batches(checked_samples(data, self.specs), self.specs, self.size,
@@ -372,6 +476,66 @@ class _Session:
         self.collector.observe_constants()
         for batch in progress.bar(stream, desc="auto-method", unit="batch"):
             self.collector.run(batch)
+        self.row_bytes = self.collector.budget.row_bytes
+        return observers
+
+
+@dataclass(frozen=True)
+class _Observers:
+    """Makes one pass's observers; picklable, so workers make their own.
+
+    ``candidates`` (``arg``: the methods) or ``errors`` (``arg``: ``{tensor: {method:
+    range}}``).
+    """
+
+    kind: str
+    schemes: Mapping[str, QuantScheme]
+    arg: Any
+
+    def __call__(self) -> dict[str, Any]:
+        if self.kind == "candidates":
+            return {name: _Candidates(scheme, name, self.arg)
+                    for name, scheme in self.schemes.items()}
+        return {name: _RangeErrors(scheme, self.arg[name])
+                for name, scheme in self.schemes.items()}
+
+
+@dataclass(frozen=True)
+class _WindowJob:
+    """What every window task reads (sent once per worker; Ray: once to the object store)."""
+
+    plan: Any
+    observers: _Observers
+    specs: list
+    size: int
+    fixed: bool
+    budget: int | None
+    row_bytes: float | None
+    providers: tuple[str, ...]
+    threads: int
+
+
+def _observe_window(job: _WindowJob, window: tuple[int, Any]) -> tuple[dict, float | None]:
+    """An executor task: one window's observers and the row size its first run measured.
+
+    The first window alone feeds the constants (once, as one pass does). The judging pass
+    starts from the row size the calibration pass measured, so its batches split into the
+    same runs as in one process.
+    """
+    from qtool import providers
+    from qtool.calibration.collector import Collector, batches
+
+    index, data = window
+    observers = job.observers()
+    with providers.use(job.providers):
+        collector = Collector(job.plan, observers, intra_op_threads=job.threads,
+                              memory_budget=job.budget)
+        collector.budget.row_bytes = job.row_bytes
+        if index == 0:
+            collector.observe_constants()
+        for batch in batches(iter(data), job.specs, job.size, fixed=job.fixed):
+            collector.run(batch)
+    return observers, collector.budget.row_bytes
 
 
 class _Route:

@@ -33,6 +33,20 @@ scales, zero points and the rest of the Q/DQ graph are the PTQ model's, assemble
 same last step as every PTQ (:func:`qtool.qdq.assemble`: graph-output quantizers, opset,
 activation method, warnings), and the backend's emitter runs as usual.
 
+The layers run as executor tasks (:mod:`qtool.executor`, ``--workers`` / ``--executor``), in
+*waves*: a layer's input depends on the learned rounding of the layers upstream of it (with
+``inputs="quantized"``), so a wave holds the layers whose upstream learned layers are all in
+earlier waves (parallel branches: a ResNet's shortcut beside its block's first Conv, an
+Inception's branches; with ``inputs="float"`` every layer is in the first wave). The driver
+captures each layer's input and float output (its forward passes stop at the layer) and
+sends those two arrays and a copy of the layer, never the model; at most ``workers`` layers'
+arrays are held at once; a layer alone in its wave (a chain) runs in this process. Each
+layer draws its batches from its own generator (the seed and its position among the learned
+layers), so the learned rounding does not depend on ``workers`` or on where a layer ran; a
+task runs on ``threads // workers`` torch threads, and torch's CPU Conv and Gemm (forward and
+backward) gave the same bits at 1 and 2 threads (tests/test_parallel_analyses.py compares
+the written model's bytes between ``workers=1`` and ``workers=2``).
+
 AdaRound's objective is the layer's output error with everything upstream quantized (the
 asymmetric reconstruction), so it already removes the mean error bias correction would
 remove: ``qtool calibrate --adaround`` learns the rounding of the uncorrected PTQ model,
@@ -44,6 +58,7 @@ evaluation data.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Iterable, Mapping
@@ -195,6 +210,7 @@ def adaround(
     result: QuantizedModel,
     samples: Iterable[Mapping[str, np.ndarray]],
     options: AdaRoundOptions = AdaRoundOptions(),
+    executor=None,
 ) -> tuple[QuantizedModel, list[LayerRounding]]:
     """Learn the rounding of every quantized Conv/Gemm weight of a PTQ model.
 
@@ -202,6 +218,8 @@ def adaround(
         result: The post-training quantized model (:func:`qtool.qdq.quantize`).
         samples: Calibration samples: dicts of model input -> array (batch first).
         options: Iterations, batch size, learning rate, regulariser, inputs, device.
+        executor: A :class:`qtool.executor.Executor` the layers of a wave run on; None: here.
+            The result does not depend on it.
 
     Returns:
         ``(model, layers)``: the quantized model with the learned weights (same plan, scales
@@ -211,9 +229,12 @@ def adaround(
         DataError: No samples, or a sample without a model input.
         PlanError: Bad options.
     """
+    from qtool import progress
+    from qtool.executor import SerialExecutor
     from qtool.qat.importer import to_torch
 
     _check(options)
+    executor = executor or SerialExecutor()
     model = to_torch(result, "lsq")
     inputs = _stack(samples, model.input_names, options.samples)
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -221,26 +242,88 @@ def adaround(
     for p in model.parameters():
         p.requires_grad_(False)
     originals = {name: w.weight.detach().clone() for name, w in model.weights.items()}
-    generator = torch.Generator().manual_seed(options.seed)
     relu_after = _followed_by_relu(result.float_graph)
-    done: set[str] = set()
-    reports = []
-    for name, layer in model.layers.items():
-        weight = layer.weight
-        if weight.quantizer is None or getattr(layer, "bn", None) is not None \
-                or weight.name in done:
-            continue
-        done.add(weight.name)
-        x, target = _layer_data(model, layer, inputs, originals, options, device)
-        report = _learn(layer, name, x, target, options, generator,
-                        torch.relu if options.activation and name in relu_after else None)
-        reports.append(report)
-        log.info("adaround %s: error %.4g -> %.4g (%.1f%% of weights flipped%s)", name,
-                 report.nearest_error, report.learned_error, 100 * report.changed,
-                 ", kept nearest" if report.kept_nearest else "")
-    learned = {w.name: w.weight.detach().cpu().numpy() for w in model.weights.values()
-               if w.name in done}
-    return _rebuild(result, learned), reports
+    learners = _learners(model)
+    waves = _waves(result.float_graph, learners, model, options.inputs)
+    position = {name: i for i, name in enumerate(learners)}
+    reports: dict[str, LayerRounding] = {}
+    with progress.bar(total=len(learners), desc="adaround", unit="layer") as bar:
+        for wave in waves:
+            # at most ``workers`` layers' inputs and targets are held at once
+            for first in range(0, len(wave), executor.workers):
+                chunk = wave[first : first + executor.workers]
+                # a layer alone in its wave runs here, on this process's threads: nothing to
+                # run beside it (a chain of layers costs no shipping)
+                threads = torch.get_num_threads() if len(chunk) == 1 else \
+                    _task_threads(executor.workers)
+                tasks = []
+                for name in chunk:
+                    layer = model.layers[name]
+                    x, target = _layer_data(model, layer, inputs, originals, options, device)
+                    tasks.append(LayerTask(
+                        name, copy.deepcopy(layer).cpu(), x.cpu(), target.cpu(),
+                        options.activation and name in relu_after, options,
+                        str(device), _layer_seed(options.seed, position[name]), threads))
+                    del x, target
+                learned = ([learn_layer(tasks[0])] if len(tasks) == 1 else
+                           executor.map(learn_layer, tasks, desc="adaround layers",
+                                        progress=False))
+                del tasks
+                for name, (values, report) in zip(chunk, learned, strict=True):
+                    with torch.no_grad():
+                        model.layers[name].weight.weight.data.copy_(torch.tensor(values))
+                    reports[name] = report
+                    log.info("adaround %s: error %.4g -> %.4g (%.1f%% of weights flipped%s)",
+                             name, report.nearest_error, report.learned_error,
+                             100 * report.changed, ", kept nearest" if report.kept_nearest
+                             else "")
+                bar.update(len(chunk))
+    done = {model.layers[name].weight.name for name in learners}
+    learned_weights = {w.name: w.weight.detach().cpu().numpy() for w in model.weights.values()
+                       if w.name in done}
+    return _rebuild(result, learned_weights), [reports[name] for name in learners]
+
+
+@dataclass(frozen=True)
+class LayerTask:
+    """One layer's learning, as sent to a worker: the layer and its data, not the model.
+
+    Attributes:
+        name: The ONNX node name.
+        layer: A copy of the torch layer (its weight, quantizer and bias grid), on the CPU.
+        x: The layer's input over the samples (upstream quantized, or float).
+        target: The float layer's output over the samples.
+        relu: Compare after a ReLU (the layer's output only feeds ReLUs).
+        options: AdaRound's options.
+        device: Where to learn (``cpu``, ``cuda``).
+        seed: Seed of this layer's batch order.
+        threads: torch threads while learning (the same whatever the workers).
+    """
+
+    name: str
+    layer: nn.Module
+    x: torch.Tensor
+    target: torch.Tensor
+    relu: bool
+    options: AdaRoundOptions
+    device: str
+    seed: int
+    threads: int
+
+
+def learn_layer(task: LayerTask) -> tuple[np.ndarray, LayerRounding]:
+    """An executor task: the learned on-grid weight of one layer and its report."""
+    device = torch.device(task.device)
+    before = torch.get_num_threads()
+    torch.set_num_threads(task.threads)
+    try:
+        layer = task.layer.to(device)
+        generator = torch.Generator().manual_seed(task.seed)
+        report = _learn(layer, task.name, task.x.to(device), task.target.to(device),
+                        task.options, generator, torch.relu if task.relu else None)
+        return layer.weight.weight.detach().cpu().numpy(), report
+    finally:
+        torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -251,6 +334,69 @@ def _check(options: AdaRoundOptions) -> None:
         raise PlanError(f"AdaRound inputs {options.inputs!r} is not one of {', '.join(INPUTS)}")
     if options.iterations < 1 or options.batch_size < 1 or options.samples < 1:
         raise PlanError("AdaRound needs at least one iteration, batch and sample")
+
+
+def _learners(model) -> list[str]:
+    """The layers whose rounding is learned, in graph order (a shared weight: its first)."""
+    names, seen = [], set()
+    for name, layer in model.layers.items():
+        weight = layer.weight
+        if weight.quantizer is None or getattr(layer, "bn", None) is not None \
+                or weight.name in seen:
+            continue
+        seen.add(weight.name)
+        names.append(name)
+    return names
+
+
+def _waves(graph: gs.Graph, learners: list[str], model, inputs: str) -> list[list[str]]:
+    """``learners`` in waves: a layer after every learner whose weight feeds its input.
+
+    With ``inputs="quantized"`` a layer's input is computed with the learned weights of the
+    learners upstream of it (read by any node upstream, a shared weight's other readers
+    included), so it waits for them; other layers are independent. Graph order within a
+    wave.
+    """
+    if inputs == "float" or len(learners) < 2:
+        return [list(learners)] if learners else []
+    learner_of = {model.layers[name].weight.name: name for name in learners}
+    nodes = {node.name: node for node in graph.nodes}
+
+    def upstream(node) -> set[str]:
+        """Learners whose weight some node upstream of ``node`` reads (iterative DFS)."""
+        found: set[str] = set()
+        stack, visited = [node], {node.name}
+        while stack:
+            current = stack.pop()
+            for tensor in current.inputs:
+                for producer in tensor.inputs:
+                    if producer.name in visited:
+                        continue
+                    visited.add(producer.name)
+                    found.update(learner_of[t.name] for t in producer.inputs
+                                 if t.name in learner_of)
+                    stack.append(producer)
+        return found
+
+    depth: dict[str, int] = {}
+    for name in learners:
+        node = nodes.get(name)
+        before = upstream(node) if node is not None else set(learners[: learners.index(name)])
+        depth[name] = 1 + max((depth[u] for u in before if u in depth), default=-1)
+    waves: list[list[str]] = [[] for _ in range(max(depth.values()) + 1)]
+    for name in learners:
+        waves[depth[name]].append(name)
+    return waves
+
+
+def _layer_seed(seed: int, position: int) -> int:
+    """The seed of the learned layer at ``position``: its own stream, whoever runs it."""
+    return (seed * 1_000_003 + position) % (1 << 63)
+
+
+def _task_threads(workers: int) -> int:
+    """Torch threads per layer task: this process's, shared among the workers."""
+    return max(1, torch.get_num_threads() // max(1, workers))
 
 
 def _followed_by_relu(graph: gs.Graph) -> set[str]:
@@ -415,9 +561,11 @@ __all__ = [
     "AdaRoundOptions",
     "AdaRoundWeight",
     "LayerRounding",
+    "LayerTask",
     "adaround",
     "beta_at",
     "initial_v",
+    "learn_layer",
     "rectified_sigmoid",
     "reconstruction_error",
 ]
