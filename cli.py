@@ -316,7 +316,8 @@ def _bias_correction(mode: str, off: bool) -> bool | str:
               help="Use this (edited) plan JSON instead of the backend's placement.")
 @click.option("--save-plan", "save_plan_path", type=click.Path(dir_okay=False, writable=True),
               help="Only write the backend's plan JSON to this file (edit it, pass it to --plan).")
-@parallel_options("calibrate row windows of the data")
+@parallel_options("calibrate row windows of the data and run the analyses (sensitivity, fallback, "
+                  "--method auto, --adaround)")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of random inputs.")
 @click.option("-o", "--output", type=click.Path(),
               help="Output folder (default: <model>-<backend>/ in the current folder), or "

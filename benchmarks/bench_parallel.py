@@ -1,11 +1,16 @@
 """Wall time of parallel jobs: one process vs local processes vs Ray, side by side in one run.
 
-    python benchmarks/bench_parallel.py [--workers 2] [--samples 256]
+    python benchmarks/bench_parallel.py [--workers 2] [--samples 256] [--jobs auto,adaround]
 
-Jobs: `qtool calibrate` (KLD, a histogram method) on the digits CNN and `qtool compare`
-(3 backends x 2 methods, no sweep). Each variant runs in a fresh process (the CLI), so Ray's
-start-up is counted, as a user pays it. Prints wall seconds and the ratio to one process, and
-checks that every variant wrote the same bytes.
+Jobs on the digits CNN (or ``--model/--data/--eval-data``): ``calibrate`` (KLD, a histogram
+method), ``compare`` (3 backends x 2 methods, no sweep), and the analyses inside
+``calibrate``: ``sensitivity`` (one candidate per layer), ``auto`` (``--method auto``: the
+calibration and judging passes over row windows) and ``adaround`` (``--adaround``, W4A8:
+the layers of a wave of independent layers side by side). Each variant runs in a fresh
+process (the CLI), so spawning workers and Ray's start-up are counted, as a user pays them.
+Prints wall seconds, the ratio to one process, the 1-minute load average before and after
+the run (a shared machine: other jobs' load shows there), and a digest of the files written:
+every variant must write the same bytes.
 """
 
 from __future__ import annotations
@@ -37,34 +42,56 @@ def digest(path: Path) -> str:
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
 
 
+JOBS = ("calibrate", "compare", "sensitivity", "auto", "adaround")
+
+
+def command(job: str, out: Path, args) -> list[str]:
+    """The CLI arguments of one job (its variants add ``--workers``/``--executor``)."""
+    data = ["--data", args.data, "--eval-data", args.eval_data, "--num-samples",
+            str(args.samples), "--batch-size", "16", "-o", str(out), "-q"]
+    if job == "compare":
+        return ["compare", args.model, "-b", "tensorrt", "-b", "snpe", "-b", "acl", "-m",
+                "minmax", "-m", "kld", "--no-sweep", "--format", "json", *data]
+    calibrate = ["calibrate", args.model, "-b", "tensorrt", *data]
+    return calibrate + {
+        "calibrate": ["--method", "kld"],
+        "sensitivity": ["--sensitivity"],
+        "auto": ["--method", "auto"],
+        "adaround": ["--adaround", "--adaround-iters", str(args.adaround_iters),
+                     "--weight-bits", "4"],
+    }[job]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--jobs", default=",".join(JOBS),
+                        help=f"comma-separated, of: {', '.join(JOBS)}")
+    parser.add_argument("--variants", default="one process,local,ray")
+    parser.add_argument("--model", default=str(MODEL))
+    parser.add_argument("--data", default=str(CALIB))
+    parser.add_argument("--eval-data", default=str(VAL))
+    parser.add_argument("--adaround-iters", type=int, default=200)
     args = parser.parse_args()
-    variants = {"one process": [], "local": ["--workers", str(args.workers)],
-                "ray": ["--workers", str(args.workers), "--executor", "ray"]}
-    print(f"cores: {os.cpu_count()}, workers: {args.workers}, samples: {args.samples}")
-    print("| job | variant | wall s | vs one process | output |")
-    print("|---|---|---|---|---|")
+    every = {"one process": [], "local": ["--workers", str(args.workers)],
+             "ray": ["--workers", str(args.workers), "--executor", "ray"]}
+    variants = {name: every[name] for name in args.variants.split(",")}
+    print(f"cores: {os.cpu_count()}, workers: {args.workers}, samples: {args.samples}, "
+          f"model: {Path(args.model).name}")
+    print("| job | variant | wall s | vs one process | load before / after | output |")
+    print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for job in ("calibrate", "compare"):
+        for job in args.jobs.split(","):
             base = None
             for name, extra in variants.items():
                 out = Path(tmp) / f"{job}-{name.replace(' ', '_')}"
-                if job == "calibrate":
-                    cmd = ["calibrate", str(MODEL), "-b", "tensorrt", "--method", "kld",
-                           "--data", str(CALIB), "--eval-data", str(VAL), "--num-samples",
-                           str(args.samples), "--batch-size", "16", "-o", str(out), "-q"]
-                else:
-                    cmd = ["compare", str(MODEL), "--data", str(CALIB), "--eval-data",
-                           str(VAL), "-b", "tensorrt", "-b", "snpe", "-b", "acl", "-m",
-                           "minmax", "-m", "kld", "--no-sweep", "--num-samples",
-                           str(args.samples), "--format", "json", "-o", str(out), "-q"]
-                seconds = run(cmd + extra)
+                before = os.getloadavg()[0]
+                seconds = run(command(job, out, args) + extra)
+                after = os.getloadavg()[0]
                 base = base or seconds
                 print(f"| {job} | {name} | {seconds:.1f} | {seconds / base:.2f}x | "
-                      f"{digest(out)} |")
+                      f"{before:.1f} / {after:.1f} | {digest(out)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ class CalibrateOptions:
         act_bits: Override the backend's activation bits.
         skip: Node names, op types or regexes to keep float.
         plan: A saved plan JSON to use instead of building one.
-        workers: Processes that calibrate shards of the data.
+        workers: Processes that calibrate shards of the data and run the analyses' tasks
+            (sensitivity, fallback, ``--method auto``, AdaRound).
         seed: Seed of random inputs.
         layerwise: Add per-tensor SQNR to the report.
         progress: Show a progress bar (None: when stderr is a terminal).
