@@ -112,9 +112,9 @@ class SerialExecutor(Executor):
 class ProcessExecutor(Executor):
     """Spawned processes on this machine (``spawn``: safe with onnxruntime's threads).
 
-    The processes are started by the first :meth:`map` and kept for the next ones (a search
-    that maps round after round pays the start-up, imports included, once) until
-    :meth:`close`, the end of a ``with`` block, a failed map or the end of the program.
+    Inside a ``with`` block the processes started by the first :meth:`map` are kept for the
+    next ones (a search that maps round after round pays the start-up, imports included,
+    once) until the block ends or a map fails; outside one, each map stops its processes.
     """
 
     name = "local"
@@ -122,6 +122,16 @@ class ProcessExecutor(Executor):
     def __init__(self, workers: int = 1):
         super().__init__(workers)
         self._pool = None
+        self._keep = False
+
+    def __enter__(self):
+        self._keep = True
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._keep = False
+        self.close()
+        return False
 
     def map(self, fn, tasks, *, desc="tasks", progress=None):
         """See :meth:`Executor.map`."""
@@ -137,10 +147,13 @@ class ProcessExecutor(Executor):
                     bar.update(1)
                     if future.exception() is not None:
                         break
-            return [_result(future) for future in futures]
+            results = [_result(future) for future in futures]
         except BaseException:
             self._kill()  # Ctrl-C or a failed task: nothing keeps running
             raise
+        if not self._keep:
+            self.close()
+        return results
 
     def close(self) -> None:
         """Stop the processes (idle ones exit at once)."""

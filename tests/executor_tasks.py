@@ -38,3 +38,8 @@ def killing_minmax(marker: str):
             return super().update(values)
 
     return KillingMinMax
+
+
+def worker_pid(_: int) -> int:
+    """The id of the process that ran the task."""
+    return os.getpid()

@@ -28,6 +28,21 @@ def test_serial_and_local_processes_return_results_in_task_order():
     assert isinstance(get_executor(None, 3), ProcessExecutor)
 
 
+def test_local_processes_are_kept_inside_a_with_block_and_stopped_after():
+    import os
+
+    with ProcessExecutor(2) as executor:
+        first = set(executor.map(executor_tasks.worker_pid, list(range(6))))
+        second = set(executor.map(executor_tasks.worker_pid, list(range(6))))
+        processes = list(executor._pool._processes.values())
+    assert os.getpid() not in first and 1 <= len(first) <= 2
+    assert first | second <= {p.pid for p in processes}  # the same workers ran both maps
+    assert executor._pool is None and not any(p.is_alive() for p in processes)
+    once = ProcessExecutor(2)
+    once.map(executor_tasks.worker_pid, [0, 1])
+    assert once._pool is None  # outside a with block a map leaves no process behind
+
+
 def test_a_task_error_keeps_its_kind_and_hint_across_processes():
     with pytest.raises(DataError) as caught:
         ProcessExecutor(2).map(executor_tasks.fail_on_three, list(range(6)))
