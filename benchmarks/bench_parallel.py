@@ -45,6 +45,36 @@ def digest(path: Path) -> str:
 JOBS = ("calibrate", "compare", "sensitivity", "auto", "adaround")
 
 
+def adaround_waves(paths: list[str]) -> None:
+    """How many waves AdaRound's layers take on each model: the parallelism it has at best.
+
+    Quantized (tensorrt, W4A8) on random inputs: the waves depend on the graph alone.
+    """
+    sys.path.insert(0, str(ROOT))
+    from qtool.calibration import calibrate, load_data
+
+    from qtool.io import load
+    from qtool.planner import build_plan
+    from qtool.prepare import prepare
+    from qtool.qat.adaround import _learners, _waves
+    from qtool.qat.importer import to_torch
+    from qtool.qdq import quantize
+
+    print("| model | learned layers | waves | widest wave | layers alone in their wave |")
+    print("|---|---|---|---|---|")
+    for path in paths:
+        graph, _ = prepare(load(path))
+        plan = build_plan(graph, "tensorrt", weight_bits=4, act_bits=8)
+        data = load_data(None, graph, num_samples=2)
+        ranges = calibrate(graph, plan.activation_schemes(), data, progress=False)
+        result = quantize(graph, "tensorrt", ranges, plan=plan)
+        model = to_torch(result, "lsq")
+        learners = _learners(model)
+        waves = _waves(result.float_graph, learners, model, "quantized")
+        print(f"| {Path(path).name} | {len(learners)} | {len(waves)} | "
+              f"{max(map(len, waves))} | {sum(len(w) == 1 for w in waves)} |", flush=True)
+
+
 def command(job: str, out: Path, args) -> list[str]:
     """The CLI arguments of one job (its variants add ``--workers``/``--executor``)."""
     data = ["--data", args.data, "--eval-data", args.eval_data, "--num-samples",
@@ -73,7 +103,12 @@ def main() -> None:
     parser.add_argument("--data", default=str(CALIB))
     parser.add_argument("--eval-data", default=str(VAL))
     parser.add_argument("--adaround-iters", type=int, default=200)
+    parser.add_argument("--adaround-waves", nargs="+", metavar="MODEL",
+                        help="only print the waves AdaRound's layers take on these models")
     args = parser.parse_args()
+    if args.adaround_waves:
+        adaround_waves(args.adaround_waves)
+        return
     every = {"one process": [], "local": ["--workers", str(args.workers)],
              "ray": ["--workers", str(args.workers), "--executor", "ray"]}
     variants = {name: every[name] for name in args.variants.split(",")}
@@ -83,15 +118,16 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for job in args.jobs.split(","):
-            base = None
-            for name, extra in variants.items():
+            rows = []
+            for name, extra in variants.items():  # in the order given (--variants)
                 out = Path(tmp) / f"{job}-{name.replace(' ', '_')}"
                 before = os.getloadavg()[0]
                 seconds = run(command(job, out, args) + extra)
-                after = os.getloadavg()[0]
-                base = base or seconds
+                rows.append((name, seconds, before, os.getloadavg()[0], digest(out)))
+            base = dict((r[0], r[1]) for r in rows).get("one process", rows[0][1])
+            for name, seconds, before, after, written in rows:
                 print(f"| {job} | {name} | {seconds:.1f} | {seconds / base:.2f}x | "
-                      f"{before:.1f} / {after:.1f} | {digest(out)} |", flush=True)
+                      f"{before:.1f} / {after:.1f} | {written} |", flush=True)
 
 
 if __name__ == "__main__":
