@@ -146,7 +146,7 @@ def test_adaround_through_local_workers_equals_one_process(ptq, workers, inputs)
     from qtool.qat.adaround import AdaRoundOptions, adaround
 
     result, calib = ptq
-    options = AdaRoundOptions(iterations=40, samples=64, inputs=inputs)
+    options = AdaRoundOptions(iterations=20, samples=32, inputs=inputs)
     one, one_layers = adaround(result, calib, options)
     two, two_layers = adaround(result, calib, options, executor=workers)
     assert two_layers == one_layers  # dataclass equality: every error bit for bit
@@ -158,8 +158,8 @@ def _folder(tmp_path: Path, name: str, *extra: str) -> dict[str, bytes]:
     out = tmp_path / name
     result = CliRunner().invoke(main, [
         "calibrate", DIGITS, "-b", "tensorrt", "--data", CALIB, "--eval-data", VAL,
-        "--num-samples", "96", "--batch-size", "16", "--method", "auto", "--adaround",
-        "--adaround-iters", "20", "--weight-bits", "4", "-o", str(out), "-q", *extra])
+        "--num-samples", "64", "--batch-size", "16", "--method", "auto", "--adaround",
+        "--adaround-iters", "10", "--weight-bits", "4", "-o", str(out), "-q", *extra])
     assert result.exit_code == 0, result.output
     return {f.name: f.read_bytes() for f in sorted(out.iterdir())}
 
