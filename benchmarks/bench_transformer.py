@@ -56,8 +56,30 @@ def sentences(count: int = 96) -> list[str]:
     return out
 
 
-def prepare(zip_path: Path, work: Path) -> Path:
-    """Unzip the package's model, export it with mean pooling, tokenize the sentences."""
+def outlier_bert(bert_class):
+    """A second transformer, not trained: a random-init 4-layer BERT (256 wide) whose
+    LayerNorms' gamma is 30x larger on 6 fixed channels (where trained transformers' outlier
+    features come from), so that a change is not tuned to all-MiniLM-L6-v2 alone."""
+    import torch
+    from transformers import BertConfig
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=1024, max_position_embeddings=64)
+    bert = bert_class(config).eval()
+    channels = [7, 31, 64, 130, 201, 250]
+    with torch.no_grad():
+        for module in bert.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight[channels] *= 30
+    return bert
+
+
+def prepare(zip_path: Path, work: Path, outliers: bool = False) -> Path:
+    """Unzip the package's model, export it with mean pooling, tokenize the sentences.
+
+    ``outliers``: export :func:`outlier_bert` instead of the package's model (the tokenizer
+    is the package's)."""
     import torch
     from tokenizers import Tokenizer
     from transformers import BertModel
@@ -77,7 +99,10 @@ def prepare(zip_path: Path, work: Path) -> Path:
     np.savez(work / "calib.npz", **{k: v[:64] for k, v in arrays.items()})
     np.savez(work / "val.npz", **{k: v[64:] for k, v in arrays.items()})
 
-    bert = BertModel.from_pretrained(str(folder)).eval()
+    if outliers:
+        bert = outlier_bert(BertModel)
+    else:
+        bert = BertModel.from_pretrained(str(folder)).eval()
 
     class Pooled(torch.nn.Module):
         def __init__(self):
@@ -160,9 +185,12 @@ def main() -> None:
     parser.add_argument("--nncf-python", help="a Python with nncf installed")
     parser.add_argument("--work", type=Path, default=Path("/tmp/qtool-bench-minilm"))
     parser.add_argument("--backends", default="onnxruntime,tensorrt,qnn")
+    parser.add_argument("--outlier-bert", action="store_true",
+                        help="a random-init 4-layer BERT with outlier LayerNorm channels "
+                             "instead of the pretrained model (a second transformer)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    model = prepare(args.package_zip, args.work)
+    model = prepare(args.package_zip, args.work, outliers=args.outlier_bert)
     held = dict(np.load(args.work / "val.npz"))
     reference = embeddings(model, held)
     rows = []

@@ -23,8 +23,8 @@ float (:data:`FLOAT_OPS`: the residual stream's Adds, the bias Adds, GELU's and 
 Muls, the attention's scale and mask, Softmax): the residual stream carries the outlier
 channels of a trained transformer, and one 8-bit scale per residual Add flattens every other
 channel (all-MiniLM-L6-v2 on ``-b onnxruntime``: 8.1 dB quantizing every Add, 17.8 dB with
-the Adds float). NNCF's transformer mode keeps the same ops float. SmoothQuant
-(:mod:`qtool.passes.smoothquant`) is tried on the MatMul inputs with outlier channels.
+the Adds float). NNCF's transformer mode keeps the same ops float. When some MatMul input
+has outlier channels, SmoothQuant (:mod:`qtool.smoothing`) is tried on every MatMul input.
 """
 
 from __future__ import annotations
