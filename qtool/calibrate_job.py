@@ -255,6 +255,8 @@ def correct(job: Job) -> None:
     mode = correction_mode(options.bias_correction)
     if not mode:
         return
+    if job.blocks is not None and not job.blocks.corrects_biases(options.bias_correction):
+        return  # the report's transformer section says why
     if is_large(job.graph):
         # it runs a copy of the float graph per segment: over 2 GB, memory the run has not
         job.model_warnings.append("bias correction skipped: the model is over 2 GB (its "
@@ -363,7 +365,9 @@ def build(job: Job) -> None:
         report["calibration"]["preprocessing"] = preprocessing
     report["backend_options"] = dict(job.rules.options)
     report["transformer"] = {"blocks": job.blocks.to_dict(),
-                             "smoothquant": job.smoothquant.to_dict()}
+                             "smoothquant": job.smoothquant.to_dict(),
+                             "bias_correction": job.blocks.bias_correction_note(
+                                 options.bias_correction)}
     report["warnings"] += job.result.warnings
     report["notes"] = _target_notes(job.rules)
     if job.adaround_choice is not None:

@@ -93,6 +93,8 @@ def test_smoothquant_gains_6db_over_plain_w8a8_on_the_mlp(mlp_files):
     assert choice["mode"] == "search" and choice["alpha"] in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     assert set(choice["scores_db"]) == {"0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"}
     assert plain["transformer"]["smoothquant"]["mode"] == "off"
+    assert smoothed["transformer"]["bias_correction"] is None  # no transformer: corrected
+    assert smoothed["bias_correction"]["layers"]
     # the input cannot fold (a graph input): an explicit Mul reads x in float, and the
     # MatMul reads its quantized output
     model = onnx.load_from_string(smooth_files["model.qdq.onnx"])
@@ -264,6 +266,9 @@ def test_transformer_default_smooths_outlier_layernorms(tmp_path):
     assert report["plan"]["float_nodes"][smoothed["/o/MatMul"]["mul"]].startswith("SmoothQuant")
     for reader in ("/q/MatMul", "/f1/MatMul", "/f2/MatMul"):
         assert smoothed[reader]["folded_into"] and smoothed[reader]["mul"] is None
+    # the default's bias correction is not run on a transformer, and the report says why
+    assert section["bias_correction"].startswith("transformer:")
+    assert not report.get("bias_correction")
     add_reason = {n: why for n, why in report["plan"]["float_nodes"].items()
                   if why.startswith("transformer:")}
     assert any("Add" in n for n in add_reason)  # the residual stream stays float
