@@ -264,11 +264,15 @@ def main() -> None:
 BIAS_CORRECTION_DEFAULT = "exact"
 
 
-def _bias_correction(mode: str, off: bool) -> bool | str:
-    """The option value: True for the default mode, False for off, else the mode."""
+def _bias_correction(mode: str | None, off: bool) -> bool | str:
+    """The option value: True for the default (not given), False for off, else the mode.
+
+    A mode given by name stays a string: the default does not run where qtool judged it
+    harmful (transformers), ``--bias-correction exact`` runs there all the same.
+    """
     if off or mode == "off":
         return False
-    return True if mode == BIAS_CORRECTION_DEFAULT else mode
+    return True if mode is None else mode
 
 
 @main.command()
@@ -346,11 +350,12 @@ def _bias_correction(mode: str, off: bool) -> bool | str:
                    "backends. Default: on for backends with per-tensor weights (academic, tvm, "
                    "snpe), off for the others.")
 @click.option("--bias-correction", type=click.Choice(["exact", "fast", "off"]),
-              is_flag=False, flag_value=BIAS_CORRECTION_DEFAULT,
-              default=BIAS_CORRECTION_DEFAULT, show_default=True,
+              is_flag=False, flag_value=BIAS_CORRECTION_DEFAULT, default=None,
               help="Add each quantized layer's mean output error on the calibration data to "
                    "its bias: exact (one pass of the quantized model, layer after layer) or "
-                   "fast (each layer's own error on its mean input, as NNCF's).")
+                   "fast (each layer's own error on its mean input, as NNCF's). "
+                   f"[default: {BIAS_CORRECTION_DEFAULT}, except in transformers, where it "
+                   "is off unless named]")
 @click.option("--no-bias-correction", is_flag=True, help="Same as --bias-correction off.")
 @click.option("--smoothquant", "smoothquant", is_flag=False, flag_value="search", default=None,
               metavar="[ALPHA|off]",

@@ -319,3 +319,27 @@ def test_attention_mask_with_inf_is_kept_float(tmp_path):
     producers = {o: n.op_type for n in model.graph.node for o in n.output}
     assert "DequantizeLinear" not in {producers.get(i) for i in node.input}
     assert report["evaluation"]["outputs"][0]["sqnr_db"] > 20
+
+
+def test_bias_correction_named_on_the_command_line_runs_on_a_transformer(tmp_path):
+    """The default skips the correction on a transformer; ``--bias-correction exact`` does not."""
+    import json
+
+    from click.testing import CliRunner
+    from qtool.cli import main
+
+    (tmp_path / "block.onnx").write_bytes(_block_model(17))
+    np.savez(tmp_path / "calib.npz", x=_block_inputs(48, 2))
+    reports = {}
+    for name, flags in (("default", []), ("named", ["--bias-correction", "exact"])):
+        out = tmp_path / name
+        result = CliRunner().invoke(main, [
+            "calibrate", str(tmp_path / "block.onnx"), "-b", "onnxruntime", "--data",
+            str(tmp_path / "calib.npz"), "--smoothquant", "off", "--analysis", "none",
+            "-o", str(out), *flags])
+        assert result.exit_code == 0, result.output
+        reports[name] = json.loads((out / "report.json").read_text())
+    assert reports["default"]["transformer"]["bias_correction"].startswith("transformer:")
+    assert not reports["default"].get("bias_correction")
+    assert reports["named"]["transformer"]["bias_correction"] is None
+    assert reports["named"]["bias_correction"]["layers"]
