@@ -164,9 +164,9 @@ def test_a_correction_that_ruins_the_scores_is_taken_back_there(tmp_path, monkey
 def test_the_whole_output_sqnr_alone_would_have_kept_the_ruined_scores(tmp_path, monkeypatch):
     """Without a Concat to trace the slice to, the whole correction is reverted; the whole
     output's SQNR would have kept it."""
-    import qtool.bias_correction as bias_correction
+    import qtool.bias_correction.revert as revert
 
-    monkeypatch.setattr(bias_correction, "layers_behind_slice", lambda *args: None)
+    monkeypatch.setattr(revert, "layers_behind_slice", lambda *args: None)
     files, correction, _, plain = _ruined_scores(tmp_path, monkeypatch)
     (without, with_), = correction["sqnr_db"].values()
     assert with_ >= without - 0.05  # the whole output's SQNR would have kept it

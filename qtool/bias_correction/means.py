@@ -1,0 +1,137 @@
+"""Per-channel means of tensors over the calibration data, streamed in float64."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qtool.io import load, load_model, serialize
+
+
+def channel_means(graph, names: list[str], batches, axes: Mapping[str, int] | None = None,
+                  optimized: bool = False) -> tuple[dict[str, np.ndarray], int]:
+    """Per-channel mean of each tensor over the data, streamed in float64.
+
+    The channel axis is ``axes[name]`` (default 1: NCHW and (rows, features)).
+    ``optimized``: run with onnxruntime's graph optimizations (a float model: as the
+    calibration runs it; a Q/DQ model needs them off to stay a simulation).
+
+    Only the nodes the tensors depend on run: an early stage costs a fraction of a pass.
+    """
+    from qtool.analysis.common import exposed, feeds_of, iterate_batches, session
+    from qtool.calibration.batching import batch_rows
+    from qtool.calibration.data import model_inputs
+
+    proto = load_model(pruned(graph, names))
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    specs = model_inputs(proto)
+    run = float_session(exposed(proto, names)) if optimized else session(exposed(proto, names))
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = dict.fromkeys(names, 0)
+    rows = 0
+    # the batches already fit the model (its fixed batch size, each input's batch axis)
+    for index, batch in enumerate(iterate_batches(batches)):
+        feeds = feeds_of(batch, [i.name for i in inputs], index)
+        rows += batch_rows(feeds, specs)
+        for name, value in zip(names, run.run(names, feeds), strict=True):
+            total, count = channel_sums(value, (axes or {}).get(name, 1))
+            sums[name] = sums.get(name, 0.0) + total
+            counts[name] += count
+    return {name: sums[name] / counts[name] for name in names}, rows
+
+
+def float_session(model_bytes: bytes):
+    """A session for the float model, optimized as the calibration's (no memory arena)."""
+    import onnxruntime as ort
+
+    from qtool.calibration.collector import open_session
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    options.enable_mem_pattern = False
+    options.enable_cpu_mem_arena = False
+    return open_session(model_bytes, options, "correct the biases")
+
+
+def pruned(graph, names: list[str]) -> gs.Graph:
+    """A copy of ``graph`` with ``names`` as its outputs and only the nodes they need."""
+    copy = load(serialize(graph), check=False)
+    tensors = copy.tensors()
+    inputs = list(copy.inputs)
+    copy.outputs = [tensors[name] for name in names]
+    copy.cleanup(remove_unused_graph_inputs=False)
+    copy.inputs = inputs
+    return copy
+
+
+def input_means(graph, names: list[str], batches) -> tuple[dict[str, np.ndarray], int]:
+    """Each tensor's mean over its first axis (the rows), shape ``(1, ...)``, in float64.
+
+    A tensor whose shape changes between batches (a variable width) gets its per-channel
+    mean (axis 1) spread over the first batch's shape instead.
+    """
+    from qtool.analysis.common import exposed, feeds_of, iterate_batches
+    from qtool.calibration.batching import batch_rows
+    from qtool.calibration.data import model_inputs
+
+    proto = load_model(pruned(graph, names))
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = [i.name for i in proto.graph.input if i.name not in initializers]
+    specs = model_inputs(proto)
+    run = float_session(exposed(proto, names))
+    sums: dict[str, np.ndarray] = {}
+    channel_sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = dict.fromkeys(names, 0)
+    channel_counts: dict[str, int] = dict.fromkeys(names, 0)
+    ragged: set[str] = set()
+    rows = 0
+    for index, batch in enumerate(iterate_batches(batches)):
+        feeds = feeds_of(batch, inputs, index)
+        rows += batch_rows(feeds, specs)
+        for name, value in zip(names, run.run(names, feeds), strict=True):
+            value = np.asarray(value, dtype=np.float64)
+            total = value.sum(axis=0, keepdims=True)
+            if name not in sums:
+                sums[name] = total
+            elif sums[name].shape == total.shape and name not in ragged:
+                sums[name] += total
+            else:
+                ragged.add(name)
+            counts[name] += value.shape[0]
+            axis = 1 if value.ndim > 1 else 0
+            per_channel = np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1)
+            channel_sums[name] = channel_sums.get(name, 0.0) + per_channel.sum(axis=1)
+            channel_counts[name] += per_channel.shape[1]
+    means = {}
+    for name in names:
+        if name in ragged:
+            channel = channel_sums[name] / channel_counts[name]
+            shape = [1] * sums[name].ndim
+            shape[1 if len(shape) > 1 else 0] = channel.size
+            means[name] = np.broadcast_to(channel.reshape(shape), sums[name].shape).copy()
+        else:
+            means[name] = sums[name] / counts[name]
+    return means, rows
+
+
+def channel_sums(value: np.ndarray, axis: int) -> tuple[np.ndarray, int]:
+    """Per-channel sums along ``axis`` (float64 accumulation, no float64 copy) and count."""
+    value = np.asarray(value)
+    axis %= value.ndim
+    others = tuple(a for a in range(value.ndim) if a != axis)
+    return value.sum(axis=others, dtype=np.float64), value.size // value.shape[axis]
+
+
+def mean_along(values, axis: int) -> np.ndarray:
+    """Per-channel mean along ``axis`` over an iterable of batches."""
+    sums, count = 0.0, 0
+    for value in values:
+        total, n = channel_sums(value, axis)
+        sums, count = sums + total, count + n
+    return sums / count
+
+

@@ -1,0 +1,133 @@
+"""``exact`` in one pass: the quantized graph in segments, each ending at a layer to correct."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qtool.bias_correction.layers import stages
+from qtool.bias_correction.means import channel_means, mean_along
+from qtool.bias_correction.store import Store
+from qtool.io import load_model
+
+
+def correct_one_pass(work, targets, result, batches, report, memory_budget=None) -> None:
+    """Exact correction in one pass of the quantized model, layer after layer.
+
+    The quantized graph runs in segments, each ending at the next layer to correct (graph
+    order), on the tensors the segments before it left (every batch kept, only the tensors
+    a later node reads; beyond ``memory_budget`` bytes they go to files). A layer's mean
+    error is measured with every layer before it already corrected, and its correction is a
+    per-channel constant added to its output: the stored output is shifted by it, as the
+    corrected bias would have, before any later node reads it. Same corrections as the
+    stage-by-stage passes (every layer upstream of one comes before it in graph order), at
+    the cost of one quantized pass.
+    """
+    from qtool.analysis.common import feeds_of, iterate_batches
+
+    axes = {t.output: t.axis for t in targets}
+    float_means, report.samples = channel_means(work, list(axes), batches, axes,
+                                                optimized=True)
+    report.stages = len(stages(work, targets))
+    proto = load_model(result.graph)
+    graph_proto = proto.graph
+    initializers = {t.name: t for t in graph_proto.initializer}
+    nodes = list(graph_proto.node)
+    holders = {t.holder.name: t for t in targets}
+    last_use: dict[str, int] = {}
+    for index, node in enumerate(nodes):
+        for name in node.input:
+            last_use[name] = index
+    graph_inputs = [i.name for i in graph_proto.input if i.name not in initializers]
+    with Store(memory_budget) as store:
+        for index, batch in enumerate(iterate_batches(batches)):
+            for name, value in feeds_of(batch, graph_inputs, index).items():
+                store.append(name, value)
+            store.batches += 1
+        start, remaining = 0, len(holders)
+        for end, node in enumerate(nodes):
+            target = holders.get(node.name)
+            if target is None:
+                continue
+            output = node.output[0]  # the quantized graph may rename a graph output's producer
+            # a graph output quantized after the layer: measured as the model gives it (after
+            # its Q/DQ), as the stage-by-stage passes do
+            tail = _output_quantizer(nodes, end, output, target.output)
+            measured = tail[-1].output[0] if tail else output
+            segment = nodes[start:end + 1] + tail
+            produced = {o for n in segment for o in n.output}
+            needed = list(dict.fromkeys(
+                name for n in segment for name in n.input
+                if name and name not in produced and name not in initializers))
+            keep = [o for o in dict.fromkeys(o for n in segment for o in n.output)
+                    if o and (last_use.get(o, -1) > end or o in (output, measured))]
+            _run_segment(proto, segment, needed, keep, initializers, store)
+            for name in needed:
+                if last_use.get(name, -1) <= end:
+                    store.drop(name)
+            start = end + 1
+            quant_mean = mean_along(store.values(measured), target.axis)
+            if measured != output:
+                store.drop(measured)
+            delta = (float_means[target.output] - quant_mean) / target.divisor
+            target.add(delta)
+            if last_use.get(output, -1) > end:
+                shift = delta * target.divisor
+                store.shift(output, lambda v, s=shift, a=target.axis: v + _along(
+                    s, a, v.ndim).astype(v.dtype))
+            else:
+                store.drop(output)
+            report.layers[target.layer.name] = float(np.abs(delta).max())
+            remaining -= 1
+            if not remaining:
+                break
+
+
+def _output_quantizer(nodes, index: int, output: str, graph_output: str) -> list:
+    """The Q and DQ nodes after ``nodes[index]`` that make ``output`` the graph output.
+
+    ``graph_output`` is the layer's output name in the float graph; [] where the quantized
+    graph does not quantize it so.
+    """
+    if output == graph_output:
+        return []
+    chain, tensor = [], output
+    for node in nodes[index + 1:]:
+        if (node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input
+                and node.input[0] == tensor):
+            chain.append(node)
+            tensor = node.output[0]
+            if tensor == graph_output:
+                return chain
+    return []
+
+
+def _along(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    shape = [1] * ndim
+    shape[axis % ndim] = values.size
+    return values.reshape(shape)
+
+
+def _run_segment(proto, segment, needed, keep, initializers, store: Store) -> None:
+    """Run ``segment`` (node protos) on every stored batch; store ``keep``'s values."""
+    import onnx
+
+    from qtool.analysis.common import session
+
+    used = {name for n in segment for name in n.input}
+    graph = onnx.helper.make_graph(
+        segment, "segment",
+        [onnx.helper.make_tensor_value_info(
+            name, onnx.helper.np_dtype_to_tensor_dtype(store.dtype(name)), None)
+         for name in needed],
+        [onnx.ValueInfoProto(name=name) for name in keep],
+        [initializers[name] for name in sorted(used & initializers.keys())],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=proto.opset_import,
+                                   ir_version=proto.ir_version)
+    run = session(model.SerializeToString())
+    for index in range(store.batches):
+        values = run.run(keep, {name: store.get(name, index) for name in needed})
+        for name, value in zip(keep, values, strict=True):
+            store.append(name, value)
+
+
