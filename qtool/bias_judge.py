@@ -25,20 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from qtool.analysis.slices import sqnr_db
+from qtool.analysis.slices import SliceSums, sqnr_db
 
 #: Neighbouring channels whose largest magnitudes differ by more than this (4 bits) are in
 #: different slices.
 SLICE_RATIO = 16.0
-
-
-@dataclass
-class _AxisSums:
-    """Per-index sums along one axis: signal, noise, largest float magnitude."""
-
-    signal: np.ndarray
-    noise: np.ndarray
-    amax: np.ndarray
 
 
 @dataclass
@@ -69,39 +60,6 @@ def _key(value: float | None) -> float:
     return math.inf if value is None else value
 
 
-class _OutputSums:
-    """Running sums of one output for one candidate, along every non-batch axis."""
-
-    def __init__(self) -> None:
-        self.axes: dict[int, _AxisSums] = {}
-        self.signal = 0.0
-        self.noise = 0.0
-
-    def update(self, x: np.ndarray, q: np.ndarray) -> None:
-        x = np.asarray(x, np.float64)
-        error = x - np.asarray(q, np.float64)
-        power, noise = x * x, error * error
-        self.signal += float(power.sum())
-        self.noise += float(noise.sum())
-        for axis in range(1, x.ndim):
-            if x.shape[axis] < 2:
-                continue
-            others = tuple(a for a in range(x.ndim) if a != axis)
-            amax = np.abs(x).max(axis=others)
-            sums = self.axes.get(axis)
-            if sums is None or sums.signal.shape != amax.shape:
-                if sums is not None:  # the axis changes size between batches: not a channel
-                    self.axes[axis] = _AxisSums(np.zeros(0), np.zeros(0), np.zeros(0))
-                    continue
-                sums = self.axes[axis] = _AxisSums(np.zeros(amax.shape), np.zeros(amax.shape),
-                                                   np.zeros(amax.shape))
-            if not sums.signal.size:
-                continue
-            sums.signal += power.sum(axis=others)
-            sums.noise += noise.sum(axis=others)
-            np.maximum(sums.amax, amax, out=sums.amax)
-
-
 def slices_of(amax: np.ndarray) -> list[tuple[int, int]]:
     """Runs ``[start, stop)`` of neighbouring indices, magnitudes within :data:`SLICE_RATIO`."""
     runs, start, low, high = [], 0, None, None
@@ -115,32 +73,18 @@ def slices_of(amax: np.ndarray) -> list[tuple[int, int]]:
     return runs
 
 
-def _slicing_axis(sums: _OutputSums) -> int | None:
-    """The axis whose indices' largest magnitudes differ most (None: they are alike)."""
-    best, spread = None, SLICE_RATIO
-    for axis, axis_sums in sorted(sums.axes.items()):
-        live = axis_sums.amax[axis_sums.amax > 0]
-        if live.size < 2:
-            continue
-        ratio = float(live.max() / live.min())
-        if ratio > spread:
-            best, spread = axis, ratio
-    return best
-
-
-def worst_slice(name: str, sums: _OutputSums, axis: int | None
+def worst_slice(name: str, sums: SliceSums, axis: int | None, whole: float | None = None
                 ) -> tuple[str, float | None, tuple[str, int | None, int, int]]:
     """``(label, SQNR, (output, axis, start, stop))`` of the output's worst slice.
 
-    ``axis`` None: the whole output is the slice.
+    ``axis`` None: the whole output is the slice (its SQNR ``whole``).
     """
     if axis is None:
-        return name, sqnr_db(sums.signal, sums.noise), (name, None, 0, 0)
-    axis_sums = sums.axes[axis]
+        return name, whole, (name, None, 0, 0)
+    signal, noise, peak = sums.totals(axis)
     worst = (name, None, (name, None, 0, 0))
-    for start, stop in slices_of(axis_sums.amax):
-        value = sqnr_db(float(axis_sums.signal[start:stop].sum()),
-                    float(axis_sums.noise[start:stop].sum()))
+    for start, stop in slices_of(peak):
+        value = sqnr_db(float(signal[start:stop].sum()), float(noise[start:stop].sum()))
         if value is not None and (worst[1] is None or value < worst[1]):
             worst = (f"{name}[axis {axis}: {start}:{stop}]", value, (name, axis, start, stop))
     return worst
@@ -174,7 +118,6 @@ def judge(float_model, candidates: Sequence, batches: Iterable[Mapping[str, np.n
         _input_specs,
         _is_classifier,
     )
-    from qtool.analysis.slices import SliceSums
     from qtool.calibration.batching import batch_rows
     from qtool.calibration.data import model_inputs
     from qtool.io import load_model
@@ -187,7 +130,6 @@ def judge(float_model, candidates: Sequence, batches: Iterable[Mapping[str, np.n
     float_run = session(float_proto.SerializeToString())
     runs = [session(p.SerializeToString()) for p in quant_protos]
     del quant_protos
-    sums = [{name: _OutputSums() for name in outputs} for _ in candidates]
     errors = [{name: _ErrorSums() for name in outputs} for _ in candidates]
     classifiers: list[dict] = [{} for _ in candidates]
     sliced = [{name: SliceSums() for name in outputs} for _ in candidates]  # the report's
@@ -203,21 +145,21 @@ def judge(float_model, candidates: Sequence, batches: Iterable[Mapping[str, np.n
             quant_values = dict(zip(outputs, run.run(outputs, feeds), strict=True))
             for name in outputs:
                 x, q = float_values[name], quant_values[name]
-                sums[c][name].update(x, q)
                 errors[c][name].update(x, q)
                 sliced[c][name].update(x, q)
                 if _is_classifier(x):
                     classifiers[c].setdefault(name, Top1Counts()).update(x, q, labels)
             if metrics[c] is not None:
                 metrics[c].update(float_values, quant_values, labels, rows)
-    axes = {name: _slicing_axis(sums[0][name]) for name in outputs}
+    # chosen on the float values' peaks: every candidate is sliced alike
+    axes = {name: sliced[0][name].widest_axis(SLICE_RATIO) for name in outputs}
     verdicts = []
     for c, metric in enumerate(metrics):
         verdict = Verdict()
         for name in outputs:
-            output_sums = sums[c][name]
-            verdict.sqnr_db[name] = sqnr_db(output_sums.signal, output_sums.noise)
-            label, value, where = worst_slice(name, output_sums, axes[name])
+            verdict.sqnr_db[name] = sqnr_db(errors[c][name].signal, errors[c][name].noise)
+            label, value, where = worst_slice(name, sliced[c][name], axes[name],
+                                              verdict.sqnr_db[name])
             verdict.slices[name] = (label, value)
             if verdict.worst_at is None or _key(value) < _key(verdict.worst[1]):
                 verdict.worst, verdict.worst_at = (label, value), where

@@ -9,7 +9,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import qtool
-from qtool.bias_judge import hurts, judge, slices_of
+from qtool.bias_judge import hurts, judge, slices_of, worst_slice
 from qtool.workflow import CalibrateOptions, quantize_model
 
 BOXES, SCORES, ANCHORS = 4, 3, 64
@@ -194,3 +194,25 @@ def test_a_run_with_a_task_is_judged_by_it():
     correction = report["bias_correction"]
     assert correction["judged_by"] == "task"
     assert not correction["reverted"] and correction["reason"] is None
+
+
+def test_an_output_whose_length_changes_is_judged_along_its_channels():
+    """A recognizer's ``[n, classes, width]`` logits with the width of each image: the width
+    axis is no channel axis (its sums cannot add up, whatever its peaks), the classes' is;
+    both batches count."""
+    rng = np.random.default_rng(2)
+    x = [np.concatenate([rng.uniform(0, 320, (2, BOXES, w)), rng.uniform(0, 1, (2, SCORES, w))],
+                        axis=1) * np.geomspace(1e-3, 1, w) for w in (5, 9)]  # quiet at first
+    error = [rng.normal(0, 0.01, a.shape) for a in x]
+    from qtool.analysis.slices import SliceSums
+
+    sums = SliceSums()
+    for a, e in zip(x, error, strict=True):
+        sums.update(a, a + e)
+    assert sums.widest_axis(16.0) == 1 and sums.axes == (1,)
+    label, value, _ = worst_slice("out", sums, 1)
+    scores = np.concatenate([a[:, BOXES:].ravel() for a in x])
+    noise = np.concatenate([e[:, BOXES:].ravel() for e in error])
+    assert label == f"out[axis 1: {BOXES}:{BOXES + SCORES}]"
+    assert value == pytest_approx(10 * math.log10((scores ** 2).sum() / (noise ** 2).sum()))
+    assert sums.result().worst.label() == f"[:, {BOXES}:{BOXES + SCORES}]"

@@ -104,13 +104,20 @@ class SliceSums:
         for axis in self.axes:
             if axis >= x.ndim:
                 continue
+            old = self.peak.get(axis)
+            if old is not None and old.shape != (x.shape[axis],):
+                self._drop(axis)  # its size changes between batches: a length, no channels
+                continue
             others = tuple(a for a in range(x.ndim) if a != axis)
             self.signal.setdefault(axis, []).append(squared.sum(axis=others))
             self.noise.setdefault(axis, []).append(error.sum(axis=others))
             peak = magnitude.max(axis=others) if x.size else np.zeros(x.shape[axis])
-            old = self.peak.get(axis)
-            self.peak[axis] = peak if old is None or old.shape != peak.shape else np.maximum(
-                old, peak)
+            self.peak[axis] = peak if old is None else np.maximum(old, peak)
+
+    def _drop(self, axis: int) -> None:
+        self.axes = tuple(a for a in self.axes if a != axis)
+        for sums in (self.signal, self.noise, self.peak):
+            sums.pop(axis, None)
 
     def merge(self, other: SliceSums) -> None:
         """Add another shard's sums (merge shards in data order)."""
@@ -118,12 +125,34 @@ class SliceSums:
             return
         if self.axes is None:
             self.axes = other.axes
-        for axis in other.signal:
+        for axis in set(self.axes) - set(other.axes):
+            self._drop(axis)  # dropped in the other shard: ragged there
+        for axis in list(other.signal):
+            if axis not in self.axes:
+                continue
+            if axis in self.peak and self.peak[axis].shape != other.peak[axis].shape:
+                self._drop(axis)
+                continue
             self.signal.setdefault(axis, []).extend(other.signal[axis])
             self.noise.setdefault(axis, []).extend(other.noise[axis])
             old = self.peak.get(axis)
             self.peak[axis] = other.peak[axis] if old is None else np.maximum(
                 old, other.peak[axis])
+
+    def totals(self, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-entry ``(sum x^2, sum (x - q)^2, peak |x|)`` along ``axis``."""
+        return _total(self.signal[axis]), _total(self.noise[axis]), self.peak[axis]
+
+    def widest_axis(self, ratio: float, first: int = 1) -> int | None:
+        """The axis from ``first`` on whose entries' peaks differ most, by more than ``ratio``."""
+        best, spread = None, ratio
+        for axis in sorted(a for a in self.peak if a >= first):
+            live = self.peak[axis][self.peak[axis] > 0]
+            if live.size < 2:
+                continue
+            if float(live.max() / live.min()) > spread:
+                best, spread = axis, float(live.max() / live.min())
+        return best
 
     def result(self, whole_sqnr_db: float | None = None) -> SliceResult:
         """The split with the largest peak ratio (see the module docstring)."""
