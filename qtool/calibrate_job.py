@@ -246,8 +246,10 @@ def correct(job: Job) -> None:
     """
     from qtool.bias_correction import (
         DEFAULT_MAX_SAMPLES,
+        MORE_SAMPLES,
         correct_biases,
         correction_mode,
+        more_rows,
         spread,
     )
 
@@ -264,11 +266,14 @@ def correct(job: Job) -> None:
         return
     with progress.phase("bias correction"):
         uncorrected = job.result
+        first = spread(job.calib_data, DEFAULT_MAX_SAMPLES)
+        more = more_rows(job.calib_data, first, MORE_SAMPLES)  # where the means are noisy
         job.result, job.bias_correction = correct_biases(
             job.graph, job.rules, job.ranges, job.result.plan,
-            batches_of(spread(job.calib_data, DEFAULT_MAX_SAMPLES), None, options.batch_size),
+            batches_of(first, None, options.batch_size),
             weight_method=options.weight_method, activation_method=options.method,
             mode=mode, max_samples=DEFAULT_MAX_SAMPLES, memory_budget=options.memory_budget,
+            more_batches=None if more is None else batches_of(more, None, options.batch_size),
         )
     correction = job.bias_correction
     if not correction.layers or options.analysis == "none":

@@ -411,7 +411,7 @@ def test_activations_past_the_memory_budget_go_to_files_with_the_same_correction
 
 
 def test_the_rows_read_are_spread_over_the_calibration_data():
-    from qtool.bias_correction import DEFAULT_MAX_SAMPLES, spread
+    from qtool.bias_correction import DEFAULT_MAX_SAMPLES, MORE_SAMPLES, spread
 
     rows = [{"input": np.full((1, 2), i, np.float32)} for i in range(256)]
     picked = [int(r["input"][0, 0]) for r in spread(rows, 64)]
@@ -420,7 +420,8 @@ def test_the_rows_read_are_spread_over_the_calibration_data():
     assert spread(rows[:10], 64) is not None and len(spread(rows[:10], 64)) == 10
     _, report = quantize_model(MODEL, "tensorrt", CalibrateOptions(data=CALIB,
                                                                    eval_data=VAL))
-    assert report["bias_correction"]["samples"] == DEFAULT_MAX_SAMPLES == 64
+    # 64 spread rows, then more up to 256: a digit's 8x8 rows are small
+    assert report["bias_correction"]["samples"] == MORE_SAMPLES == 4 * DEFAULT_MAX_SAMPLES
 
 
 def test_the_mode_flag_and_config_key(tmp_path):
@@ -446,3 +447,77 @@ def test_the_mode_flag_and_config_key(tmp_path):
     assert calibrate_options_from_recipe({"bias_correction": False}).bias_correction is False
     with pytest.raises(RecipeError, match="bias_correction"):
         calibrate_options_from_recipe({"bias_correction": "sometimes"})
+
+
+def test_the_mean_error_and_its_standard_error_per_row():
+    """Paired rows: the mean of the differences weighted by each row's elements, and the
+    standard error of that mean from the rows' own means (Kish's effective rows)."""
+    from qtool.bias_correction.means import UnitSums, mean_error
+
+    rng = np.random.default_rng(0)
+    widths = [5, 9, 7, 12, 5, 6]  # a recognizer's images: one width per batch of one
+    ref, got = UnitSums(), UnitSums()
+    f = [rng.normal(1.0, 1.0, (1, 3, 4, w)) for w in widths]
+    q = [x + rng.normal([0.2, -0.1, 0.0], 0.3, (1, 4, x.shape[3], 3)).transpose(0, 3, 1, 2)
+         for x in f]
+    for a, b in zip(f, q, strict=True):
+        ref.add(a, 1, 1)
+        got.add(b, 1, 1)
+    delta, error = mean_error(ref, got)
+    diffs = np.concatenate([(a - b).transpose(1, 0, 2, 3).reshape(3, -1)
+                            for a, b in zip(f, q, strict=True)], axis=1)
+    np.testing.assert_allclose(delta, diffs.mean(axis=1), rtol=1e-12)
+    n = np.array([4.0 * w for w in widths])
+    share = n / n.sum()
+    rows = np.stack([(a - b).mean(axis=(0, 2, 3)) for a, b in zip(f, q, strict=True)])
+    variance = (share[:, None] * (rows - delta) ** 2).sum(axis=0)
+    np.testing.assert_allclose(error, np.sqrt(variance / (1 / (share ** 2).sum() - 1)),
+                               rtol=1e-12)
+    # 16 rows in one batch: per row; a tensor whose first axis is not the rows: per batch
+    sums = UnitSums()
+    sums.add(np.ones((16, 3, 2, 2)), 1, 16)
+    sums.add(np.ones((4, 3)), 1, 16)
+    assert [s.shape for s in sums.sums] == [(16, 3), (1, 3)]
+
+
+def test_more_rows_are_the_spread_rows_not_read_first():
+    from qtool.bias_correction import MORE_SAMPLES, more_rows, spread
+
+    rows = list(range(1000))
+    first = spread(rows, 64)
+    more = more_rows(rows, first, MORE_SAMPLES)
+    assert not set(more.indices) & set(first.indices)
+    assert len(set(more.indices) | set(first.indices)) >= MORE_SAMPLES - 2
+    assert more_rows(rows[:50], spread(rows[:50], 64), MORE_SAMPLES) is None  # all read
+    from qtool.analysis.holdout import Subset
+
+    calibration = Subset(rows, [i for i in range(72) if i % 8])  # 63 rows: 9 held out
+    assert more_rows(calibration, spread(calibration, 64), MORE_SAMPLES) is None
+    assert more_rows(calibration, spread(calibration, 32), MORE_SAMPLES).source is calibration
+
+
+def test_small_rows_bring_in_more_rows_large_ones_do_not(monkeypatch):
+    """Digits' 8x8 rows are far below the input elements the correction reads: the rows
+    offered beyond the first are read, and the corrections are those of one pass over all of
+    them. Rows of 64 such images' size already read nothing more. Each layer's noise (the
+    standard error of its mean error over its shift) is reported."""
+    import qtool.bias_correction.rows as rows
+
+    graph, _ = prepare(qtool.load(MODEL))
+    samples = _samples(64)
+    plan = build_plan(graph, "tensorrt")
+    ranges = calibrate(graph, plan.activation_schemes(), samples)
+    _, every_row = correct_biases(graph, "tensorrt", ranges, plan, lambda: iter(samples))
+    _, first_rows = correct_biases(graph, "tensorrt", ranges, plan, lambda: iter(samples[:1]))
+    _, grown = correct_biases(graph, "tensorrt", ranges, plan, lambda: iter(samples[:1]),
+                              more_batches=lambda: iter(samples[1:]))
+    assert grown.samples == every_row.samples == 64 and first_rows.samples == 16
+    assert grown.layers == every_row.layers
+    assert any(first_rows.layers[n] != pytest.approx(c, rel=1e-2) for n, c in
+               every_row.layers.items())
+    row_size = samples[0]["input"][0].size
+    monkeypatch.setattr(rows, "MORE_ELEMENTS", rows.DEFAULT_MAX_SAMPLES * row_size)
+    _, large = correct_biases(graph, "tensorrt", ranges, plan, lambda: iter(samples[:1]),
+                              more_batches=lambda: iter(samples[1:]))
+    assert large.layers == first_rows.layers and large.samples == 16
+    assert set(large.noise) == set(large.layers) and all(v >= 0 for v in large.noise.values())

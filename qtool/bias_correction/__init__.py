@@ -45,7 +45,14 @@ from qtool.bias_correction.means import channel_means, input_means
 from qtool.bias_correction.one_pass import correct_one_pass
 from qtool.bias_correction.report import BiasCorrection
 from qtool.bias_correction.revert import keep_what_helps, layers_behind_slice
-from qtool.bias_correction.rows import DEFAULT_MAX_SAMPLES, capped, spread
+from qtool.bias_correction.rows import (
+    DEFAULT_MAX_SAMPLES,
+    MORE_SAMPLES,
+    capped,
+    more_rows,
+    spread,
+    with_more,
+)
 from qtool.bias_correction.staged import correct_staged
 from qtool.graph_walk import name_nodes
 from qtool.io import load, serialize
@@ -55,9 +62,9 @@ MODES = ("exact", "fast", "off")
 #: What ``--bias-correction`` (or ``bias_correction: true``) means.
 DEFAULT_MODE = "exact"
 
-__all__ = ["DEFAULT_MAX_SAMPLES", "DEFAULT_MODE", "MODES", "BiasCorrection", "channel_means",
-           "correct_biases", "correction_mode", "input_means", "keep_what_helps",
-           "layers_behind_slice", "spread"]
+__all__ = ["DEFAULT_MAX_SAMPLES", "DEFAULT_MODE", "MODES", "MORE_SAMPLES", "BiasCorrection",
+           "channel_means", "correct_biases", "correction_mode", "input_means",
+           "keep_what_helps", "layers_behind_slice", "more_rows", "spread"]
 
 
 def correction_mode(value: bool | str | None) -> str | None:
@@ -82,7 +89,8 @@ def correct_biases(graph: gs.Graph, backend, ranges: Mapping[str, Any], plan,
                    batches: Callable[[], Iterable[Mapping[str, np.ndarray]]], *,
                    weight_method: str = "minmax", activation_method: str | None = None,
                    mode: str = "exact", max_samples: int | None = None,
-                   memory_budget: int | None = None):
+                   memory_budget: int | None = None,
+                   more_batches: Callable[[], Iterable[Mapping[str, np.ndarray]]] | None = None):
     """Quantize ``graph`` with the biases corrected (see the module docstring).
 
     Args:
@@ -98,6 +106,9 @@ def correct_biases(graph: gs.Graph, backend, ranges: Mapping[str, Any], plan,
         max_samples: Read at most this many rows (whole batches; None: all).
         memory_budget: Bytes of stored activations ``exact`` keeps in memory; the rest goes
             to temporary files (None: no limit).
+        more_batches: Further rows read after ``batches`` where each row is small, up to
+            :data:`~qtool.bias_correction.rows.MORE_ELEMENTS` input elements
+            (:func:`~qtool.bias_correction.rows.more_rows` picks them; None: none).
 
     Returns:
         ``(result, report)``: the :class:`qtool.qdq.QuantizedModel` of the corrected graph
@@ -126,7 +137,7 @@ def correct_biases(graph: gs.Graph, backend, ranges: Mapping[str, Any], plan,
     # a layer without a bias gets a zero one now, planned like the others (an int32 bias on
     # the engines that add it in the accumulator), so correcting it changes only its values
     plan = plan_biases(plan, backend, [t for t in targets if t.bias_added()])
-    batches = capped(batches, max_samples, work)
+    batches = with_more(capped(batches, max_samples, work), more_batches, work)
 
     def quantized():
         return quantize(work, backend, ranges, plan=plan, weight_method=weight_method,

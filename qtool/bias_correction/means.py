@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -135,3 +136,88 @@ def mean_along(values, axis: int) -> np.ndarray:
     return sums / count
 
 
+
+
+def unit_sums(value: np.ndarray, axis: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel sums of one batch's tensor per row, ``(rows, channels)``, and counts.
+
+    Per row where the tensor's first axis is the batch's rows (and not its channel axis);
+    otherwise the batch is one unit (a reshaped sequence, a batch of one).
+    """
+    value = np.asarray(value)
+    axis %= value.ndim
+    if value.ndim >= 2 and axis != 0 and rows > 1 and value.shape[0] == rows:
+        moved = np.moveaxis(value, axis, -1).reshape(rows, -1, value.shape[axis])
+        sums = moved.sum(axis=1, dtype=np.float64)
+        return sums, np.full(rows, moved.shape[1], np.float64)
+    total, count = channel_sums(value, axis)
+    return total[None], np.array([count], np.float64)
+
+
+@dataclass
+class UnitSums:
+    """Per-channel sums of a tensor per unit (row, or batch), in data order."""
+
+    sums: list[np.ndarray] = field(default_factory=list)
+    counts: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, value: np.ndarray, axis: int, rows: int) -> None:
+        """Add one batch's tensor (``rows`` rows)."""
+        sums, counts = unit_sums(value, axis, rows)
+        self.sums.append(sums)
+        self.counts.append(counts)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(units, channels)`` sums and ``(units,)`` counts."""
+        return np.concatenate(self.sums), np.concatenate(self.counts)
+
+
+def mean_error(reference: UnitSums, measured: UnitSums) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean of ``reference - measured`` and its standard error.
+
+    The units are paired (the same rows in both): the error of each unit is its own
+    difference, so what the rows share (the content) cancels and only how the error varies
+    from row to row is left. The mean weighs each unit by its element count (a wider image
+    counts more, as in the pooled mean); the standard error uses the effective number of
+    units (Kish), infinite with a single unit.
+    """
+    ref_sums, counts = reference.arrays()
+    got_sums, got_counts = measured.arrays()
+    if ref_sums.shape != got_sums.shape or not np.array_equal(counts, got_counts):
+        # units not paired (a tensor read per batch on one side): pooled means only
+        delta = ref_sums.sum(0) / counts.sum() - got_sums.sum(0) / got_counts.sum()
+        return delta, np.full(delta.shape, np.inf)
+    total = counts.sum()
+    delta = (ref_sums - got_sums).sum(axis=0) / total
+    if len(counts) < 2:
+        return delta, np.full(delta.shape, np.inf)
+    per_unit = (ref_sums - got_sums) / counts[:, None]
+    weights = counts / total
+    variance = (weights[:, None] * (per_unit - delta) ** 2).sum(axis=0)
+    effective = 1.0 / float((weights ** 2).sum())
+    return delta, np.sqrt(variance / max(effective - 1.0, 1.0))
+
+
+def unit_channel_sums(graph, names: list[str], batches, axes: Mapping[str, int]
+                      ) -> tuple[dict[str, UnitSums], list[int]]:
+    """Each tensor's :class:`UnitSums` over the data, and the rows of every batch.
+
+    The float model runs optimized, as the calibration runs it.
+    """
+    from qtool.analysis.common import exposed, feeds_of, iterate_batches
+    from qtool.calibration.batching import batch_rows
+    from qtool.calibration.data import model_inputs
+
+    proto = load_model(pruned(graph, names))
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = [i.name for i in proto.graph.input if i.name not in initializers]
+    specs = model_inputs(proto)
+    run = float_session(exposed(proto, names))
+    sums = {name: UnitSums() for name in names}
+    rows_of: list[int] = []
+    for index, batch in enumerate(iterate_batches(batches)):
+        feeds = feeds_of(batch, inputs, index)
+        rows_of.append(batch_rows(feeds, specs))
+        for name, value in zip(names, run.run(names, feeds), strict=True):
+            sums[name].add(value, axes[name], rows_of[-1])
+    return sums, rows_of

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from qtool.bias_correction.layers import stages
-from qtool.bias_correction.means import channel_means, mean_along
+from qtool.bias_correction.means import UnitSums, mean_error, unit_channel_sums
 from qtool.bias_correction.store import Store
 from qtool.io import load_model
 
@@ -21,12 +21,15 @@ def correct_one_pass(work, targets, result, batches, report, memory_budget=None)
     corrected bias would have, before any later node reads it. Same corrections as the
     stage-by-stage passes (every layer upstream of one comes before it in graph order), at
     the cost of one quantized pass.
+
+    Each layer's standard error of its mean error (over the rows, per channel) goes to
+    ``report.noise``, over the shift's size: near 1 or above, the rows were too few.
     """
     from qtool.analysis.common import feeds_of, iterate_batches
 
     axes = {t.output: t.axis for t in targets}
-    float_means, report.samples = channel_means(work, list(axes), batches, axes,
-                                                optimized=True)
+    float_sums, rows_of = unit_channel_sums(work, list(axes), batches, axes)
+    report.samples = sum(rows_of)
     report.stages = len(stages(work, targets))
     proto = load_model(result.graph)
     graph_proto = proto.graph
@@ -65,10 +68,14 @@ def correct_one_pass(work, targets, result, batches, report, memory_budget=None)
                 if last_use.get(name, -1) <= end:
                     store.drop(name)
             start = end + 1
-            quant_mean = mean_along(store.values(measured), target.axis)
+            delta, error = mean_error(float_sums[target.output],
+                                      _unit_sums(store, measured, target.axis, rows_of))
+            noise = _noise(delta, error)
+            del float_sums[target.output]
             if measured != output:
                 store.drop(measured)
-            delta = (float_means[target.output] - quant_mean) / target.divisor
+            report.noise[target.layer.name] = noise
+            delta = delta / target.divisor
             target.add(delta)
             if last_use.get(output, -1) > end:
                 shift = delta * target.divisor
@@ -80,6 +87,22 @@ def correct_one_pass(work, targets, result, batches, report, memory_budget=None)
             remaining -= 1
             if not remaining:
                 break
+
+
+def _unit_sums(store: Store, name: str, axis: int, rows_of: list[int]) -> UnitSums:
+    sums = UnitSums()
+    for value, rows in zip(store.values(name), rows_of, strict=True):
+        sums.add(value, axis, rows)
+    return sums
+
+
+def _noise(delta: np.ndarray, error: np.ndarray) -> float:
+    """The mean error's standard error over its size, root mean square over channels."""
+    size = float(np.sqrt(np.mean(np.square(delta))))
+    spread = float(np.sqrt(np.mean(np.square(error))))
+    if not np.isfinite(spread):
+        return 0.0  # one unit: no spread to see, nothing to gain from more rows
+    return spread / size if size > 0 else 0.0  # no shift: nothing to gain either
 
 
 def _output_quantizer(nodes, index: int, output: str, graph_output: str) -> list:
@@ -129,5 +152,3 @@ def _run_segment(proto, segment, needed, keep, initializers, store: Store) -> No
         values = run.run(keep, {name: store.get(name, index) for name in needed})
         for name, value in zip(keep, values, strict=True):
             store.append(name, value)
-
-

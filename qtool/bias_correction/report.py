@@ -24,6 +24,8 @@ class BiasCorrection:
         slices: Output -> ``[[slice, dB without], [slice, dB with]]``: its worst slice.
         reason: Why the correction was reverted, whole or in part (None: kept).
         reverted_layers: Layers whose correction was taken back (the rest kept).
+        noise: Layer -> standard error of its mean error over the shift's size (``exact``:
+            where the rows are too few, near 1 or above).
     """
 
     layers: dict[str, float] = field(default_factory=dict)
@@ -37,6 +39,7 @@ class BiasCorrection:
     slices: dict[str, list] = field(default_factory=dict)
     reason: str | None = None
     reverted_layers: list[str] = field(default_factory=list)
+    noise: dict[str, float] = field(default_factory=dict)
 
     def measure(self, without, with_) -> None:
         """Record each output's SQNR without and with the correction (two Evaluations)."""
@@ -73,4 +76,5 @@ class BiasCorrection:
                          "skipped": dict(self.skipped), "sqnr_db": dict(self.sqnr_db),
                          "judged_by": self.judged_by, "slices": dict(self.slices),
                          "reverted": self.reverted, "reason": self.reason,
-                         "reverted_layers": list(self.reverted_layers)})
+                         "reverted_layers": list(self.reverted_layers),
+                         "noise": dict(self.noise)})
