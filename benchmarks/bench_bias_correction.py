@@ -13,8 +13,9 @@ Variants:
 * ``staged/all``: the correction as it was before issue #22: one pass of the quantized
   prefix per layer depth, over every calibration row (the reference gain);
 * ``exact/N``: the same corrections in one quantized pass (segments on stored activations),
-  on N rows evenly spread over the calibration rows, as the workflow picks them
-  (``all``: every row);
+  on N rows evenly spread over the calibration rows (``all``: every row);
+* ``exact/auto``: as the workflow picks the rows: 64 spread, then more up to 256 where each
+  row is small (:func:`qtool.bias_correction.rows.with_more`);
 * ``fast/N``: NNCF-style: one float pass for each layer's mean input, each layer's own error.
 
 The kept gain is ``(variant - off) / (staged/all - off)`` on the mean SQNR over outputs.
@@ -199,7 +200,10 @@ def write_readme(rows: list[dict], command: str) -> None:
     body = (f"{SECTION}\n\nMeasured by `{command}` (issue #22). Held-out SQNR (dB, mean over "
             "outputs) and the correction's own time in seconds (one process, side by side); "
             "in brackets the share of the stage-by-stage correction's gain kept. Batches of "
-            "16 rows (1 for fixed-batch models).\n\n" + table(rows) + "\n\n"
+            "16 rows (1 for fixed-batch models). `exact/auto`: the workflow's rows (64 "
+            "spread, then more where rows are small; rows read in brackets). ddddocr is "
+            "judged on 128 held-out rows (before: 32). Load average 12-26 during the runs "
+            "(2 shared cores): times compare within a row only.\n\n" + table(rows) + "\n\n"
             "Each held-out row's own SQNR (all outputs pooled), where measured: the pooled "
             "SQNR above is set by the worst rows when they hold most of the noise.\n\n"
             + rows_table(rows) + "\n")
