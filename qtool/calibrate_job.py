@@ -267,7 +267,7 @@ def correct(job: Job) -> None:
     with progress.phase("bias correction"):
         uncorrected = job.result
         first = spread(job.calib_data, DEFAULT_MAX_SAMPLES)
-        more = more_rows(job.calib_data, first, MORE_SAMPLES)  # where the means are noisy
+        more = more_rows(job.calib_data, first, MORE_SAMPLES)  # read where rows are small
         job.result, job.bias_correction = correct_biases(
             job.graph, job.rules, job.ranges, job.result.plan,
             batches_of(first, None, options.batch_size),
