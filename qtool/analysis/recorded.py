@@ -68,6 +68,8 @@ class RecordedRuns:
         self._outputs: dict[tuple[str, str], dict[str, np.ndarray]] = {}
         self._rows: dict[str, int] = {}
         self._models: dict[str, Any] = {}  # the objects behind "object:" keys, kept alive
+        # the last feeds' digest: one batch runs in several sessions (float, candidates)
+        self._last: tuple[list, str] | None = None
 
     @contextlib.contextmanager
     def active(self) -> Iterator[RecordedRuns]:
@@ -92,7 +94,7 @@ class RecordedRuns:
         size = sum(int(np.asarray(v).nbytes) for v in values)
         if self.budget is not None and self.bytes + size > self.budget:
             return
-        slot = self._outputs.setdefault((key, feeds_key(feeds)), {})
+        slot = self._outputs.setdefault((key, self._feeds_key(feeds)), {})
         fresh = [name for name in names if name not in slot]
         if not fresh:
             return
@@ -106,10 +108,22 @@ class RecordedRuns:
     def outputs(self, key: str, feeds: Mapping[str, np.ndarray],
                 names: Sequence[str]) -> list[np.ndarray] | None:
         """The kept outputs ``names`` of the model ``key`` on ``feeds``, or None."""
-        slot = self._outputs.get((key, feeds_key(feeds)))
+        slot = self._outputs.get((key, self._feeds_key(feeds)))
         if slot is None or any(name not in slot for name in names):
             return None
         return [slot[name] for name in names]
+
+
+    def _feeds_key(self, feeds: Mapping[str, np.ndarray]) -> str:
+        """:func:`feeds_key`, not computed again for the same arrays as the last call's."""
+        arrays = sorted(feeds.items(), key=lambda item: item[0])
+        if self._last is not None and len(self._last[0]) == len(arrays) and all(
+                name == last_name and array is last
+                for (name, array), (last_name, last) in zip(arrays, self._last[0], strict=True)):
+            return self._last[1]
+        key = feeds_key(feeds)
+        self._last = (arrays, key)  # the arrays held: their ids are not reused meanwhile
+        return key
 
 
 class RecordingSession:
