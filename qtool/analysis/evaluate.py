@@ -2,8 +2,14 @@ r"""Compare a quantized model with its float model, streaming over the data.
 
 Both models run in onnxruntime with graph optimizations off (the QDQ graph is simulated as
 written). Each batch goes through both, updates running sums, and is dropped: memory does
-not grow with the number of samples. For an output with float values ``x`` and quantized
-values ``q`` (all elements of all batches):
+not grow with the number of samples. The two sessions are open together only where that
+is cheaper: while the batches' inputs and float outputs weigh less than the quantized
+model's weights (at most :data:`HOLD_BYTES`), they are held, and when the data ends first,
+the float session closes before the quantized one opens (a model of gigabytes is in memory
+once, not twice); the sums are the same either way.
+
+For an output with float values ``x`` and quantized values ``q`` (all elements of all
+batches):
 
     SQNR (dB)          = 10 * log10( sum(x^2) / sum((x - q)^2) )     (None when q == x exactly)
     cosine similarity  = sum(x * q) / sqrt( sum(x^2) * sum(q^2) )   (1 when both are all zero)
