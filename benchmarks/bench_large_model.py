@@ -69,12 +69,15 @@ def child(args: list[str]) -> None:
     current = ["start"]
     done = threading.Event()
 
-    def rss() -> float:
+    def rss(field: str = "VmRSS:") -> float:
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024 / 2**30
         return 0.0
+
+    # the high-water mark after each phase: exact, where a 50 ms sample can miss a spike
+    marks: dict[str, float] = {}
 
     def sample() -> None:
         while not done.wait(0.05):
@@ -90,6 +93,7 @@ def child(args: list[str]) -> None:
                 yield
         finally:
             current[0] = before
+            marks[name] = rss("VmHWM:")
 
     def tracked_check(*a, **k):
         with tracked("kernel check"):
@@ -101,7 +105,10 @@ def child(args: list[str]) -> None:
         cli(args, standalone_mode=False)
     finally:
         done.set()
-        print("PHASES " + json.dumps({k: round(v, 2) for k, v in peaks.items()}), flush=True)
+        print("PHASES sampled peak GiB " + json.dumps({k: round(v, 2) for k, v in peaks.items()}),
+              flush=True)
+        print("PHASES high-water mark GiB at the end of each "
+              + json.dumps({k: round(v, 2) for k, v in marks.items()}), flush=True)
 
 
 def main() -> None:

@@ -139,3 +139,49 @@ def test_evaluate_opens_the_quantized_session_after_the_float_one_closed(monkeyp
     assert most[0] == 2
     assert sequential.to_dict() == interleaved.to_dict()
     assert serialize(load(DIGITS))  # the float model was not changed
+
+
+def test_over_2_gb_the_kernel_check_reuses_and_sessions_open_one_at_a_time(
+        tmp_path, monkeypatch, kernel_sessions):
+    """The large-model path (issue 25; the threshold lowered as in test_large_model.py): the
+    float model goes to onnxruntime as its path and the Q/DQ graph as a temporary file, yet
+    the kernel check finds their runs, and no two analysis sessions are alive together."""
+    from test_large_model import THRESHOLD, _model
+
+    import qtool.io
+
+    monkeypatch.setattr(qtool.io, "LARGE_MODEL_BYTES", THRESHOLD)
+    alive: set[int] = set()
+    most = {"evaluate": 0}
+    real = collector.open_session
+
+    def tracked(model_bytes, options, purpose):
+        session = real(model_bytes, options, purpose)
+        alive.add(id(session))
+        if purpose == "analyse it":
+            most["evaluate"] = max(most["evaluate"], len(alive))
+        weakref.finalize(session, alive.discard, id(session))
+        return session
+
+    monkeypatch.setattr(collector, "open_session", tracked)
+    path, _ = _model(tmp_path)
+    options = CalibrateOptions(data=str(tmp_path / "calib.npz"),
+                               eval_data=str(tmp_path / "val.npz"))
+    files, report = quantize_model(path, "onnxruntime", options)
+    assert kernel_sessions == [True] and most["evaluate"] == 1
+    (tmp_path / "out").mkdir()
+    for name, data in files.items():  # model.qdq.onnx + its data file, as written
+        target = tmp_path / "out" / name
+        if isinstance(data, bytes):
+            target.write_bytes(data)
+        else:
+            with open(target, "wb") as handle:
+                data(handle)
+    rules = get_backend("onnxruntime")
+    val = np.load(tmp_path / "val.npz")["x"]
+    scratch = kernels.check_kernels(
+        str(tmp_path / "out" / "model.qdq.onnx"), str(path),
+        [{"x": val[i:i + options.batch_size]} for i in range(0, len(val), options.batch_size)],
+        rules,
+        target=resolve_target(rules.options.get("target_cpu", "auto")), openvino=False)
+    assert report["ort_kernels"] == scratch.to_dict()
