@@ -5,7 +5,9 @@ them, saved as ``big.onnx`` + ``big.onnx.data`` (as exporters write models over 
 calibration rows and 8 held-out rows. The run is a child process; its peak resident memory
 (``getrusage(RUSAGE_CHILDREN).ru_maxrss``) is compared with the size of the weights, and the
 output is checked: ``model.qdq.onnx`` + ``model.qdq.onnx.data``, run in onnxruntime from its
-path against the float model (SQNR on the held-out rows).
+path against the float model (SQNR on the held-out rows). The child also samples its own
+resident memory every 50 ms and prints the peak of each phase of the job
+(:func:`qtool.progress.phase`, and the kernel check, which runs outside the phases).
 
     python benchmarks/bench_large_model.py --work /tmp/qtool-large [--layers 6 --width 10240]
 """
@@ -52,7 +54,67 @@ def make_model(folder: Path, layers: int, width: int) -> Path:
     return path
 
 
+def child(args: list[str]) -> None:
+    """``qtool calibrate ARGS`` in this process, with the peak resident memory of each phase."""
+    import contextlib
+    import json
+    import threading
+
+    from qtool.cli import main as cli
+
+    import qtool.analysis.kernels as kernels
+    from qtool import progress
+
+    peaks: dict[str, float] = {}
+    current = ["start"]
+    done = threading.Event()
+
+    def rss(field: str = "VmRSS:") -> float:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024 / 2**30
+        return 0.0
+
+    # the high-water mark after each phase: exact, where a 50 ms sample can miss a spike
+    marks: dict[str, float] = {}
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            peaks[current[0]] = max(peaks.get(current[0], 0.0), rss())
+
+    real_phase, real_check = progress.phase, kernels.check_kernels
+
+    @contextlib.contextmanager
+    def tracked(name):
+        before, current[0] = current[0], name
+        try:
+            with real_phase(name):
+                yield
+        finally:
+            current[0] = before
+            marks[name] = rss("VmHWM:")
+
+    def tracked_check(*a, **k):
+        with tracked("kernel check"):
+            return real_check(*a, **k)
+
+    progress.phase, kernels.check_kernels = tracked, tracked_check
+    threading.Thread(target=sample, daemon=True).start()
+    try:
+        cli(args, standalone_mode=False)
+    finally:
+        done.set()
+        print("PHASES sampled peak GiB " + json.dumps({k: round(v, 2) for k, v in peaks.items()}),
+              flush=True)
+        print("PHASES high-water mark GiB at the end of each "
+              + json.dumps({k: round(v, 2) for k, v in marks.items()}), flush=True)
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/qtool-large"))
     parser.add_argument("--layers", type=int, default=6)
@@ -64,13 +126,13 @@ def main() -> None:
     out = args.work / "out"
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "qtool.cli", "calibrate", str(model), "-b", "onnxruntime",
+        [sys.executable, __file__, "--child", "calibrate", str(model), "-b", "onnxruntime",
          "--data", str(args.work / "calib.npz"), "--eval-data", str(args.work / "val.npz"),
          "-o", str(out), "--force", "-q"],
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    print(f"exit code {done.returncode}, {seconds:.0f} s")
+    print(f"exit code {done.returncode}, {seconds:.0f} s (load average {os.getloadavg()[0]:.1f})")
     print(f"weights {weights / 2**30:.2f} GiB, peak RSS {peak / 2**30:.2f} GiB "
           f"= {peak / weights:.2f}x the weights")
     if done.returncode != 0:

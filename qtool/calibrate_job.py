@@ -76,6 +76,7 @@ class Job:
     files: dict[str, bytes] = field(default_factory=dict)
     evaluation: Any = None
     report: dict[str, Any] = field(default_factory=dict)
+    recorded: Any = None  # the held-out runs' outputs, for the kernel check to reuse
 
     def float_model(self):
         """The float reference of every comparison.
@@ -282,7 +283,7 @@ def correct(job: Job) -> None:
     from qtool.bias_judge import judge
 
     reference = job.float_model()
-    with progress.phase("bias correction check"):
+    with progress.phase("bias correction check"), held_out_runs(job).active():
         verdicts = judge(reference, [uncorrected.graph, job.result.graph], job.held_out(),
                          job.judge_task)
         kept = verdicts[1]
@@ -336,6 +337,22 @@ def model_files(job: Job) -> None:
         job.files[QDQ_MODEL_FILE] = qdq_bytes
 
 
+def held_out_runs(job: Job):
+    """Where the evaluations on the held-out data keep their outputs for the kernel check.
+
+    Only the rows the kernel check runs, within ``--memory-budget``; without the kernel
+    check, nothing is kept.
+    """
+    from qtool.analysis.kernels import MAX_SAMPLES
+    from qtool.analysis.recorded import RecordedRuns
+
+    options = job.options
+    if job.recorded is None:
+        rows = MAX_SAMPLES if options.kernel_check and options.analysis != "none" else 0
+        job.recorded = RecordedRuns(options.memory_budget, rows)
+    return job.recorded
+
+
 def evaluate_outputs(job: Job) -> None:
     """The written model against float on the judging data (reused where a check ran it)."""
     from qtool.analysis.evaluate import Evaluation, evaluate
@@ -346,7 +363,8 @@ def evaluate_outputs(job: Job) -> None:
     with progress.phase("evaluate"):
         if job.judged is not None and not job.options.layerwise:
             job.evaluation = job.judged  # the model written was just evaluated on this data
-        else:
+            return
+        with held_out_runs(job).active():
             job.evaluation = evaluate(job.float_model(), job.result.graph, job.held_out(),
                                       layerwise=job.options.layerwise, task=job.judge_task)
 
@@ -396,7 +414,9 @@ def kernel_check(job: Job) -> None:
         # OpenVINO's row on its own backend, and on the others with --analysis full: its
         # compile costs more than the rest of a small model's job
         openvino=rules.name == "openvino" or options.analysis == "full",
+        recorded=job.recorded,  # the float model's and the simulation's runs, kept
     )
+    job.recorded = None
     report = job.report
     report["ort_kernels"] = kernels.to_dict()
     report["warnings"] += kernels.warnings(rules.name) + kernels.failure_warnings()

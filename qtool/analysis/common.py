@@ -72,13 +72,17 @@ def exposed(proto: onnx.ModelProto, names: Sequence[str]) -> bytes:
     return copy.SerializeToString()
 
 
-def session(model_bytes: bytes, intra_op_threads: int | None = None):
+def session(model_bytes: bytes | str, intra_op_threads: int | None = None,
+            key: str | None = None):
     """A session with graph optimizations off (the pure Q/DQ simulation), no memory arena.
 
-    ``intra_op_threads``: onnxruntime's threads per run (None: its default).
+    ``intra_op_threads``: onnxruntime's threads per run (None: its default). While a
+    :class:`qtool.analysis.recorded.RecordedRuns` is active, the session's runs are kept in it
+    under ``key`` (None: the digest of ``model_bytes``, or its path).
     """
     import onnxruntime as ort
 
+    from qtool.analysis.recorded import recording
     from qtool.calibration.collector import open_session
 
     options = ort.SessionOptions()
@@ -90,7 +94,9 @@ def session(model_bytes: bytes, intra_op_threads: int | None = None):
     options.enable_cpu_mem_arena = False
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
-    return open_session(model_bytes, options, "analyse it")
+    opened = open_session(model_bytes, options, "analyse it")
+    # the kernel check reuses runs with onnxruntime's default threads (the same bits)
+    return opened if intra_op_threads else recording(opened, model_bytes, key)
 
 
 def run(session, fetch: Sequence[str], feeds: Mapping[str, np.ndarray], where: str) -> list:

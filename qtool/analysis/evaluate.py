@@ -2,8 +2,14 @@ r"""Compare a quantized model with its float model, streaming over the data.
 
 Both models run in onnxruntime with graph optimizations off (the QDQ graph is simulated as
 written). Each batch goes through both, updates running sums, and is dropped: memory does
-not grow with the number of samples. For an output with float values ``x`` and quantized
-values ``q`` (all elements of all batches):
+not grow with the number of samples. The two sessions are open together only where that
+is cheaper: while the batches' inputs and float outputs weigh less than the quantized
+model's weights (at most :data:`HOLD_BYTES`), they are held, and when the data ends first,
+the float session closes before the quantized one opens (a model of gigabytes is in memory
+once, not twice); the sums are the same either way.
+
+For an output with float values ``x`` and quantized values ``q`` (all elements of all
+batches):
 
     SQNR (dB)          = 10 * log10( sum(x^2) / sum((x - q)^2) )     (None when q == x exactly)
     cosine similarity  = sum(x * q) / sqrt( sum(x^2) * sum(q^2) )   (1 when both are all zero)
@@ -48,6 +54,10 @@ from qtool.io import ModelSource, load_model, serialize
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 15  # values per step of the error sums: float64 buffers stay in cache
+#: Bytes of held rows (inputs and float outputs) that let the float session close before the
+#: quantized one opens; below the quantized model's own weights only (a second session of a
+#: small model costs less than the rows).
+HOLD_BYTES = 256 * 2**20
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
@@ -366,14 +376,16 @@ def tally(
         layers_shared = _shared_layer_tensors(float_proto, quant_proto, set(output_names))
         float_proto = _with_outputs(float_proto, list(layers_shared))
         quant_proto = _with_outputs(quant_proto, sorted({q for q, _ in layers_shared.values()}))
+    # the float session first; the quantized one opens when the held rows outgrow what a
+    # second session would cost (the quantized weights), else after the float one is closed
     if layerwise:  # the protos have the shared layers as outputs
         float_session = _session(float_proto, intra_op_threads)
-        quant_session = _session(quant_proto, intra_op_threads)
+        quant_source: Any = quant_proto
     else:
         float_session = _session(float_path or _graph_or(float_model, float_proto),
                                  intra_op_threads)
-        quant_session = _session(quant_path or _graph_or(quant_model, quant_proto),
-                                 intra_op_threads)
+        quant_source = quant_path or _graph_or(quant_model, quant_proto)
+    hold_limit = min(HOLD_BYTES, _weight_bytes(quant_model, quant_proto))
     fetch = output_names + list(layers_shared)
     quant_fetch = output_names + [q for q, _ in layers_shared.values()]
 
@@ -388,23 +400,8 @@ def tally(
     slices = {name: SliceSums() for name in output_names}
     samples = 0
     labelled = False
-    for index, batch in enumerate(data):
-        feeds, labels = _feeds(batch, input_specs, index)
-        labelled = labelled or labels is not None
-        try:
-            float_values = float_session.run(fetch, feeds)
-            quant_values = quant_session.run(quant_fetch, feeds)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            from qtool.calibration.collector import run_error
 
-            raise run_error(exc, f"on evaluation batch {index}") from exc
-        rows = batch_rows(feeds, batch_specs)
-        if labels is not None and labels.shape[0] != rows:
-            raise DataError(
-                f"batch {index}: {labels.shape[0]} labels for {rows} inputs",
-                "give one label per sample under the 'labels' key",
-            )
-        samples += rows
+    def compare(float_values, quant_values, labels, rows) -> None:
         for name, x, q in zip(fetch, float_values, quant_values, strict=True):
             if x.shape != q.shape:
                 raise DataError(f"output {name}: float shape {x.shape}, quantized {q.shape}")
@@ -419,8 +416,64 @@ def tally(
             metric.update(dict(zip(output_names, float_values[:count], strict=True)),
                           dict(zip(output_names, quant_values[:count], strict=True)), labels,
                           rows)
+
+    def run(session, names, feeds, index) -> list:
+        try:
+            return session.run(names, feeds)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            from qtool.calibration.collector import run_error
+
+            raise run_error(exc, f"on evaluation batch {index}") from exc
+
+    quant_session = None
+    held: list[tuple] = []  # (index, feeds, labels, rows, float values) before quant_session
+    held_bytes = 0
+
+    def run_held() -> None:
+        for index, feeds, labels, rows, float_values in held:
+            compare(float_values, run(quant_session, quant_fetch, feeds, index), labels, rows)
+        held.clear()
+
+    for index, batch in enumerate(data):
+        feeds, labels = _feeds(batch, input_specs, index)
+        labelled = labelled or labels is not None
+        float_values = run(float_session, fetch, feeds, index)
+        rows = batch_rows(feeds, batch_specs)
+        if labels is not None and labels.shape[0] != rows:
+            raise DataError(
+                f"batch {index}: {labels.shape[0]} labels for {rows} inputs",
+                "give one label per sample under the 'labels' key",
+            )
+        samples += rows
+        if quant_session is None:
+            size = _nbytes(feeds.values()) + _nbytes(float_values)
+            if held_bytes + size <= hold_limit:
+                held.append((index, feeds, labels, rows, float_values))
+                held_bytes += size
+                continue
+            quant_session = _session(quant_source, intra_op_threads)
+            run_held()
+        compare(float_values, run(quant_session, quant_fetch, feeds, index), labels, rows)
+    if quant_session is None:  # every row held: one session at a time
+        del float_session
+        quant_session = _session(quant_source, intra_op_threads)
+        run_held()
     return Tally(output_names, layers_shared, sums, classifiers, samples, labelled, metric,
                  slices)
+
+
+def _nbytes(arrays) -> int:
+    return sum(int(np.asarray(a).nbytes) for a in arrays)
+
+
+def _weight_bytes(model, proto: onnx.ModelProto) -> int:
+    """The quantized model's tensor bytes (what its session holds beside the float one's).
+
+    Counted from shapes and types (a proto read without its external data counts too).
+    """
+    from qtool.io import tensor_bytes
+
+    return tensor_bytes(model if isinstance(model, gs.Graph) else proto)
 
 
 def output_ranks(model: onnx.ModelProto) -> dict[str, int | None]:
@@ -582,12 +635,13 @@ def _path_of(model) -> str | None:
 
 def _session(model: onnx.ModelProto | gs.Graph | str, intra_op_threads: int | None):
     from qtool.analysis.common import session
+    from qtool.analysis.recorded import source_key
     from qtool.io import release, session_source
 
     # a path goes to onnxruntime as it is; a model over 2 GB: a temporary file pair
     source = model if isinstance(model, str) else session_source(model)
     try:
-        return session(source, intra_op_threads)
+        return session(source, intra_op_threads, source_key(model, source))
     finally:
         release(source)
 

@@ -37,10 +37,13 @@ from typing import Any
 
 import numpy as np
 
+from qtool.analysis.recorded import RecordedRuns, model_key
 from qtool.cpu import CpuTarget, resolve_target
 
 #: A kernel run losing more than this (dB) against the simulation is reported.
 MAX_LOSS_DB = 1.0
+#: Rows the check compares (the first of the evaluation data).
+MAX_SAMPLES = 64
 _INT16_MAX = 32767
 
 
@@ -226,9 +229,10 @@ def check_kernels(
     float_model: Any,
     batches: Iterable[Mapping[str, np.ndarray]],
     backend,
-    max_samples: int = 64,
+    max_samples: int = MAX_SAMPLES,
     target: CpuTarget | None = None,
     openvino: bool = True,
+    recorded: RecordedRuns | None = None,
 ) -> KernelCheck:
     """Run the QDQ model with optimizations off and on, and the float model, on a few samples.
 
@@ -242,17 +246,28 @@ def check_kernels(
             else this CPU).
         openvino: Also compile and run the model in OpenVINO CPU, when it is importable
             (the OpenVINO row; a compile costs about a second on a small model).
+        recorded: Outputs of the float model and the simulation that an evaluation kept on
+            the same rows (:mod:`qtool.analysis.recorded`): those rows run only in the
+            integer kernels (and OpenVINO); the two sessions open only for rows it lacks.
 
     Returns:
         The :class:`KernelCheck` (``samples == 0`` and ``error`` set if a session failed).
     """
     from qtool.backends.onnxruntime import cpu_has_vnni
+    from qtool.io import is_large, serialize
 
     risk, vnni = saturation_risk(backend), cpu_has_vnni()
     if target is None:
         target = resolve_target(backend.options.get("target_cpu", "auto"))
+    if recorded is not None and not isinstance(quant_model, bytes | str | os.PathLike) \
+            and not is_large(quant_model):
+        quant_model = serialize(quant_model)  # once: its key, the kernels, OpenVINO
+    float_runs = _Runs(float_model, recorded)
+    simulated_runs = _Runs(quant_model, recorded)
     try:
-        reference, simulated = _session(float_model, False), _session(quant_model, False)
+        # the float model and the simulation open only for rows the record lacks
+        names = float_runs.input_names()
+        simulated_runs.input_names()
     except Exception as exc:  # onnxruntime raises its own exception types
         return KernelCheck(0, None, None, risk, vnni, _first_line(exc), target=target)
     error = None
@@ -261,15 +276,14 @@ def check_kernels(
     except Exception as exc:  # the deployable file does not load with the optimizations
         kernels, error = None, _first_line(exc)
     openvino = _openvino(quant_model) if openvino else None
-    names = {i.name for i in reference.get_inputs()}
     # (signal, noise) for simulated, kernels, OpenVINO
     sums = {"simulated": [0.0, 0.0], "kernels": [0.0, 0.0], "openvino": [0.0, 0.0]}
     rows = 0
     for batch in batches:
         feeds = {k: v for k, v in batch.items() if k in names}
         try:
-            expected = reference.run(None, feeds)
-            runs = {"simulated": simulated.run(None, feeds)}
+            expected = float_runs.run(feeds)
+            runs = {"simulated": simulated_runs.run(feeds)}
         except Exception as exc:  # onnxruntime raises its own exception types
             return KernelCheck(0, None, None, risk, vnni, _first_line(exc), target=target)
         if kernels is not None:
@@ -395,6 +409,56 @@ def _cure(backend: str) -> str:
     return "quantize with --backend onnxruntime"
 
 
+class _Runs:
+    """One model's outputs with optimizations off: kept ones where recorded, else run.
+
+    Its session opens at the first row the record lacks (never, when it has them all).
+    """
+
+    def __init__(self, model: Any, recorded: RecordedRuns | None) -> None:
+        self.model = model
+        self.recorded = recorded
+        self.session = None
+        self.key = model_key(model) if recorded is not None else None
+        self.outputs: list[str] | None = None
+
+    def input_names(self) -> set[str]:
+        """The model's inputs (its graph's, or its session's when it could not be read)."""
+        if self.recorded is None:
+            self.session = _session(self.model, False)
+        if self.session is not None:
+            self.outputs = [o.name for o in self.session.get_outputs()]
+            return {i.name for i in self.session.get_inputs()}
+        self.outputs, inputs = _graph_names(self.model)
+        return inputs
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list:
+        if self.recorded is not None:
+            kept = self.recorded.outputs(self.key, feeds, self.outputs)
+            if kept is not None:
+                return kept
+        if self.session is None:
+            self.session = _session(self.model, False)
+        return self.session.run(None, feeds)
+
+
+def _graph_names(model: Any) -> tuple[list[str], set[str]]:
+    """``(outputs in order, inputs)`` of a model: a path, bytes, a proto or a Graph."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    if isinstance(model, gs.Graph):
+        return [t.name for t in model.outputs], {t.name for t in model.inputs}
+    if isinstance(model, bytes):
+        model = onnx.load_from_string(model)
+    elif isinstance(model, str | os.PathLike):
+        model = onnx.load(str(model), load_external_data=False)
+    graph = model.graph
+    weights = {t.name for t in graph.initializer}
+    return ([o.name for o in graph.output],
+            {i.name for i in graph.input if i.name not in weights})
+
+
 def _session(model: Any, optimize: bool):
     import onnxruntime as ort
 
@@ -429,5 +493,5 @@ def _round(value: float | None) -> float | None:
     return round(value, 3) + 0.0  # no -0.0 in report.json
 
 
-__all__ = ["MAX_LOSS_DB", "KernelCheck", "OpenVinoCheck", "check_kernels", "engines_markdown",
-           "openvino_layers", "saturation_risk"]
+__all__ = ["MAX_LOSS_DB", "MAX_SAMPLES", "KernelCheck", "OpenVinoCheck", "check_kernels",
+           "engines_markdown", "openvino_layers", "saturation_risk"]

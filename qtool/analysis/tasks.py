@@ -539,8 +539,29 @@ class YoloDecoder:
         self.score_threshold, self.nms_iou = score_threshold, nms_iou
 
     def __call__(self, outputs: Mapping[str, np.ndarray]) -> list:
-        """Per image ``(boxes[K, 4], scores[K], classes[K])``."""
-        value = np.asarray(outputs[self.output], np.float64)
+        """Per image ``(boxes[K, 4], scores[K], classes[K])``.
+
+        The last decoding is remembered for the same values (the float outputs of a batch
+        are decoded once for every candidate judged against them).
+        """
+        raw = np.asarray(outputs[self.output])
+        config = (self.box_format, self.score_threshold, self.nms_iou)
+        recent = YoloDecoder._recent
+        for index, entry in enumerate(recent):
+            if (entry[0] == config and entry[1].dtype == raw.dtype
+                    and entry[1].shape == raw.shape and np.array_equal(entry[1], raw)):
+                recent.append(recent.pop(index))
+                return [tuple(a.copy() for a in image) for image in entry[2]]
+        images = self._decode(raw)
+        recent.append((config, raw.copy(), [tuple(a.copy() for a in i) for i in images]))
+        del recent[:-2]  # the float outputs and one candidate's
+        return images
+
+    #: ``(config, values, images)`` of the last two decodings, the latest last.
+    _recent: list = []
+
+    def _decode(self, raw: np.ndarray) -> list:
+        value = np.asarray(raw, np.float64)
         if value.ndim != 3 or min(value.shape[1:]) < 5:
             raise TaskError(f"--task detect: output {self.output!r} has shape "
                             f"{list(value.shape)}, not [N, 4+C, A] or [N, A, 4+C]",
@@ -562,27 +583,47 @@ class YoloDecoder:
         return images
 
 
+#: Values per block of an IoU matrix (float64 temporaries of a few MB).
+_IOU_BLOCK = 1 << 18
+
+
 def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float) -> np.ndarray:
     """Indices kept by greedy per-class NMS, highest score first.
 
     A box is kept when its IoU with every kept box of its class, all of higher score, is at
-    most ``iou``. Each kept box suppresses the lower-scored boxes of its class in one
-    vectorised step (a detector head with thousands of candidates took seconds per image
-    box by box), with the same result as comparing box by box.
+    most ``iou``. Per class, the boxes not yet decided are kept compacted, best first: the
+    first is kept and suppresses the rest in one vectorised step (the IoU of
+    :func:`box_iou`, same values, with the areas computed once), which leave the arrays (a
+    detector head with thousands of candidates took seconds per image box by box), with the
+    same result as comparing box by box.
     """
     order = np.argsort(-scores, kind="stable")
-    ranked, ranked_classes = boxes[order], classes[order]
-    alive = np.ones(len(order), bool)
     kept: list[int] = []
-    for i in range(len(order)):
-        if not alive[i]:
-            continue
-        kept.append(int(order[i]))
-        rest = np.nonzero(alive[i + 1:] & (ranked_classes[i + 1:] == ranked_classes[i]))[0]
-        if rest.size:
-            rest += i + 1
-            alive[rest[box_iou(ranked[i], ranked[rest]) > iou]] = False
-    return np.asarray(kept, np.int64)
+    ranked_classes = classes[order]
+    for cls in np.unique(ranked_classes):
+        index = order[ranked_classes == cls]  # this class's boxes, best first
+        x0, y0, x1, y1 = np.asarray(boxes[index], np.float64).T
+        state = np.stack([x0, y0, x1, y1, (x1 - x0) * (y1 - y0)])  # coordinates, area
+        while index.size:
+            kept.append(int(index[0]))
+            head, rest = state[:, 0], state[:, 1:]
+            # box_iou's operations in its order, on buffers (np.clip's wrapper cost more)
+            w = np.minimum(head[2], rest[2])
+            w -= np.maximum(head[0], rest[0])
+            np.maximum(w, 0, out=w)
+            h = np.minimum(head[3], rest[3])
+            h -= np.maximum(head[1], rest[1])
+            np.maximum(h, 0, out=h)
+            w *= h  # the intersection
+            union = head[4] + rest[4]
+            union -= w
+            union += 1e-9
+            np.divide(w, union, out=w)
+            survive = np.flatnonzero(np.logical_not(w > iou))
+            index, state = index[survive + 1], rest[:, survive]
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    return np.asarray(sorted(kept, key=lambda k: rank[k]), np.int64)
 
 
 def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -593,6 +634,20 @@ def box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     area = (box[2] - box[0]) * (box[3] - box[1])
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     return inter / (area + areas - inter + 1e-9)  # 0 for boxes of no area
+
+
+def pairwise_iou(rows: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """``[R, M]``: row ``r`` is ``box_iou(rows[r], boxes)``.
+
+    The same values: the same operations element by element, broadcast.
+    """
+    a, b = rows[:, None, :], boxes[None, :, :]
+    w = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    h = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    inter = w * h
+    area = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    areas = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return inter / (area + areas - inter + 1e-9)
 
 
 def average_precision(scores: Sequence[float], hits: Sequence[bool], positives: int) -> float:
@@ -660,13 +715,25 @@ class DetectMetric:
                acc: _ClassHits) -> None:
         acc.positives += len(truth)
         used = np.zeros(len(truth), bool)
-        for k in np.argsort(-scores, kind="stable"):
-            hit = False
-            if len(truth):
-                overlap = box_iou(boxes[k], truth)
-                best = int(np.argmax(overlap))
-                if overlap[best] >= self.iou and not used[best]:
-                    used[best] = hit = True
+        order = np.argsort(-scores, kind="stable")
+        if not len(truth) or not len(order):
+            acc.scores += [float(scores[k]) for k in order]
+            acc.hits += [False] * len(order)
+            return
+        # each detection's best truth box, all at once (the same IoU values as box by box)
+        bests, overlaps = [], []
+        step = max(1, _IOU_BLOCK // len(truth))
+        for start in range(0, len(order), step):
+            overlap = pairwise_iou(boxes[order[start:start + step]], truth)
+            best = np.argmax(overlap, axis=1)
+            bests.append(best)
+            overlaps.append(overlap[np.arange(len(best)), best])
+        best_of = np.concatenate(bests).tolist()
+        enough = (np.concatenate(overlaps) >= self.iou).tolist()
+        for k, best, hit in zip(order.tolist(), best_of, enough, strict=True):
+            hit = hit and not used[best]
+            if hit:
+                used[best] = True
             acc.scores.append(float(scores[k]))
             acc.hits.append(hit)
 
