@@ -393,21 +393,58 @@ def test_fast_correction_is_the_layers_own_weight_error_on_its_mean_input():
 
 def test_activations_past_the_memory_budget_go_to_files_with_the_same_corrections(
         monkeypatch):
-    import qtool.bias_correction as bias_correction
+    from qtool.bias_correction import store as store_module
 
     graph, _ = prepare(qtool.load(MODEL))
     samples = _samples(64)
     plan = build_plan(graph, "acl")
     ranges = calibrate(graph, plan.activation_schemes(), samples)
     _, in_memory = correct_biases(graph, "acl", ranges, plan, lambda: iter(samples))
-    spilled = []
-    real_save = np.save
-    monkeypatch.setattr(bias_correction.np, "save",
-                        lambda path, value: (spilled.append(path), real_save(path, value)))
+    stores = []
+    real_init = store_module.Store.__init__
+
+    def recording_init(self, budget):
+        real_init(self, budget)
+        stores.append(self)
+
+    monkeypatch.setattr(store_module.Store, "__init__", recording_init)
     _, on_disk = correct_biases(graph, "acl", ranges, plan, lambda: iter(samples),
                                 memory_budget=200_000)
-    assert spilled and not any(Path(p).exists() for p in spilled)  # used, then removed
+    (store,) = stores
+    spilled = [item for items in store.items.values() for item in items
+               if isinstance(item, store_module.Spilled)]
+    assert store.spilled_files > 0  # used, then removed with the folder
+    assert store.folder is not None and not Path(store.folder.name).exists()
+    assert not spilled or all(not item.path.exists() for item in spilled)
     assert on_disk.layers == in_memory.layers
+
+
+def test_a_spilled_tensor_is_one_file_read_back_shifted_and_dropped():
+    from qtool.bias_correction.store import Spilled, Store
+
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((1, 3, 4, 4)).astype(np.float32) for _ in range(5)]
+    with Store(budget=2 * batches[0].nbytes) as store:
+        for value in batches:
+            store.append("a", value)
+            store.append("b", value.astype(np.float64))
+        kinds = [type(item) for item in store.items["a"]]
+        assert kinds[:2] == [np.ndarray, np.ndarray] and set(kinds[2:]) == {Spilled}
+        assert len({item.path for item in store.items["b"]}) == 1  # one file per tensor
+        for index, value in enumerate(batches):
+            np.testing.assert_array_equal(store.get("a", index), value)
+            assert store.get("b", index).dtype == np.float64
+        store.shift("a", lambda v: v + np.float32(1.5))
+        for got, value in zip(store.values("a"), batches, strict=True):
+            np.testing.assert_array_equal(got, value + np.float32(1.5))
+        path = store.items["b"][0].path
+        store.drop("b")
+        assert not path.exists() and "b" not in store.items
+        store.append("c", batches[0])  # a new file, not the dropped one's name again
+        assert store.items["c"][0].path != store.items["a"][-1].path
+        np.testing.assert_array_equal(store.get("c", 0), batches[0])
+        folder = Path(store.folder.name)
+    assert not folder.exists()
 
 
 def test_the_rows_read_are_spread_over_the_calibration_data():

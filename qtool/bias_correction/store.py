@@ -2,14 +2,39 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
+
+
+@dataclass(frozen=True)
+class Spilled:
+    """One batch of a tensor past the budget: ``shape`` and ``dtype`` at ``offset`` of ``path``."""
+
+    path: Path
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def read(self) -> np.ndarray:
+        """The batch, read into memory."""
+        count = int(np.prod(self.shape, dtype=np.int64))
+        return np.fromfile(self.path, self.dtype, count, offset=self.offset).reshape(self.shape)
+
+    def mapped(self) -> np.memmap:
+        """The batch mapped read-write, to change it in place."""
+        return np.memmap(self.path, self.dtype, "r+", self.offset, self.shape)
 
 
 class Store:
     """Each stored tensor's value per batch; past ``budget`` bytes in memory, in files.
 
-    A value that does not fit goes to an ``.npy`` file of a temporary folder and is read
-    back one batch at a time, so memory holds the budget plus one batch.
+    A batch that does not fit is appended to its tensor's one raw file in a temporary
+    folder and read back one batch at a time, so memory holds the budget plus one batch.
+    One file per tensor, not per batch: a detector's 416x416 maps at batch 1 spilled about
+    9,000 ``.npy`` files over 64 rows, whose creation and removal took a quarter of the
+    correction's time.
     """
 
     def __init__(self, budget: int | None):
@@ -18,7 +43,8 @@ class Store:
         self.batches = 0
         self.items: dict[str, list] = {}
         self.folder = None
-        self.files = 0
+        self.files: dict[str, Path] = {}
+        self.spilled_files = 0
 
     def __enter__(self):
         return self
@@ -29,21 +55,28 @@ class Store:
         return False
 
     def append(self, name: str, value: np.ndarray) -> None:
-        """Store one more batch of ``name`` (in a file past the budget)."""
+        """Store one more batch of ``name`` (in its file past the budget)."""
         value = np.asarray(value)
         if self.budget is not None and self.held + value.nbytes > self.budget:
-            import tempfile
-            from pathlib import Path
-
-            if self.folder is None:
-                self.folder = tempfile.TemporaryDirectory(prefix="qtool-bias-")
-            self.files += 1
-            path = Path(self.folder.name) / f"{self.files}.npy"
-            np.save(path, value)
-            self.items.setdefault(name, []).append(path)
+            path = self._file(name)
+            with open(path, "ab") as out:
+                offset = out.tell()
+                out.write(np.ascontiguousarray(value).tobytes())
+            self.items.setdefault(name, []).append(
+                Spilled(path, offset, value.shape, value.dtype))
         else:
             self.held += value.nbytes
             self.items.setdefault(name, []).append(value)
+
+    def _file(self, name: str) -> Path:
+        if self.folder is None:
+            import tempfile
+
+            self.folder = tempfile.TemporaryDirectory(prefix="qtool-bias-")
+        if name not in self.files:
+            self.spilled_files += 1
+            self.files[name] = Path(self.folder.name) / f"{self.spilled_files}.bin"
+        return self.files[name]
 
     def count(self, name: str) -> int:
         """Batches stored under ``name``."""
@@ -52,7 +85,7 @@ class Store:
     def get(self, name: str, index: int) -> np.ndarray:
         """Batch ``index`` of ``name``."""
         item = self.items[name][index]
-        return item if isinstance(item, np.ndarray) else np.load(item)
+        return item if isinstance(item, np.ndarray) else item.read()
 
     def values(self, name: str):
         """Every batch of ``name``, one at a time."""
@@ -60,7 +93,8 @@ class Store:
 
     def dtype(self, name: str):
         """The dtype of ``name``."""
-        return self.get(name, 0).dtype
+        item = self.items[name][0]
+        return item.dtype
 
     def shift(self, name: str, change) -> None:
         """Replace every batch of ``name`` by ``change(batch)``."""
@@ -68,14 +102,16 @@ class Store:
             if isinstance(item, np.ndarray):
                 self.items[name][index] = change(item)
             else:
-                np.save(item, change(np.load(item)))
+                mapped = item.mapped()
+                mapped[...] = change(np.array(mapped))
+                mapped.flush()
+                del mapped
 
     def drop(self, name: str) -> None:
-        """Forget ``name`` (and delete its files)."""
+        """Forget ``name`` (and delete its file)."""
         for item in self.items.pop(name, ()):
             if isinstance(item, np.ndarray):
                 self.held -= item.nbytes
-            else:
-                item.unlink()
-
-
+        path = self.files.pop(name, None)
+        if path is not None:
+            path.unlink()
