@@ -22,9 +22,18 @@ class Spilled:
         count = int(np.prod(self.shape, dtype=np.int64))
         return np.fromfile(self.path, self.dtype, count, offset=self.offset).reshape(self.shape)
 
-    def mapped(self) -> np.memmap:
-        """The batch mapped read-write, to change it in place."""
-        return np.memmap(self.path, self.dtype, "r+", self.offset, self.shape)
+    def write(self, value: np.ndarray) -> None:
+        """Overwrite the batch in its file (same shape and dtype).
+
+        A plain positioned write, not a memory map: flushing a map synced it to the disk,
+        8.6 of the detector's 46 s; the page cache serves the next read all the same.
+        """
+        value = np.ascontiguousarray(value, dtype=self.dtype)
+        if value.shape != tuple(self.shape):
+            raise ValueError(f"shape {value.shape} written over {self.shape}")
+        with open(self.path, "r+b") as out:
+            out.seek(self.offset)
+            out.write(value.tobytes())
 
 
 class Store:
@@ -102,10 +111,7 @@ class Store:
             if isinstance(item, np.ndarray):
                 self.items[name][index] = change(item)
             else:
-                mapped = item.mapped()
-                mapped[...] = change(np.array(mapped))
-                mapped.flush()
-                del mapped
+                item.write(change(item.read()))
 
     def drop(self, name: str) -> None:
         """Forget ``name`` (and delete its file)."""
