@@ -148,3 +148,12 @@ def test_ppocr_line_input_keeps_ratio_and_pads_with_zeros():
     assert x.shape == (1, 3, 48, 320)
     np.testing.assert_allclose(x[..., :96], 1.0)  # (255 / 255 - 0.5) / 0.5
     assert not x[..., 96:].any()
+
+
+def test_box_fscore_deteval_accepts_a_margin_iou_would_refuse():
+    true = [np.array([[10, 10, 110, 20]], float)]  # a tight 100 x 10 line
+    padded = [np.array([[4, 4, 116, 26]], float)]  # DB-style margin: IoU 1000/2464 = 0.41
+    assert bench.box_fscore(true, padded) == 0.0
+    assert bench.box_fscore(true, padded, deteval=True) == 1.0  # covers all of it, 0.41 >= 0.4
+    wide = [np.array([[0, 0, 140, 30]], float)]  # 1000 / 4200 = 0.24 of it is the line
+    assert bench.box_fscore(true, wide, deteval=True) == 0.0
