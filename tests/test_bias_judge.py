@@ -184,6 +184,16 @@ def test_the_task_decides_when_there_is_one():
     assert hurts(Verdict(worst=("out", 40.0)), Verdict(worst=("out", 30.0))) is not None
 
 
+def test_a_task_that_ties_leaves_the_verdict_to_the_slices():
+    from qtool.bias_judge import Verdict
+
+    # top-1 agreement 100 % both ways on the held-out split: the SQNR must decide
+    without = Verdict(worst=("out", 50.1), task_drop=0.0)
+    with_ = Verdict(worst=("out", 19.2), task_drop=0.0)
+    assert "fell from 50.10 dB to 19.20 dB" in hurts(without, with_)
+    assert hurts(with_, without) is None
+
+
 def test_a_run_with_a_task_is_judged_by_it():
     from pathlib import Path
 
