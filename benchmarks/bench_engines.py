@@ -115,14 +115,15 @@ def peer_model(spec: dict, model: Path, data: dict, nncf_python: str | None, out
 
 
 def bench(name: str, nncf_python: str | None, rounds: int, runs: int,
-          sizes: tuple[int, int] = SIZES, reuse: bool = False) -> dict:
+          sizes: tuple[int, int] = SIZES, reuse: bool = False,
+          qtool_variants: tuple[str, ...] = tuple(QTOOL)) -> dict:
     """Every variant of one model: SQNR sim/ort, task metric, Conv census, latency."""
     model = bf.prepare_model(name)
     data = bf.prepare_data(name, sizes)
     paths: dict[str, str] = {}
     rows: dict[str, dict] = {}
-    for label, options in QTOOL.items():
-        paths[label] = qtool_model(model, data, options, model.parent / "engines" / label)
+    for label in qtool_variants:
+        paths[label] = qtool_model(model, data, QTOOL[label], model.parent / "engines" / label)
     for spec in PEERS:
         if spec["tool"] == "nncf" and not nncf_python:
             continue
@@ -195,6 +196,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--sizes", default=f"{SIZES[0]},{SIZES[1]}",
                         help="calibration,held-out samples per model (issue 24: 32,16)")
+    parser.add_argument("--qtool", default=",".join(QTOOL),
+                        help="qtool variants, from: " + ", ".join(QTOOL))
     parser.add_argument("--reuse-peers", action="store_true",
                         help="reuse the peers' models of an earlier run on the same files")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -205,7 +208,7 @@ def main() -> None:
     for name in args.models.split(","):
         sizes = tuple(int(v) for v in args.sizes.split(","))
         results[name] = bench(name, args.nncf_python, args.rounds, args.runs, sizes,
-                              args.reuse_peers)
+                              args.reuse_peers, tuple(args.qtool.split(",")))
         print(table({name: results[name]}), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

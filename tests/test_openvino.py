@@ -328,3 +328,53 @@ def test_every_backend_output_runs_in_openvino(name, backend):
         assert any("MaxPool" in w and "OpenVINO" in w for w in result.warnings)
     else:  # OpenVINO may skip a requantization (Conv + Add fusion): only a loss fails
         assert deployed >= simulated - 1.0
+
+
+def _layernorm_by_arithmetic(path: Path) -> None:
+    """Conv -> LayerNorm spelled as E[x^2] - E[x]^2 (magika's export) -> Conv."""
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Conv1d(4, 16, 3, padding=1), nn.Conv1d(16, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.a(x).transpose(1, 2)
+            mean = y.mean(-1, keepdim=True)
+            var = (y * y).mean(-1, keepdim=True) - mean * mean
+            y = (y - mean) * torch.rsqrt(var + 1e-5)
+            return self.b(y.transpose(1, 2))
+
+    buffer = io.BytesIO()
+    torch.onnx.export(Net().eval(), torch.randn(1, 4, 32), buffer, opset_version=13,
+                      dynamo=False, input_names=["input"], output_names=["out"],
+                      dynamic_axes={"input": {0: "batch"}})
+    path.write_bytes(buffer.getvalue())
+
+
+def test_default_placement_leaves_multiplies_float(tmp_path):
+    """placement=kernels (default): no Q/DQ on a Mul's inputs; the LayerNorm arithmetic of
+    magika keeps its precision (wheel set: magika 6.2 -> 30.3 dB, see benchmarks/README)."""
+    model, data = tmp_path / "ln.onnx", tmp_path / "data.npz"
+    _layernorm_by_arithmetic(model)
+    x = np.random.default_rng(0).normal(size=(48, 4, 32)).astype(np.float32) * 3 + 1
+    np.savez(data, input=x[:32])
+    reference = _simulate(model, {"input": x[32:]})
+    sqnr, muls = {}, {}
+    for placement in ("kernels", "eltwise"):
+        run = calibrate_to_folder(model, "openvino", tmp_path / placement, CalibrateOptions(
+            data=data, backend_options=(f"placement={placement}",), analysis="none",
+            bias_correction=False))
+        graph = onnx.load_from_string(run.files["model.qdq.onnx"]).graph
+        produced = {o: n.op_type for n in graph.node for o in n.output}
+        muls[placement] = sum(produced.get(i) == "DequantizeLinear"
+                              for n in graph.node if n.op_type == "Mul" for i in n.input)
+        sqnr[placement] = sqnr_db(reference, _simulate(run.files["model.qdq.onnx"],
+                                                       {"input": x[32:]}))
+        convs = [n for n in graph.node if n.op_type == "Conv"]
+        assert all(produced[c.input[0]] == "DequantizeLinear" for c in convs)  # int8 convs
+    assert muls["kernels"] == 0 and muls["eltwise"] > 0
+    assert sqnr["kernels"] > sqnr["eltwise"] + 1.0, sqnr  # 38.1 vs 35.9 dB here
