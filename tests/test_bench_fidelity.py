@@ -106,3 +106,45 @@ def test_ocr_rendering_is_seeded():
     assert texts == texts_again and all(4 <= len(s) <= 6 for s in texts)
     assert first[0]["input1"].shape == (1, 1, 64, 200)
     np.testing.assert_array_equal(first[0]["input1"], again[0]["input1"])
+
+
+def test_db_boxes_unclip_a_rectangle_by_area_times_ratio_over_perimeter():
+    prob = np.zeros((1, 1, 60, 100), np.float32)
+    prob[0, 0, 20:31, 10:51] = 0.9  # one text line: 41 x 11 pixels above thresh
+    (box,) = bench.db_boxes(prob)
+    # the 2x2 dilation grows it by one pixel right and down: x 10..51, y 20..31
+    w, h = 41, 11
+    d = w * h * 1.6 / (2 * (w + h))  # DB's unclip distance: area * ratio / perimeter
+    np.testing.assert_allclose(box, [10 - d, 20 - d, 51 + d, 31 + d], atol=1e-6)
+    prob[0, 0, 20:31, 10:51] = 0.35  # above the pixel thresh 0.3, below the box score 0.5
+    assert len(bench.db_boxes(prob)) == 0
+
+
+def test_box_fscore_by_hand():
+    ref = [np.array([[0, 0, 10, 10], [20, 0, 30, 10]], float)]
+    found = [np.array([[1, 0, 10, 10], [50, 50, 60, 60], [0, 0, 9, 10]], float)]
+    # one match (IoU 0.9); the third box overlaps the already matched reference only
+    assert bench.box_fscore(ref, found) == pytest.approx(2 * 1 / (2 + 3))
+    assert bench.box_fscore(ref, ref) == 1.0
+
+
+def test_yolov8_detections_decode_centre_size_and_suppress_across_classes():
+    out = np.zeros((1, 6, 3), np.float32)  # 4 box rows + 2 classes, 3 anchors
+    out[0, :4, 0] = [50, 50, 20, 10]  # cx, cy, w, h
+    out[0, :4, 1] = [51, 50, 20, 10]  # overlaps anchor 0 (IoU > 0.45), other class
+    out[0, :4, 2] = [200, 200, 10, 10]
+    out[0, 4:, 0] = [0.9, 0.1]
+    out[0, 4:, 1] = [0.1, 0.8]
+    out[0, 4:, 2] = [0.2, 0.25]  # below conf 0.3
+    dets = bench.yolov8_detections(out)
+    assert dets == [(0, pytest.approx(0.9), 40.0, 45.0, 60.0, 55.0)]
+
+
+def test_ppocr_line_input_keeps_ratio_and_pads_with_zeros():
+    from PIL import Image
+
+    img = Image.new("RGB", (100, 50), (255, 255, 255))  # ratio 2 -> width 96 at height 48
+    x = data.ppocr_line_input(img, 48, 320)
+    assert x.shape == (1, 3, 48, 320)
+    np.testing.assert_allclose(x[..., :96], 1.0)  # (255 / 255 - 0.5) / 0.5
+    assert not x[..., 96:].any()
