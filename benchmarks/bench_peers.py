@@ -126,6 +126,17 @@ def aimet_config(per_channel: bool, folder: Path) -> str:
     return str(path)
 
 
+def fixed_input_shapes(model, feed: dict[str, np.ndarray]) -> None:
+    """The graph inputs' shapes set to one sample's: AIMET builds its dummy input from the
+    declared shape and refuses a -1 or symbolic dim (PP-OCR's ``x``: (-1, 3, ?, ?))."""
+    for value in model.graph.input:
+        if value.name in feed:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, feed[value.name].shape, strict=True):
+                dim.Clear()
+                dim.dim_value = int(size)
+
+
 def run_aimet(spec: dict) -> str:
     """AIMET-ONNX's usual flow: BN folded into the weights, QuantSim (8-bit weights and
     activations, activations asymmetric), calibrated, exported as a Q/DQ ONNX."""
@@ -136,12 +147,14 @@ def run_aimet(spec: dict) -> str:
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
     model = onnx.load(spec["model"])
+    feeds = load_feeds(spec["calib"])
+    fixed_input_shapes(model, feeds[0])
     fold_all_batch_norms_to_weight(model)
     sim = QuantizationSimModel(model, param_type="int8", activation_type="int8",
                                quant_scheme=spec["method"],
                                config_file=aimet_config(spec["per_channel"], out),
                                providers=["CPUExecutionProvider"])
-    sim.compute_encodings(load_feeds(spec["calib"]))
+    sim.compute_encodings(feeds)
     path = out / "model.qdq.onnx"
     onnx.save(sim.to_onnx_qdq(), str(path))
     return str(path)
