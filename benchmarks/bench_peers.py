@@ -5,7 +5,8 @@ Issue 24. On the wheel-model set (``bench_fidelity.MODELS``; data from ``fidelit
 
 * ``tensorrt``: ``qtool -b tensorrt`` (its defaults) against NVIDIA ModelOpt's ONNX PTQ,
   ``modelopt.onnx.quantization.quantize(quantize_mode="int8")`` with each of its int8
-  calibration methods (``max``, ``entropy``), the best one counted;
+  calibration methods (``max``, ``entropy``; the float parts in float16, its default) and
+  ``max`` with the float parts in float32, the best one counted;
 * ``qnn``: ``qtool -b qnn`` against AIMET-ONNX's ``QuantizationSimModel`` with per-channel
   symmetric int8 weights (AIMET's default config, ``per_channel_quantization`` on), uint8
   activations, ``min_max`` and ``tf_enhanced`` (AIMET's SQNR range search), the best counted;
@@ -53,8 +54,12 @@ FINDINGS = "### Findings (written by hand from the runs above)"
 #: engine -> (qtool variants, peer variants). A variant: name -> spec for the child process.
 ENGINES = {
     "tensorrt": (
-        {"qtool": {"tool": "qtool", "backend": "tensorrt"}},
-        {f"modelopt/{m}": {"tool": "modelopt", "method": m} for m in ("max", "entropy")},
+        {"qtool": {"tool": "qtool", "backend": "tensorrt"},
+         "qtool int8_conv_rule": {"tool": "qtool", "backend": "tensorrt",
+                                  "extra": ["--backend-option", "int8_conv_rule=true"]}},
+        {**{f"modelopt/{m}": {"tool": "modelopt", "method": m} for m in ("max", "entropy")},
+         # float parts in float32 instead of ModelOpt's default float16 (which TensorRT runs)
+         "modelopt/max+fp32": {"tool": "modelopt", "method": "max", "precision": "fp32"}},
     ),
     "qnn": (
         {"qtool": {"tool": "qtool", "backend": "qnn"}},
@@ -109,7 +114,7 @@ def run_modelopt(spec: dict) -> str:
     path = out / "model.qdq.onnx"
     quantize(spec["model"], quantize_mode="int8", calibration_data=calibration,
              calibration_method=spec["method"], calibration_eps=["cpu"],
-             output_path=str(path))
+             high_precision_dtype=spec.get("precision", "fp16"), output_path=str(path))
     return str(path)
 
 

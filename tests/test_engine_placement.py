@@ -27,7 +27,7 @@ from qtool.io import serialize
 from qtool.planner import build_plan
 from qtool.qdq import quantize
 
-C = 16  # TensorRT runs int8 convs of 16 channels (backends.tensorrt.int8_conv_kernel)
+C = 8
 
 
 def block_model() -> onnx.ModelProto:
@@ -185,8 +185,9 @@ def test_tensorrt_keeps_float_the_convs_it_has_no_int8_kernel_for():
     graph input, a multiple of 8) and the depthwise 3x3 (8 output channels) run in int8; the
     SE convs (8 -> 2 -> 8) and the 8 -> 8 pointwise do not, and stay float with the reason.
     With 32 channels every conv is quantized. Issue 24: PP-OCR's classifier 16.6 -> 33 dB."""
-    graph = qtool.load(se_block_model(8))
-    plan = build_plan(graph, get_backend("tensorrt"))
+    graph = qtool.load(se_block_model(C))
+    rules = get_backend("tensorrt", int8_conv_rule=True)
+    plan = build_plan(graph, rules)
     weights = {e.consumers[0] for e in plan.entries("weight")}
     assert weights == {"stem", "dw"}
     for name in ("se_reduce", "se_expand", "pw"):
@@ -196,14 +197,13 @@ def test_tensorrt_keeps_float_the_convs_it_has_no_int8_kernel_for():
     assert {"x", "h0"} <= quantized
     # the QDQ model: no weight of a float conv passes a DequantizeLinear
     feeds = {"x": np.random.default_rng(2).standard_normal((1, 3, 16, 16)).astype(np.float32)}
-    result = quantize(graph, get_backend("tensorrt"), minmax_ranges(graph, plan, feeds),
-                      plan=plan)
+    result = quantize(graph, rules, minmax_ranges(graph, plan, feeds), plan=plan)
     read = {t.name for n in result.graph.nodes if n.op == "DequantizeLinear" for t in n.inputs}
     assert any(name.startswith("dw.w") for name in read)
     assert not any(name.startswith(("se_reduce.w", "se_expand.w", "pw.w")) for name in read)
-    wide = build_plan(qtool.load(se_block_model(32)), get_backend("tensorrt"))
+    wide = build_plan(qtool.load(se_block_model(32)), rules)
     assert {e.consumers[0] for e in wide.entries("weight")} == {
         "stem", "dw", "se_reduce", "se_expand", "pw"}
-    # qnn (AIMET's rules) has no such rule: every conv is quantized there
-    qnn = build_plan(graph, get_backend("qnn"))
-    assert len(qnn.entries("weight")) == 5
+    # off (the default for now) and on qnn (AIMET's rules): every conv is quantized
+    assert len(build_plan(graph, get_backend("tensorrt")).entries("weight")) == 5
+    assert len(build_plan(graph, get_backend("qnn")).entries("weight")) == 5
