@@ -260,7 +260,8 @@ def task_text(task: dict) -> str:
 def table(results: dict) -> str:
     """Markdown: per engine and model, qtool's default against the peer's best setting."""
     lines = ["| engine | model | qtool default dB | peer best dB (setting) | qtool - peer | "
-             "task: qtool / peer | float task |", "|---|---|---|---|---|---|---|"]
+             "qtool with an option dB | task: qtool / peer | float task |",
+             "|---|---|---|---|---|---|---|---|"]
     for engine in ENGINES:
         for name, entry in results.items():
             rows = {k.split("/", 1)[1]: v for k, v in entry["variants"].items()
@@ -268,7 +269,9 @@ def table(results: dict) -> str:
             if not rows:
                 continue
             ours = rows.get("qtool", {})
-            peers = {k: v for k, v in rows.items() if k != "qtool" and "sqnr" in v}
+            peers = {k: v for k, v in rows.items() if not k.startswith("qtool") and "sqnr" in v}
+            options = {k: np.mean(v["sqnr"]) for k, v in rows.items()
+                       if k.startswith("qtool ") and "sqnr" in v}
             failed = [f"{k}: {v['error'][:80]}" for k, v in rows.items() if "error" in v]
             ours_db = np.mean(ours["sqnr"]) if "sqnr" in ours else None
             best = max(peers, key=lambda k: np.mean(peers[k]["sqnr"]), default=None)
@@ -276,6 +279,7 @@ def table(results: dict) -> str:
             cells = [f"{ours_db:.2f}" if ours_db is not None else "fails",
                      f"{best_db:.2f} ({best})" if best else "fails",
                      f"{ours_db - best_db:+.2f}" if ours_db is not None and best else "",
+                     ", ".join(f"{v:.2f} ({k[len('qtool '):]})" for k, v in options.items()),
                      f"{task_text(ours.get('task', {}))} / "
                      f"{task_text(peers[best]['task']) if best else ''}",
                      task_text(entry.get("float", {}))]
@@ -284,7 +288,7 @@ def table(results: dict) -> str:
             lines.append(f"| {engine} ({PEER_NAMES[engine]}) | {name} | " + " | ".join(cells)
                          + " |")
             for fail in failed:
-                lines.append(f"| | | | fails: {fail} | | | |")
+                lines.append(f"| | | | fails: {fail} | | | | |")
     return "\n".join(lines) + "\n"
 
 
