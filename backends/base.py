@@ -112,6 +112,9 @@ class Placement:
             when each is quantized already or is the output of such an op whose own inputs
             are (SiLU's ``x * Sigmoid(x)`` after a Conv): the chain runs in integers, as
             fast as the engine goes, with no Q/DQ where the op is read in float.
+        weighted_kernel: ``rule(node) -> reason or None``: why the engine has no integer
+            kernel for this weighted node (TensorRT: a Conv with too few channels); such a
+            node stays float, with the reason in the plan. None: every one has a kernel.
     """
 
     graph: int
@@ -126,6 +129,7 @@ class Placement:
     )
     quantize_weighted_outputs: bool = False
     kernel_ops: frozenset[str] = frozenset()
+    weighted_kernel: Callable[[Any], str | None] | None = None
 
     def runs_quantized(self, op: str, attrs: Mapping[str, Any]) -> bool:
         """Whether an ``activation_ops`` node with ``attrs`` gets quantized inputs.

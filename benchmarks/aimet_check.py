@@ -20,8 +20,11 @@ Not part of CI: aimet-onnx pulls torch. Run it from a separate venv, with qtool 
 this checkout (the script runs ``qtool`` with the repository on ``PYTHONPATH``)::
 
     python3 -m venv /work/venvs/aimet
-    /work/venvs/aimet/bin/pip install aimet-onnx onnxruntime
+    /work/venvs/aimet/bin/pip install torch==2.14.1 torchvision==0.29.1 aimet-onnx
     /work/venvs/aimet/bin/python benchmarks/aimet_check.py --qtool /path/to/venv/bin/qtool
+
+(torch pinned to the release on this machine's disk: unpinned, pip downloads GBs of CUDA.
+``--qtool`` may be a two-line wrapper running ``python -m qtool.cli "$@"`` of a checkout.)
 """
 
 from __future__ import annotations

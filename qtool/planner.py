@@ -245,6 +245,10 @@ def _place_weighted(planning: _Planning, node: gs.Node) -> None:
             f"{op} without a constant weight: {backend.name} quantizes only layers with weights"
         )
         return
+    reason = placement.weighted_kernel(node) if placement.weighted_kernel else None
+    if reason:
+        planning.float_nodes[node.name] = reason
+        return
     inputs = [t for t in node.inputs[:2] if planning.is_activation(t)]
     for tensor in inputs:
         planning.quantize_input(tensor, node)

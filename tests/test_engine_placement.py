@@ -143,3 +143,67 @@ def test_onnxruntime_output_runs_in_integer_kernels(placement, tmp_path):
     (sim,) = simulated.run(None, feeds)
     (ker,) = fused.run(None, feeds)
     assert abs(sqnr_db(ref, sim) - sqnr_db(ref, ker)) < 1.0 and sqnr_db(ref, sim) > 20
+
+
+def se_block_model(channels: int) -> onnx.ModelProto:
+    """PP-OCR's classifier in small: x (3 ch) -> stem Conv 3x3 (channels) -> HardSwish ->
+    depthwise 3x3 -> SE (GlobalAveragePool -> Conv 1x1 channels/4 -> Relu -> Conv 1x1 ->
+    HardSigmoid -> Mul) -> pointwise Conv 1x1 (channels) -> HardSwish."""
+    rng = np.random.default_rng(1)
+    inits, nodes = [], []
+
+    def conv(name, x, cin, cout, k, group=1):
+        w = (rng.standard_normal((cout, cin // group, k, k)) / np.sqrt(k * k * cin / group))
+        inits.append(nh.from_array(w.astype(np.float32), f"{name}.w"))
+        inits.append(nh.from_array((0.1 * rng.standard_normal(cout)).astype(np.float32),
+                                   f"{name}.b"))
+        nodes.append(oh.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [name], name=name,
+                                  pads=[k // 2] * 4, group=group, kernel_shape=[k, k]))
+        return name
+
+    nodes.append(oh.make_node("HardSwish", [conv("stem", "x", 3, channels, 3)], ["h0"]))
+    nodes.append(oh.make_node("HardSwish", [conv("dw", "h0", channels, channels, 3,
+                                                 group=channels)], ["h1"]))
+    nodes.append(oh.make_node("GlobalAveragePool", ["h1"], ["pooled"]))
+    squeeze = conv("se_reduce", "pooled", channels, channels // 4, 1)
+    nodes.append(oh.make_node("Relu", [squeeze], ["se_relu"]))
+    nodes.append(oh.make_node("HardSigmoid", [conv("se_expand", "se_relu", channels // 4,
+                                                   channels, 1)], ["gate"], alpha=0.2))
+    nodes.append(oh.make_node("Mul", ["h1", "gate"], ["scaled"]))
+    nodes.append(oh.make_node("HardSwish", [conv("pw", "scaled", channels, channels, 1)], ["y"]))
+    graph = oh.make_graph(nodes, "se", [oh.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                  [1, 3, 16, 16])],
+                          [oh.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                     [1, channels, 16, 16])], inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 14)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_tensorrt_keeps_float_the_convs_it_has_no_int8_kernel_for():
+    """ModelOpt's channel rule (TensorRT's int8 convolutions): with 8 channels the stem (at the
+    graph input, a multiple of 8) and the depthwise 3x3 (8 output channels) run in int8; the
+    SE convs (8 -> 2 -> 8) and the 8 -> 8 pointwise do not, and stay float with the reason.
+    With 32 channels every conv is quantized. Issue 24: PP-OCR's classifier 16.6 -> 33 dB."""
+    graph = qtool.load(se_block_model(C))
+    rules = get_backend("tensorrt", int8_conv_rule=True)
+    plan = build_plan(graph, rules)
+    weights = {e.consumers[0] for e in plan.entries("weight")}
+    assert weights == {"stem", "dw"}
+    for name in ("se_reduce", "se_expand", "pw"):
+        assert "no int8 kernel" in plan.float_nodes[name]
+    quantized = _activations(plan)
+    assert "scaled" not in quantized and "pooled" not in quantized
+    assert {"x", "h0"} <= quantized
+    # the QDQ model: no weight of a float conv passes a DequantizeLinear
+    feeds = {"x": np.random.default_rng(2).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+    result = quantize(graph, rules, minmax_ranges(graph, plan, feeds), plan=plan)
+    read = {t.name for n in result.graph.nodes if n.op == "DequantizeLinear" for t in n.inputs}
+    assert any(name.startswith("dw.w") for name in read)
+    assert not any(name.startswith(("se_reduce.w", "se_expand.w", "pw.w")) for name in read)
+    wide = build_plan(qtool.load(se_block_model(32)), rules)
+    assert {e.consumers[0] for e in wide.entries("weight")} == {
+        "stem", "dw", "se_reduce", "se_expand", "pw"}
+    # off (the default for now) and on qnn (AIMET's rules): every conv is quantized
+    assert len(build_plan(graph, get_backend("tensorrt")).entries("weight")) == 5
+    assert len(build_plan(graph, get_backend("qnn")).entries("weight")) == 5
