@@ -107,3 +107,18 @@ def test_matching_without_detections_or_without_float_boxes():
     metric = DetectMetric(YoloDecoder("out"))
     metric.update({"out": empty}, {"out": head}, None, 1)
     assert all(a.positives == 0 and not any(a.hits) and a.hits for a in metric.classes.values())
+
+
+def test_nms_by_matrix_and_by_compacted_rows_agree(monkeypatch):
+    """Up to ``_NMS_MATRIX_BOXES`` boxes a class the IoU matrix decides, above it the rows."""
+    import qtool.analysis.tasks as tasks
+
+    rng = np.random.default_rng(5)
+    boxes = _boxes(rng, 1200)
+    scores, classes = rng.uniform(0, 1, 1200).round(2), rng.integers(0, 3, 1200)
+    for iou in (0.3, 0.5, 0.8):
+        by_matrix = nms(boxes, scores, classes, iou).tolist()
+        monkeypatch.setattr(tasks, "_NMS_MATRIX_BOXES", 0)
+        by_rows = nms(boxes, scores, classes, iou).tolist()
+        monkeypatch.setattr(tasks, "_NMS_MATRIX_BOXES", 1500)
+        assert by_matrix == by_rows and 0 < len(by_matrix) < 1200

@@ -28,12 +28,12 @@ class Spilled:
         A plain positioned write, not a memory map: flushing a map synced it to the disk,
         8.6 of the detector's 46 s; the page cache serves the next read all the same.
         """
-        value = np.ascontiguousarray(value, dtype=self.dtype)
+        value = np.asarray(value, dtype=self.dtype)
         if value.shape != tuple(self.shape):
             raise ValueError(f"shape {value.shape} written over {self.shape}")
         with open(self.path, "r+b") as out:
             out.seek(self.offset)
-            out.write(value.tobytes())
+            np.ascontiguousarray(value).tofile(out)
 
 
 class Store:
@@ -70,7 +70,7 @@ class Store:
             path = self._file(name)
             with open(path, "ab") as out:
                 offset = out.tell()
-                out.write(np.ascontiguousarray(value).tobytes())
+                np.ascontiguousarray(value).tofile(out)  # from the array's memory, no copy
             self.items.setdefault(name, []).append(
                 Spilled(path, offset, value.shape, value.dtype))
         else:
