@@ -205,6 +205,25 @@ def spawn(variant: str, model: Path, data: Path, batch: int, out: Path) -> dict:
 # -- the table ----------------------------------------------------------------------------
 
 
+def summarise(runs: list[dict], baseline: list[dict] | None) -> dict:
+    """One row from a variant's rounds: the median round's figures, and the median of the
+    ratios round by round against the ``ort`` run of the same round (the machine's speed
+    drifts between rounds: a ratio within one round is the fair one)."""
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return runs[-1]
+    middle = sorted(good, key=lambda r: r["wall_s"])[(len(good) - 1) // 2]
+    row = dict(middle, rounds=[r["wall_s"] for r in good])
+    if baseline and len(baseline) == len(runs) and len(runs) > 1:
+        pairs = [(r, b) for r, b in zip(runs, baseline, strict=True)
+                 if "error" not in r and "error" not in b]
+        if pairs:
+            row["x_ort_wall"] = float(np.median([r["wall_s"] / b["wall_s"] for r, b in pairs]))
+            row["x_ort_rss"] = float(np.median([r["peak_rss_mb"] / b["peak_rss_mb"]
+                                                for r, b in pairs]))
+    return row
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model | samples | variant | load | wall s | x ort | peak RSS MB | x ort | "
              "where qtool's time goes (s) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -218,6 +237,10 @@ def table(rows: list[dict]) -> str:
             continue
         wall = f"{row['wall_s'] / base['wall_s']:.2f}" if base else ""
         rss = f"{row['peak_rss_mb'] / base['peak_rss_mb']:.2f}" if base else ""
+        if "x_ort_wall" in row:  # rounds: the median of the ratios round by round
+            wall, rss = f"{row['x_ort_wall']:.2f}", f"{row['x_ort_rss']:.2f}"
+        if len(row.get("rounds", [])) > 1:
+            wall += f" ({', '.join(f'{w:.1f}' for w in row['rounds'])} s)"
         phases = ", ".join(f"{k} {v:.1f}" for k, v in sorted(
             row.get("phases", {}).items(), key=lambda kv: -kv[1]) if v >= 0.05)
         load = f"{row['load']:.1f}" if "load" in row else ""
@@ -233,8 +256,9 @@ def write_readme(rows: list[dict], command: str, load: str) -> None:
             "2 shared cores: only ratios within one model's block mean something; `load`: the "
             "1-minute load average when the row started). "
             "`x ort`: against `quantize_static` (MinMax, QDQ, per-channel) on the same "
-            "model and data in the same run; targets: the default job <= 1.5x its wall time "
-            "and <= 1.2x its peak RSS.\n\n" + table(rows) + "\n")
+            "model and data in the same run (with rounds: the median of the ratios round "
+            "by round, each round's wall times in brackets); targets: the default job "
+            "<= 1.5x its wall time and <= 1.2x its peak RSS.\n\n" + table(rows) + "\n")
     if SECTION in text:
         head, rest = text.split(SECTION, 1)
         tail = rest.split("\n## ", 1)
@@ -255,6 +279,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of every variant in turn; the table gives the median "
+                             "round and the median of the ratios round by round")
     parser.add_argument("--no-readme", action="store_true")
     parser.add_argument("--load-note", help="the load to state in the README (--table-only)")
     parser.add_argument("--table-only", action="store_true",
@@ -271,10 +298,16 @@ def main() -> None:
         batch = 1 if fixed_batch(model) else args.batch_size
         out = folder / f"out_{name}"
         out.mkdir(exist_ok=True)
-        for variant in args.variants.split(","):
+        variants = args.variants.split(",")
+        runs: dict[str, list[dict]] = {v: [] for v in variants}
+        for _ in range(args.repeat):  # rounds of every variant in turn: A B A B ...
+            for variant in variants:
+                run = spawn(variant, model, data, batch, out)
+                print(json.dumps({"model": name, **run}), flush=True)
+                runs[variant].append(run)
+        for variant in variants:
             row = {"model": name, "samples": args.samples, "batch": batch,
-                   **spawn(variant, model, data, batch, out)}
-            print(json.dumps(row), flush=True)
+                   **summarise(runs[variant], runs.get("ort"))}
             rows = [r for r in rows if (r["model"], r["samples"], r["variant"])
                     != (name, args.samples, variant)] + [row]
             results.write_text(json.dumps(rows, indent=1))  # merged run after run
@@ -285,6 +318,8 @@ def main() -> None:
         command = "python benchmarks/bench_cost.py"
         if args.models != ",".join(MODELS) or args.samples != 256:
             command += f" --models {args.models} --samples {args.samples}"
+        if args.repeat > 1:
+            command += f" --repeat {args.repeat}"
         write_readme(rows, command, load)
 
 
