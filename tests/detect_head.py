@@ -103,3 +103,18 @@ def float_outputs(model_bytes: bytes, batch: np.ndarray) -> np.ndarray:
 
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     return session.run(None, {"images": batch})[0]
+
+
+def nms_by_box(boxes, scores, classes, iou) -> list[int]:
+    """Greedy per-class NMS by its definition, box by box: the reference the tests hold
+    :func:`qtool.analysis.tasks.nms` to (a box is kept unless a kept box of its class, of
+    higher score, overlaps it by more than ``iou``)."""
+    from qtool.analysis.tasks import box_iou
+
+    kept: list[int] = []
+    for k in np.argsort(-scores, kind="stable"):
+        same = [j for j in kept if classes[j] == classes[k]]
+        if same and np.max(box_iou(boxes[k], boxes[same])) > iou:
+            continue
+        kept.append(int(k))
+    return kept

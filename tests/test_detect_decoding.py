@@ -8,6 +8,7 @@ candidates judged against them. Each is checked here against the plain definitio
 from __future__ import annotations
 
 import numpy as np
+from detect_head import nms_by_box
 
 from qtool.analysis.tasks import DetectMetric, YoloDecoder, box_iou, nms, pairwise_iou
 
@@ -29,20 +30,11 @@ def test_pairwise_iou_rows_are_box_iou_bit_for_bit():
 def test_nms_keeps_what_the_box_by_box_definition_keeps_on_a_crowded_head():
     """Thousands of overlapping candidates of two classes, ties in the scores."""
 
-    def by_box(boxes, scores, classes, iou):
-        kept = []
-        for k in np.argsort(-scores, kind="stable"):
-            same = [j for j in kept if classes[j] == classes[k]]
-            if same and np.max(box_iou(boxes[k], boxes[same])) > iou:
-                continue
-            kept.append(int(k))
-        return kept
-
     rng = np.random.default_rng(2)
     boxes = _boxes(rng, 1500)
     scores, classes = rng.uniform(0, 1, 1500).round(3), rng.integers(0, 2, 1500)
     for iou in (0.45, 0.7):
-        assert nms(boxes, scores, classes, iou).tolist() == by_box(boxes, scores, classes, iou)
+        assert nms(boxes, scores, classes, iou).tolist() == nms_by_box(boxes, scores, classes, iou)
 
 
 def _head(rng, anchors=800, jitter=0.0):

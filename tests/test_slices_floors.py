@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from detect_head import head_bytes, images
+from detect_head import head_bytes, images, nms_by_box
 from qtool.cli import main
 
 from qtool.analysis.slices import SliceSums, worst_slice_sqnr
@@ -208,16 +208,7 @@ def test_summary_names_a_collapsed_slice_where_the_whole_output_looks_fine(tmp_p
 
 def test_nms_suppresses_as_the_box_by_box_definition_does():
     """The vectorised NMS keeps exactly what comparing each box with the kept ones keeps."""
-    from qtool.analysis.tasks import box_iou, nms
-
-    def by_box(boxes, scores, classes, iou):
-        kept = []
-        for k in np.argsort(-scores, kind="stable"):
-            same = [j for j in kept if classes[j] == classes[k]]
-            if same and np.max(box_iou(boxes[k], boxes[same])) > iou:
-                continue
-            kept.append(int(k))
-        return kept
+    from qtool.analysis.tasks import nms
 
     rng = np.random.default_rng(0)
     for n in (0, 1, 7, 150):
@@ -225,5 +216,5 @@ def test_nms_suppresses_as_the_box_by_box_definition_does():
         boxes = np.concatenate([corner, corner + rng.uniform(1, 40, (n, 2))], axis=1)
         scores, classes = rng.uniform(0, 1, n).round(2), rng.integers(0, 3, n)  # ties too
         for iou in (0.3, 0.7):
-            assert nms(boxes, scores, classes, iou).tolist() == by_box(boxes, scores, classes,
-                                                                        iou)
+            kept = nms(boxes, scores, classes, iou).tolist()
+            assert kept == nms_by_box(boxes, scores, classes, iou)
