@@ -10,6 +10,10 @@ Rules (engines.md section 2.4):
   fuses the Add into that conv's output. When both inputs are such conv outputs (a
   downsampling block), the last one is fused and the other quantized, as MQBench does. A bias
   Add after a MatMul is fused the same way. Weighted-op outputs are not quantized.
+* Only residual Adds get Q/DQ (:mod:`qtool.residual_add`, as ModelOpt): an Add of a constant
+  (``x + 3`` of a HardSwish, a detector's anchor grid) or of two results of one tensor (a
+  YOLOv8 head's ``(anchor - lt) + (anchor + rb)``) is fused into the kernel before it and
+  runs in float. Quantized, the YOLOv8 box decoding cost 15 points of mAP (issue 24).
 * Q/DQ commute through MaxPool, Reshape, Transpose, Concat, Slice; tensors joined by them
   share one scale (TensorRT compares merged scales and refuses to refit when they differ).
 * ``--backend-option int8_conv_rule=true``: a Conv TensorRT has no int8 kernel for stays
