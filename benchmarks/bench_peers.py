@@ -56,8 +56,8 @@ FINDINGS = "### Findings (written by hand from the runs above)"
 ENGINES = {
     "tensorrt": (
         {"qtool": {"tool": "qtool", "backend": "tensorrt"},
-         "qtool int8_conv_rule": {"tool": "qtool", "backend": "tensorrt",
-                                  "extra": ["--backend-option", "int8_conv_rule=true"]}},
+         "qtool int8_conv_rule=false": {"tool": "qtool", "backend": "tensorrt",
+                                        "extra": ["--backend-option", "int8_conv_rule=false"]}},
         {**{f"modelopt/{m}": {"tool": "modelopt", "method": m} for m in ("max", "entropy")},
          # float parts in float32 instead of ModelOpt's default float16 (which TensorRT runs)
          "modelopt/max+fp32": {"tool": "modelopt", "method": "max", "precision": "fp32"}},
