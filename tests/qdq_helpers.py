@@ -13,12 +13,19 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 from onnx import helper as oh
 from onnx import numpy_helper as nh
+from qtool.backends import get_backend
 from qtool.calibration import calibrate
 
 import qtool
 from qtool.io import serialize
 
 BACKENDS = ("academic", "tensorrt", "acl", "tvm", "snpe", "fbgemm")
+#: TensorRT with every Conv quantized (``int8_conv_rule=false``): for the tests about other
+#: things (AdaRound, bias correction, analyses, reports) on models with 8-channel convs (the
+#: digits CNN), which the default rule keeps float as TensorRT runs them.
+TENSORRT_ALL_CONVS = get_backend("tensorrt", int8_conv_rule=False)
+ALL_CONVS_OPTION = ("--backend-option", "int8_conv_rule=false")
+ALL_CONVS = {"int8_conv_rule": False}  # CalibrateOptions(backend_options=...)
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 

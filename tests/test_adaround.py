@@ -41,6 +41,7 @@ from qtool.qdq import quantize  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / "digits_cnn.onnx"
 sys.path.insert(0, str(ROOT / "examples"))
+from qdq_helpers import ALL_CONVS_OPTION, TENSORRT_ALL_CONVS  # noqa: E402
 from train_digits import load_digits_split  # noqa: E402
 
 torch.set_num_threads(1)
@@ -107,7 +108,7 @@ def test_rectified_sigmoid_init_schedule_and_regulariser():
 
 
 def test_bad_options_are_refused(graph, digits):
-    ptq, calib = _ptq(graph, digits, "tensorrt")
+    ptq, calib = _ptq(graph, digits, TENSORRT_ALL_CONVS)
     with pytest.raises(PlanError, match="inputs"):
         adaround(ptq, calib, AdaRoundOptions(inputs="teacher"))
 
@@ -117,7 +118,7 @@ def test_bad_options_are_refused(graph, digits):
 
 @pytest.mark.parametrize("inputs", ["quantized", "float"])
 def test_learned_rounding_beats_nearest_on_each_layer(graph, digits, inputs):
-    ptq, calib = _ptq(graph, digits, "tensorrt")
+    ptq, calib = _ptq(graph, digits, TENSORRT_ALL_CONVS)
     learned, layers = adaround(ptq, calib, AdaRoundOptions(iterations=ITERS, inputs=inputs))
     assert [r.layer for r in layers] == [n.name for n in graph.nodes if n.op in ("Conv", "Gemm")]
     x = np.concatenate([s["input"] for s in calib])
@@ -149,7 +150,7 @@ def test_learned_rounding_beats_nearest_on_each_layer(graph, digits, inputs):
 
 def test_w4a8_digits_within_one_point_of_float(graph, digits):
     x_val, y_val = digits[2], digits[3]
-    ptq, calib = _ptq(graph, digits, "tensorrt")
+    ptq, calib = _ptq(graph, digits, TENSORRT_ALL_CONVS)
     learned, _ = adaround(ptq, calib)  # the defaults
 
     def top1(g):
@@ -166,7 +167,7 @@ def test_cli_calibrate_adaround_writes_the_learned_model(tmp_path):
     from qtool.cli import main
 
     out = tmp_path / "out"
-    args = ["calibrate", str(MODEL), "-b", "tensorrt", "--weight-bits", "4",
+    args = ["calibrate", str(MODEL), "-b", "tensorrt", *ALL_CONVS_OPTION, "--weight-bits", "4",
             "--data", str(ROOT / "examples" / "digits_calib.npz"), "--num-samples", "32",
             "--adaround", "--adaround-iters", "30", "-o", str(out)]
     result = CliRunner().invoke(main, args)

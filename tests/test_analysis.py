@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from outlier_model import CALIB, DIGITS, HARD_LAYER, OUTLIER_TENSOR, VAL, outlier_graph
+from qdq_helpers import ALL_CONVS_OPTION, TENSORRT_ALL_CONVS
 from qtool.calibration import calibrate, load_data
 from qtool.cli import main
 
@@ -33,7 +34,9 @@ from qtool.prepare import prepare
 from qtool.qdq import quantize
 from qtool.samples import labelled_batches
 
-BACKEND = "tensorrt"  # per-channel weights: the outlier hurts only through res.2's inputs
+#: per-channel weights: the outlier hurts only through res.2's inputs. Every Conv quantized:
+#: the model's convs have fewer than 16 channels, which TensorRT's int8_conv_rule keeps float.
+BACKEND = TENSORRT_ALL_CONVS
 TARGET_SQNR = 30.0
 
 
@@ -231,8 +234,9 @@ def test_calibrate_cli_with_auto_method_and_target_writes_the_fallback_plan(tmp_
     save(outlier_graph(), model)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, [
-        "calibrate", str(model), "--backend", BACKEND, "--data", str(CALIB), "--eval-data",
-        str(VAL), "--method", "auto", "--target-sqnr", str(TARGET_SQNR), "-o", str(out), "-q",
+        "calibrate", str(model), "--backend", "tensorrt", *ALL_CONVS_OPTION, "--data", str(CALIB),
+        "--eval-data", str(VAL), "--method", "auto", "--target-sqnr", str(TARGET_SQNR),
+        "-o", str(out), "-q",
     ])
     assert result.exit_code == 0, result.output
     plan = json.loads((out / "plan.json").read_text())
@@ -252,7 +256,7 @@ def test_max_accuracy_drop_without_labels_is_a_data_error(tmp_path):
     model = tmp_path / "hard.onnx"
     save(outlier_graph(), model)
     result = CliRunner().invoke(main, [
-        "calibrate", str(model), "--backend", BACKEND, "--data", str(CALIB),
+        "calibrate", str(model), "--backend", "tensorrt", *ALL_CONVS_OPTION, "--data", str(CALIB),
         "--max-accuracy-drop", "1", "-o", str(tmp_path / "out"),
     ])
     assert result.exit_code == 6

@@ -69,6 +69,11 @@ TRT_ADD_INPUTS = {
     ("attention", "/Add"): [0],  # residual: the embedding; attention @ v is fused
 }
 
+#: Convs TensorRT has no int8 kernel for (``int8_conv_rule``, on by default: ModelOpt's channel
+#: rule), read off the models by hand: 8 -> 12 channels (neither side 16, not at the graph
+#: input) and 8 -> 3. They stay float, weight included.
+TRT_FLOAT_CONVS = {("concat", "/b3/b3.2/b3.2.0/Conv"), ("convtranspose", "/out/Conv")}
+
 #: Q and DQ node counts on the ResNet block, derived by hand: 6 conv/gemm activation inputs
 #: (the stem ReLU feeds two convs through one pair), 7 weights; TensorRT adds the Add shortcut
 #: /a/a.2 output and the pooling input; graph 3 adds all four Add inputs and the pooling input
@@ -183,6 +188,8 @@ def _expected_inputs(model, backend, node: gs.Node, shape: set[str]) -> list[int
         return [i for i, t in enumerate(node.inputs) if _converter_encodes(t, rules, shape)] + (
             [1] if node.op in WEIGHTED and isinstance(node.inputs[1], gs.Constant) else [])
     if node.op in WEIGHTED:
+        if backend == "tensorrt" and (model, node.name) in TRT_FLOAT_CONVS:
+            return []
         has_weight = isinstance(node.inputs[1], gs.Constant)
         if backend in WEIGHT_REQUIRED and not has_weight:
             return []

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from qdq_helpers import run
+from qdq_helpers import TENSORRT_ALL_CONVS, run
 from qtool.calibration import calibrate
 from qtool.cli import main
 
@@ -49,6 +49,8 @@ def _means(graph, names: list[str], samples, axis: int = 1) -> dict[str, np.ndar
 
 @pytest.mark.parametrize("backend", ["tensorrt", "snpe"])
 def test_bias_correction_zeroes_the_mean_output_error(backend):
+    if backend == "tensorrt":  # every conv of the digits CNN corrected (8-channel convs too)
+        backend = TENSORRT_ALL_CONVS
     graph, _ = prepare(qtool.load(MODEL))
     samples = _samples(64)
     plan = build_plan(graph, backend)
@@ -314,9 +316,10 @@ def test_a_shared_bias_is_skipped_with_a_reason():
     graph_, _ = prepare(qtool.load(model.SerializeToString()))
     rng = np.random.default_rng(1)
     samples = [{"x": (rng.random((8, 3, 9, 9)) + 0.2).astype(np.float32)} for _ in range(4)]
-    plan = build_plan(graph_, "tensorrt")  # per-channel float biases: nothing splits them
+    # per-channel float biases: nothing splits them (8-channel convs: int8_conv_rule off)
+    plan = build_plan(graph_, TENSORRT_ALL_CONVS)
     ranges = calibrate(graph_, plan.activation_schemes(), samples)
-    _, report = correct_biases(graph_, "tensorrt", ranges, plan, lambda: iter(samples))
+    _, report = correct_biases(graph_, TENSORRT_ALL_CONVS, ranges, plan, lambda: iter(samples))
     assert "shared" in report.skipped["conv1"] and "shared" in report.skipped["twin"]
     assert "conv1" not in report.layers and "conv2" in report.layers
 
@@ -325,7 +328,7 @@ def test_exact_in_one_pass_gives_the_stage_by_stage_corrections():
     """Layer after layer on stored activations: the corrections the staged passes make."""
     graph, _ = prepare(qtool.load(MODEL))
     samples = _samples(64)
-    for backend in ("tensorrt", "snpe"):
+    for backend in (TENSORRT_ALL_CONVS, "snpe"):
         plan = build_plan(graph, backend)
         ranges = calibrate(graph, plan.activation_schemes(), samples)
         staged, staged_report = correct_biases(graph, backend, ranges, plan,

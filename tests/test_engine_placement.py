@@ -106,8 +106,10 @@ def test_onnxruntime_placement_all_quantizes_every_kernel_input():
 
 def test_tensorrt_and_qnn_rules():
     """tensorrt (graph 2): conv inputs (and Add inputs not fused into a conv); qnn (converter):
-    every op output, HardSwish's included, read quantized by all its readers."""
-    _, _, plan = _plan("tensorrt")
+    every op output, HardSwish's included, read quantized by all its readers. The block's
+    convs have 8 channels, which TensorRT's int8_conv_rule keeps float: off here, to see the
+    placement of the rest."""
+    _, _, plan = _plan("tensorrt", int8_conv_rule=False)
     quantized = _activations(plan)
     assert {"x", "h", "s", "d", "cat"} <= quantized
     assert "c1" not in quantized  # read by HardSwish only: stays in the conv
@@ -186,7 +188,7 @@ def test_tensorrt_keeps_float_the_convs_it_has_no_int8_kernel_for():
     SE convs (8 -> 2 -> 8) and the 8 -> 8 pointwise do not, and stay float with the reason.
     With 32 channels every conv is quantized. Issue 24: PP-OCR's classifier 16.6 -> 33 dB."""
     graph = qtool.load(se_block_model(C))
-    rules = get_backend("tensorrt", int8_conv_rule=True)
+    rules = get_backend("tensorrt")  # the rule is on by default
     plan = build_plan(graph, rules)
     weights = {e.consumers[0] for e in plan.entries("weight")}
     assert weights == {"stem", "dw"}
@@ -204,6 +206,39 @@ def test_tensorrt_keeps_float_the_convs_it_has_no_int8_kernel_for():
     wide = build_plan(qtool.load(se_block_model(32)), rules)
     assert {e.consumers[0] for e in wide.entries("weight")} == {
         "stem", "dw", "se_reduce", "se_expand", "pw"}
-    # off (the default for now) and on qnn (AIMET's rules): every conv is quantized
-    assert len(build_plan(graph, get_backend("tensorrt")).entries("weight")) == 5
+    # off, and on qnn (AIMET's rules): every conv is quantized
+    off = get_backend("tensorrt", int8_conv_rule=False)
+    assert len(build_plan(graph, off).entries("weight")) == 5
     assert len(build_plan(graph, get_backend("qnn")).entries("weight")) == 5
+
+
+def test_tensorrt_files_name_the_float_convs(tmp_path):
+    """qtool calibrate -b tensorrt on the 8-channel SE block: plan.json and the report give each
+    float Conv with its channels; the calibration cache and dynamic ranges hold no tensor that
+    only a float Conv reads (TensorRT would otherwise build those convs in int8 from the
+    cache)."""
+    import json
+
+    from click.testing import CliRunner
+    from qtool.cli import main
+
+    model = tmp_path / "se.onnx"
+    onnx.save(se_block_model(C), model)
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((16, 3, 16, 16)).astype(np.float32))
+    result = CliRunner().invoke(main, ["calibrate", str(model), "-b", "tensorrt", "--data",
+                                       str(tmp_path / "calib.npz"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    float_nodes = json.loads((out / "plan.json").read_text())["float_nodes"]
+    report = (out / "report.md").read_text()
+    for name, channels in (("se_reduce", "2 output / 8 input"), ("se_expand", "8 output / 2 input"),
+                           ("pw", "8 output / 8 input")):
+        assert f"Conv with {channels} channels" in float_nodes[name]
+        assert "no int8 kernel" in float_nodes[name]
+        assert f"| {name} | Conv with {channels} channels" in report
+    cached = {line.split(":")[0] for line in
+              (out / "calibration.cache").read_text().splitlines()[1:]}
+    assert cached == set(json.loads((out / "dynamic_range.json").read_text()))
+    assert {"x", "h0"} <= cached  # the stem's and the depthwise conv's inputs
+    assert not cached & {"pooled", "se_relu", "scaled"}  # read only by float convs

@@ -222,8 +222,9 @@ def test_one_node_model_analysis(tmp_path):
     onnx.save(_one_conv(), path)
     data = np.random.default_rng(4).standard_normal((6, 3, 8, 8)).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=data)
-    _, report = quantize_model(path, "tensorrt", CalibrateOptions(
-        data=tmp_path / "d.npz", eval_data=tmp_path / "d.npz", analysis="full"))
+    _, report = quantize_model(path, "tensorrt", CalibrateOptions(  # a 3-channel conv
+        data=tmp_path / "d.npz", eval_data=tmp_path / "d.npz", analysis="full",
+        backend_options={"int8_conv_rule": False}))
     errors = {t["tensor"]: t for t in report["analysis"]["tensors"]}
     assert set(errors) == {"x", "w"}
     # x's accumulated SQNR, from the formula: symmetric int8, scale = amax / 127
@@ -457,12 +458,14 @@ def test_oversized_constant_is_refused_at_load(tmp_path):
 
 
 def test_analysis_maps_onnxruntime_failures(tmp_path):
+    from qtool.backends import get_backend
+
     from qtool.analysis.tensors import tensor_errors
     from qtool.io import load
     from qtool.qdq import quantize
 
     graph = load(_one_conv(batch=1))
-    result = quantize(graph, "tensorrt", {"x": (-3.0, 3.0)})
+    result = quantize(graph, get_backend("tensorrt", int8_conv_rule=False), {"x": (-3.0, 3.0)})
     wrong = [{"x": np.zeros((1, 3, 9, 9), np.float32)}]
     with pytest.raises(DataError, match="on analysis batch 0"):
         tensor_errors(graph, result, wrong)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from qdq_helpers import TENSORRT_ALL_CONVS
 from qtool.calibration import calibrate, load_data
 from qtool.cli import main
 
@@ -117,9 +118,10 @@ pytest.importorskip("onnx2torch")
 @pytest.fixture(scope="module")
 def ptq(digits):
     graph, calib, _ = digits
-    plan = build_plan(graph, "tensorrt", weight_bits=4, act_bits=8)
+    # every conv (the 8-channel ones too: int8_conv_rule off) learns its rounding
+    plan = build_plan(graph, TENSORRT_ALL_CONVS, weight_bits=4, act_bits=8)
     ranges = calibrate(graph, plan.activation_schemes(), calib, progress=False)
-    return quantize(graph, "tensorrt", ranges, plan=plan), list(calib)
+    return quantize(graph, TENSORRT_ALL_CONVS, ranges, plan=plan), list(calib)
 
 
 def test_adaround_waves_put_parallel_branches_together(ptq):

@@ -112,6 +112,10 @@ def test_task_floors_breach_and_name_the_collapse():
         ("step_agreement", 0.55), ("cer_rise_pts", 5.0)]
     assert task_floor({"task": "detect", "output": "o", "drop": 10.0,
                        "metrics": {"map50": 0.9}})["below"] == []
+    # the YOLOv8 whose box decoding was quantized on tensorrt (issue 24): 82.8 % is a breach
+    assert [(b["metric"], b["value"]) for b in task_floor(
+        {"task": "detect", "output": "o", "drop": 17.2, "metrics": {"map50": 0.828}})[
+        "below"]] == [("map50", 0.828)]
     report = {"evaluation": {"outputs": [{"name": "lp", "sqnr_db": 13.4, "slices": []}],
                              "task": {"task": "classify", "output": "lp", "drop": 45.0,
                                       "metrics": {"top1_agreement": 0.55}}},

@@ -32,6 +32,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 import zoo
+from qdq_helpers import TENSORRT_ALL_CONVS
 from qtool.backends import MODULES, backend_names, get_backend
 from qtool.calibration import calibrate
 
@@ -235,7 +236,7 @@ def test_legacy_quirks_are_cleaned_and_subgraphs_left_untouched(opset):
     convs = [n for n in graph.nodes if n.op == "Conv"]
     assert convs[1].inputs[1] is convs[2].inputs[1]  # the shared weight stays one tensor
 
-    plan = build_plan(graph, "tensorrt")
+    plan = build_plan(graph, TENSORRT_ALL_CONVS)  # its convs have 8 channels
     # Regression: an If reads its outer tensors implicitly, so its output (and the Loop's
     # after it) was taken for a constant and the pooling/FC inputs were silently left float.
     assert {"loop_out", "flat"} <= set(plan.activation_schemes())
@@ -249,7 +250,7 @@ def test_legacy_quirks_are_cleaned_and_subgraphs_left_untouched(opset):
     assert "loop_acc_in" not in plan.tensors
 
     ranges = calibrate(graph, plan.activation_schemes(), zoo.samples("legacy", 4))
-    result = quantize(graph, "tensorrt", ranges, plan=plan)
+    result = quantize(graph, TENSORRT_ALL_CONVS, ranges, plan=plan)
     model = onnx.load_from_string(serialize(result.graph))
     by_name = {n.name: n for n in model.graph.node}
     before = {n.name: n for n in original.graph.node}

@@ -6,7 +6,9 @@ every run; the task is the one given with ``--task`` or recognised from the outp
 (:func:`qtool.analysis.tasks.recognize`). Default task floors (:data:`TASK_FLOORS`):
 
 * top-1 agreement with float >= 90 % (``classify``; per step for sequences, ``ctc``);
-* mAP@0.5 against the float model's detections >= 80 % (``detect``);
+* mAP@0.5 against the float model's detections >= 90 % (``detect``; 80 % let a YOLOv8 whose
+  box centres had lost half a grid cell pass at 82.8 %, where ModelOpt's file and qtool's
+  other backends reach 93-98 %: issue 24);
 * CER rise <= 2 points (``ctc``: against the labels, else the CER against float's decode).
 
 Each breach names the output and the first quantized tensor where the error collapses
@@ -29,7 +31,7 @@ from qtool.report.sqnr_floor import (
 
 #: Default task floors: fractions for agreement and mAP, points for the CER rise.
 TASK_FLOORS: dict[str, float] = {"top1_agreement": 0.90, "step_agreement": 0.90,
-                                 "map50": 0.80, "cer_rise_pts": 2.0}
+                                 "map50": 0.90, "cer_rise_pts": 2.0}
 
 _LABELS = {"top1_agreement": "top-1 agreement with float",
            "step_agreement": "per-step top-1 agreement with float",
