@@ -181,3 +181,23 @@ def test_residual_adds(expr, residual):
     nodes.append(gs.Node("Add", name="add", inputs=add_inputs, outputs=[out]))
     adds = ResidualAdds(lambda t: isinstance(t, gs.Variable))
     assert (adds.why_not_residual(nodes[-1]) is None) == residual
+
+
+def test_deep_residual_stream_has_no_recursion_limit():
+    """3,000 joins in a row (an 80-layer decoder's residual stream and norms are this deep):
+    the source walk is a loop, and the last Add is still judged by its two sources."""
+    x = gs.Variable("x", np.float32, (1, 4))
+    weight = gs.Constant("w", np.ones((4, 4), np.float32))
+    current, nodes = x, []
+    for i in range(3000):  # x + relu(x): both inputs from one tensor, so the join passes it on
+        relu, out = gs.Variable(f"r{i}", np.float32), gs.Variable(f"o{i}", np.float32)
+        nodes += [gs.Node("Relu", inputs=[current], outputs=[relu]),
+                  gs.Node("Add", inputs=[current, relu], outputs=[out])]
+        current = out
+    adds = ResidualAdds(lambda t: isinstance(t, gs.Variable))
+    assert adds.source(current) == "x"
+    assert adds.why_not_residual(nodes[-1]) is not None
+    matmul = gs.Variable("m", np.float32)
+    nodes.append(gs.Node("MatMul", inputs=[current, weight], outputs=[matmul]))
+    last = gs.Node("Add", inputs=[current, matmul], outputs=[gs.Variable("y", np.float32)])
+    assert adds.why_not_residual(last) is None
