@@ -312,7 +312,7 @@ def test_qnn_per_channel_weight_encodings_match_numpy():
         w = np.asarray(weights[enc["name"]], dtype=np.float64)
         amax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)  # Conv: axis 0, Gemm transB: 0
         assert enc["enc_type"] == "PER_CHANNEL" and enc["is_sym"] is True and enc["bw"] == 8
-        np.testing.assert_allclose(enc["scale"], np.maximum(amax, 0.005) / 127, rtol=1e-6)
+        np.testing.assert_allclose(enc["scale"], amax / 127, rtol=1e-6)
         assert enc["offset"] == [-128] * w.shape[0]
         # QNN reads unsigned levels q_u = q + 128 and computes (q_u + offset) * scale.
         levels = qdq_tensors[enc["name"] + "_quantized"].values.astype(np.float64) + 128
@@ -323,6 +323,42 @@ def test_qnn_per_channel_weight_encodings_match_numpy():
     snpe = _encodings(_digits("snpe")[1])
     assert {(e["enc_type"], e["is_sym"], len(e["scale"])) for e in snpe["param_encodings"]} == {
         ("PER_TENSOR", False, 1)}
+
+
+def test_qnn_weights_narrower_than_0_01_keep_their_range():
+    """A BatchNormalization with a huge running variance (PP-OCRv4 det's head: 1e7) folds
+    into weights of magnitude 1e-4. AIMET writes their per-channel encodings as they are
+    (``max|w_c| / 127``, no 0.01 floor: that is SNPE's rule for the ranges SNPE computes),
+    and the converter takes the overrides as given; widened to 0.01 they kept ~6 levels."""
+    rng = np.random.default_rng(5)
+    w = gs.Constant("w", rng.normal(size=(8, 4, 3, 3)).astype(np.float32))
+    var = rng.uniform(1e7, 4e7, 8).astype(np.float32)
+    bn = [gs.Constant(n, v) for n, v in (("gamma", np.ones(8, np.float32)),
+                                           ("beta", np.zeros(8, np.float32)),
+                                           ("mean", np.zeros(8, np.float32)), ("var", var))]
+    x, conv, y = (gs.Variable("x", np.float32, ("n", 4, 6, 6)), gs.Variable("conv", np.float32),
+                  gs.Variable("y", np.float32))
+    graph = gs.Graph(nodes=[gs.Node("Conv", "conv", inputs=[x, w], outputs=[conv]),
+                            gs.Node("BatchNormalization", "bn", inputs=[conv, *bn], outputs=[y])],
+                     inputs=[x], outputs=[y], opset=13)
+    from qtool.prepare import prepare
+
+    graph, _ = prepare(graph)
+    feed = rng.normal(size=(4, 4, 6, 6)).astype(np.float32)
+    plan = build_plan(graph, "qnn")
+    ranges = qtool.calibrate(graph, plan.activation_schemes(), [{"x": feed}], method="minmax")
+    result = quantize(graph, "qnn", ranges, plan=plan)
+    (enc,) = _encodings(result)["param_encodings"]
+    folded = w.values / np.sqrt(var + 1e-5)[:, None, None, None]  # BN folded by hand
+    amax = np.abs(folded.reshape(8, -1)).max(axis=1)
+    assert amax.max() < 0.005 / 4
+    np.testing.assert_allclose(enc["scale"], amax / 127, rtol=1e-5)
+    session = ort.InferenceSession(serialize(result.graph), providers=["CPUExecutionProvider"])
+    (quantized,) = session.run(None, {"x": feed})
+    reference = np.einsum("oikl,nikl->no", folded,  # 3x3 valid conv on 6x6, by sliding
+                          np.lib.stride_tricks.sliding_window_view(feed, (3, 3), axis=(2, 3))
+                          .transpose(0, 2, 3, 1, 4, 5).reshape(-1, 4, 3, 3)).reshape(4, 4, 4, 8)
+    assert sqnr_db(reference.transpose(0, 3, 1, 2), quantized) > 30
 
 
 def test_converter_plan_round_trips_and_keeps_the_output_when_skipping():
