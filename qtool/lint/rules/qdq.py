@@ -180,10 +180,13 @@ def shared_scale_mismatch(ctx: LintContext) -> Iterator[Finding]:
 
     Every backend requires it (a Concat cannot rescale its inputs in integer arithmetic);
     without ``--backend`` the finding is a warning, since onnxruntime itself runs the graph.
+    The converter backends (SNPE/QNN) requantize a Concat input that another node reads too
+    (AIMET ties only the inputs the Concat alone reads), so such an input may differ.
     """
     if ctx.graph is None:
         return
     severity = None if ctx.backend else "warning"
+    requantized = _converter_requantizes(ctx.backend)
     for node in ctx.graph.nodes:
         if node.op in _QDQ or not shares_scale(node.op, node.attrs, ctx.backend):
             continue
@@ -194,6 +197,8 @@ def shared_scale_mismatch(ctx: LintContext) -> Iterator[Finding]:
         data_inputs = node.inputs if node.op == "Concat" else node.inputs[:1]
         for tensor in data_inputs:
             producer = tensor.inputs[0] if tensor.inputs else None
+            if requantized and node.op == "Concat" and len(tensor.outputs) > 1:
+                continue
             if producer is not None and producer.op == "DequantizeLinear":
                 sides.append((tensor.name, quant_params(producer)))
         for tensor in node.outputs:
@@ -211,6 +216,15 @@ def shared_scale_mismatch(ctx: LintContext) -> Iterator[Finding]:
                 node=node.name,
                 severity=severity,
             )
+
+
+def _converter_requantizes(backend: str | None) -> bool:
+    """True for a backend with the converter placement (SNPE/QNN: every op output encoded)."""
+    if backend is None:
+        return False
+    from qtool.backends import get_backend
+
+    return get_backend(backend).placement.quantize_outputs
 
 
 @rule("QT105", "invalid-scale", "error", "A scale is zero, negative, NaN or Inf.")
