@@ -114,10 +114,10 @@ def judge(float_model, candidates: Sequence, batches: Iterable[Mapping[str, np.n
         Tally,
         Top1Counts,
         _ErrorSums,
-        _feeds,
         _input_specs,
         _is_classifier,
     )
+    from qtool.analysis.recorded import side_by_side_threads
     from qtool.calibration.batching import batch_rows
     from qtool.calibration.data import model_inputs
     from qtool.io import load_model
@@ -127,22 +127,24 @@ def judge(float_model, candidates: Sequence, batches: Iterable[Mapping[str, np.n
     input_specs = _input_specs(quant_protos[0])
     outputs = [o.name for o in quant_protos[0].graph.output]
     specs = model_inputs(quant_protos[0])
-    float_run = session(float_proto.SerializeToString())
-    runs = [session(p.SerializeToString()) for p in quant_protos]
+    # side by side, each with its share of the cores (qtool.analysis.recorded)
+    threads = side_by_side_threads(1 + len(quant_protos))
+    float_run = session(float_proto.SerializeToString(), threads)
+    runs = [session(p.SerializeToString(), threads) for p in quant_protos]
     del quant_protos
     errors = [{name: _ErrorSums() for name in outputs} for _ in candidates]
     classifiers: list[dict] = [{} for _ in candidates]
     sliced = [{name: SliceSums() for name in outputs} for _ in candidates]  # the report's
     metrics = [task.metric() if task is not None else None for _ in candidates]
     samples, labelled = 0, False
-    for index, batch in enumerate(batches):
-        feeds, labels = _feeds(batch, input_specs, index)
+    for feeds, labels, (float_run_values, *quant_runs) in _side_by_side(
+            [float_run, *runs], outputs, batches, input_specs):
         labelled = labelled or labels is not None
         rows = batch_rows(feeds, specs)
         samples += rows
-        float_values = dict(zip(outputs, float_run.run(outputs, feeds), strict=True))
-        for c, run in enumerate(runs):
-            quant_values = dict(zip(outputs, run.run(outputs, feeds), strict=True))
+        float_values = dict(zip(outputs, float_run_values, strict=True))
+        for c, quant_run in enumerate(quant_runs):
+            quant_values = dict(zip(outputs, quant_run, strict=True))
             for name in outputs:
                 x, q = float_values[name], quant_values[name]
                 errors[c][name].update(x, q)
@@ -170,6 +172,31 @@ def judge(float_model, candidates: Sequence, batches: Iterable[Mapping[str, np.n
             verdict.task_metrics = dict(verdict.evaluation.task.metrics)
         verdicts.append(verdict)
     return verdicts
+
+
+def _side_by_side(sessions: Sequence, outputs: list[str],
+                  batches: Iterable[Mapping[str, np.ndarray]], input_specs):
+    """``(feeds, labels, [each session's outputs])`` per batch, the sessions run side by side.
+
+    One thread per session (onnxruntime releases the GIL while it runs), and the next
+    batch's runs start before this batch's outputs are judged, so the judging (Python:
+    error sums, a detector's decoding) overlaps them. The outputs come in batch order, and
+    each session's bits do not depend on what runs beside it: the same verdicts as in turn.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qtool.analysis.evaluate import _feeds
+
+    with ThreadPoolExecutor(max(len(sessions), 1)) as pool:
+        pending = None
+        for index, batch in enumerate(batches):
+            feeds, labels = _feeds(batch, input_specs, index)
+            started = (feeds, labels, [pool.submit(s.run, outputs, feeds) for s in sessions])
+            if pending is not None:
+                yield pending[0], pending[1], [f.result() for f in pending[2]]
+            pending = started
+        if pending is not None:
+            yield pending[0], pending[1], [f.result() for f in pending[2]]
 
 
 def hurts(before: Verdict, after: Verdict, tolerance_db: float = 0.05) -> str | None:

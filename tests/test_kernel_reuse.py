@@ -41,9 +41,9 @@ def kernel_sessions(monkeypatch):
     opened: list[bool] = []
     real = kernels._session
 
-    def counted(model, optimize):
+    def counted(model, optimize, *threads):
         opened.append(optimize)
-        return real(model, optimize)
+        return real(model, optimize, *threads)
 
     monkeypatch.setattr(kernels, "_session", counted)
     return opened
