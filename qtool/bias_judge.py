@@ -117,9 +117,9 @@ def judge(float_model, candidates: Sequence, batches: Iterable[Mapping[str, np.n
         _input_specs,
         _is_classifier,
     )
-    from qtool.analysis.recorded import side_by_side_threads
     from qtool.calibration.batching import batch_rows
     from qtool.calibration.data import model_inputs
+    from qtool.cpu import side_by_side_threads
     from qtool.io import load_model
 
     float_proto = load_model(float_model)

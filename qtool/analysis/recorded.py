@@ -11,7 +11,7 @@ same feeds in the same kind of session gives the same bits, so a check that reus
 measures what it measured before.
 
 The intra-op thread count is part of "the same kind of session": the held-out check runs its
-sessions side by side with :func:`side_by_side_threads` each, and a model's runs are kept
+sessions side by side with :func:`qtool.cpu.side_by_side_threads` each, and a model's runs are kept
 only under one thread count (:meth:`RecordedRuns.threads_of`), which the kernel check then
 opens its own session with for rows the record lacks.
 """
@@ -29,21 +29,6 @@ from typing import Any
 import numpy as np
 
 _ACTIVE: ContextVar[RecordedRuns | None] = ContextVar("qtool_recorded_runs", default=None)
-
-
-def side_by_side_threads(sessions: int) -> int:
-    """The intra-op threads for each of ``sessions`` onnxruntime sessions run side by side.
-
-    The cores this process may use, shared out (at least 1 each). At batch 1 a second
-    intra-op thread gains a conv net almost nothing while two single-thread sessions side by
-    side take about 0.67x the time of running them in turn (the detector of issue #22); with
-    more cores than sessions, each session gets its share rather than one thread.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(sessions, 1))
 
 
 def model_key(model: Any) -> str:
@@ -230,4 +215,4 @@ def _rows(feeds: Mapping[str, np.ndarray]) -> int:
 
 
 __all__ = ["RecordedRuns", "RecordingSession", "feeds_key", "model_key", "recording",
-           "side_by_side_threads", "source_key"]
+           "source_key"]

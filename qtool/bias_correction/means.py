@@ -215,9 +215,9 @@ def unit_channel_sums(graph, names: list[str], batches, axes: Mapping[str, int]
     The float model runs optimized, as the calibration runs it.
     """
     from qtool.analysis.common import exposed, feeds_of, iterate_batches
-    from qtool.analysis.recorded import side_by_side_threads
     from qtool.calibration.batching import batch_rows
     from qtool.calibration.data import model_inputs
+    from qtool.cpu import side_by_side_threads
 
     proto = load_model(pruned(graph, names))
     initializers = {t.name for t in proto.graph.initializer}

@@ -145,7 +145,7 @@ def _run_segment(proto, segment, needed, keep, initializers, store: Store, pool)
     import onnx
 
     from qtool.analysis.common import session
-    from qtool.analysis.recorded import side_by_side_threads
+    from qtool.cpu import side_by_side_threads
 
     used = {name for n in segment for name in n.input}
     graph = onnx.helper.make_graph(
