@@ -67,7 +67,7 @@ from qtool.calibration.observers import NonFiniteError, Observer, get_observer
 
 from qtool import progress as qtool_progress
 from qtool import providers
-from qtool.cpu import side_by_side_threads
+from qtool.cpu import runs_at_once
 from qtool.errors import CalibrationError, DataError, InvalidModelError, QtoolError
 from qtool.io import release
 from qtool.masks import proto_mask_flow
@@ -78,7 +78,7 @@ log = logging.getLogger(__name__)
 
 #: Bytes of observed tensors one onnxruntime run may produce (``--memory-budget``).
 DEFAULT_MEMORY_BUDGET = 64 * 2**20
-#: Runs of the calibration session at once in one process (see :class:`Collector`).
+#: Runs of the calibration session at once in one process, at batches of one row.
 SIDE_BY_SIDE = 2
 # Graph optimizations of the calibration session. "all" (onnxruntime's default) adds layout
 # changes and fusions: fastest on CPU, ranges equal to the unoptimized graph's up to float32
@@ -579,13 +579,14 @@ def _calibrate(plan, data, specs, stream, observers, ctor, schemes, *, method, b
             )
     with _progress_bar(total, progress) as bar:
         if workers == 1:
-            # without threads given: two runs side by side, each with half the cores (at
-            # batch 1 a second intra-op thread gains a conv net little, a second run much)
-            side = SIDE_BY_SIDE if intra_op_threads is None else 1
+            # without threads given, batches of one row: two runs side by side, each with
+            # half the cores (at batch 1 a second intra-op thread gains a conv net little, a
+            # second run much)
+            side, threads = (runs_at_once(size, SIDE_BY_SIDE) if intra_op_threads is None
+                             else (1, intra_op_threads))
             collector = Collector(plan, observers, optimization=optimization,
-                                  intra_op_threads=intra_op_threads
-                                  or (side_by_side_threads(side) if side > 1 else None),
-                                  memory_budget=budget, side_by_side=side)
+                                  intra_op_threads=threads, memory_budget=budget,
+                                  side_by_side=side)
             del plan  # the collector drops the serialized model once its session exists
             collector.observe_constants()
             ran = 0

@@ -119,7 +119,7 @@ def judge(float_model, candidates: Sequence, batches: Iterable[Mapping[str, np.n
     )
     from qtool.calibration.batching import batch_rows
     from qtool.calibration.data import model_inputs
-    from qtool.cpu import side_by_side_threads
+    from qtool.cpu import runs_at_once
     from qtool.io import load_model
 
     float_proto = load_model(float_model)
@@ -127,18 +127,23 @@ def judge(float_model, candidates: Sequence, batches: Iterable[Mapping[str, np.n
     input_specs = _input_specs(quant_protos[0])
     outputs = [o.name for o in quant_protos[0].graph.output]
     specs = model_inputs(quant_protos[0])
-    # side by side, each with its share of the cores (qtool.analysis.recorded)
-    threads = side_by_side_threads(1 + len(quant_protos))
-    float_run = session(float_proto.SerializeToString(), threads)
-    runs = [session(p.SerializeToString(), threads) for p in quant_protos]
-    del quant_protos
+    models = [float_proto.SerializeToString(), *(p.SerializeToString() for p in quant_protos)]
+    del float_proto, quant_protos
+
+    def opened(rows: int):
+        # batches of one row: the sessions side by side, each with its share of the cores
+        at_once, threads = runs_at_once(rows, len(models))
+        sessions = [session(model, threads) for model in models]
+        models.clear()
+        return at_once, sessions
+
     errors = [{name: _ErrorSums() for name in outputs} for _ in candidates]
     classifiers: list[dict] = [{} for _ in candidates]
     sliced = [{name: SliceSums() for name in outputs} for _ in candidates]  # the report's
     metrics = [task.metric() if task is not None else None for _ in candidates]
     samples, labelled = 0, False
     for feeds, labels, (float_run_values, *quant_runs) in _side_by_side(
-            [float_run, *runs], outputs, batches, input_specs):
+            opened, outputs, batches, input_specs, specs):
         labelled = labelled or labels is not None
         rows = batch_rows(feeds, specs)
         samples += rows
@@ -174,29 +179,38 @@ def judge(float_model, candidates: Sequence, batches: Iterable[Mapping[str, np.n
     return verdicts
 
 
-def _side_by_side(sessions: Sequence, outputs: list[str],
-                  batches: Iterable[Mapping[str, np.ndarray]], input_specs):
+def _side_by_side(opened, outputs: list[str], batches: Iterable[Mapping[str, np.ndarray]],
+                  input_specs, specs):
     """``(feeds, labels, [each session's outputs])`` per batch, the sessions run side by side.
 
-    One thread per session (onnxruntime releases the GIL while it runs), and the next
-    batch's runs start before this batch's outputs are judged, so the judging (Python:
-    error sums, a detector's decoding) overlaps them. The outputs come in batch order, and
-    each session's bits do not depend on what runs beside it: the same verdicts as in turn.
+    ``opened(rows)``: ``(runs at once, the sessions)`` for batches of ``rows`` rows (opened
+    at the first batch). The runs go to that many threads (onnxruntime releases the GIL
+    while it runs), and the next batch's runs start before this batch's outputs are judged,
+    so the judging (Python: error sums, a detector's decoding) overlaps them. The outputs
+    come in batch order, and a session's bits do not depend on what runs beside it: the
+    same verdicts as one run after the other.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     from qtool.analysis.evaluate import _feeds
+    from qtool.calibration.batching import batch_rows
 
-    with ThreadPoolExecutor(max(len(sessions), 1)) as pool:
-        pending = None
+    pool = sessions = pending = None
+    try:
         for index, batch in enumerate(batches):
             feeds, labels = _feeds(batch, input_specs, index)
+            if sessions is None:
+                at_once, sessions = opened(batch_rows(feeds, specs))
+                pool = ThreadPoolExecutor(at_once)
             started = (feeds, labels, [pool.submit(s.run, outputs, feeds) for s in sessions])
             if pending is not None:
                 yield pending[0], pending[1], [f.result() for f in pending[2]]
             pending = started
         if pending is not None:
             yield pending[0], pending[1], [f.result() for f in pending[2]]
+    finally:
+        if pool is not None:
+            pool.shutdown()
 
 
 def hurts(before: Verdict, after: Verdict, tolerance_db: float = 0.05) -> str | None:

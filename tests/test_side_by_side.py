@@ -20,7 +20,7 @@ import qtool.bias_correction.one_pass as one_pass
 from qtool.analysis.evaluate import evaluate
 from qtool.bias_correction import correct_biases
 from qtool.bias_judge import judge
-from qtool.cpu import side_by_side_threads
+from qtool.cpu import runs_at_once, side_by_side_threads
 from qtool.io import serialize
 from qtool.planner import build_plan
 from qtool.qdq import quantize
@@ -47,6 +47,9 @@ def digits():
 def test_side_by_side_threads_share_the_cores(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert [side_by_side_threads(n) for n in (1, 2, 3, 20)] == [16, 8, 5, 1]
+    # one row a run: side by side; more rows: one at a time, onnxruntime's default threads
+    assert runs_at_once(1, 3) == (3, 5) and runs_at_once(8, 3) == (1, None)
+    assert runs_at_once(1, 1) == (1, None)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
     assert side_by_side_threads(3) == 1
 
@@ -65,16 +68,22 @@ def test_calibration_side_by_side_gives_the_ranges_of_one_run_at_a_time(
         return real(self, feeds, slot)
 
     monkeypatch.setattr(collector.Collector, "_outputs", spy)
-    # a small budget: micro-batches after the first (measuring) run, as on big models
-    one_at_a_time = calibrate(graph, schemes, samples, method=method, batch_size=8,
-                              intra_op_threads=1, memory_budget=256 * 1024)
+    one_at_a_time = calibrate(graph, schemes, samples, method=method, batch_size=1,
+                              intra_op_threads=1)
     assert set(slots) == {0}
     slots.clear()
-    side_by_side = calibrate(graph, schemes, samples, method=method, batch_size=8,
-                             memory_budget=256 * 1024)
+    side_by_side = calibrate(graph, schemes, samples, method=method, batch_size=1)
     assert set(slots) == {0, 1}  # both slots' buffers were used
     assert one_at_a_time.keys() == side_by_side.keys()
     for name, (lo, hi) in one_at_a_time.items():
+        assert np.array_equal(lo, side_by_side[name][0]), name
+        assert np.array_equal(hi, side_by_side[name][1]), name
+    slots.clear()
+    # batches of 8 rows: one run at a time (micro-batches under a small budget), same ranges
+    batched = calibrate(graph, schemes, samples, method=method, batch_size=8,
+                        memory_budget=256 * 1024)
+    assert set(slots) == {0}
+    for name, (lo, hi) in batched.items():
         assert np.array_equal(lo, side_by_side[name][0]), name
         assert np.array_equal(hi, side_by_side[name][1]), name
 
@@ -89,7 +98,7 @@ def test_an_overflow_beside_another_run_names_its_sample(digits):
 
 def test_the_correction_side_by_side_writes_the_same_model(digits, monkeypatch):
     graph, plan = digits
-    samples = _batches(CALIB, 64, 4)
+    samples = _batches(CALIB, 64, 1)  # rows of one: the runs go side by side
     ranges = calibrate(graph, plan.activation_schemes(), samples)
     results = []
     for side in (1, 2):
@@ -99,7 +108,7 @@ def test_the_correction_side_by_side_writes_the_same_model(digits, monkeypatch):
                                         lambda: iter(samples), memory_budget=64 * 1024)
         results.append((serialize(result.graph), report.layers, report.noise))
     assert results[0] == results[1]
-    assert len(results[0][1]) == 7  # every layer corrected (segments of 16 batches)
+    assert len(results[0][1]) == 7  # every layer corrected
 
 
 def test_the_check_side_by_side_equals_each_candidate_evaluated_alone(digits):
@@ -108,7 +117,7 @@ def test_the_check_side_by_side_equals_each_candidate_evaluated_alone(digits):
     ranges = calibrate(graph, plan.activation_schemes(), samples)
     plain = quantize(graph, "tensorrt", ranges, plan=plan)
     corrected, _ = correct_biases(graph, "tensorrt", ranges, plan, lambda: iter(samples))
-    held_out = _batches(VAL, 40, 4)
+    held_out = _batches(VAL, 40, 1)  # rows of one: the three sessions side by side
     verdicts = judge(graph, [plain.graph, corrected.graph], iter(held_out))
     for verdict, candidate in zip(verdicts, (plain, corrected), strict=True):
         alone = evaluate(graph, candidate.graph, iter(held_out))

@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 
 from qtool.io import load, load_model, serialize
 
-#: Batches of the float pass run at once (as :data:`.one_pass.SIDE_BY_SIDE`).
+#: Batches of one row the float pass runs at once (as :data:`.one_pass.SIDE_BY_SIDE`).
 SIDE_BY_SIDE = 2
 
 
@@ -217,30 +217,37 @@ def unit_channel_sums(graph, names: list[str], batches, axes: Mapping[str, int]
     from qtool.analysis.common import exposed, feeds_of, iterate_batches
     from qtool.calibration.batching import batch_rows
     from qtool.calibration.data import model_inputs
-    from qtool.cpu import side_by_side_threads
+    from qtool.cpu import runs_at_once
 
     proto = load_model(pruned(graph, names))
     initializers = {t.name for t in proto.graph.initializer}
     inputs = [i.name for i in proto.graph.input if i.name not in initializers]
     specs = model_inputs(proto)
-    # two batches side by side, each run with half the cores (as the correction's segments)
-    run = float_session(exposed(proto, names), side_by_side_threads(SIDE_BY_SIDE))
+    model = exposed(proto, names)
+    del proto
     sums = {name: UnitSums() for name in names}
     rows_of: list[int] = []
     pending: deque = deque()
+    run = pool = None
 
     def add_oldest() -> None:
         rows, future = pending.popleft()
         for name, value in zip(names, future.result(), strict=True):
             sums[name].add(value, axes[name], rows)  # in batch order
 
-    with ThreadPoolExecutor(SIDE_BY_SIDE) as pool:
+    try:
         for index, batch in enumerate(iterate_batches(batches)):
             feeds = feeds_of(batch, inputs, index)
             rows_of.append(batch_rows(feeds, specs))
+            if run is None:  # batches of one row: side by side (as the segments)
+                side, threads = runs_at_once(rows_of[0], SIDE_BY_SIDE)
+                run, pool = float_session(model, threads), ThreadPoolExecutor(side)
             pending.append((rows_of[-1], pool.submit(run.run, names, feeds)))
-            if len(pending) >= SIDE_BY_SIDE:
+            if len(pending) >= side:
                 add_oldest()
         while pending:
             add_oldest()
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return sums, rows_of
