@@ -122,13 +122,14 @@ def judge(float_model, candidates: Sequence, batches: Iterable[Mapping[str, np.n
     from qtool.cpu import runs_at_once
     from qtool.io import load_model
 
-    float_proto = load_model(float_model)
+    float_bytes = (float_model if isinstance(float_model, bytes)  # not parsed to be written
+                   else load_model(float_model).SerializeToString())
     quant_protos = [load_model(c) for c in candidates]
     input_specs = _input_specs(quant_protos[0])
     outputs = [o.name for o in quant_protos[0].graph.output]
     specs = model_inputs(quant_protos[0])
-    models = [float_proto.SerializeToString(), *(p.SerializeToString() for p in quant_protos)]
-    del float_proto, quant_protos
+    models = [float_bytes, *(p.SerializeToString() for p in quant_protos)]
+    del float_bytes, quant_protos
 
     def opened(rows: int):
         # batches of one row: the sessions side by side, each with its share of the cores
