@@ -24,6 +24,10 @@ not on axis 0 (recurrent state, scalars), runs its batches whole.
 
 After the first batch of a given input shape, the session writes the observed tensors into
 output buffers bound once (onnxruntime IO binding) instead of allocating them per run.
+Batches of one row (a model with a fixed batch of 1) run two at a time in one process, each
+run with half the cores and its own bound buffers, and are observed in data order: at
+batch 1 a second intra-op thread gains a conv net little, a second run beside it much
+(issue #22; :func:`qtool.cpu.runs_at_once`).
 Observed tensors that are graph inputs are read from the feeds, initializers once from the
 model; tensors inside If/Loop/Scan bodies leave them as extra outputs of their node
 (:func:`qtool.io.expose_outputs`). NaN, or Inf in a tensor no mask constant reaches
