@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from qdq_helpers import TENSORRT_ALL_CONVS
 from qtool.calibration import calibrate, collector
 
 import qtool
@@ -40,7 +41,7 @@ def _batches(path: str, rows: int, size: int) -> list[dict[str, np.ndarray]]:
 @pytest.fixture(scope="module")
 def digits():
     graph, _ = prepare(qtool.load(MODEL))
-    plan = build_plan(graph, "tensorrt")
+    plan = build_plan(graph, TENSORRT_ALL_CONVS)  # every conv int8, so every one corrected
     return graph, plan
 
 
@@ -104,7 +105,7 @@ def test_the_correction_side_by_side_writes_the_same_model(digits, monkeypatch):
     for side in (1, 2):
         monkeypatch.setattr(one_pass, "SIDE_BY_SIDE", side)
         monkeypatch.setattr(means, "SIDE_BY_SIDE", side)
-        result, report = correct_biases(graph, "tensorrt", ranges, plan,
+        result, report = correct_biases(graph, TENSORRT_ALL_CONVS, ranges, plan,
                                         lambda: iter(samples), memory_budget=64 * 1024)
         results.append((serialize(result.graph), report.layers, report.noise))
     assert results[0] == results[1]
@@ -115,8 +116,8 @@ def test_the_check_side_by_side_equals_each_candidate_evaluated_alone(digits):
     graph, plan = digits
     samples = _batches(CALIB, 64, 16)
     ranges = calibrate(graph, plan.activation_schemes(), samples)
-    plain = quantize(graph, "tensorrt", ranges, plan=plan)
-    corrected, _ = correct_biases(graph, "tensorrt", ranges, plan, lambda: iter(samples))
+    plain = quantize(graph, TENSORRT_ALL_CONVS, ranges, plan=plan)
+    corrected, _ = correct_biases(graph, TENSORRT_ALL_CONVS, ranges, plan, lambda: iter(samples))
     held_out = _batches(VAL, 40, 1)  # rows of one: the three sessions side by side
     verdicts = judge(graph, [plain.graph, corrected.graph], iter(held_out))
     for verdict, candidate in zip(verdicts, (plain, corrected), strict=True):
