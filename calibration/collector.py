@@ -24,6 +24,10 @@ not on axis 0 (recurrent state, scalars), runs its batches whole.
 
 After the first batch of a given input shape, the session writes the observed tensors into
 output buffers bound once (onnxruntime IO binding) instead of allocating them per run.
+Batches of one row (a model with a fixed batch of 1) run two at a time in one process, each
+run with half the cores and its own bound buffers, and are observed in data order: at
+batch 1 a second intra-op thread gains a conv net little, a second run beside it much
+(issue #22; :func:`qtool.cpu.runs_at_once`).
 Observed tensors that are graph inputs are read from the feeds, initializers once from the
 model; tensors inside If/Loop/Scan bodies leave them as extra outputs of their node
 (:func:`qtool.io.expose_outputs`). NaN, or Inf in a tensor no mask constant reaches
@@ -38,6 +42,7 @@ instead (see :func:`calibrate`).
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import multiprocessing
@@ -66,6 +71,7 @@ from qtool.calibration.observers import NonFiniteError, Observer, get_observer
 
 from qtool import progress as qtool_progress
 from qtool import providers
+from qtool.cpu import runs_at_once
 from qtool.errors import CalibrationError, DataError, InvalidModelError, QtoolError
 from qtool.io import release
 from qtool.masks import proto_mask_flow
@@ -76,6 +82,8 @@ log = logging.getLogger(__name__)
 
 #: Bytes of observed tensors one onnxruntime run may produce (``--memory-budget``).
 DEFAULT_MEMORY_BUDGET = 64 * 2**20
+#: Runs of the calibration session at once in one process, at batches of one row.
+SIDE_BY_SIDE = 2
 # Graph optimizations of the calibration session. "all" (onnxruntime's default) adds layout
 # changes and fusions: fastest on CPU, ranges equal to the unoptimized graph's up to float32
 # rounding. "disable" runs every node as written, exactly as the QDQ model is judged.
@@ -314,18 +322,26 @@ class Collector:
         optimization: Session graph optimization level (see :data:`OPTIMIZATION_LEVELS`).
         memory_budget: Bytes of observed tensors per session run; larger batches run as
             micro-batches (None: whole batches; see the module docstring).
+        side_by_side: Runs of the session at once (threads; onnxruntime releases the GIL):
+            the observers take each run's tensors in data order, the run after it already
+            under way. Each run has its own bound output buffers. Call :meth:`finish` after
+            the last batch.
     """
 
     def __init__(self, plan: ObservePlan, observers: Mapping[str, Observer], *,
                  intra_op_threads: int | None = None, optimization: str | None = None,
-                 memory_budget: int | None = None):
+                 memory_budget: int | None = None, side_by_side: int = 1):
         self.plan = plan
         self.observers = dict(observers)
         self.intra_op_threads = intra_op_threads
         self.optimization = optimization or DEFAULT_OPTIMIZATION
         self.budget = RowBudget(memory_budget)
+        self.side_by_side = max(1, side_by_side)
         self._session = None
-        self._bound = None
+        self._bound: list = [None] * self.side_by_side  # per slot of runs side by side
+        self._slot = 0
+        self._pending: collections.deque = collections.deque()
+        self._pool = None
 
     def observe_constants(self) -> None:
         """Feed initializers that are observed (once, they do not change with the data)."""
@@ -343,7 +359,54 @@ class Collector:
             self.plan = replace(self.plan, model_bytes=b"")
             trim_heap()  # onnxruntime's parse of the model is freed too
         for part in self._parts(batch):
-            self._run_part(part)
+            if (self.side_by_side == 1 or not self.plan.outputs
+                    or self.budget.row_bytes is None):  # the first run sizes the micro-batches
+                self._drain()
+                self._run_part(part)
+            else:
+                self._submit(part)
+
+    def finish(self, observe: bool = True) -> None:
+        """Observe the runs still under way (runs side by side); the threads end.
+
+        ``observe`` False (after an error): the runs are waited for and dropped.
+        """
+        try:
+            if observe:
+                self._drain()
+        finally:
+            self._pending.clear()
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
+
+    def _submit(self, batch: Batch) -> None:
+        """Start ``batch``'s run beside the ones under way; observe the oldest when full.
+
+        A slot's buffers are written again only after the run that last filled them was
+        observed (the oldest of ``side_by_side`` runs is observed before the next starts).
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.side_by_side)
+        slot, self._slot = self._slot, (self._slot + 1) % self.side_by_side
+        self._pending.append((batch, self._pool.submit(self._outputs, batch.feeds, slot)))
+        if len(self._pending) >= self.side_by_side:
+            self._observe_oldest()
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._observe_oldest()
+
+    def _observe_oldest(self) -> None:
+        batch, future = self._pending.popleft()
+        try:
+            values = future.result()
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise run_error(exc, f"on the samples {batch.first}.."
+                                 f"{batch.first + batch.rows - 1}") from exc
+        self._observe(batch, values)
 
     def _parts(self, batch: Batch) -> Iterator[Batch]:
         """The batch as micro-batches whose observed tensors fit the memory budget."""
@@ -354,19 +417,24 @@ class Collector:
             yield batch if stop - start == batch.rows else _rows(batch, start, stop)
 
     def _run_part(self, batch: Batch) -> None:
+        values = []
         if self.plan.outputs:
             try:
                 values = self._outputs(batch.feeds)
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise run_error(exc, f"on the samples {batch.first}.."
                                      f"{batch.first + batch.rows - 1}") from exc
+        self._observe(batch, values)
+
+    def _observe(self, batch: Batch, values: list[np.ndarray]) -> None:
+        if self.plan.outputs:
             self.budget.measure(values, batch.rows)
             for name, value in zip(self.plan.outputs, values, strict=True):
                 self._feed(self.plan.aliases.get(name, name), value, batch)
         for name in self.plan.feeds:
             self._feed(name, batch.feeds[name], batch)
 
-    def _outputs(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def _outputs(self, feeds: dict[str, np.ndarray], slot: int = 0) -> list[np.ndarray]:
         """The observed tensors of one batch.
 
         The first batch of each input shape runs plainly; the next ones write into output
@@ -375,23 +443,24 @@ class Collector:
         the memory held is one batch of outputs whatever the number of samples.
         """
         signature = tuple((name, array.shape) for name, array in feeds.items())
-        if self._bound is not None and self._bound[0] == signature:
-            binding, buffers = self._bound[1], self._bound[2]
+        bound = self._bound[slot]
+        if bound is not None and bound[0] == signature:
+            binding, buffers = bound[1], bound[2]
             for name, array in feeds.items():
                 binding.bind_cpu_input(name, array)
             try:
                 self._session.run_with_iobinding(binding)
                 return buffers
             except Exception:  # output shapes that depend on values: run plainly from now on
-                self._bound = None
-        self._bound = None  # free the bound buffers before the plain run allocates its own
+                self._bound[slot] = None
+        self._bound[slot] = bound = None  # free the bound buffers before the plain run
         values = self._session.run(list(self.plan.outputs), feeds)
         if all(isinstance(v, np.ndarray) and v.dtype.kind in "fiub" for v in values):
             binding = self._session.io_binding()
             for name, value in zip(self.plan.outputs, values, strict=True):
                 binding.bind_output(name, "cpu", 0, value.dtype, value.shape,
                                     value.ctypes.data)
-            self._bound = (signature, binding, values)
+            self._bound[slot] = (signature, binding, values)
         return values
 
     def _feed(self, name: str, value: np.ndarray, batch: Batch | None) -> None:
@@ -514,22 +583,33 @@ def _calibrate(plan, data, specs, stream, observers, ctor, schemes, *, method, b
             )
     with _progress_bar(total, progress) as bar:
         if workers == 1:
-            collector = Collector(plan, observers, intra_op_threads=intra_op_threads,
-                                  optimization=optimization, memory_budget=budget)
+            # without threads given, batches of one row: two runs side by side, each with
+            # half the cores (at batch 1 a second intra-op thread gains a conv net little, a
+            # second run much)
+            side, threads = (runs_at_once(size, SIDE_BY_SIDE) if intra_op_threads is None
+                             else (1, intra_op_threads))
+            collector = Collector(plan, observers, optimization=optimization,
+                                  intra_op_threads=threads, memory_budget=budget,
+                                  side_by_side=side)
             del plan  # the collector drops the serialized model once its session exists
             collector.observe_constants()
             ran = 0
-            for batch in stream:
-                try:
-                    collector.run(batch)
-                except DataError as exc:
-                    if ran:
-                        raise
-                    # the first batch fails: a [T, F] model fed rows of its T axis?
-                    raise DataError(exc.message,
-                                    exc.hint + no_batch_axis_hint(specs)) from exc
-                ran += batch.rows
-                bar.update(batch.rows)
+            try:
+                for batch in stream:
+                    try:
+                        collector.run(batch)
+                    except DataError as exc:
+                        if ran:
+                            raise
+                        # the first batch fails: a [T, F] model fed rows of its T axis?
+                        raise DataError(exc.message,
+                                        exc.hint + no_batch_axis_hint(specs)) from exc
+                    ran += batch.rows
+                    bar.update(batch.rows)
+            except BaseException:
+                collector.finish(observe=False)
+                raise
+            collector.finish()
             if not ran and fixed:
                 raise DataError(
                     f"no calibration batch ran: the model fixes the batch dim to {size} and "

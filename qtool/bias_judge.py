@@ -114,35 +114,43 @@ def judge(float_model, candidates: Sequence, batches: Iterable[Mapping[str, np.n
         Tally,
         Top1Counts,
         _ErrorSums,
-        _feeds,
         _input_specs,
         _is_classifier,
     )
     from qtool.calibration.batching import batch_rows
     from qtool.calibration.data import model_inputs
+    from qtool.cpu import runs_at_once
     from qtool.io import load_model
 
-    float_proto = load_model(float_model)
+    float_bytes = (float_model if isinstance(float_model, bytes)  # not parsed to be written
+                   else load_model(float_model).SerializeToString())
     quant_protos = [load_model(c) for c in candidates]
     input_specs = _input_specs(quant_protos[0])
     outputs = [o.name for o in quant_protos[0].graph.output]
     specs = model_inputs(quant_protos[0])
-    float_run = session(float_proto.SerializeToString())
-    runs = [session(p.SerializeToString()) for p in quant_protos]
-    del quant_protos
+    models = [float_bytes, *(p.SerializeToString() for p in quant_protos)]
+    del float_bytes, quant_protos
+
+    def opened(rows: int):
+        # batches of one row: the sessions side by side, each with its share of the cores
+        at_once, threads = runs_at_once(rows, len(models))
+        sessions = [session(model, threads) for model in models]
+        models.clear()
+        return at_once, sessions
+
     errors = [{name: _ErrorSums() for name in outputs} for _ in candidates]
     classifiers: list[dict] = [{} for _ in candidates]
     sliced = [{name: SliceSums() for name in outputs} for _ in candidates]  # the report's
     metrics = [task.metric() if task is not None else None for _ in candidates]
     samples, labelled = 0, False
-    for index, batch in enumerate(batches):
-        feeds, labels = _feeds(batch, input_specs, index)
+    for feeds, labels, (float_run_values, *quant_runs) in _side_by_side(
+            opened, outputs, batches, input_specs, specs):
         labelled = labelled or labels is not None
         rows = batch_rows(feeds, specs)
         samples += rows
-        float_values = dict(zip(outputs, float_run.run(outputs, feeds), strict=True))
-        for c, run in enumerate(runs):
-            quant_values = dict(zip(outputs, run.run(outputs, feeds), strict=True))
+        float_values = dict(zip(outputs, float_run_values, strict=True))
+        for c, quant_run in enumerate(quant_runs):
+            quant_values = dict(zip(outputs, quant_run, strict=True))
             for name in outputs:
                 x, q = float_values[name], quant_values[name]
                 errors[c][name].update(x, q)
@@ -170,6 +178,40 @@ def judge(float_model, candidates: Sequence, batches: Iterable[Mapping[str, np.n
             verdict.task_metrics = dict(verdict.evaluation.task.metrics)
         verdicts.append(verdict)
     return verdicts
+
+
+def _side_by_side(opened, outputs: list[str], batches: Iterable[Mapping[str, np.ndarray]],
+                  input_specs, specs):
+    """``(feeds, labels, [each session's outputs])`` per batch, the sessions run side by side.
+
+    ``opened(rows)``: ``(runs at once, the sessions)`` for batches of ``rows`` rows (opened
+    at the first batch). The runs go to that many threads (onnxruntime releases the GIL
+    while it runs), and the next batch's runs start before this batch's outputs are judged,
+    so the judging (Python: error sums, a detector's decoding) overlaps them. The outputs
+    come in batch order, and a session's bits do not depend on what runs beside it: the
+    same verdicts as one run after the other.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qtool.analysis.evaluate import _feeds
+    from qtool.calibration.batching import batch_rows
+
+    pool = sessions = pending = None
+    try:
+        for index, batch in enumerate(batches):
+            feeds, labels = _feeds(batch, input_specs, index)
+            if sessions is None:
+                at_once, sessions = opened(batch_rows(feeds, specs))
+                pool = ThreadPoolExecutor(at_once)
+            started = (feeds, labels, [pool.submit(s.run, outputs, feeds) for s in sessions])
+            if pending is not None:
+                yield pending[0], pending[1], [f.result() for f in pending[2]]
+            pending = started
+        if pending is not None:
+            yield pending[0], pending[1], [f.result() for f in pending[2]]
+    finally:
+        if pool is not None:
+            pool.shutdown()
 
 
 def hurts(before: Verdict, after: Verdict, tolerance_db: float = 0.05) -> str | None:

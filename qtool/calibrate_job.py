@@ -77,14 +77,19 @@ class Job:
     evaluation: Any = None
     report: dict[str, Any] = field(default_factory=dict)
     recorded: Any = None  # the held-out runs' outputs, for the kernel check to reuse
+    float_bytes: bytes | None = None  # the float reference, serialized once
 
     def float_model(self):
-        """The float reference of every comparison.
+        """The float reference of every comparison, as bytes (loaded and checked once).
 
         Over 2 GB, the file itself: onnxruntime reads its external data, and the weights
         are not loaded into Python a second time.
         """
-        return str(self.model) if is_large(self.loaded) else load(self.model)
+        if is_large(self.loaded):
+            return str(self.model)
+        if self.float_bytes is None:  # the check, the evaluation and the kernel check
+            self.float_bytes = serialize(load(self.model))
+        return self.float_bytes
 
     def held_out(self):
         """Fresh batches of the judging data, with labels where it has them."""

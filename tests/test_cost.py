@@ -253,9 +253,9 @@ def test_memory_budget_runs_micro_batches_with_the_same_ranges(monkeypatch):
     rows_per_run = []
     real = collector.Collector._outputs
 
-    def spy(self, feeds):
+    def spy(self, feeds, *slot):
         rows_per_run.append(next(iter(feeds.values())).shape[0])
-        return real(self, feeds)
+        return real(self, feeds, *slot)
 
     monkeypatch.setattr(collector.Collector, "_outputs", spy)
     for method in ("minmax", "kld"):

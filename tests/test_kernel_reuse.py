@@ -41,20 +41,23 @@ def kernel_sessions(monkeypatch):
     opened: list[bool] = []
     real = kernels._session
 
-    def counted(model, optimize):
+    def counted(model, optimize, *threads):
         opened.append(optimize)
-        return real(model, optimize)
+        return real(model, optimize, *threads)
 
     monkeypatch.setattr(kernels, "_session", counted)
     return opened
 
 
-@pytest.mark.parametrize("flags", [{}, {"bias_correction": "off"}])
+@pytest.mark.parametrize("flags", [{}, {"bias_correction": "off"}, {"batch_size": 1}])
 def test_kernel_check_reuses_the_held_out_runs(flags, kernel_sessions):
     """Default job (the correction's check ran the rows) and without the correction (the
-    evaluate phase ran them): only the integer kernels' session opens, same numbers."""
+    evaluate phase ran them): only the integer kernels' session opens, same numbers. At
+    batches of one row the check's sessions ran side by side with fewer threads each: the
+    runs are kept under that thread count, and reused."""
+    flags = {"batch_size": 16, **flags}
     options = CalibrateOptions(data=str(EXAMPLES / "digits_calib.npz"), num_samples=64,
-                               eval_data=str(VAL), batch_size=16, **flags)
+                               eval_data=str(VAL), **flags)
     files, report = quantize_model(DIGITS, "tensorrt", options)
     assert kernel_sessions == [True]  # the float model and the simulation were reused
     rules = get_backend("tensorrt")

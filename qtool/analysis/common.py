@@ -95,8 +95,8 @@ def session(model_bytes: bytes | str, intra_op_threads: int | None = None,
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
     opened = open_session(model_bytes, options, "analyse it")
-    # the kernel check reuses runs with onnxruntime's default threads (the same bits)
-    return opened if intra_op_threads else recording(opened, model_bytes, key)
+    # the kernel check reuses the runs, rerunning missing rows with the same thread count
+    return recording(opened, model_bytes, key, intra_op_threads or None)
 
 
 def run(session, fetch: Sequence[str], feeds: Mapping[str, np.ndarray], where: str) -> list:

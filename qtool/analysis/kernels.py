@@ -420,6 +420,8 @@ class _Runs:
         self.recorded = recorded
         self.session = None
         self.key = model_key(model) if recorded is not None else None
+        # the record's runs of this model ran with these threads: missing rows alike
+        self.threads = recorded.threads_of(self.key) if recorded is not None else None
         self.outputs: list[str] | None = None
 
     def input_names(self) -> set[str]:
@@ -438,7 +440,7 @@ class _Runs:
             if kept is not None:
                 return kept
         if self.session is None:
-            self.session = _session(self.model, False)
+            self.session = _session(self.model, False, self.threads)
         return self.session.run(None, feeds)
 
 
@@ -459,7 +461,11 @@ def _graph_names(model: Any) -> tuple[list[str], set[str]]:
             {i.name for i in graph.input if i.name not in weights})
 
 
-def _session(model: Any, optimize: bool):
+def _session(model: Any, optimize: bool, threads: int | None = None):
+    """A CPU session: optimized (the integer kernels) or not (the simulation, float).
+
+    ``threads``: its intra-op threads (None: onnxruntime's default).
+    """
     import onnxruntime as ort
 
     from qtool.io import release, session_source
@@ -470,6 +476,8 @@ def _session(model: Any, optimize: bool):
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
     data = (model if isinstance(model, bytes) else str(model)
             if isinstance(model, str | os.PathLike) else session_source(model))
     try:

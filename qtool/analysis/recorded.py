@@ -9,6 +9,11 @@ bytes (:func:`model_key`) and the feeds' bytes, up to ``max_rows`` rows per mode
 ``budget`` bytes in all; :meth:`RecordedRuns.outputs` gives them back. The same model on the
 same feeds in the same kind of session gives the same bits, so a check that reuses them
 measures what it measured before.
+
+The intra-op thread count is part of "the same kind of session": the held-out check runs its
+sessions side by side with :func:`qtool.cpu.side_by_side_threads` each, and a model's runs are kept
+only under one thread count (:meth:`RecordedRuns.threads_of`), which the kernel check then
+opens its own session with for rows the record lacks.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
@@ -68,6 +74,8 @@ class RecordedRuns:
         self._outputs: dict[tuple[str, str], dict[str, np.ndarray]] = {}
         self._rows: dict[str, int] = {}
         self._models: dict[str, Any] = {}  # the objects behind "object:" keys, kept alive
+        self._threads: dict[str, int | None] = {}  # each model's runs: one thread count
+        self._lock = threading.Lock()  # sessions run side by side add from their threads
         # the last feeds' digest: one batch runs in several sessions (float, candidates)
         self._last: tuple[list, str] | None = None
 
@@ -85,9 +93,24 @@ class RecordedRuns:
         if key.startswith("object:"):
             self._models[key] = model
 
+    def threads_of(self, key: str) -> int | None:
+        """The intra-op threads the kept runs of model ``key`` ran with (None: the default)."""
+        return self._threads.get(key)
+
     def add(self, key: str, feeds: Mapping[str, np.ndarray], names: Sequence[str],
-            values: Sequence[np.ndarray]) -> None:
-        """Keep one run's outputs (copies), within the row and byte limits."""
+            values: Sequence[np.ndarray], threads: int | None = None) -> None:
+        """Keep one run's outputs (copies), within the row and byte limits.
+
+        ``threads``: the session's intra-op threads (None: onnxruntime's default). A model's
+        runs are kept under the first thread count only: a check that reruns missing rows
+        with that count gets the bits of the rows it reuses.
+        """
+        with self._lock:
+            self._add(key, feeds, names, values, threads)
+
+    def _add(self, key, feeds, names, values, threads) -> None:
+        if self._threads.setdefault(key, threads) != threads:
+            return
         rows = _rows(feeds)
         if self._rows.get(key, 0) + rows > self.max_rows:
             return
@@ -108,7 +131,8 @@ class RecordedRuns:
     def outputs(self, key: str, feeds: Mapping[str, np.ndarray],
                 names: Sequence[str]) -> list[np.ndarray] | None:
         """The kept outputs ``names`` of the model ``key`` on ``feeds``, or None."""
-        slot = self._outputs.get((key, self._feeds_key(feeds)))
+        with self._lock:
+            slot = self._outputs.get((key, self._feeds_key(feeds)))
         if slot is None or any(name not in slot for name in names):
             return None
         return [slot[name] for name in names]
@@ -129,23 +153,27 @@ class RecordedRuns:
 class RecordingSession:
     """An onnxruntime session whose runs are kept in the active :class:`RecordedRuns`."""
 
-    def __init__(self, session: Any, key: str, record: RecordedRuns) -> None:
+    def __init__(self, session: Any, key: str, record: RecordedRuns,
+                 threads: int | None = None) -> None:
         self._session = session
         self._key = key
         self._record = record
+        self._threads = threads
         self._all = [o.name for o in session.get_outputs()]
 
     def run(self, fetch, feeds, *args, **kwargs):
         """``session.run``, its outputs kept."""
         values = self._session.run(fetch, feeds, *args, **kwargs)
-        self._record.add(self._key, feeds, list(fetch) if fetch else self._all, values)
+        self._record.add(self._key, feeds, list(fetch) if fetch else self._all, values,
+                         self._threads)
         return values
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._session, name)
 
 
-def recording(session: Any, model: Any, key: str | None = None) -> Any:
+def recording(session: Any, model: Any, key: str | None = None,
+              threads: int | None = None) -> Any:
     """``session``, recording its runs when a :class:`RecordedRuns` is active.
 
     Args:
@@ -153,14 +181,15 @@ def recording(session: Any, model: Any, key: str | None = None) -> Any:
         model: What the session was made from (bytes or a path), for its key.
         key: The key to use instead (the caller knows the model object behind a temporary
             file).
+        threads: The session's intra-op threads (None: onnxruntime's default), kept with
+            the runs (:meth:`RecordedRuns.threads_of`).
     """
     record = _ACTIVE.get()
-    # the kernel check's simulation runs on the CPU with onnxruntime's default threads: only
-    # such runs give its bits
+    # the kernel check's simulation runs on the CPU: only such runs give its bits
     if record is None or not record.max_rows or session.get_providers() != [
             "CPUExecutionProvider"]:
         return session
-    return RecordingSession(session, key or model_key(model), record)
+    return RecordingSession(session, key or model_key(model), record, threads)
 
 
 def source_key(model: Any, source: bytes | str) -> str | None:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from qtool.io import load, load_model, serialize
+
+#: Batches of one row the float pass runs at once (as :data:`.one_pass.SIDE_BY_SIDE`).
+SIDE_BY_SIDE = 2
 
 
 def channel_means(graph, names: list[str], batches, axes: Mapping[str, int] | None = None,
@@ -44,8 +49,11 @@ def channel_means(graph, names: list[str], batches, axes: Mapping[str, int] | No
     return {name: sums[name] / counts[name] for name in names}, rows
 
 
-def float_session(model_bytes: bytes):
-    """A session for the float model, optimized as the calibration's (no memory arena)."""
+def float_session(model_bytes: bytes, threads: int | None = None):
+    """A session for the float model, optimized as the calibration's (no memory arena).
+
+    ``threads``: its intra-op threads (None: onnxruntime's default).
+    """
     import onnxruntime as ort
 
     from qtool.calibration.collector import open_session
@@ -55,6 +63,8 @@ def float_session(model_bytes: bytes):
     options.log_severity_level = 3
     options.enable_mem_pattern = False
     options.enable_cpu_mem_arena = False
+    if threads:
+        options.intra_op_num_threads = threads
     return open_session(model_bytes, options, "correct the biases")
 
 
@@ -207,17 +217,37 @@ def unit_channel_sums(graph, names: list[str], batches, axes: Mapping[str, int]
     from qtool.analysis.common import exposed, feeds_of, iterate_batches
     from qtool.calibration.batching import batch_rows
     from qtool.calibration.data import model_inputs
+    from qtool.cpu import runs_at_once
 
     proto = load_model(pruned(graph, names))
     initializers = {t.name for t in proto.graph.initializer}
     inputs = [i.name for i in proto.graph.input if i.name not in initializers]
     specs = model_inputs(proto)
-    run = float_session(exposed(proto, names))
+    model = exposed(proto, names)
+    del proto
     sums = {name: UnitSums() for name in names}
     rows_of: list[int] = []
-    for index, batch in enumerate(iterate_batches(batches)):
-        feeds = feeds_of(batch, inputs, index)
-        rows_of.append(batch_rows(feeds, specs))
-        for name, value in zip(names, run.run(names, feeds), strict=True):
-            sums[name].add(value, axes[name], rows_of[-1])
+    pending: deque = deque()
+    run = pool = None
+
+    def add_oldest() -> None:
+        rows, future = pending.popleft()
+        for name, value in zip(names, future.result(), strict=True):
+            sums[name].add(value, axes[name], rows)  # in batch order
+
+    try:
+        for index, batch in enumerate(iterate_batches(batches)):
+            feeds = feeds_of(batch, inputs, index)
+            rows_of.append(batch_rows(feeds, specs))
+            if run is None:  # batches of one row: side by side (as the segments)
+                side, threads = runs_at_once(rows_of[0], SIDE_BY_SIDE)
+                run, pool = float_session(model, threads), ThreadPoolExecutor(side)
+            pending.append((rows_of[-1], pool.submit(run.run, names, feeds)))
+            if len(pending) >= side:
+                add_oldest()
+        while pending:
+            add_oldest()
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return sums, rows_of
