@@ -73,6 +73,14 @@ def test_recognize_known_heads():
     x, _ = _head_like("nca", rng)
     assert recognize({"out": x}) == Task("detect", (("output", "out"),))
     assert recognize({"out": x.transpose(0, 2, 1)}) == Task("detect", (("output", "out"),))
+    # a head exported without its decoding (YOLOX): grid offsets around 0, log sizes, sigmoid
+    # objectness and class: not boxes, so no detect metric judges it
+    raw = np.concatenate([rng.normal(0.3, 0.6, (2, 3549, 2)), rng.normal(1.5, 0.6, (2, 3549, 2)),
+                          rng.uniform(0, 1, (2, 3549, 2))], axis=2)
+    assert recognize({"output": raw}) is None
+    decoded = raw.copy()
+    decoded[..., :4] = rng.uniform(0, 416, (2, 3549, 4))
+    assert recognize({"output": decoded}) == Task("detect", (("output", "output"),))
     logits = rng.normal(size=(2, 9, 5))
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     assert recognize({"feat": rng.normal(size=(2, 9, 5)), "lp": log_probs}) == Task(

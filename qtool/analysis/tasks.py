@@ -43,7 +43,7 @@ steps whose argmax is the same in both models, for any ``[N, T, C]`` sequence of
 log-probabilities (a recurrent decoder) as much as for CTC.
 
 ``auto`` recognises the task from the float model's outputs on the first batch
-(:func:`recognize`): a YOLO-style output (scores in [0, 1] beside values outside it) is
+(:func:`recognize`): a YOLO-style output (scores in [0, 1] beside decoded pixel boxes) is
 ``detect``, a rank-3 output of log-probabilities or probabilities per step is ``ctc``, a
 ``[N, classes]`` output is ``classify``; otherwise there is no task metric. ``none`` is no
 task.
@@ -835,8 +835,19 @@ def _unit_rows(value: np.ndarray) -> bool:
     return bool(norms.size and np.all(np.abs(norms - 1.0) < 1e-3))
 
 
+#: Share of box values that may be negative in decoded pixel boxes (xyxy corners just past
+#: the image border); a raw head's grid offsets and log sizes are negative far more often.
+DECODED_NEGATIVE_SHARE = 0.05
+
+
 def _looks_yolo(value: np.ndarray) -> bool:
-    """``[N, 4 + C, A]`` / ``[N, A, 4 + C]``: scores in [0, 1], boxes not all in it."""
+    """``[N, 4 + C, A]`` / ``[N, A, 4 + C]``: scores in [0, 1], boxes decoded, in pixels.
+
+    Decoded means at least one coordinate past 1 and almost none negative: a head exported
+    without its decoding (YOLOX's ``decode_in_inference=False``: grid offsets and log sizes,
+    a quarter of them negative) would be read as boxes by the built-in decoder and its
+    metric would judge noise (ddddocr's YOLOX detector: 360 "detections" an image).
+    """
     if value.ndim != 3 or not np.issubdtype(value.dtype, np.floating) or value.size == 0:
         return False
     small, large = sorted(value.shape[1:])
@@ -845,8 +856,8 @@ def _looks_yolo(value: np.ndarray) -> bool:
     if value.shape[1] > value.shape[2]:
         value = value.transpose(0, 2, 1)
     boxes, scores = value[:, :4], value[:, 4:]
-    return bool(scores.min() >= 0.0 and scores.max() <= 1.0
-                and (boxes.max() > 1.0 or boxes.min() < 0.0))
+    return bool(scores.min() >= 0.0 and scores.max() <= 1.0 and boxes.max() > 1.0
+                and np.mean(boxes < 0.0) <= DECODED_NEGATIVE_SHARE)
 
 
 def _is_distribution(value: np.ndarray) -> bool:
