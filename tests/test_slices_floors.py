@@ -75,8 +75,12 @@ def test_recognize_known_heads():
     assert recognize({"out": x.transpose(0, 2, 1)}) == Task("detect", (("output", "out"),))
     # a head exported without its decoding (YOLOX): grid offsets around 0, log sizes, sigmoid
     # objectness and class: not boxes, so no detect metric judges it
-    raw = np.concatenate([rng.normal(0.3, 0.6, (2, 3549, 2)), rng.normal(1.5, 0.6, (2, 3549, 2)),
-                          rng.uniform(0, 1, (2, 3549, 2))], axis=2)
+    raw = np.concatenate([rng.uniform(-0.05, 1.2, (2, 3549, 2)),
+                          rng.uniform(0.0, 2.8, (2, 3549, 2)), rng.uniform(0, 1, (2, 3549, 2))],
+                         axis=2)  # 2 % negative, as ddddocr's YOLOX head: the extent tells
+    assert recognize({"output": raw}) is None
+    raw[..., :2] = rng.normal(0.3, 0.6, (2, 3549, 2))  # offsets often negative
+    raw[0, 0, 2] = 40.0
     assert recognize({"output": raw}) is None
     decoded = raw.copy()
     decoded[..., :4] = rng.uniform(0, 416, (2, 3549, 4))

@@ -836,17 +836,21 @@ def _unit_rows(value: np.ndarray) -> bool:
 
 
 #: Share of box values that may be negative in decoded pixel boxes (xyxy corners just past
-#: the image border); a raw head's grid offsets and log sizes are negative far more often.
+#: the image border); a raw head's grid offsets are negative more often.
 DECODED_NEGATIVE_SHARE = 0.05
+#: The largest box coordinate of decoded pixel boxes is at least this (half of the smallest
+#: input a detector takes); a raw head's grid offsets and log sizes stay within a few units.
+DECODED_MIN_EXTENT = 16.0
 
 
 def _looks_yolo(value: np.ndarray) -> bool:
     """``[N, 4 + C, A]`` / ``[N, A, 4 + C]``: scores in [0, 1], boxes decoded, in pixels.
 
-    Decoded means at least one coordinate past 1 and almost none negative: a head exported
-    without its decoding (YOLOX's ``decode_in_inference=False``: grid offsets and log sizes,
-    a quarter of them negative) would be read as boxes by the built-in decoder and its
-    metric would judge noise (ddddocr's YOLOX detector: 360 "detections" an image).
+    Decoded means coordinates of pixels (the largest at least :data:`DECODED_MIN_EXTENT`)
+    and almost none negative: a head exported without its decoding (YOLOX's
+    ``decode_in_inference=False``: grid offsets and log sizes, all within -2..5) would be read
+    as boxes by the built-in decoder and its metric would judge noise (ddddocr's YOLOX
+    detector: 360 "detections" an image).
     """
     if value.ndim != 3 or not np.issubdtype(value.dtype, np.floating) or value.size == 0:
         return False
@@ -856,7 +860,8 @@ def _looks_yolo(value: np.ndarray) -> bool:
     if value.shape[1] > value.shape[2]:
         value = value.transpose(0, 2, 1)
     boxes, scores = value[:, :4], value[:, 4:]
-    return bool(scores.min() >= 0.0 and scores.max() <= 1.0 and boxes.max() > 1.0
+    return bool(scores.min() >= 0.0 and scores.max() <= 1.0
+                and boxes.max() >= DECODED_MIN_EXTENT
                 and np.mean(boxes < 0.0) <= DECODED_NEGATIVE_SHARE)
 
 
