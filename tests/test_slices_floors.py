@@ -117,6 +117,25 @@ def test_yolo_decoder_thresholds_converts_and_suppresses():
     assert transposed.tolist() == [0.9, 0.8, 0.7]
 
 
+def test_yolo_decoder_objectness_multiplies_the_class_scores():
+    """YOLOv5/YOLOX ``4 + 1 + C``: score = objectness x class score, by hand."""
+    boxes = np.array([[50, 50, 40, 40], [200, 100, 20, 10], [120, 120, 30, 30]]
+                     + [[10, 10, 5, 5]] * 5, np.float64)
+    objectness = np.array([0.9, 0.3, 0.95] + [0.05] * 5)
+    classes = np.array([[0.8, 0.9, 0.1] + [0.5] * 5, [0.2, 0.1, 0.6] + [0.5] * 5])
+    output = np.concatenate([boxes, objectness[:, None], classes.T], axis=1)[None]  # [1, A, 7]
+    (kept, scores, labels), = YoloDecoder("out", objectness=True)({"out": output})
+    # 0.9 * 0.8 = 0.72 (class 0), 0.95 * 0.6 = 0.57 (class 1); 0.3 * 0.9 = 0.27; the rest < 0.25
+    assert scores.tolist() == pytest.approx([0.72, 0.57, 0.27])
+    assert labels.tolist() == [0, 1, 0]
+    assert kept[0].tolist() == [30, 30, 70, 70]
+    # read as 4 + C, the objectness is a class of its own: class 0 wins on the third anchor
+    (_, plain_scores, plain_labels), = YoloDecoder("out")({"out": output})
+    assert (0.95, 0) in zip(plain_scores.tolist(), plain_labels.tolist(), strict=True)
+    assert dict(resolve_task("detect", ["output=out", "objectness=true"]).options)[
+        "objectness"] is True
+
+
 def test_task_floors_breach_and_name_the_collapse():
     check = task_floor({"task": "ctc", "output": "lp", "drop": 5.0,
                         "metrics": {"cer": 0.05, "step_agreement": 0.55}})

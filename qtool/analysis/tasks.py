@@ -73,7 +73,7 @@ TASK_OPTIONS: dict[str, dict[str, Any]] = {
     "ctc": {"output": "", "blank": 0, "layout": "auto"},
     "detect": {"decoder": "", "boxes": "", "scores": "", "classes": "", "min_score": 0.0,
                "iou": 0.5, "output": "", "box_format": "cxcywh", "score_threshold": 0.25,
-               "nms_iou": 0.7},
+               "nms_iou": 0.7, "objectness": False},
     "auto": {},
     "none": {},
 }
@@ -143,7 +143,8 @@ class Task:
             return load_decoder(spec)
         if self.option("output"):
             return YoloDecoder(self.option("output"), self.option("box_format"),
-                               self.option("score_threshold"), self.option("nms_iou"))
+                               self.option("score_threshold"), self.option("nms_iou"),
+                               self.option("objectness"))
         return BoxDecoder(self.option("boxes"), self.option("scores"),
                           self.option("classes") or None, self.option("min_score"))
 
@@ -531,12 +532,15 @@ class YoloDecoder:
     its score; anchors with score ``>= score_threshold`` are kept, boxes converted to xyxy
     (from ``cx, cy, w, h`` unless ``box_format="xyxy"``), then greedy NMS per class at IoU
     ``nms_iou`` (the highest score first, dropping boxes that overlap a kept one more).
+    With ``objectness`` the layout is YOLOv5/v7/YOLOX's ``4 + 1 + C``: each class's score
+    is the objectness times the class's own (not the objectness read as a class).
     """
 
     def __init__(self, output: str, box_format: str = "cxcywh", score_threshold: float = 0.25,
-                 nms_iou: float = 0.7):
+                 nms_iou: float = 0.7, objectness: bool = False):
         self.output, self.box_format = output, box_format
         self.score_threshold, self.nms_iou = score_threshold, nms_iou
+        self.objectness = objectness
 
     def __call__(self, outputs: Mapping[str, np.ndarray]) -> list:
         """Per image ``(boxes[K, 4], scores[K], classes[K])``.
@@ -545,7 +549,7 @@ class YoloDecoder:
         are decoded once for every candidate judged against them).
         """
         raw = np.asarray(outputs[self.output])
-        config = (self.box_format, self.score_threshold, self.nms_iou)
+        config = (self.box_format, self.score_threshold, self.nms_iou, self.objectness)
         recent = YoloDecoder._recent
         for index, entry in enumerate(recent):
             if (entry[0] == config and entry[1].dtype == raw.dtype
@@ -571,6 +575,8 @@ class YoloDecoder:
         images = []
         for image in value:
             boxes, scores = image[:4].T, image[4:]
+            if self.objectness:
+                scores = scores[1:] * scores[:1]
             classes = np.argmax(scores, axis=0)
             best = scores[classes, np.arange(scores.shape[1])]
             keep = best >= self.score_threshold
