@@ -840,8 +840,8 @@ def _receive(results, shards, processes, timeout) -> None:
 def _worker(index: int, plan: ObservePlan, ctor, schemes, threads: int, optimization: str,
             tasks, results, session_providers=providers.DEFAULT,
             memory_budget: int | None = None) -> None:
-    # SIGINT is ignored here (inherited from _start_quietly): Ctrl-C reaches the main
-    # process alone, which stops the workers; no worker prints a KeyboardInterrupt.
+    # SIGINT is blocked here (the mask inherited from _start_quietly): Ctrl-C reaches the
+    # main process alone, which stops the workers; no worker prints a KeyboardInterrupt.
     observers = {name: ctor(scheme, name) for name, scheme in schemes.items()}
     with providers.use(session_providers):
         collector = Collector(plan, observers, intra_op_threads=threads,
@@ -859,17 +859,36 @@ def _worker(index: int, plan: ObservePlan, ctor, schemes, threads: int, optimiza
 
 
 def _start_quietly(processes) -> None:
-    """Start worker processes with SIGINT ignored, which they inherit (main thread only)."""
+    """Start worker processes with SIGINT blocked, which they inherit (main thread only).
+
+    Blocked, not ignored: a Ctrl-C while the workers start stays pending in this process
+    and is raised here when the mask is restored (ignoring it lost it, and a run interrupted
+    while its workers started under load went on to the end). The workers keep the mask
+    through fork and exec, so Ctrl-C reaches the main process alone.
+    """
     if threading.current_thread() is not threading.main_thread():
         for process in processes:
             process.start()
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no masks; ignore for the start
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for process in processes:
+                process.start()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         for process in processes:
             process.start()
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a pending Ctrl-C raises here
+    except BaseException:  # another thread took the Ctrl-C, or a start failed
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        raise
 
 
 class ChannelAbsMax:

@@ -191,3 +191,29 @@ def test_report_does_not_offer_a_force_it_lacks(tmp_path):
     result = CliRunner().invoke(main, ["report", str(run), "-o", str(page)])
     assert result.exit_code == 8 and "--force" not in result.stderr
     assert result.stderr.splitlines()[1].startswith("hint: ")
+
+
+def test_ctrl_c_while_workers_start_is_not_lost():
+    """A Ctrl-C that arrives while the workers start is raised once they have started (it
+    used to be ignored for that moment, and the run went on to the end)."""
+    from qtool.calibration.collector import _start_quietly
+
+    class Starting:
+        started = terminated = False
+
+        def start(self):  # the Ctrl-C lands while the process starts
+            self.started = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+        def is_alive(self):
+            return self.started and not self.terminated
+
+        def terminate(self):
+            self.terminated = True
+
+    processes = [Starting(), Starting()]
+    with pytest.raises(KeyboardInterrupt):
+        _start_quietly(processes)
+        time.sleep(0.5)  # the old code: ignored, nothing raised even after a while
+    assert all(p.started for p in processes)  # both started: the interrupt waited for them
+    assert all(p.terminated for p in processes)
