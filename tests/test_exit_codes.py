@@ -154,6 +154,12 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc (Linux)")
+def _default_sigint() -> None:
+    """Ctrl-C as in a terminal: a test run started in the background by a shell without job
+    control inherits SIGINT ignored, and so would the command under test."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_with_workers_prints_one_line(tmp_path):
     big = tmp_path / "calib.npz"
     x = np.load(CALIB)["input"]
@@ -162,7 +168,8 @@ def test_ctrl_c_with_workers_prints_one_line(tmp_path):
             "-b", "tensorrt", "--data", str(big), "--workers", "2", "--batch-size", "8",
             "--method", "kld", "-o", "out"]
     process = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + 120
         while len([c for c in _children(process.pid)]) < 2 and process.poll() is None:
@@ -212,8 +219,12 @@ def test_ctrl_c_while_workers_start_is_not_lost():
             self.terminated = True
 
     processes = [Starting(), Starting()]
-    with pytest.raises(KeyboardInterrupt):
-        _start_quietly(processes)
-        time.sleep(0.5)  # the old code: ignored, nothing raised even after a while
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _start_quietly(processes)
+            time.sleep(0.5)  # the old code: ignored, nothing raised even after a while
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert all(p.started for p in processes)  # both started: the interrupt waited for them
     assert all(p.terminated for p in processes)
