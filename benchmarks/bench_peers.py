@@ -112,14 +112,6 @@ PEER_NAMES = {"tensorrt": "ModelOpt", "qnn": "AIMET-ONNX per-channel",
 # -- child: one variant, in the venv that has its tool ----------------------------------------
 
 
-def load_feeds(path: str) -> list[dict[str, np.ndarray]]:
-    """The rows of an .npz as samples of batch 1 (as bench_fidelity.load_feeds)."""
-    with np.load(path) as archive:
-        arrays = {k: archive[k] for k in archive.files if k != "labels"}
-    rows = len(next(iter(arrays.values())))
-    return [{k: v[i:i + 1] for k, v in arrays.items()} for i in range(rows)]
-
-
 def run_qtool(spec: dict) -> str:
     """``qtool calibrate -b <backend>`` with its defaults (no --method): the QDQ model."""
     from qtool.cli import main
@@ -138,6 +130,7 @@ def run_qtool(spec: dict) -> str:
 
 def run_modelopt(spec: dict) -> str:
     """ModelOpt's ONNX int8 PTQ with one calibration method, on the CPU."""
+    from bench_fidelity import load_feeds  # numpy only: importable in the peers' venv
     from modelopt.onnx.quantization import quantize
 
     feeds = load_feeds(spec["calib"])
@@ -181,6 +174,7 @@ def run_aimet(spec: dict) -> str:
     import onnx
     from aimet_onnx.batch_norm_fold import fold_all_batch_norms_to_weight
     from aimet_onnx.quantsim import QuantizationSimModel
+    from bench_fidelity import load_feeds
 
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
