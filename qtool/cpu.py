@@ -153,5 +153,25 @@ def runs_at_once(rows: int, runs: int) -> tuple[int, int | None]:
     return 1, None
 
 
-__all__ = ["FLAGS_ENV", "TARGETS", "CpuTarget", "cpu_flags", "detect", "resolve_target",
-           "runs_at_once", "side_by_side_threads"]
+def in_order(pool, calls, at_once: int):
+    """``(tag, result)`` of each ``(tag, call)`` in ``calls``, run on ``pool``, in their order.
+
+    At most ``at_once`` calls are under way: the oldest result is given back before the next
+    call starts, so what the caller does with it (store it, add it up) overlaps the runs
+    after it, and a run's outputs reach the caller in data order whichever finished first.
+    """
+    from collections import deque
+
+    pending: deque = deque()
+    for tag, call in calls:
+        pending.append((tag, pool.submit(call)))
+        if len(pending) >= at_once:
+            tag, future = pending.popleft()
+            yield tag, future.result()
+    while pending:
+        tag, future = pending.popleft()
+        yield tag, future.result()
+
+
+__all__ = ["FLAGS_ENV", "TARGETS", "CpuTarget", "cpu_flags", "detect", "in_order",
+           "resolve_target", "runs_at_once", "side_by_side_threads"]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections import deque
+import itertools
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -217,7 +218,7 @@ def unit_channel_sums(graph, names: list[str], batches, axes: Mapping[str, int]
     from qtool.analysis.common import exposed, feeds_of, iterate_batches
     from qtool.calibration.batching import batch_rows
     from qtool.calibration.data import model_inputs
-    from qtool.cpu import runs_at_once
+    from qtool.cpu import in_order, runs_at_once
 
     proto = load_model(pruned(graph, names))
     initializers = {t.name for t in proto.graph.initializer}
@@ -227,27 +228,23 @@ def unit_channel_sums(graph, names: list[str], batches, axes: Mapping[str, int]
     del proto
     sums = {name: UnitSums() for name in names}
     rows_of: list[int] = []
-    pending: deque = deque()
-    run = pool = None
+    remaining = iter(iterate_batches(batches))
+    first = next(remaining, None)
+    if first is None:
+        return sums, rows_of
+    feeds = feeds_of(first, inputs, 0)
+    # batches of one row: side by side (as the segments), each run with its share of cores
+    side, threads = runs_at_once(batch_rows(feeds, specs), SIDE_BY_SIDE)
+    run = float_session(model, threads)
 
-    def add_oldest() -> None:
-        rows, future = pending.popleft()
-        for name, value in zip(names, future.result(), strict=True):
-            sums[name].add(value, axes[name], rows)  # in batch order
+    def calls():
+        for index, batch in enumerate(itertools.chain([first], remaining)):
+            current = feeds if index == 0 else feeds_of(batch, inputs, index)
+            rows_of.append(batch_rows(current, specs))
+            yield rows_of[-1], partial(run.run, names, current)
 
-    try:
-        for index, batch in enumerate(iterate_batches(batches)):
-            feeds = feeds_of(batch, inputs, index)
-            rows_of.append(batch_rows(feeds, specs))
-            if run is None:  # batches of one row: side by side (as the segments)
-                side, threads = runs_at_once(rows_of[0], SIDE_BY_SIDE)
-                run, pool = float_session(model, threads), ThreadPoolExecutor(side)
-            pending.append((rows_of[-1], pool.submit(run.run, names, feeds)))
-            if len(pending) >= side:
-                add_oldest()
-        while pending:
-            add_oldest()
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    with ThreadPoolExecutor(side) as pool:
+        for rows, values in in_order(pool, calls(), side):
+            for name, value in zip(names, values, strict=True):
+                sums[name].add(value, axes[name], rows)  # in batch order
     return sums, rows_of

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 
 from qtool.bias_correction.layers import stages
 from qtool.bias_correction.means import UnitSums, mean_error, unit_channel_sums
 from qtool.bias_correction.store import Store
-from qtool.cpu import runs_at_once
+from qtool.cpu import in_order, runs_at_once
 from qtool.io import load_model
 
 #: Batches of one row a segment runs at once (threads of one session, each run with its
@@ -169,16 +169,8 @@ def _run_segment(proto, segment, needed, keep, initializers, store: Store, pool,
     # intra-op thread gains a conv net little, a second run beside it much (issue #22)
     at_once, threads = side
     run = session(model.SerializeToString(), threads)
-    pending: deque = deque()
-
-    def store_oldest() -> None:
-        for name, value in zip(keep, pending.popleft().result(), strict=True):
+    calls = ((index, partial(run.run, keep, {name: store.get(name, index) for name in needed}))
+             for index in range(store.batches))
+    for _, values in in_order(pool, calls, at_once):
+        for name, value in zip(keep, values, strict=True):
             store.append(name, value)  # batch order, whichever run finished first
-
-    for index in range(store.batches):
-        feeds = {name: store.get(name, index) for name in needed}
-        pending.append(pool.submit(run.run, keep, feeds))
-        if len(pending) >= at_once:
-            store_oldest()
-    while pending:
-        store_oldest()
