@@ -72,6 +72,27 @@ def exposed(proto: onnx.ModelProto, names: Sequence[str]) -> bytes:
     return copy.SerializeToString()
 
 
+def session_options(optimized: bool, intra_op_threads: int | None = None):
+    """The options of an analysis session in onnxruntime: quiet, no memory arena.
+
+    ``optimized``: every graph optimization (the float model as the calibration runs it),
+    else none (the pure Q/DQ simulation). ``intra_op_threads``: None, onnxruntime's default.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.log_severity_level = 3
+    # no arena: each intermediate tensor goes back to malloc when its last reader ran, so a
+    # session holds only the live tensors of a run (the arena keeps its high-water mark)
+    options.enable_mem_pattern = False
+    options.enable_cpu_mem_arena = False
+    if intra_op_threads:
+        options.intra_op_num_threads = intra_op_threads
+    return options
+
+
 def session(model_bytes: bytes | str, intra_op_threads: int | None = None,
             key: str | None = None):
     """A session with graph optimizations off (the pure Q/DQ simulation), no memory arena.
@@ -80,21 +101,10 @@ def session(model_bytes: bytes | str, intra_op_threads: int | None = None,
     :class:`qtool.analysis.recorded.RecordedRuns` is active, the session's runs are kept in it
     under ``key`` (None: the digest of ``model_bytes``, or its path).
     """
-    import onnxruntime as ort
-
     from qtool.analysis.recorded import recording
     from qtool.calibration.collector import open_session
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    # no arena: each intermediate tensor goes back to malloc when its last reader ran, so a
-    # session holds only the live tensors of a run (the arena keeps its high-water mark)
-    options.enable_mem_pattern = False
-    options.enable_cpu_mem_arena = False
-    if intra_op_threads:
-        options.intra_op_num_threads = intra_op_threads
-    opened = open_session(model_bytes, options, "analyse it")
+    opened = open_session(model_bytes, session_options(False, intra_op_threads), "analyse it")
     # the kernel check reuses the runs, rerunning missing rows with the same thread count
     return recording(opened, model_bytes, key, intra_op_threads or None)
 

@@ -55,18 +55,10 @@ def float_session(model_bytes: bytes, threads: int | None = None):
 
     ``threads``: its intra-op threads (None: onnxruntime's default).
     """
-    import onnxruntime as ort
-
+    from qtool.analysis.common import session_options
     from qtool.calibration.collector import open_session
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    options.enable_mem_pattern = False
-    options.enable_cpu_mem_arena = False
-    if threads:
-        options.intra_op_num_threads = threads
-    return open_session(model_bytes, options, "correct the biases")
+    return open_session(model_bytes, session_options(True, threads), "correct the biases")
 
 
 def pruned(graph, names: list[str]) -> gs.Graph:
