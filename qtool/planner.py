@@ -806,13 +806,18 @@ def _sharing_groups(nodes, backend, shape: set[str], constant: set[str],
                         if not backend.passes_scale_through(n.op, n.attrs))
             if name in graph_outputs:
                 seen.add("")
+
+    def readers_of(name: str) -> set[str]:
+        """Who reads ``name``'s values, through data movement ("": a graph output)."""
+        if name in moves.parent:
+            return reach[moves.find(name)]
+        return ({n.name for n, _ in readers.get(name, ())}
+                | ({""} if name in graph_outputs else set()))
+
     for node in sharing:
         inputs = [t for t in node.inputs if data(t)]
         if readers is not None:
-            inputs = [t for t in inputs
-                      if (reach.get(moves.find(t.name)) if t.name in moves.parent else
-                          {n.name for n, _ in readers.get(t.name, ())}
-                          | ({""} if t.name in graph_outputs else set())) == {node.name}]
+            inputs = [t for t in inputs if readers_of(t.name) == {node.name}]
         members = [*inputs, *(t for t in node.outputs if data(t))]
         for other in members[1:]:
             groups.union(members[0].name, other.name)
