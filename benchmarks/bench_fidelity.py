@@ -369,12 +369,17 @@ def run_variant(spec: dict, model: Path, data: dict, nncf_python: str) -> dict:
                 out=spec.get("out") or str(model.parent / "runs" / spec["name"].replace("/", "_")))
     python = nncf_python if spec["tool"] == "nncf" else MAIN_PYTHON
     root = QTOOL_ROOT if spec["tool"] == "qtool" else ROOT
+    return child_result([python, __file__, "_variant", json.dumps(spec)], root, TIMEOUT_S)
+
+
+def child_result(argv: list[str], root: Path, timeout_s: float) -> dict:
+    """Run a child that prints ``RESULT <json>``: that JSON, or its error (the last lines of
+    stderr: qtool's ``error:``/``hint:`` lines, else Python's errors)."""
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
     try:
-        proc = subprocess.run([python, __file__, "_variant", json.dumps(spec)],
-                              capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {TIMEOUT_S} s"}
+        return {"error": f"timeout after {timeout_s} s"}
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -207,19 +206,9 @@ def child(spec_json: str) -> None:
 
 def run_child(spec: dict, python: str) -> dict:
     """One variant in a subprocess: its result or its error (the last lines of stderr)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    try:
-        proc = subprocess.run([python, __file__, "_peer", json.dumps(spec)], capture_output=True,
-                              text=True, env=env, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {TIMEOUT_S} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()]
-    errors = [ln for ln in tail if ln.startswith(("error:", "hint:"))] or \
-        [ln for ln in tail if "Error" in ln]
-    return {"error": " / ".join((errors or tail)[-2:])[:300] or f"exit {proc.returncode}"}
+    from bench_fidelity import child_result
+
+    return child_result([python, __file__, "_peer", json.dumps(spec)], ROOT, TIMEOUT_S)
 
 
 def bench_model(name: str, engines: list[str], peer_python: str, only: list[str],
